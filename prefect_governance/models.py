@@ -1,0 +1,192 @@
+"""The policy contract: what the policy sees (input) and what it answers (result).
+
+These models are the single source of the JSON Schemas published in
+``policies/schema/``; see ``prefect_governance.schema``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_POLICY_PATH = "prefect/governance/decision"
+
+Mode = Literal["enforce", "audit"]
+FailMode = Literal["closed", "open"]
+
+
+class _Contract(BaseModel):
+    """Base of the input models: unknown fields are a contract violation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- agent -----------------------------------------------------------------
+
+
+class TrustState(_Contract):
+    """The agent's trust as the policy sees it."""
+
+    score: float = Field(1.0, ge=0.0, le=1.0, description="Current trust score in [0, 1].")
+    slope: float = Field(0.0, description="Slope of the score over the window (per run).")
+    window: list[float] = Field(default_factory=list, description="Scores of the last k runs.")
+    runs: int = Field(0, ge=0, description="Runs decided for this agent so far.")
+    refusals: int = Field(0, ge=0, description="Runs refused for this agent so far.")
+
+
+class ParameterConstraint(_Contract):
+    """A constraint on one flow-run parameter, declared in the agent object."""
+
+    type: Literal["string", "integer", "number", "boolean", "array", "object"] | None = None
+    required: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    enum: list[Any] | None = None
+    pattern: str | None = Field(None, description="RE2 pattern the string value must match.")
+    max_length: int | None = Field(None, ge=0, description="Maximum length of a string or array.")
+
+
+class Constraints(_Contract):
+    """Governance constraints that travel with the agent."""
+
+    parameters: dict[str, ParameterConstraint] = Field(default_factory=dict)
+
+
+class AgentObject(_Contract):
+    """The typed identity a deployment runs as, as sent to the policy."""
+
+    id: str
+    version: int = Field(ge=1)
+    owner: str
+    trust_scope: list[str] = Field(description="Work pools (or scopes) the agent may act in.")
+    capabilities: list[str] = Field(description="Capabilities the agent may use.")
+    memory_schema_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    policy_ref: str = DEFAULT_POLICY_PATH
+    constraints: Constraints = Field(default_factory=Constraints)
+    trust: TrustState = Field(default_factory=TrustState)
+
+
+# --- envelope --------------------------------------------------------------
+
+
+class CreatedBy(_Contract):
+    type: str | None = None
+    display_value: str | None = None
+    id: str | None = None
+
+
+class FlowRunRef(_Contract):
+    id: str
+    name: str
+    tags: list[str] = Field(default_factory=list)
+    labels: dict[str, Any] = Field(default_factory=dict)
+    created_by: CreatedBy | None = None
+    parent_flow_run_id: str | None = None
+
+
+class DeploymentRef(_Contract):
+    id: str
+    name: str
+    version: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class FlowRef(_Contract):
+    id: str
+    name: str
+
+
+class WorkPoolRef(_Contract):
+    name: str
+    type: str
+
+
+class MemoryAccess(_Contract):
+    reads: list[str] = Field(default_factory=list)
+    writes: list[str] = Field(default_factory=list)
+    schema_hash: str | None = None
+
+
+class MutationEnvelope(_Contract):
+    """What one flow run proposes to do."""
+
+    id: str
+    issued_at: datetime
+    expires_at: datetime
+    nonce: str
+    flow_run: FlowRunRef
+    deployment: DeploymentRef | None = None
+    flow: FlowRef
+    work_pool: WorkPoolRef
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="Flow-run parameters, secrets redacted."
+    )
+    redacted: list[str] = Field(
+        default_factory=list, description="Names of parameters whose values were redacted."
+    )
+    capabilities: list[str] = Field(default_factory=list)
+    memory: MemoryAccess = Field(default_factory=MemoryAccess)
+
+
+# --- input and result ------------------------------------------------------
+
+
+class WorkerRef(_Contract):
+    name: str
+
+
+class PolicyContext(_Contract):
+    worker: WorkerRef
+    time: datetime
+    mode: Mode = "enforce"
+
+
+class PolicyInput(_Contract):
+    """The document sent to the policy as ``input``."""
+
+    agent: AgentObject
+    envelope: MutationEnvelope
+    context: PolicyContext
+
+
+class PolicyResult(BaseModel):
+    """The policy's answer. Other rules of the package may appear and are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    allow: bool
+    deny: list[str] = Field(default_factory=list)
+    warn: list[str] = Field(default_factory=list)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+# --- the worker's record of a decision ---------------------------------------
+
+Verdict = Literal["allowed", "refused", "audited", "ungoverned"]
+
+
+class Decision(BaseModel):
+    """A policy result plus what the worker knows about how it was reached."""
+
+    id: str
+    verdict: Verdict
+    allow: bool
+    deny: list[str] = Field(default_factory=list)
+    warn: list[str] = Field(default_factory=list)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    engine: str
+    policy_path: str
+    policy_revision: str | None = None
+    latency_ms: float = 0.0
+    mode: Mode = "enforce"
+    fail_mode: FailMode = "closed"
+    error: str | None = Field(
+        None, description="Why the engine gave no usable answer (fail closed/open), if so."
+    )
+
+    @property
+    def runs(self) -> bool:
+        """Whether the flow run may start."""
+        return self.verdict != "refused"

@@ -1,0 +1,53 @@
+"""The policy contract as JSON Schema, generated from the models.
+
+One file holds both the input and the result schema, so that loading
+``policies/`` into OPA (which reads every JSON file as data) cannot conflict.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from prefect_governance.models import PolicyInput, PolicyResult
+
+SCHEMA_ID = "https://prefect-governance.dev/schema/policy-contract.schema.json"
+SCHEMA_FILE = Path("schema") / "policy-contract.schema.json"
+
+
+def contract_schema() -> dict[str, Any]:
+    """The JSON Schema of the policy input and result."""
+    refs, schema = models_json_schema(
+        [(PolicyInput, "validation"), (PolicyResult, "validation")],
+        ref_template="#/$defs/{model}",
+    )
+    input_ref = refs[(PolicyInput, "validation")]
+    result_ref = refs[(PolicyResult, "validation")]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "prefect-governance policy contract",
+        "description": (
+            "`input` is what the policy receives at POST /v1/data/<policy path>; "
+            "`result` is the document the policy must produce there."
+        ),
+        "type": "object",
+        "properties": {"input": input_ref, "result": result_ref},
+        "$defs": schema["$defs"],
+    }
+
+
+def render() -> str:
+    """The schema file's exact text."""
+    return json.dumps(contract_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def write(policies_dir: Path) -> Path:
+    """Write the schema into a policies directory; return its path."""
+    path = policies_dir / SCHEMA_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render())
+    return path
