@@ -1,0 +1,120 @@
+"""Prefect blocks: the agent object, the policy engine and the lineage store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+from prefect_governance.engines import EmbeddedEngine, OpaEngine, PolicyEngine
+from prefect_governance.lineage import LineageStore
+from prefect_governance.models import DEFAULT_POLICY_PATH, AgentObject, Constraints, Mode, TrustState
+from prefect_governance.settings import packaged_policy_dir
+
+_LOGO = "https://raw.githubusercontent.com/open-policy-agent/opa/main/logo/logo.png"
+
+
+def schema_hash(schema: dict[str, Any]) -> str:
+    """sha256 of a JSON document's canonical form."""
+    canonical = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class GovernanceAgent(Block):
+    """The typed identity a deployment runs as: who it is, what it may do, how far it is trusted."""
+
+    _block_type_name = "Governance Agent"
+    _block_type_slug = "governance-agent"
+    _logo_url = _LOGO
+    _description = (
+        "An agent object for prefect-governance: identity, capabilities, trust scope, "
+        "memory schema and governance constraints. Deployments name it in the `agent` job variable."
+    )
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Stable agent id.")
+    version: int = Field(1, ge=1)
+    owner: str = Field(min_length=1, description="Who answers for this agent.")
+    trust_scope: list[str] = Field(description="Work pools this agent may run in.")
+    capabilities: list[str] = Field(default_factory=list, description="Capabilities it may use.")
+    memory_schema: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object"}, description="JSON Schema of its memory."
+    )
+    policy_ref: str | None = Field(
+        None, description=f"OPA path of its policy (default: the pool's, {DEFAULT_POLICY_PATH})."
+    )
+    constraints: Constraints = Field(default_factory=Constraints)
+    mode: Mode | None = Field(None, description="`audit` records denies without enforcing them.")
+    trust_baseline: float = Field(1.0, ge=0.0, le=1.0, description="Trust before any history.")
+
+    @property
+    def memory_schema_hash(self) -> str:
+        return schema_hash(self.memory_schema)
+
+    def to_agent_object(self, policy_path: str, trust: TrustState) -> AgentObject:
+        """The agent as the policy sees it."""
+        return AgentObject(
+            id=self.id,
+            version=self.version,
+            owner=self.owner,
+            trust_scope=list(self.trust_scope),
+            capabilities=list(self.capabilities),
+            memory_schema_hash=self.memory_schema_hash,
+            policy_ref=policy_path,
+            constraints=self.constraints,
+            trust=trust,
+        )
+
+
+class GovernancePolicyEngine(Block):
+    """Where decisions are made: the embedded Rego engine or an OPA sidecar."""
+
+    _block_type_name = "Governance Policy Engine"
+    _block_type_slug = "governance-policy-engine"
+    _logo_url = _LOGO
+    _description = "The policy engine a governed work pool asks: embedded Rego or an OPA sidecar."
+
+    kind: Literal["embedded", "opa"] = "embedded"
+    policy_dir: str | None = Field(
+        None, description="Embedded: directory of Rego modules (default: the packaged library)."
+    )
+    opa_url: str | None = Field(None, description="OPA: base URL, e.g. http://127.0.0.1:8181.")
+    token: SecretStr | None = Field(None, description="OPA: bearer token.")
+    ca_cert: str | None = Field(None, description="OPA: CA bundle that signed OPA's certificate.")
+    client_cert: str | None = Field(None, description="OPA: client certificate (mutual TLS).")
+    client_key: str | None = Field(None, description="OPA: client key (mutual TLS).")
+    timeout_seconds: float = Field(2.0, gt=0, description="OPA: timeout per request.")
+    retries: int = Field(1, ge=0, le=5, description="OPA: retries on connection errors and 5xx.")
+
+    def build(self) -> PolicyEngine:
+        """A ready engine; the embedded one compiles its policies here, once."""
+        if self.kind == "opa":
+            if not self.opa_url:
+                raise ValueError("a policy engine of kind 'opa' needs opa_url")
+            return OpaEngine(
+                self.opa_url,
+                token=self.token.get_secret_value() if self.token else None,
+                ca_cert=self.ca_cert,
+                client_cert=self.client_cert,
+                client_key=self.client_key,
+                timeout=self.timeout_seconds,
+                retries=self.retries,
+            )
+        return EmbeddedEngine(Path(self.policy_dir) if self.policy_dir else packaged_policy_dir())
+
+
+class GovernanceLineageStore(Block):
+    """The database that keeps the lineage (SQLite file or PostgreSQL)."""
+
+    _block_type_name = "Governance Lineage Store"
+    _block_type_slug = "governance-lineage-store"
+    _logo_url = _LOGO
+    _description = "SQLAlchemy URL of the prefect-governance lineage database."
+
+    url: SecretStr = Field(description="e.g. postgresql+psycopg://user:pw@host/db or sqlite:///...")
+
+    def open(self) -> LineageStore:
+        return LineageStore(self.url.get_secret_value())

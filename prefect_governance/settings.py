@@ -1,0 +1,46 @@
+"""Worker-wide settings, read from ``PREFECT_GOVERNANCE_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GovernanceSettings(BaseSettings):
+    """Defaults used when the work pool names no engine or lineage-store block."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFECT_GOVERNANCE_", extra="ignore")
+
+    lineage_url: SecretStr | None = Field(
+        None, description="SQLAlchemy URL of the lineage database (default: SQLite in PREFECT_HOME)."
+    )
+    policy_dir: Path | None = Field(
+        None, description="Rego directory for the embedded engine (default: the packaged policies)."
+    )
+    opa_url: str | None = Field(None, description="Use this OPA sidecar instead of the embedded engine.")
+    opa_token: SecretStr | None = None
+    decision_timeout: float = Field(5.0, gt=0, description="Seconds a decision may take in all.")
+    envelope_ttl: float = Field(600.0, gt=0, description="Seconds an envelope stays valid.")
+    redact_patterns: list[str] = Field(
+        default_factory=lambda: ["password", "passwd", "secret", "token", "api_key", "apikey",
+                                 "credential", "private_key"],
+        description="Parameter names containing any of these (case-insensitive) are redacted.",
+    )
+
+
+def packaged_policy_dir() -> Path:
+    """The Rego library shipped inside the package."""
+    from importlib.resources import files
+
+    return Path(str(files("prefect_governance.policies")))
+
+
+def default_lineage_url() -> str:
+    """SQLite under PREFECT_HOME, where Prefect keeps its own local state."""
+    from prefect.settings import get_current_settings
+
+    home = Path(get_current_settings().home).expanduser()
+    (home / "governance").mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'governance' / 'lineage.db'}"

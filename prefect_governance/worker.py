@@ -1,0 +1,275 @@
+"""The ``governed-process`` worker: Prefect's process worker with a policy gate.
+
+Every flow run is decided before its process starts. A refused run never
+starts: it ends CANCELLED with the state name ``Refused``. An allowed run is
+labelled, carries a decision artifact, and runs exactly as under the stock
+process worker; its outcome is written to the lineage.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio.abc
+from prefect.client.schemas.actions import ArtifactCreate
+from prefect.states import Cancelled
+from prefect.workers.process import (
+    ProcessJobConfiguration,
+    ProcessVariables,
+    ProcessWorker,
+    ProcessWorkerResult,
+)
+from pydantic import Field
+
+from prefect_governance.controls import Controls, pool_defaults, resolve_controls
+from prefect_governance.decision import worker_refusal
+from prefect_governance.governor import Assessment, Governor
+from prefect_governance.models import DEFAULT_POLICY_PATH, FailMode, Mode, WorkPoolRef
+from prefect_governance.report import decision_markdown, refusal_message
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+
+    from prefect_governance.lineage import LineageStore
+
+ENVELOPE_ENV = "PREFECT_GOVERNANCE_ENVELOPE"
+DECISION_ENV = "PREFECT_GOVERNANCE_DECISION_ID"
+GOVERNED_FIELDS = ("agent", "capabilities", "policy_path", "mode", "fail_mode", "engine",
+                   "lineage_store")
+
+
+class GovernedProcessJobConfiguration(ProcessJobConfiguration):
+    agent: str | None = Field(default=None)
+    capabilities: list[str] = Field(default_factory=list)
+    policy_path: str = Field(default=DEFAULT_POLICY_PATH)
+    mode: Mode = Field(default="enforce")
+    fail_mode: FailMode = Field(default="closed")
+    engine: str | None = Field(default=None)
+    lineage_store: str | None = Field(default=None)
+
+
+class GovernedProcessVariables(ProcessVariables):
+    agent: str | None = Field(
+        default=None,
+        title="Agent",
+        description="Name of the governance-agent block this deployment runs as.",
+    )
+    capabilities: list[str] = Field(
+        default_factory=list,
+        title="Capabilities",
+        description="Capabilities the run asks for; each must be granted to the agent.",
+    )
+    policy_path: str = Field(
+        default=DEFAULT_POLICY_PATH,
+        title="Policy path",
+        description="OPA path of the decision (set on the pool; an agent's policy_ref wins).",
+    )
+    mode: Mode = Field(
+        default="enforce",
+        title="Mode",
+        description="`enforce` refuses denied runs; `audit` records and labels them but runs them.",
+    )
+    fail_mode: FailMode = Field(
+        default="closed",
+        title="Fail mode",
+        description="When the engine cannot decide: `closed` refuses, `open` runs ungoverned.",
+    )
+    engine: str | None = Field(
+        default=None,
+        title="Policy engine block",
+        description="Name of a governance-policy-engine block (default: embedded engine).",
+    )
+    lineage_store: str | None = Field(
+        default=None,
+        title="Lineage store block",
+        description="Name of a governance-lineage-store block (default: SQLite in PREFECT_HOME).",
+    )
+
+
+class RunRefused(Exception):
+    """Handed to the worker's task status so the slot is released and no PID is set."""
+
+
+class GovernedProcessWorker(ProcessWorker):
+    type = "governed-process"
+    job_configuration = GovernedProcessJobConfiguration
+    job_configuration_variables = GovernedProcessVariables
+
+    _description = (
+        "Execute flow runs as subprocesses, each one decided first by a Rego policy "
+        "(embedded engine or OPA sidecar) and recorded in a lineage."
+    )
+    _display_name = "Governed Process"
+    _documentation_url = "https://github.com/prefect-governance/prefect-governance"
+    _logo_url = "https://raw.githubusercontent.com/open-policy-agent/opa/main/logo/logo.png"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.governor = Governor()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await self.governor.aclose()
+        finally:
+            await super().__aexit__(*exc_info)
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: GovernedProcessJobConfiguration,
+        task_status: anyio.abc.TaskStatus[int] | None = None,
+    ) -> ProcessWorkerResult:
+        logger = self.get_flow_run_logger(flow_run)
+        controls = self._controls(configuration)
+        store: LineageStore | None = None
+        try:
+            store = await self.governor.lineage(controls.lineage_store, self.client)
+        except Exception as exc:
+            assessment = self._refusal(controls, f"the lineage store is unavailable: {exc!r}")
+        else:
+            try:
+                assessment = await self._assess(flow_run, controls, store)
+            except Exception as exc:
+                logger.exception("Governance could not decide this run; refusing it.")
+                assessment = self._refusal(controls, f"governance failed: {exc!r}")
+            try:
+                # The decision is durable before anything runs; if it cannot be, nothing runs.
+                await self.governor.record_decision(store, assessment, str(flow_run.id))
+            except Exception as exc:
+                logger.exception("The decision could not be recorded; refusing the run.")
+                assessment = self._refusal(
+                    controls, f"the decision could not be recorded in the lineage: {exc!r}"
+                )
+                store = None  # nothing more goes to a store that failed
+
+        decision = assessment.decision
+        if not decision.runs:
+            await self._refuse(flow_run, assessment)
+            logger.warning(refusal_message(decision))
+            if task_status is not None:
+                task_status.started(RunRefused(refusal_message(decision)))
+            return ProcessWorkerResult(status_code=0, identifier="refused")
+
+        await self._annotate(flow_run, assessment)
+        for warning in decision.warn:
+            logger.warning("Governance warning: %s", warning)
+        if decision.verdict == "audited":
+            logger.warning("Audit mode: this run would be refused: %s", "; ".join(decision.deny))
+        configuration.env[DECISION_ENV] = decision.id
+        if assessment.envelope is not None:
+            configuration.env[ENVELOPE_ENV] = assessment.envelope.model_dump_json()
+
+        try:
+            result = await super().run(flow_run, configuration, task_status)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(15):
+                await self._record_outcome(store, flow_run, assessment, None, exc)
+            raise
+        await self._record_outcome(store, flow_run, assessment, result.status_code, None)
+        return result
+
+    # --- steps --------------------------------------------------------------
+
+    @staticmethod
+    def _refusal(controls: Controls, reason: str) -> Assessment:
+        return Assessment(
+            worker_refusal(
+                reason,
+                policy_path=controls.policy_path,
+                mode=controls.mode,
+                fail_mode=controls.fail_mode,
+            )
+        )
+
+    def _controls(self, configuration: GovernedProcessJobConfiguration) -> Controls:
+        requested = {name: getattr(configuration, name) for name in GOVERNED_FIELDS}
+        template = self.work_pool.base_job_template if self.work_pool else None
+        return resolve_controls(pool_defaults(template), requested)
+
+    async def _assess(
+        self, flow_run: FlowRun, controls: Controls, store: LineageStore
+    ) -> Assessment:
+        flow = await self.client.read_flow(flow_run.flow_id)
+        deployment = (
+            await self.client.read_deployment(flow_run.deployment_id)
+            if flow_run.deployment_id
+            else None
+        )
+        return await self.governor.assess(
+            client=self.client,
+            flow_run=flow_run,
+            flow=flow,
+            deployment=deployment,
+            work_pool=WorkPoolRef(name=self.work_pool.name, type=self.work_pool.type),
+            controls=controls,
+            worker_name=self.name,
+            store=store,
+        )
+
+    async def _refuse(self, flow_run: FlowRun, assessment: Assessment) -> None:
+        decision = assessment.decision
+        await self._label(flow_run, assessment)
+        await self._artifact(flow_run, assessment)
+        await self.client.set_flow_run_state(
+            flow_run.id,
+            Cancelled(name="Refused", message=refusal_message(decision)),
+            force=True,
+        )
+
+    async def _annotate(self, flow_run: FlowRun, assessment: Assessment) -> None:
+        await self._label(flow_run, assessment)
+        await self._artifact(flow_run, assessment)
+
+    async def _label(self, flow_run: FlowRun, assessment: Assessment) -> None:
+        decision = assessment.decision
+        labels: dict[str, Any] = {
+            **decision.annotations,
+            "governance.decision": decision.verdict,
+            "governance.decision_id": decision.id,
+            "governance.engine": decision.engine,
+            "governance.policy_path": decision.policy_path,
+        }
+        if assessment.agent_id:
+            labels["governance.agent"] = assessment.agent_id
+        if decision.warn:
+            labels["governance.warnings"] = str(len(decision.warn))
+        await self.client.update_flow_run_labels(flow_run.id, labels)
+
+    async def _artifact(self, flow_run: FlowRun, assessment: Assessment) -> None:
+        await self.client.create_artifact(
+            ArtifactCreate(
+                type="markdown",
+                key="governance-decision",
+                description=f"Governance decision {assessment.decision.id}",
+                data=decision_markdown(assessment.decision, assessment.agent_id),
+                flow_run_id=flow_run.id,
+            )
+        )
+
+    async def _record_outcome(
+        self,
+        store: LineageStore | None,
+        flow_run: FlowRun,
+        assessment: Assessment,
+        status_code: int | None,
+        error: BaseException | None,
+    ) -> None:
+        """Write the run's outcome, as Prefect holds it, to the lineage."""
+        if store is None:
+            return
+        current = await self.client.read_flow_run(flow_run.id)
+        state = current.state
+        if state is not None and state.is_final():
+            name, message = state.type.value, state.message
+        elif status_code:
+            name = "CRASHED"
+            message = f"the flow run process exited with status {status_code}"
+        else:
+            name = "UNKNOWN"
+            seen = state.type.value if state else "no state"
+            message = f"the worker stopped watching the run while it was {seen}"
+            if error is not None:
+                message += f" ({type(error).__name__})"
+        await self.governor.record_outcome(
+            store, assessment, str(flow_run.id), name, message=message, status_code=status_code
+        )
