@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 
 from prefect_governance.blocks import (
@@ -143,11 +144,15 @@ class Governor:
                 "of a governance-agent block"
             )
         try:
-            agent = await GovernanceAgent.aload(controls.agent, client=client)
+            document = await client.read_block_document_by_name(
+                controls.agent, block_type_slug=GovernanceAgent.get_block_type_slug()
+            )
+        except ObjectNotFound:
+            return refuse(f"agent block {controls.agent!r} does not exist (governance-agent)")
+        try:
+            agent = GovernanceAgent.model_validate(document.data)
         except ValidationError as exc:
             return refuse(f"agent block {controls.agent!r} is invalid: {describe_validation(exc)}")
-        except ValueError as exc:
-            return refuse(f"agent block {controls.agent!r} cannot be loaded: {exc}")
 
         policy_path = agent.policy_ref or controls.policy_path
         mode = "audit" if agent.mode == "audit" else controls.mode

@@ -1,0 +1,59 @@
+"""The policy contract: the published schema matches the models, and bad documents are rejected."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from prefect_governance import schema
+from prefect_governance.models import AgentObject, PolicyInput
+from tests.conftest import POLICIES
+
+EXAMPLES = sorted(p for p in (POLICIES / "examples").iterdir() if p.is_dir())
+
+
+def test_published_schema_is_generated_from_the_models():
+    published = (POLICIES / schema.SCHEMA_FILE).read_text()
+    assert published == schema.render(), (
+        "policies/schema is stale: run `prefect-governance schema` and commit the result"
+    )
+
+
+def test_schema_describes_input_and_result():
+    contract = json.loads((POLICIES / schema.SCHEMA_FILE).read_text())
+    defs = contract["$defs"]
+    assert set(defs["PolicyInput"]["properties"]) == {"agent", "envelope", "context"}
+    assert set(defs["PolicyResult"]["properties"]) == {"allow", "deny", "warn", "annotations"}
+    assert defs["PolicyResult"]["required"] == ["allow"]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_input_conforms_to_the_contract(example):
+    PolicyInput.model_validate_json((example / "input.json").read_text())
+
+
+def test_examples_cover_allow_refuse_and_warn():
+    expected = [json.loads((e / "expected.json").read_text()) for e in EXAMPLES]
+    assert any(x["allow"] and not x["warn"] for x in expected)
+    assert any(not x["allow"] for x in expected)
+    assert any(x["allow"] and x["warn"] for x in expected)
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"memory_schema_hash": "md5:abc"}, "memory_schema_hash"),
+        ({"version": 0}, "version"),
+        ({"capabilities": "read:warehouse"}, "capabilities"),
+        ({"surprise": True}, "surprise"),
+        ({"trust": {"score": 1.5}}, "trust.score"),
+    ],
+)
+def test_malformed_agent_objects_are_rejected_with_the_field(patch, field):
+    agent = json.loads((POLICIES / "examples" / "allowed" / "input.json").read_text())["agent"]
+    agent.update(patch)
+    with pytest.raises(ValidationError) as caught:
+        AgentObject.model_validate(agent)
+    assert field in {".".join(str(p) for p in e["loc"]) for e in caught.value.errors()}

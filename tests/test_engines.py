@@ -1,0 +1,154 @@
+"""Both engines, the same answers: every example through the embedded engine and a real OPA."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from prefect_governance.decision import decide
+from prefect_governance.engines import EmbeddedEngine, EngineError, OpaEngine
+from prefect_governance.engines.embedded import policy_revision
+from tests.conftest import POLICIES, OpaServer
+
+PATH = "prefect/governance/decision"
+EXAMPLES = sorted(p for p in (POLICIES / "examples").iterdir() if p.is_dir())
+
+
+def normalized(result: dict) -> dict:
+    return {
+        "allow": result["allow"],
+        "deny": sorted(result.get("deny", [])),
+        "warn": sorted(result.get("warn", [])),
+        "annotations": result.get("annotations", {}),
+    }
+
+
+@pytest.fixture(scope="module")
+def embedded() -> EmbeddedEngine:
+    return EmbeddedEngine(POLICIES)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_both_engines_decide_every_example_as_expected(example: Path, embedded, opa_server):
+    policy_input = json.loads((example / "input.json").read_text())
+    expected = normalized(json.loads((example / "expected.json").read_text()))
+
+    async def both():
+        opa = OpaEngine(opa_server.url)
+        try:
+            return await embedded.evaluate(PATH, policy_input), await opa.evaluate(PATH, policy_input)
+        finally:
+            await opa.aclose()
+
+    local, remote = asyncio.run(both())
+    assert normalized(local.result) == expected
+    assert normalized(remote.result) == expected
+    assert remote.decision_id, "OPA's decision_id is kept (decision logging is on)"
+    assert local.revision == policy_revision(sorted(
+        p for p in POLICIES.rglob("*.rego") if not p.name.endswith("_test.rego")), POLICIES)
+
+
+def test_opa_test_passes_on_the_policy_library(opa_bin):
+    run = subprocess.run([opa_bin, "test", str(POLICIES), "-v"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "test_examples_decide_as_expected: PASS" in run.stdout
+
+
+def test_policy_library_is_strict_and_formatted(opa_bin):
+    check = subprocess.run([opa_bin, "check", "--strict", str(POLICIES / "prefect")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    fmt = subprocess.run([opa_bin, "fmt", "--list", "--fail", str(POLICIES / "prefect")],
+                         capture_output=True, text=True)
+    assert fmt.returncode == 0, f"not opa-fmt formatted: {fmt.stdout}"
+
+
+FAULTY = """package faulty
+
+allow if {
+	io.jwt.decode(input.token)
+}
+
+deny contains "bad time" if {
+	time.parse_rfc3339_ns(input.when) > 0
+	false
+}
+
+slow := count([x | some x in numbers.range(1, 30000000)])
+"""
+
+
+@pytest.fixture(scope="module")
+def faulty_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faulty")
+    (root / "faulty.rego").write_text(FAULTY)
+    return root
+
+
+@pytest.fixture(scope="module")
+def faulty_opa(opa_bin, faulty_dir) -> OpaServer:
+    server = OpaServer(opa_bin, faulty_dir.parent, str(faulty_dir))
+    yield server
+    server.stop()
+
+
+def _decide(engine, path, policy_input, deadline=5.0):
+    async def go():
+        try:
+            return await decide(engine, path, policy_input, deadline=deadline)
+        finally:
+            await engine.aclose()
+
+    return asyncio.run(go())
+
+
+def test_a_builtin_error_is_a_refusal_in_both_engines(faulty_dir, faulty_opa):
+    bad = {"token": "not-a-jwt", "when": "yesterday"}
+    for engine in (EmbeddedEngine(faulty_dir), OpaEngine(faulty_opa.url)):
+        decision = _decide(engine, "faulty/deny", bad)
+        assert decision.verdict == "refused", engine.name
+        assert "(evaluation)" in decision.deny[0], (engine.name, decision.deny)
+
+
+def test_an_undefined_path_is_a_refusal_in_both_engines(opa_server):
+    for engine in (EmbeddedEngine(POLICIES), OpaEngine(opa_server.url)):
+        decision = _decide(engine, "prefect/governance/nothing_here", {})
+        assert decision.verdict == "refused"
+        assert "(undefined)" in decision.deny[0], (engine.name, decision.deny)
+
+
+def test_a_result_of_the_wrong_shape_is_a_refusal(faulty_opa):
+    decision = _decide(OpaEngine(faulty_opa.url), "faulty/deny", {"when": "2026-01-01T00:00:00Z"})
+    assert decision.verdict == "refused" and "(shape)" in decision.deny[0]
+
+
+def test_a_slow_opa_is_a_refusal_after_the_timeout(faulty_opa):
+    engine = OpaEngine(faulty_opa.url, timeout=0.3, retries=0)
+    decision = _decide(engine, "faulty/slow", {}, deadline=2.0)
+    assert decision.verdict == "refused"
+    assert "(timeout)" in decision.deny[0], decision.deny
+    assert decision.latency_ms < 2000
+
+
+def test_a_stopped_opa_is_a_refusal_that_says_unreachable(opa_bin, tmp_path):
+    server = OpaServer(opa_bin, tmp_path)
+    server.stop()
+    decision = _decide(OpaEngine(server.url, retries=0), PATH, {})
+    assert decision.verdict == "refused"
+    assert "(unreachable)" in decision.deny[0], decision.deny
+
+
+def test_the_embedded_engine_rejects_a_directory_without_policies(tmp_path):
+    with pytest.raises(EngineError, match="no Rego policies"):
+        EmbeddedEngine(tmp_path)
+
+
+def test_the_embedded_revision_changes_with_the_policy(tmp_path):
+    (tmp_path / "p.rego").write_text("package p\n\nallow := true\n")
+    before = EmbeddedEngine(tmp_path).revision
+    (tmp_path / "p.rego").write_text("package p\n\nallow := false\n")
+    assert EmbeddedEngine(tmp_path).revision != before
