@@ -22,7 +22,11 @@ import yaml
 from prefect.blocks.core import Block
 from pydantic import ValidationError
 
-from prefect_governance.blocks import GovernanceAgent, GovernanceLineageStore, GovernancePolicyEngine
+from prefect_governance.blocks import (
+    GovernanceAgent,
+    GovernanceLineageStore,
+    GovernancePolicyEngine,
+)
 
 KINDS: dict[str, type[Block]] = {
     "agent": GovernanceAgent,
@@ -88,7 +92,9 @@ def parse_document(raw: Any, path: Path) -> Document:
         raise DocumentError(path, "kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise DocumentError(path, "name", f"must be lowercase letters, digits and dashes, got {name!r}")
+        raise DocumentError(
+            path, "name", f"must be lowercase letters, digits and dashes, got {name!r}"
+        )
     spec = raw.get("spec")
     if not isinstance(spec, dict):
         raise DocumentError(path, "spec", "must be a mapping of the block's fields")
@@ -123,7 +129,9 @@ def load_documents(target: Path) -> list[Document]:
             document = parse_document(raw, path)
             key = (document.kind, document.name)
             if key in seen:
-                raise DocumentError(path, "name", f"{document.kind} {document.name!r} is also in {seen[key]}")
+                raise DocumentError(
+                    path, "name", f"{document.kind} {document.name!r} is also in {seen[key]}"
+                )
             seen[key] = path
             documents.append(document)
     return documents

@@ -12,7 +12,13 @@ from pydantic import Field, SecretStr
 
 from prefect_governance.engines import EmbeddedEngine, OpaEngine, PolicyEngine
 from prefect_governance.lineage import LineageStore
-from prefect_governance.models import DEFAULT_POLICY_PATH, AgentObject, Constraints, Mode, TrustState
+from prefect_governance.models import (
+    DEFAULT_POLICY_PATH,
+    AgentObject,
+    Constraints,
+    Mode,
+    TrustState,
+)
 from prefect_governance.settings import packaged_policy_dir
 
 _LOGO = "https://raw.githubusercontent.com/open-policy-agent/opa/main/logo/logo.png"

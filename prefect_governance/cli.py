@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,7 +19,9 @@ app = typer.Typer(
 
 @app.command()
 def apply(
-    path: Annotated[Path, typer.Argument(help="A YAML file or a directory of them.")] = Path("blocks"),
+    path: Annotated[Path, typer.Argument(help="A YAML file or a directory of them.")] = Path(
+        "blocks"
+    ),
 ) -> None:
     """Create or update the blocks described by YAML documents (idempotent)."""
     from prefect_governance.apply import DocumentError, apply_documents, load_documents
@@ -37,9 +39,12 @@ def apply(
 def decide(
     deployment: Annotated[str, typer.Argument(help="FLOW_NAME/DEPLOYMENT_NAME")],
     param: Annotated[
-        Optional[list[str]], typer.Option("--param", "-p", help="KEY=VALUE (VALUE as JSON if it parses).")
+        list[str] | None,
+        typer.Option("--param", "-p", help="KEY=VALUE (VALUE as JSON if it parses)."),
     ] = None,
-    show_input: Annotated[bool, typer.Option("--input/--no-input", help="Print the policy input.")] = True,
+    show_input: Annotated[
+        bool, typer.Option("--input/--no-input", help="Print the policy input.")
+    ] = True,
 ) -> None:
     """Decide a run of a deployment without running anything; print the decision and the input."""
     from prefect_governance.decide import decide_deployment
@@ -64,9 +69,13 @@ def decide(
 @app.command()
 def lineage(
     limit: Annotated[int, typer.Option(help="How many events, newest first.")] = 20,
-    agent: Annotated[Optional[str], typer.Option(help="Only this agent's events.")] = None,
+    agent: Annotated[str | None, typer.Option(help="Only this agent's events.")] = None,
     url: Annotated[
-        Optional[str], typer.Option(help="Lineage database URL (default: PREFECT_GOVERNANCE_LINEAGE_URL or SQLite in PREFECT_HOME).")
+        str | None,
+        typer.Option(
+            help="Lineage database URL (default: PREFECT_GOVERNANCE_LINEAGE_URL, "
+            "else SQLite in PREFECT_HOME)."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
@@ -77,7 +86,11 @@ def lineage(
 
     settings = GovernanceSettings()
     if url is None:
-        url = settings.lineage_url.get_secret_value() if settings.lineage_url else default_lineage_url()
+        url = (
+            settings.lineage_url.get_secret_value()
+            if settings.lineage_url
+            else default_lineage_url()
+        )
     store = LineageStore(url)
     events = store.recent(limit, agent_id=agent)
     if as_json:
@@ -90,7 +103,9 @@ def lineage(
 
 @app.command()
 def schema(
-    policies: Annotated[Path, typer.Option(help="The policies directory to write into.")] = Path("policies"),
+    policies: Annotated[Path, typer.Option(help="The policies directory to write into.")] = Path(
+        "policies"
+    ),
 ) -> None:
     """Regenerate the JSON Schema of the policy input and result from the models."""
     from prefect_governance import schema as contract
@@ -100,8 +115,13 @@ def schema(
 
 @app.command()
 def demo(
-    opa: Annotated[Optional[str], typer.Option(help="Decide with this OPA sidecar instead of the embedded engine.")] = None,
-    keep: Annotated[bool, typer.Option(help="Keep the temporary Prefect home for inspection.")] = False,
+    opa: Annotated[
+        str | None,
+        typer.Option(help="Decide with this OPA sidecar instead of the embedded engine."),
+    ] = None,
+    keep: Annotated[
+        bool, typer.Option(help="Keep the temporary Prefect home for inspection.")
+    ] = False,
 ) -> None:
     """Run the whole product locally: server, blocks, governed pool, worker, four runs."""
     from prefect_governance.demo import run_demo

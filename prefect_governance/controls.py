@@ -41,7 +41,8 @@ def pool_defaults(base_job_template: dict[str, Any] | None) -> dict[str, Any]:
     """The defaults of the pool's job variables for the governance settings."""
     properties = ((base_job_template or {}).get("variables") or {}).get("properties") or {}
     return {
-        key: (properties.get(key) or {}).get("default", default) for key, default in DEFAULTS.items()
+        key: (properties.get(key) or {}).get("default", default)
+        for key, default in DEFAULTS.items()
     }
 
 

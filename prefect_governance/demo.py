@@ -49,9 +49,13 @@ class Scenario:
 
 
 SCENARIOS = [
-    Scenario("nightly-load", "etl-agent", ["read:warehouse", "write:warehouse"], {"rows": 500}, "allowed"),
+    Scenario(
+        "nightly-load", "etl-agent", ["read:warehouse", "write:warehouse"], {"rows": 500}, "allowed"
+    ),
     Scenario("purge-warehouse", "etl-agent", ["delete:warehouse"], {"rows": 5000}, "refused"),
-    Scenario("probation-report", "probation-agent", ["read:warehouse"], {"rows": 20}, "allowed, warned"),
+    Scenario(
+        "probation-report", "probation-agent", ["read:warehouse"], {"rows": 20}, "allowed, warned"
+    ),
     Scenario("shadow-backfill", "shadow-agent", ["write:warehouse"], {"rows": 100}, "audited"),
 ]
 
@@ -128,7 +132,9 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
     async with get_client() as client:
         for scenario in SCENARIOS:
             deployment_id = await deploy_example(
-                scenario.name, POOL, {"agent": scenario.agent, "capabilities": scenario.capabilities}
+                scenario.name,
+                POOL,
+                {"agent": scenario.agent, "capabilities": scenario.capabilities},
             )
             scenario.marker = markers / scenario.name
             run = await client.create_flow_run_from_deployment(
@@ -146,7 +152,17 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
     finally:
         stop(worker)
 
-    rows = [("deployment", "agent", "expected", "decision", "final state", "executed", "reasons / warnings")]
+    rows = [
+        (
+            "deployment",
+            "agent",
+            "expected",
+            "decision",
+            "final state",
+            "executed",
+            "reasons / warnings",
+        )
+    ]
     ok = True
     for scenario in SCENARIOS:
         run = runs[scenario.flow_run_id]
@@ -156,10 +172,21 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
         decision = next(
             (e for e in store.recent(100, flow_run_id=str(run.id)) if e.kind == "decision"), None
         )
-        notes = "; ".join([*(decision.reasons if decision else []), *(decision.warnings if decision else [])])
+        notes = "; ".join(
+            [*(decision.reasons if decision else []), *(decision.warnings if decision else [])]
+        )
         verdict = labels.get("governance.decision", "-")
-        rows.append((scenario.name, scenario.agent, scenario.expect, verdict, state,
-                     "yes" if executed else "no", notes))
+        rows.append(
+            (
+                scenario.name,
+                scenario.agent,
+                scenario.expect,
+                verdict,
+                state,
+                "yes" if executed else "no",
+                notes,
+            )
+        )
         ok &= verdict == scenario.expect.split(",")[0] and executed == (verdict != "refused")
     print()
     print(format_table(rows))
@@ -185,5 +212,7 @@ def run_demo(opa_url: str | None = None, keep: bool = False) -> int:
         server.stop()
         if not keep:
             shutil.rmtree(home, ignore_errors=True)
-    print(f"\ndemo finished in {time.monotonic() - started:.0f}s" + (f"; kept {home}" if keep else ""))
+    print(
+        f"\ndemo finished in {time.monotonic() - started:.0f}s" + (f"; kept {home}" if keep else "")
+    )
     return code

@@ -84,8 +84,13 @@ def decision_event(
 
 
 def outcome_event(
-    *, agent_id: str | None, flow_run_id: str, decision_id: str | None, state: str,
-    message: str | None = None, status_code: int | None = None,
+    *,
+    agent_id: str | None,
+    flow_run_id: str,
+    decision_id: str | None,
+    state: str,
+    message: str | None = None,
+    status_code: int | None = None,
 ) -> LineageEvent:
     """The lineage record of how a run ended."""
     return LineageEvent(

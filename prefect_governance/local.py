@@ -6,6 +6,7 @@ stopped as a group and leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -55,10 +56,8 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
             break
         except subprocess.TimeoutExpired:
             continue
-    try:  # children that outlived their leader
+    with contextlib.suppress(ProcessLookupError):  # children that outlived their leader
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def wait_http(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -108,8 +107,17 @@ class PrefectServer:
     def start(self, timeout: float = 90.0) -> PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         self.process = spawn(
-            [sys.executable, "-m", "prefect", "server", "start",
-             "--host", "127.0.0.1", "--port", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
             prefect_env(self.home),
             self.log,
         )
@@ -132,8 +140,14 @@ class PrefectServer:
 
 
 def start_worker(
-    pool: str, home: Path, api_url: str, log: Path, *, worker_type: str | None = None,
-    extra_env: Mapping[str, str] | None = None, limit: int | None = None,
+    pool: str,
+    home: Path,
+    api_url: str,
+    log: Path,
+    *,
+    worker_type: str | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    limit: int | None = None,
 ) -> subprocess.Popen[bytes]:
     """``prefect worker start --pool POOL`` (our type unless told otherwise)."""
     args = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool]

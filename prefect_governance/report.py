@@ -55,17 +55,26 @@ def lineage_table(events: Sequence[LineageEvent]) -> str:
     for e in reversed(list(events)):
         what = e.verdict if e.kind == "decision" else e.state
         notes = "; ".join([*e.reasons, *e.warnings])
-        rows.append((
-            e.created_at.strftime("%H:%M:%S"), e.kind, e.agent_id or "-",
-            (e.flow_run_id or "-")[:8], what or "-", e.engine or "-",
-            notes[:90] + ("…" if len(notes) > 90 else ""),
-        ))
+        rows.append(
+            (
+                e.created_at.strftime("%H:%M:%S"),
+                e.kind,
+                e.agent_id or "-",
+                (e.flow_run_id or "-")[:8],
+                what or "-",
+                e.engine or "-",
+                notes[:90] + ("…" if len(notes) > 90 else ""),
+            )
+        )
     return format_table(rows)
 
 
 def format_table(rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned columns, a rule under the header."""
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [
+        "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -14,18 +14,29 @@ class GovernanceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PREFECT_GOVERNANCE_", extra="ignore")
 
     lineage_url: SecretStr | None = Field(
-        None, description="SQLAlchemy URL of the lineage database (default: SQLite in PREFECT_HOME)."
+        None,
+        description="SQLAlchemy URL of the lineage database (default: SQLite in PREFECT_HOME).",
     )
     policy_dir: Path | None = Field(
         None, description="Rego directory for the embedded engine (default: the packaged policies)."
     )
-    opa_url: str | None = Field(None, description="Use this OPA sidecar instead of the embedded engine.")
+    opa_url: str | None = Field(
+        None, description="Use this OPA sidecar instead of the embedded engine."
+    )
     opa_token: SecretStr | None = None
     decision_timeout: float = Field(5.0, gt=0, description="Seconds a decision may take in all.")
     envelope_ttl: float = Field(600.0, gt=0, description="Seconds an envelope stays valid.")
     redact_patterns: list[str] = Field(
-        default_factory=lambda: ["password", "passwd", "secret", "token", "api_key", "apikey",
-                                 "credential", "private_key"],
+        default_factory=lambda: [
+            "password",
+            "passwd",
+            "secret",
+            "token",
+            "api_key",
+            "apikey",
+            "credential",
+            "private_key",
+        ],
         description="Parameter names containing any of these (case-insensitive) are redacted.",
     )
 

@@ -34,8 +34,15 @@ if TYPE_CHECKING:
 
 ENVELOPE_ENV = "PREFECT_GOVERNANCE_ENVELOPE"
 DECISION_ENV = "PREFECT_GOVERNANCE_DECISION_ID"
-GOVERNED_FIELDS = ("agent", "capabilities", "policy_path", "mode", "fail_mode", "engine",
-                   "lineage_store")
+GOVERNED_FIELDS = (
+    "agent",
+    "capabilities",
+    "policy_path",
+    "mode",
+    "fail_mode",
+    "engine",
+    "lineage_store",
+)
 
 
 class GovernedProcessJobConfiguration(ProcessJobConfiguration):

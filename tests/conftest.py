@@ -32,7 +32,11 @@ def missing(part: str) -> None:
 
 
 def opa_path() -> str | None:
-    for candidate in (os.environ.get("OPA_BIN"), str(ROOT / ".tools" / "bin" / "opa"), shutil.which("opa")):
+    for candidate in (
+        os.environ.get("OPA_BIN"),
+        str(ROOT / ".tools" / "bin" / "opa"),
+        shutil.which("opa"),
+    ):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -54,8 +58,17 @@ class OpaServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"opa-{self.port}.log"
         self.process = spawn(
-            [binary, "run", "--server", "--addr", f"127.0.0.1:{self.port}",
-             "--set", "decision_logs.console=true", *extra, str(POLICIES)],
+            [
+                binary,
+                "run",
+                "--server",
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                "--set",
+                "decision_logs.console=true",
+                *extra,
+                str(POLICIES),
+            ],
             os.environ,
             self.log,
         )
@@ -102,13 +115,33 @@ class Postgres:
             shutil.chown(root, "postgres")
             shutil.chown(self.data, "postgres")
         subprocess.run(
-            [*self.run_as, str(bindir / "initdb"), "-D", str(self.data), "-U", "governance",
-             "--auth=trust", "-E", "UTF8"],
-            check=True, capture_output=True,
+            [
+                *self.run_as,
+                str(bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "governance",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            capture_output=True,
         )
         self.process = spawn(
-            [*self.run_as, str(bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
-             "-h", "127.0.0.1", "-k", str(root)],
+            [
+                *self.run_as,
+                str(bindir / "postgres"),
+                "-D",
+                str(self.data),
+                "-p",
+                str(self.port),
+                "-h",
+                "127.0.0.1",
+                "-k",
+                str(root),
+            ],
             os.environ,
             root / "postgres.log",
         )

@@ -82,8 +82,11 @@ TEMPLATE = GovernedProcessWorker.get_default_base_job_template()
 
 def test_pool_defaults_read_the_template():
     assert pool_defaults(TEMPLATE) == {
-        "policy_path": "prefect/governance/decision", "engine": None, "lineage_store": None,
-        "mode": "enforce", "fail_mode": "closed",
+        "policy_path": "prefect/governance/decision",
+        "engine": None,
+        "lineage_store": None,
+        "mode": "enforce",
+        "fail_mode": "closed",
     }
 
 
@@ -91,11 +94,22 @@ def test_a_deployment_cannot_relax_governance():
     pool = pool_defaults(TEMPLATE)
     controls = resolve_controls(
         pool,
-        {"agent": "a", "mode": "audit", "fail_mode": "open", "engine": "permissive",
-         "policy_path": "allow/all", "lineage_store": "elsewhere"},
+        {
+            "agent": "a",
+            "mode": "audit",
+            "fail_mode": "open",
+            "engine": "permissive",
+            "policy_path": "allow/all",
+            "lineage_store": "elsewhere",
+        },
     )
-    assert (controls.mode, controls.fail_mode, controls.engine, controls.policy_path,
-            controls.lineage_store) == ("enforce", "closed", None, "prefect/governance/decision", None)
+    assert (
+        controls.mode,
+        controls.fail_mode,
+        controls.engine,
+        controls.policy_path,
+        controls.lineage_store,
+    ) == ("enforce", "closed", None, "prefect/governance/decision", None)
     assert len(controls.notes) == 5
 
 
@@ -106,9 +120,17 @@ def test_a_deployment_may_tighten_governance():
 
 
 def test_secrets_are_redacted_at_any_depth():
-    params = {"rows": 3, "db_password": "hunter2", "conn": {"api_token": "t", "host": "h"},
-              "items": [{"secret": "s"}]}
+    params = {
+        "rows": 3,
+        "db_password": "hunter2",
+        "conn": {"api_token": "t", "host": "h"},
+        "items": [{"secret": "s"}],
+    }
     out, paths = redact(params, ["password", "token", "secret"])
-    assert out == {"rows": 3, "db_password": REDACTED, "conn": {"api_token": REDACTED, "host": "h"},
-                   "items": [{"secret": REDACTED}]}
+    assert out == {
+        "rows": 3,
+        "db_password": REDACTED,
+        "conn": {"api_token": REDACTED, "host": "h"},
+        "items": [{"secret": REDACTED}],
+    }
     assert paths == ["db_password", "conn.api_token", "items[0].secret"]

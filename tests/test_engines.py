@@ -40,7 +40,9 @@ def test_both_engines_decide_every_example_as_expected(example: Path, embedded, 
     async def both():
         opa = OpaEngine(opa_server.url)
         try:
-            return await embedded.evaluate(PATH, policy_input), await opa.evaluate(PATH, policy_input)
+            return await embedded.evaluate(PATH, policy_input), await opa.evaluate(
+                PATH, policy_input
+            )
         finally:
             await opa.aclose()
 
@@ -48,8 +50,9 @@ def test_both_engines_decide_every_example_as_expected(example: Path, embedded, 
     assert normalized(local.result) == expected
     assert normalized(remote.result) == expected
     assert remote.decision_id, "OPA's decision_id is kept (decision logging is on)"
-    assert local.revision == policy_revision(sorted(
-        p for p in POLICIES.rglob("*.rego") if not p.name.endswith("_test.rego")), POLICIES)
+    assert local.revision == policy_revision(
+        sorted(p for p in POLICIES.rglob("*.rego") if not p.name.endswith("_test.rego")), POLICIES
+    )
 
 
 def test_opa_test_passes_on_the_policy_library(opa_bin):
@@ -59,11 +62,15 @@ def test_opa_test_passes_on_the_policy_library(opa_bin):
 
 
 def test_policy_library_is_strict_and_formatted(opa_bin):
-    check = subprocess.run([opa_bin, "check", "--strict", str(POLICIES / "prefect")],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [opa_bin, "check", "--strict", str(POLICIES / "prefect")], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stderr
-    fmt = subprocess.run([opa_bin, "fmt", "--list", "--fail", str(POLICIES / "prefect")],
-                         capture_output=True, text=True)
+    fmt = subprocess.run(
+        [opa_bin, "fmt", "--list", "--fail", str(POLICIES / "prefect")],
+        capture_output=True,
+        text=True,
+    )
     assert fmt.returncode == 0, f"not opa-fmt formatted: {fmt.stdout}"
 
 

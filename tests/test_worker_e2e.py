@@ -19,7 +19,11 @@ from prefect import get_client
 from prefect.client.schemas.actions import BlockDocumentCreate, WorkPoolCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from prefect_governance.blocks import GovernanceAgent, GovernanceLineageStore, GovernancePolicyEngine
+from prefect_governance.blocks import (
+    GovernanceAgent,
+    GovernanceLineageStore,
+    GovernancePolicyEngine,
+)
 from prefect_governance.demo import deploy_example, pool_template, wait_final, wait_outcomes
 from prefect_governance.lineage import LineageStore
 from prefect_governance.local import start_worker, stop
@@ -48,9 +52,16 @@ SCENARIOS = [
     Scenario("invalid-agent", {"agent": "e2e-broken"}),
     Scenario("over-limit-parameter", {"agent": "e2e-etl"}, {"rows": 5000}),
     # A deployment that tries to switch governance off from its own job variables.
-    Scenario("relaxing-deployment", {"agent": "e2e-etl", "capabilities": ["delete:warehouse"],
-                                     "mode": "audit", "fail_mode": "open",
-                                     "policy_path": "prefect/governance/nothing"}),
+    Scenario(
+        "relaxing-deployment",
+        {
+            "agent": "e2e-etl",
+            "capabilities": ["delete:warehouse"],
+            "mode": "audit",
+            "fail_mode": "open",
+            "policy_path": "prefect/governance/nothing",
+        },
+    ),
 ]
 
 
@@ -75,40 +86,59 @@ class Observed:
         return found[0]
 
 
-async def _setup(tmp: Path, opa_url: str, down_url: str) -> dict[tuple[str, str], tuple[UUID, Path]]:
+async def _setup(
+    tmp: Path, opa_url: str, down_url: str
+) -> dict[tuple[str, str], tuple[UUID, Path]]:
     scope = ALL_POOLS
-    await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave("e2e-lineage", overwrite=True)
+    await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave(
+        "e2e-lineage", overwrite=True
+    )
     await GovernanceAgent(
-        id="e2e-etl", owner="data@example.com", trust_scope=scope,
+        id="e2e-etl",
+        owner="data@example.com",
+        trust_scope=scope,
         capabilities=["read:warehouse", "write:warehouse"],
         constraints={"parameters": {"rows": {"type": "integer", "maximum": 1000}}},
     ).asave("e2e-etl", overwrite=True)
     await GovernanceAgent(
-        id="e2e-probation", owner="ml@example.com", trust_scope=scope,
-        capabilities=["read:warehouse"], trust_baseline=0.3,
+        id="e2e-probation",
+        owner="ml@example.com",
+        trust_scope=scope,
+        capabilities=["read:warehouse"],
+        trust_baseline=0.3,
     ).asave("e2e-probation", overwrite=True)
     await GovernanceAgent(
-        id="e2e-shadow", owner="sec@example.com", trust_scope=scope,
-        capabilities=["read:warehouse"], mode="audit",
+        id="e2e-shadow",
+        owner="sec@example.com",
+        trust_scope=scope,
+        capabilities=["read:warehouse"],
+        mode="audit",
     ).asave("e2e-shadow", overwrite=True)
     await GovernancePolicyEngine(kind="embedded").asave("e2e-embedded", overwrite=True)
     await GovernancePolicyEngine(kind="opa", opa_url=opa_url).asave("e2e-opa", overwrite=True)
-    await GovernancePolicyEngine(kind="opa", opa_url=down_url, retries=0).asave("e2e-down", overwrite=True)
+    await GovernancePolicyEngine(kind="opa", opa_url=down_url, retries=0).asave(
+        "e2e-down", overwrite=True
+    )
 
     async with get_client() as client:
         # An agent document that does not validate (as if edited by hand in the UI).
         agent_type = await client.read_block_type_by_slug("governance-agent")
-        schema = (await client.get_most_recent_block_schema_for_block_type(agent_type.id))
-        await client.create_block_document(BlockDocumentCreate(
-            name="e2e-broken", block_type_id=agent_type.id, block_schema_id=schema.id,
-            data={"id": "no spaces allowed", "owner": "", "trust_scope": "everywhere"},
-        ))
+        schema = await client.get_most_recent_block_schema_for_block_type(agent_type.id)
+        await client.create_block_document(
+            BlockDocumentCreate(
+                name="e2e-broken",
+                block_type_id=agent_type.id,
+                block_schema_id=schema.id,
+                data={"id": "no spaces allowed", "owner": "", "trust_scope": "everywhere"},
+            )
+        )
         pools = {
             "gov-embedded": pool_template(engine="e2e-embedded", lineage_store="e2e-lineage"),
             "gov-opa": pool_template(engine="e2e-opa", lineage_store="e2e-lineage"),
             "gov-down": pool_template(engine="e2e-down", lineage_store="e2e-lineage"),
-            "gov-down-open": pool_template(engine="e2e-down", lineage_store="e2e-lineage",
-                                           fail_mode="open"),
+            "gov-down-open": pool_template(
+                engine="e2e-down", lineage_store="e2e-lineage", fail_mode="open"
+            ),
         }
         for name, template in pools.items():
             await client.create_work_pool(
@@ -120,7 +150,9 @@ async def _setup(tmp: Path, opa_url: str, down_url: str) -> dict[tuple[str, str]
     plan += [("gov-down", SCENARIOS[0]), ("gov-down-open", SCENARIOS[0])]
     async with get_client() as client:
         for pool, scenario in plan:
-            deployment_id = await deploy_example(f"{pool}-{scenario.name}", pool, scenario.job_variables)
+            deployment_id = await deploy_example(
+                f"{pool}-{scenario.name}", pool, scenario.job_variables
+            )
             marker = tmp / "markers" / f"{pool}-{scenario.name}"
             run = await client.create_flow_run_from_deployment(
                 deployment_id, parameters={**scenario.parameters, "marker": str(marker)}
@@ -246,7 +278,9 @@ def test_audit_mode_executes_a_denied_run_and_marks_it(governed, engine):
         ("over-limit-parameter", 'parameter "rows" is 5000, above the maximum 1000'),
     ],
 )
-def test_bad_configuration_and_odd_input_are_refused_with_a_reason(governed, engine, scenario, reason):
+def test_bad_configuration_and_odd_input_are_refused_with_a_reason(
+    governed, engine, scenario, reason
+):
     run = _get(governed, engine, scenario)
     assert not run.executed
     assert run.state.name == "Refused", run.state
@@ -284,4 +318,7 @@ def test_engines_decide_the_same_scenarios_alike(governed):
         a = _get(governed, "embedded", scenario.name).event("decision")
         b = _get(governed, "opa", scenario.name).event("decision")
         assert (a.verdict, sorted(a.reasons), sorted(a.warnings)) == (
-            b.verdict, sorted(b.reasons), sorted(b.warnings)), scenario.name
+            b.verdict,
+            sorted(b.reasons),
+            sorted(b.warnings),
+        ), scenario.name

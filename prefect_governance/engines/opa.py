@@ -53,7 +53,8 @@ class _SidecarClient(AsyncOpaClient):
                 code = body.get("code") if isinstance(body, dict) else None
                 kind = "evaluation" if code == "internal_error" else "http"
                 raise EngineError(
-                    kind, f"OPA answered HTTP {response.status}: {code or ''} {detail or ''}".strip()
+                    kind,
+                    f"OPA answered HTTP {response.status}: {code or ''} {detail or ''}".strip(),
                 )
             if not isinstance(body, dict):
                 raise EngineError("shape", "OPA answered with a body that is not a JSON object")

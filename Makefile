@@ -1,0 +1,44 @@
+# The two commands (see README): `make demo` runs the product, `make test` runs the tests.
+# Everything they need is installed here: a virtualenv with the package, and OPA
+# built from its Go module.
+
+PYTHON ?= python3
+OPA_VERSION ?= v1.22.2
+VENV := .venv
+BIN := $(VENV)/bin
+OPA := .tools/bin/opa
+
+.PHONY: demo test install opa lint bench clean
+
+demo: install
+	$(BIN)/prefect-governance demo
+
+test: install opa
+	bash scripts/postgres.sh
+	$(BIN)/ruff check .
+	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+opa: $(OPA)
+
+$(OPA):
+	mkdir -p .tools/bin
+	GOBIN=$(abspath .tools/bin) go install github.com/open-policy-agent/opa@$(OPA_VERSION)
+	$(OPA) version
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: install opa
+	OPA_BIN=$(abspath $(OPA)) $(BIN)/python benchmarks/decision_latency.py
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache

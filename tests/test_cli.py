@@ -1,0 +1,234 @@
+"""The command lines a user types: Prefect's own (pool and worker type) and ours."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from prefect import get_client
+
+from prefect_governance.apply import DocumentError, apply_documents, load_documents
+from prefect_governance.blocks import GovernanceAgent
+from prefect_governance.decision import worker_refusal
+from prefect_governance.demo import deploy_example, pool_template
+from prefect_governance.lineage import LineageStore, decision_event
+from prefect_governance.local import prefect_env
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+CLI = [sys.executable, "-m", "prefect_governance.cli"]
+
+
+def run(args, server, **env):
+    return subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=prefect_env(server.home, server.api_url, **env),
+    )
+
+
+def test_prefect_creates_a_pool_of_our_type_from_the_entry_point(prefect_server):
+    created = run(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "work-pool",
+            "create",
+            "cli-pool",
+            "--type",
+            "governed-process",
+        ],
+        prefect_server,
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_work_pool("cli-pool")
+
+    pool = asyncio.run(read())
+    assert pool.type == "governed-process"
+    variables = pool.base_job_template["variables"]["properties"]
+    assert {
+        "agent",
+        "capabilities",
+        "policy_path",
+        "mode",
+        "fail_mode",
+        "engine",
+        "lineage_store",
+    } <= set(variables)
+    assert pool.base_job_template["job_configuration"]["agent"] == "{{ agent }}"
+
+
+def test_apply_is_idempotent_and_reports_changes(prefect_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_GOVERNANCE_LINEAGE_URL", f"sqlite:///{tmp_path / 'l.db'}")
+    first = run(
+        [*CLI, "apply", str(ROOT / "blocks")],
+        prefect_server,
+        PREFECT_GOVERNANCE_LINEAGE_URL=f"sqlite:///{tmp_path / 'l.db'}",
+    )
+    assert first.returncode == 0, first.stderr
+    second = run(
+        [*CLI, "apply", str(ROOT / "blocks")],
+        prefect_server,
+        PREFECT_GOVERNANCE_LINEAGE_URL=f"sqlite:///{tmp_path / 'l.db'}",
+    )
+    assert second.returncode == 0, second.stderr
+    assert [line.split()[0] for line in second.stdout.splitlines()] == ["unchanged"] * 6
+    assert "etl-agent" in first.stdout
+
+    edited = tmp_path / "etl.yaml"
+    text = (ROOT / "blocks" / "agents" / "etl-agent.yaml").read_text()
+    edited.write_text(text.replace("version: 1", "version: 2"))
+    third = run([*CLI, "apply", str(edited)], prefect_server)
+    assert third.stdout.split()[0] == "updated"
+    agent = asyncio.run(GovernanceAgent.aload("etl-agent"))
+    assert agent.version == 2
+
+
+@pytest.mark.parametrize(
+    ("document", "field", "reason"),
+    [
+        (
+            "kind: agent\nname: a\nspec: {id: a, owner: o, trust_scope: x}\n",
+            "spec.trust_scope",
+            "valid list",
+        ),
+        ("kind: robot\nname: a\nspec: {}\n", "kind", "must be one of"),
+        ("kind: agent\nname: Bad_Name\nspec: {}\n", "name", "lowercase"),
+        ("kind: agent\nname: a\n", "spec", "mapping"),
+        (
+            "kind: agent\nname: a\nspec: {id: 'has space', owner: o, trust_scope: []}\n",
+            "spec.id",
+            "pattern",
+        ),
+        (
+            "kind: lineage-store\nname: a\nspec: {url: '${NOT_SET_ANYWHERE_42}'}\n",
+            "spec.url",
+            "NOT_SET_ANYWHERE_42",
+        ),
+        ("kind: agent\nname: a\nspec: [\n", "(yaml)", ""),
+    ],
+)
+def test_a_malformed_document_is_rejected_with_file_field_and_reason(
+    tmp_path, document, field, reason
+):
+    path = tmp_path / "doc.yaml"
+    path.write_text(document)
+    with pytest.raises(DocumentError) as caught:
+        load_documents(path)
+    assert (caught.value.path, caught.value.field) == (path, field)
+    assert reason in caught.value.reason
+
+
+def test_apply_command_exits_2_with_the_file_and_field(prefect_server, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("kind: agent\nname: a\nspec: {id: a, owner: o, trust_scope: 3}\n")
+    result = run([*CLI, "apply", str(path)], prefect_server)
+    assert result.returncode == 2
+    assert f"{path}: spec.trust_scope:" in result.stderr
+
+
+def test_decide_prints_the_decision_and_the_input_without_running(prefect_server, tmp_path):
+    lineage = f"sqlite:///{tmp_path / 'decide.db'}"
+
+    async def setup():
+        await apply_documents(load_documents(ROOT / "blocks" / "agents"))
+        async with get_client() as client:
+            from prefect.client.schemas.actions import WorkPoolCreate
+
+            await client.create_work_pool(
+                WorkPoolCreate(
+                    name="governed", type="governed-process", base_job_template=pool_template()
+                )
+            )
+        await deploy_example(
+            "decide-me", "governed", {"agent": "etl-agent", "capabilities": ["write:warehouse"]}
+        )
+
+    asyncio.run(setup())
+    allowed = run(
+        [*CLI, "decide", "load-warehouse/decide-me", "-p", "rows=10"],
+        prefect_server,
+        PREFECT_GOVERNANCE_LINEAGE_URL=lineage,
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    out = json.loads(allowed.stdout)
+    assert out["decision"]["verdict"] == "allowed"
+    assert out["input"]["envelope"]["parameters"] == {"rows": 10}
+    assert out["input"]["envelope"]["capabilities"] == ["write:warehouse"]
+    assert out["input"]["agent"]["id"] == "etl-agent"
+
+    refused = run(
+        [
+            *CLI,
+            "decide",
+            "load-warehouse/decide-me",
+            "-p",
+            "rows=5000",
+            "-p",
+            "db_password=hunter2",
+        ],
+        prefect_server,
+        PREFECT_GOVERNANCE_LINEAGE_URL=lineage,
+    )
+    assert refused.returncode == 1
+    out = json.loads(refused.stdout)
+    assert out["decision"]["deny"] == ['parameter "rows" is 5000, above the maximum 1000']
+    assert "hunter2" not in refused.stdout
+    assert out["input"]["envelope"]["redacted"] == ["db_password"]
+    # decide records nothing: it only asks
+    assert LineageStore(lineage).recent(10) == []
+
+
+def test_lineage_lists_recent_events(tmp_path):
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    store = LineageStore(url)
+    decision = worker_refusal("no agent", policy_path="p", mode="enforce", fail_mode="closed")
+    store.append(decision_event(decision, agent_id="a-1", flow_run_id="fr-1", envelope=None))
+    result = subprocess.run(
+        [*CLI, "lineage", "--url", url, "--json"], capture_output=True, text=True, env=os.environ
+    )
+    assert result.returncode == 0, result.stderr
+    event = json.loads(result.stdout.splitlines()[0])
+    assert (event["agent_id"], event["verdict"], event["reasons"]) == (
+        "a-1",
+        "refused",
+        ["no agent"],
+    )
+
+
+def test_lineage_on_postgresql(postgres):
+    store = LineageStore(postgres.url)
+    decision = worker_refusal("no agent", policy_path="p", mode="enforce", fail_mode="closed")
+    store.append(
+        decision_event(decision, agent_id="pg-agent", flow_run_id="fr-pg", envelope={"id": "e"})
+    )
+    [event] = store.recent(5, agent_id="pg-agent")
+    assert (event.verdict, event.envelope_id, event.reasons) == ("refused", "e", ["no agent"])
+    assert store.decision_counts("pg-agent") == (1, 1)
+    store.dispose()
+
+
+def test_the_demo_runs_end_to_end(tmp_path):
+    """The README's main command: one allowed, one refused, one warned, one audited run."""
+    result = subprocess.run(
+        [*CLI, "demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PREFECT_HOME": str(tmp_path / "user-home")},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = result.stdout
+    for line in ("nightly-load", "purge-warehouse", "probation-report", "shadow-backfill"):
+        assert line in table
+    assert "CANCELLED/Refused    no" in table
