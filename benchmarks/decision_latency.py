@@ -55,13 +55,18 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 async def main() -> None:
     policy_input = realistic_input()
-    results = {"embedded": percentiles(await measure(EmbeddedEngine(ROOT / "policies"), policy_input))}
+    results = {
+        "embedded": percentiles(await measure(EmbeddedEngine(ROOT / "policies"), policy_input))
+    }
     opa_bin = os.environ.get("OPA_BIN") or str(ROOT / ".tools/bin/opa")
     if Path(opa_bin).exists():
         port = free_port()
         log = Path(tempfile.mkdtemp()) / "opa.log"
-        process = spawn([opa_bin, "run", "--server", "--addr", f"127.0.0.1:{port}",
-                         str(ROOT / "policies")], os.environ, log)
+        process = spawn(
+            [opa_bin, "run", "--server", "--addr", f"127.0.0.1:{port}", str(ROOT / "policies")],
+            os.environ,
+            log,
+        )
         try:
             wait_http(f"http://127.0.0.1:{port}/health", 30, process)
             engine = OpaEngine(f"http://127.0.0.1:{port}")
