@@ -8,9 +8,13 @@ from prefect import flow
 
 
 @flow(log_prints=True)
-def load_warehouse(rows: int = 10, table: str = "orders", marker: str | None = None) -> int:
+def load_warehouse(
+    rows: int = 10, table: str = "orders", marker: str | None = None, fail: bool = False
+) -> int:
     """Pretend to load `rows` rows into `table`; leave a marker that it ran."""
     if marker:
         Path(marker).write_text(f"loaded {rows} rows into {table}\n")
+    if fail:
+        raise RuntimeError("the warehouse load failed (as asked)")
     print(f"loaded {rows} rows into {table}")
     return rows

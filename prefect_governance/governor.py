@@ -58,6 +58,18 @@ class Assessment:
     def agent_id(self) -> str | None:
         return self.agent.id if self.agent else None
 
+    @classmethod
+    def refusal(cls, controls: Controls, reason: str) -> Assessment:
+        """The worker refuses before (or instead of) asking the policy."""
+        return cls(
+            worker_refusal(
+                reason,
+                policy_path=controls.policy_path,
+                mode=controls.mode,
+                fail_mode=controls.fail_mode,
+            )
+        )
+
 
 def describe_validation(error: ValidationError) -> str:
     return "; ".join(
@@ -129,14 +141,7 @@ class Governor:
         """Decide one run. Never raises for bad input: that is a refusal."""
 
         def refuse(reason: str) -> Assessment:
-            return Assessment(
-                worker_refusal(
-                    reason,
-                    policy_path=controls.policy_path,
-                    mode=controls.mode,
-                    fail_mode=controls.fail_mode,
-                )
-            )
+            return Assessment.refusal(controls, reason)
 
         if not controls.agent:
             return refuse(

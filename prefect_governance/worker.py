@@ -22,7 +22,6 @@ from prefect.workers.process import (
 from pydantic import Field
 
 from prefect_governance.controls import Controls, pool_defaults, resolve_controls
-from prefect_governance.decision import worker_refusal
 from prefect_governance.governor import Assessment, Governor
 from prefect_governance.models import DEFAULT_POLICY_PATH, FailMode, Mode, WorkPoolRef
 from prefect_governance.report import decision_markdown, refusal_message
@@ -132,19 +131,19 @@ class GovernedProcessWorker(ProcessWorker):
         try:
             store = await self.governor.lineage(controls.lineage_store, self.client)
         except Exception as exc:
-            assessment = self._refusal(controls, f"the lineage store is unavailable: {exc!r}")
+            assessment = Assessment.refusal(controls, f"the lineage store is unavailable: {exc!r}")
         else:
             try:
                 assessment = await self._assess(flow_run, controls, store)
             except Exception as exc:
                 logger.exception("Governance could not decide this run; refusing it.")
-                assessment = self._refusal(controls, f"governance failed: {exc!r}")
+                assessment = Assessment.refusal(controls, f"governance failed: {exc!r}")
             try:
                 # The decision is durable before anything runs; if it cannot be, nothing runs.
                 await self.governor.record_decision(store, assessment, str(flow_run.id))
             except Exception as exc:
                 logger.exception("The decision could not be recorded; refusing the run.")
-                assessment = self._refusal(
+                assessment = Assessment.refusal(
                     controls, f"the decision could not be recorded in the lineage: {exc!r}"
                 )
                 store = None  # nothing more goes to a store that failed
@@ -176,17 +175,6 @@ class GovernedProcessWorker(ProcessWorker):
         return result
 
     # --- steps --------------------------------------------------------------
-
-    @staticmethod
-    def _refusal(controls: Controls, reason: str) -> Assessment:
-        return Assessment(
-            worker_refusal(
-                reason,
-                policy_path=controls.policy_path,
-                mode=controls.mode,
-                fail_mode=controls.fail_mode,
-            )
-        )
 
     def _controls(self, configuration: GovernedProcessJobConfiguration) -> Controls:
         requested = {name: getattr(configuration, name) for name in GOVERNED_FIELDS}

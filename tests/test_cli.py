@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from prefect import get_client
@@ -232,3 +234,19 @@ def test_the_demo_runs_end_to_end(tmp_path):
     for line in ("nightly-load", "purge-warehouse", "probation-report", "shadow-backfill"):
         assert line in table
     assert "CANCELLED/Refused    no" in table
+    home = re.search(r"local Prefect server \(SQLite\) in (\S+)", table).group(1)
+    assert not Path(home).exists(), "the demo's temporary home is removed"
+    assert _processes_with_home(home) == [], "the demo left processes behind"
+
+
+def _processes_with_home(home: str) -> list[int]:
+    """PIDs whose environment has PREFECT_HOME=home."""
+    needle = f"PREFECT_HOME={home}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found

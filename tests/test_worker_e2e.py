@@ -32,7 +32,7 @@ from tests.conftest import OpaServer
 pytestmark = pytest.mark.e2e
 
 ENGINE_POOLS = {"embedded": "gov-embedded", "opa": "gov-opa"}
-ALL_POOLS = [*ENGINE_POOLS.values(), "gov-down", "gov-down-open"]
+ALL_POOLS = [*ENGINE_POOLS.values(), "gov-down", "gov-down-open", "gov-no-lineage"]
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Scenario:
 SCENARIOS = [
     Scenario("allowed", {"agent": "e2e-etl", "capabilities": ["read:warehouse"]}),
     Scenario("refused", {"agent": "e2e-etl", "capabilities": ["delete:warehouse"]}),
+    Scenario("fails", {"agent": "e2e-etl"}, {"rows": 10, "fail": True}),
     Scenario("warned", {"agent": "e2e-probation", "capabilities": ["read:warehouse"]}),
     Scenario("audited", {"agent": "e2e-shadow", "capabilities": ["write:warehouse"]}),
     Scenario("no-agent", {"capabilities": ["read:warehouse"]}),
@@ -93,6 +94,10 @@ async def _setup(
     await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave(
         "e2e-lineage", overwrite=True
     )
+    # A lineage database that cannot be opened: a directory that does not exist.
+    await GovernanceLineageStore(url=f"sqlite:///{tmp / 'missing-dir' / 'lineage.db'}").asave(
+        "e2e-no-lineage", overwrite=True
+    )
     await GovernanceAgent(
         id="e2e-etl",
         owner="data@example.com",
@@ -139,6 +144,7 @@ async def _setup(
             "gov-down-open": pool_template(
                 engine="e2e-down", lineage_store="e2e-lineage", fail_mode="open"
             ),
+            "gov-no-lineage": pool_template(engine="e2e-embedded", lineage_store="e2e-no-lineage"),
         }
         for name, template in pools.items():
             await client.create_work_pool(
@@ -147,7 +153,7 @@ async def _setup(
 
     runs: dict[tuple[str, str], tuple[UUID, Path]] = {}
     plan = [(pool, s) for pool in ENGINE_POOLS.values() for s in SCENARIOS]
-    plan += [("gov-down", SCENARIOS[0]), ("gov-down-open", SCENARIOS[0])]
+    plan += [(pool, SCENARIOS[0]) for pool in ("gov-down", "gov-down-open", "gov-no-lineage")]
     async with get_client() as client:
         for pool, scenario in plan:
             deployment_id = await deploy_example(
@@ -232,6 +238,14 @@ def test_allowed_run_completes_and_is_labelled(governed, engine):
 
 
 @ENGINES
+def test_a_failing_run_is_recorded_as_failed(governed, engine):
+    run = _get(governed, engine, "fails")
+    assert run.executed and run.state.is_failed(), run.state
+    assert run.event("decision").verdict == "allowed"
+    assert run.event("outcome").state == "FAILED"
+
+
+@ENGINES
 def test_refused_run_never_executes_and_reads_refused(governed, engine):
     run = _get(governed, engine, "refused")
     assert not run.executed, "the refused run's body ran"
@@ -311,6 +325,14 @@ def test_fail_open_pool_runs_ungoverned_and_the_lineage_says_so(governed):
     assert decision.verdict == "ungoverned"
     assert "unreachable" in decision.payload["error"]
     assert run.labels["governance.decision"] == "ungoverned"
+
+
+def test_no_lineage_no_run(governed):
+    """A decision that cannot be recorded is a refusal: nothing runs unrecorded."""
+    run = _get(governed, "gov-no-lineage", "allowed")
+    assert not run.executed and run.state.name == "Refused"
+    assert "lineage store is unavailable" in run.state.message
+    assert run.labels["governance.decision"] == "refused"
 
 
 def test_engines_decide_the_same_scenarios_alike(governed):
