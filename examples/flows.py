@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import flow
@@ -18,3 +19,28 @@ def load_warehouse(
         raise RuntimeError("the warehouse load failed (as asked)")
     print(f"loaded {rows} rows into {table}")
     return rows
+
+
+@flow(log_prints=True)
+def learn(
+    rows: int = 10, marker: str | None = None, fail: bool = False, report_rows: int | None = None
+) -> dict:
+    """An agent that remembers: reads its memory, proposes an update, leaves a marker.
+
+    The marker holds the memory the run saw, so a test can check that a commit
+    from one run is visible to the next.
+    """
+    from prefect_governance import runtime
+
+    agent = runtime.current_agent()  # verified: signature, expiry, this flow run
+    seen = {"version": agent.memory.version, "content": agent.memory.content}
+    if marker:
+        Path(marker).write_text(json.dumps(seen))
+    if fail:
+        raise RuntimeError("the load failed (as asked)")
+    total = agent.memory.content.get("total_rows", 0) + rows
+    runtime.propose_memory(
+        {"total_rows": total if report_rows is None else report_rows, "last_rows": rows}
+    )
+    print(f"agent {agent.id} (trust {agent.agent.trust.score}) saw memory v{agent.memory.version}")
+    return seen

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from prefect_governance.canonical import sha256_of
 from prefect_governance.engines import EmbeddedEngine, OpaEngine, PolicyEngine
 from prefect_governance.lineage import LineageStore
 from prefect_governance.models import (
@@ -20,14 +19,10 @@ from prefect_governance.models import (
     TrustState,
 )
 from prefect_governance.settings import packaged_policy_dir
+from prefect_governance.signing import SigningKey
+from prefect_governance.trust import TrustWeights
 
 _LOGO = "https://raw.githubusercontent.com/open-policy-agent/opa/main/logo/logo.png"
-
-
-def schema_hash(schema: dict[str, Any]) -> str:
-    """sha256 of a JSON document's canonical form."""
-    canonical = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class GovernanceAgent(Block):
@@ -55,10 +50,14 @@ class GovernanceAgent(Block):
     constraints: Constraints = Field(default_factory=Constraints)
     mode: Mode | None = Field(None, description="`audit` records denies without enforcing them.")
     trust_baseline: float = Field(1.0, ge=0.0, le=1.0, description="Trust before any history.")
+    trust_weights: TrustWeights = Field(
+        default_factory=TrustWeights, description="How much each kind of event moves trust."
+    )
+    trust_window: int = Field(3, ge=2, le=100, description="Runs the trust slope is taken over.")
 
     @property
     def memory_schema_hash(self) -> str:
-        return schema_hash(self.memory_schema)
+        return sha256_of(self.memory_schema)
 
     def to_agent_object(self, policy_path: str, trust: TrustState) -> AgentObject:
         """The agent as the policy sees it."""
@@ -124,3 +123,29 @@ class GovernanceLineageStore(Block):
 
     def open(self) -> LineageStore:
         return LineageStore(self.url.get_secret_value())
+
+
+class GovernanceSigningKey(Block):
+    """The private key a governed worker signs allowed runs' envelopes with."""
+
+    _block_type_name = "Governance Signing Key"
+    _block_type_slug = "governance-signing-key"
+    _logo_url = _LOGO
+    _description = "Ed25519 private key (raw, URL-safe base64) for signing governance envelopes."
+
+    key_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Published as this id.")
+    private_key: SecretStr = Field(description="32-byte Ed25519 seed, URL-safe base64.")
+
+    def signing_key(self) -> SigningKey:
+        return SigningKey.from_seed(self.key_id, self.private_key.get_secret_value())
+
+
+class GovernanceVerifyKey(Block):
+    """A public key runs verify their envelope with; the block's name is the key id."""
+
+    _block_type_name = "Governance Verify Key"
+    _block_type_slug = "governance-verify-key"
+    _logo_url = _LOGO
+    _description = "Ed25519 public key (raw, URL-safe base64) that verifies governance envelopes."
+
+    public_key: str = Field(min_length=40, max_length=48)

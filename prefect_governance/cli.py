@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from prefect_governance.lineage import LineageStore
 
 app = typer.Typer(
     name="prefect-governance",
@@ -66,32 +69,47 @@ def decide(
     raise typer.Exit(0 if assessment.decision.runs else 1)
 
 
-@app.command()
-def lineage(
-    limit: Annotated[int, typer.Option(help="How many events, newest first.")] = 20,
-    agent: Annotated[str | None, typer.Option(help="Only this agent's events.")] = None,
-    url: Annotated[
-        str | None,
-        typer.Option(
-            help="Lineage database URL (default: PREFECT_GOVERNANCE_LINEAGE_URL, "
-            "else SQLite in PREFECT_HOME)."
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
-) -> None:
-    """List recent lineage events."""
+lineage_app = typer.Typer(
+    help="The lineage: list, show, verify and export events.", no_args_is_help=True
+)
+agent_app = typer.Typer(help="Agents: identity, memory and trust.", no_args_is_help=True)
+app.add_typer(lineage_app, name="lineage")
+app.add_typer(agent_app, name="agent")
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Lineage database URL (default: PREFECT_GOVERNANCE_LINEAGE_URL, "
+        "else SQLite in PREFECT_HOME)."
+    ),
+]
+
+
+def _store(url: str | None) -> LineageStore:
     from prefect_governance.lineage import LineageStore
-    from prefect_governance.report import lineage_table
     from prefect_governance.settings import GovernanceSettings, default_lineage_url
 
-    settings = GovernanceSettings()
     if url is None:
+        settings = GovernanceSettings()
         url = (
             settings.lineage_url.get_secret_value()
             if settings.lineage_url
             else default_lineage_url()
         )
-    store = LineageStore(url)
+    return LineageStore(url)
+
+
+@lineage_app.command("list")
+def lineage_list(
+    limit: Annotated[int, typer.Option(help="How many events, newest first.")] = 20,
+    agent: Annotated[str | None, typer.Option(help="Only this agent's events.")] = None,
+    url: UrlOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List recent lineage events."""
+    from prefect_governance.report import lineage_table
+
+    store = _store(url)
     events = store.recent(limit, agent_id=agent)
     if as_json:
         for event in events:
@@ -101,16 +119,85 @@ def lineage(
     store.dispose()
 
 
+@lineage_app.command("show")
+def lineage_show(
+    agent: Annotated[str, typer.Option(help="The agent whose chain to show.")],
+    url: UrlOption = None,
+) -> None:
+    """An agent's hash chain, oldest first."""
+    from prefect_governance.report import chain_table
+
+    store = _store(url)
+    typer.echo(chain_table(store.chain(agent)))
+    store.dispose()
+
+
+@lineage_app.command("verify")
+def lineage_verify(url: UrlOption = None) -> None:
+    """Recompute every chain; name the first altered, deleted or reordered record (exit 1)."""
+    from prefect_governance.report import verify_report
+
+    store = _store(url)
+    problems = store.verify()
+    typer.echo(verify_report({c: len(store.chain(c)) for c in store.chains()}, problems))
+    store.dispose()
+    raise typer.Exit(1 if problems else 0)
+
+
+@lineage_app.command("export")
+def lineage_export(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="Only `openlineage` for now.")
+    ] = "openlineage",
+    agent: Annotated[str | None, typer.Option(help="Only this agent's runs.")] = None,
+    url: UrlOption = None,
+) -> None:
+    """Write governed runs as OpenLineage run events, one JSON object per line."""
+    import sys
+
+    from prefect_governance.openlineage import to_openlineage, write_jsonl
+
+    if fmt != "openlineage":
+        raise typer.BadParameter("only `openlineage` is supported", param_hint="--format")
+    store = _store(url)
+    chains = [agent] if agent else store.chains()
+    events = to_openlineage(row for chain in chains for row in store.chain(chain))
+    store.dispose()
+    write_jsonl(events, output if output else sys.stdout)
+
+
+@agent_app.command("show")
+def agent_show(
+    name: Annotated[str, typer.Argument(help="The governance-agent block's name.")],
+    url: UrlOption = None,
+) -> None:
+    """Identity, memory version and content, trust score, slope and history."""
+    from prefect_governance.blocks import GovernanceAgent
+    from prefect_governance.governor import agent_state, trust_history
+    from prefect_governance.memory import MemoryStore
+    from prefect_governance.report import agent_report
+
+    agent = GovernanceAgent.load(name)
+    store = _store(url)
+    trust, memory = agent_state(store, MemoryStore(store.engine), agent)
+    typer.echo(agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000)))
+    store.dispose()
+
+
 @app.command()
 def schema(
     policies: Annotated[Path, typer.Option(help="The policies directory to write into.")] = Path(
         "policies"
     ),
 ) -> None:
-    """Regenerate the JSON Schema of the policy input and result from the models."""
+    """Regenerate the JSON Schemas: the policy contract and the OpenLineage facet."""
     from prefect_governance import schema as contract
 
     typer.echo(str(contract.write(policies)))
+    typer.echo(str(contract.write_facet(policies.resolve().parent)))
 
 
 @app.command()

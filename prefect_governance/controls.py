@@ -13,13 +13,14 @@ from typing import Any
 from prefect_governance.models import DEFAULT_POLICY_PATH, FailMode, Mode
 
 # Settings only the work pool (its base job template) may set.
-POOL_ONLY = ("policy_path", "engine", "lineage_store")
+POOL_ONLY = ("policy_path", "engine", "lineage_store", "signing_key")
 # Settings a deployment may change only in the stricter direction.
 STRICTER = {"mode": "enforce", "fail_mode": "closed"}
 DEFAULTS: dict[str, Any] = {
     "policy_path": DEFAULT_POLICY_PATH,
     "engine": None,
     "lineage_store": None,
+    "signing_key": None,
     "mode": "enforce",
     "fail_mode": "closed",
 }
@@ -34,6 +35,7 @@ class Controls:
     fail_mode: FailMode = "closed"
     engine: str | None = None
     lineage_store: str | None = None
+    signing_key: str | None = None
     notes: list[str] = field(default_factory=list)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -25,9 +26,12 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from prefect_governance.apply import apply_documents, load_documents
+from prefect_governance.blocks import GovernanceAgent
+from prefect_governance.governor import agent_state, trust_history
 from prefect_governance.lineage import LineageStore
 from prefect_governance.local import PrefectServer, start_worker, stop
-from prefect_governance.report import format_table, lineage_table
+from prefect_governance.memory import MemoryStore
+from prefect_governance.report import agent_report, format_table, lineage_table, verify_report
 from prefect_governance.worker import GovernedProcessWorker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,10 +72,12 @@ def pool_template(**defaults: Any) -> dict[str, Any]:
     return template
 
 
-async def deploy_example(name: str, pool: str, job_variables: dict[str, Any]) -> UUID:
-    """Deploy examples/flows.py:load_warehouse to a pool, from the local source."""
+async def deploy_example(
+    name: str, pool: str, job_variables: dict[str, Any], flow_name: str = "load_warehouse"
+) -> UUID:
+    """Deploy a flow of examples/flows.py to a pool, from the local source."""
     source = await prefect_flow.from_source(
-        source=str(ROOT / "examples"), entrypoint="flows.py:load_warehouse"
+        source=str(ROOT / "examples"), entrypoint=f"flows.py:{flow_name}"
     )
     with contextlib.redirect_stdout(io.StringIO()):  # deploy() prints a table per call
         return await source.deploy(
@@ -108,14 +114,14 @@ async def wait_outcomes(store: LineageStore, flow_run_ids: list[UUID], timeout: 
         await asyncio.sleep(0.5)
 
 
-async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
+async def _setup(home: Path, opa_url: str | None) -> LineageStore:
+    """Blocks, the governed pool, the lineage store the demo reads."""
     os.environ["PREFECT_GOVERNANCE_LINEAGE_URL"] = f"sqlite:///{home / 'lineage.db'}"
     if opa_url:
         os.environ["PREFECT_GOVERNANCE_OPA_URL"] = opa_url
     print("applying blocks/ ...")
     for change in await apply_documents(load_documents(ROOT / "blocks")):
         print(f"  {change.action:9}  {change.kind:13}  {change.name}")
-
     engine = "opa-sidecar" if opa_url else "embedded"
     async with get_client() as client:
         await client.create_work_pool(
@@ -126,9 +132,11 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
             )
         )
     print(f"created work pool {POOL!r} (type {GovernedProcessWorker.type}, engine {engine})")
+    return LineageStore(os.environ["PREFECT_GOVERNANCE_LINEAGE_URL"])
 
-    markers = home / "markers"
-    markers.mkdir()
+
+async def _four_runs(markers: Path, store: LineageStore) -> bool:
+    """Part 1: four deployments, one run each, side by side."""
     async with get_client() as client:
         for scenario in SCENARIOS:
             deployment_id = await deploy_example(
@@ -141,58 +149,133 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
                 deployment_id, parameters={**scenario.parameters, "marker": str(scenario.marker)}
             )
             scenario.flow_run_id = run.id
-    print(f"deployed {len(SCENARIOS)} deployments and started one run of each; starting the worker")
+    print(f"\npart 1: {len(SCENARIOS)} deployments, one run each")
+    runs = await wait_final([s.flow_run_id for s in SCENARIOS], timeout=150)
+    executed = [i for i, r in runs.items() if r.state and r.state.name != "Refused"]
+    await wait_outcomes(store, executed, timeout=30)
 
-    store = LineageStore(os.environ["PREFECT_GOVERNANCE_LINEAGE_URL"])
-    worker = start_worker(POOL, home, api_url, home / "worker.log", limit=4)
-    try:
-        runs = await wait_final([s.flow_run_id for s in SCENARIOS], timeout=150)
-        executed = [i for i, r in runs.items() if r.state and r.state.name != "Refused"]
-        await wait_outcomes(store, executed, timeout=30)
-    finally:
-        stop(worker)
-
-    rows = [
-        (
-            "deployment",
-            "agent",
-            "expected",
-            "decision",
-            "final state",
-            "executed",
-            "reasons / warnings",
-        )
-    ]
+    rows = [("deployment", "agent", "expected", "decision", "final state", "executed", "reasons")]
     ok = True
     for scenario in SCENARIOS:
         run = runs[scenario.flow_run_id]
-        labels = run.labels or {}
-        state = f"{run.state.type.value}/{run.state.name}" if run.state else "-"
+        verdict = (run.labels or {}).get("governance.decision", "-")
         executed = scenario.marker.exists()
-        decision = next(
-            (e for e in store.recent(100, flow_run_id=str(run.id)) if e.kind == "decision"), None
-        )
-        notes = "; ".join(
-            [*(decision.reasons if decision else []), *(decision.warnings if decision else [])]
-        )
-        verdict = labels.get("governance.decision", "-")
+        decision = _event(store, run.id, "decision")
+        notes = "; ".join([*decision.reasons, *decision.warnings]) if decision else ""
         rows.append(
             (
                 scenario.name,
                 scenario.agent,
                 scenario.expect,
                 verdict,
-                state,
+                _state(run),
                 "yes" if executed else "no",
                 notes,
             )
         )
         ok &= verdict == scenario.expect.split(",")[0] and executed == (verdict != "refused")
-    print()
     print(format_table(rows))
-    print()
-    print("lineage:")
-    print(lineage_table(store.recent(50)))
+    return ok
+
+
+# Part 2: one agent with memory, run after run.
+LEARNING = [
+    ({"rows": 100}, "completes; memory v1 committed"),
+    ({"rows": 5, "report_rows": -1}, "completes; its proposal breaks the schema"),
+    ({"rows": 1, "fail": True}, "fails"),
+    ({"rows": 1}, "refused: trust fell three runs running"),
+]
+
+
+async def run_in_order(
+    deployment_id: UUID, plan: list[dict[str, Any]], markers: Path, store: LineageStore
+) -> list[tuple[Any, Any, dict[str, Any]]]:
+    """Start each run when the one before has ended and been recorded.
+
+    Returns, per run: the flow run, what its marker holds (None if its body
+    never ran), and its lineage events by kind.
+    """
+    results = []
+    async with get_client() as client:
+        for i, parameters in enumerate(plan):
+            marker = markers / f"{deployment_id}-{i}.json"
+            run = await client.create_flow_run_from_deployment(
+                deployment_id, parameters={**parameters, "marker": str(marker)}
+            )
+            final = (await wait_final([run.id], timeout=120))[run.id]
+            if final.state and final.state.name != "Refused":
+                await wait_outcomes(store, [run.id], timeout=60)
+            seen = json.loads(marker.read_text()) if marker.exists() else None
+            events = {e.kind: e for e in store.recent(50, flow_run_id=str(run.id))}
+            results.append((final, seen, events))
+    return results
+
+
+async def _learning(markers: Path, store: LineageStore) -> bool:
+    deployment_id = await deploy_example(
+        "learner", POOL, {"agent": "learner-agent"}, flow_name="learn"
+    )
+    print("\npart 2: learner-agent runs four times in a row")
+    results = await run_in_order(deployment_id, [p for p, _ in LEARNING], markers, store)
+    rows = [("run", "parameters", "expected", "decision", "final state", "memory", "trust")]
+    for i, ((params, expect), (run, _, events)) in enumerate(
+        zip(LEARNING, results, strict=True), start=1
+    ):
+        memory = "-"
+        if "memory_commit" in events:
+            memory = f"committed v{events['memory_commit'].payload['version']}"
+        elif "memory_rejected" in events:
+            memory = "rejected: " + "; ".join(events["memory_rejected"].reasons)
+        trust = events.get("trust")
+        rows.append(
+            (
+                str(i),
+                ", ".join(f"{k}={v}" for k, v in params.items()),
+                expect,
+                events["decision"].verdict if "decision" in events else "-",
+                _state(run),
+                memory,
+                f"{trust.payload['score']:.2f}" if trust else "-",
+            )
+        )
+    print(format_table(rows))
+    refused = results[-1][0]
+    print(f"run 4: {refused.state.message}" if refused.state else "")
+    verdicts = [events["decision"].verdict for _, _, events in results]
+    return verdicts == ["allowed", "allowed", "allowed", "refused"]
+
+
+def _event(store: LineageStore, flow_run_id: UUID, kind: str) -> Any:
+    return next(
+        (e for e in store.recent(100, flow_run_id=str(flow_run_id)) if e.kind == kind), None
+    )
+
+
+def _state(run: Any) -> str:
+    return f"{run.state.type.value}/{run.state.name}" if run.state else "-"
+
+
+async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
+    store = await _setup(home, opa_url)
+    markers = home / "markers"
+    markers.mkdir()
+    worker = start_worker(POOL, home, api_url, home / "worker.log", limit=4)
+    try:
+        ok = await _four_runs(markers, store)
+        ok &= await _learning(markers, store)
+    finally:
+        stop(worker)
+
+    print("\n$ prefect-governance agent show learner-agent")
+    agent = await GovernanceAgent.aload("learner-agent")
+    trust, memory = agent_state(store, MemoryStore(store.engine), agent)
+    print(agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000)))
+    print("\n$ prefect-governance lineage list")
+    print(lineage_table(store.recent(60)))
+    print("\n$ prefect-governance lineage verify")
+    problems = store.verify()
+    print(verify_report({c: len(store.chain(c)) for c in store.chains()}, problems))
+    ok &= not problems
     store.dispose()
     if not ok:
         print(f"\nthe demo did not go as expected; worker log: {home / 'worker.log'}")

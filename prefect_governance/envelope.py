@@ -55,7 +55,7 @@ def build_envelope(
     deployment: DeploymentResponse | None,
     work_pool: WorkPoolRef,
     capabilities: list[str],
-    memory_schema_hash: str | None,
+    memory: MemoryAccess,
     parent_flow_run_id: str | None,
     issued_at: datetime,
     ttl: timedelta,
@@ -98,5 +98,5 @@ def build_envelope(
         parameters=parameters,
         redacted=redacted,
         capabilities=sorted(set(capabilities)),
-        memory=MemoryAccess(schema_hash=memory_schema_hash),
+        memory=memory,
     )

@@ -6,6 +6,8 @@ Used by the worker (before any infrastructure starts) and by the
 
 from __future__ import annotations
 
+import json
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -13,19 +15,26 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
+from sqlmodel import Session, select
 
 from prefect_governance.blocks import (
     GovernanceAgent,
     GovernanceLineageStore,
     GovernancePolicyEngine,
+    GovernanceSigningKey,
+    GovernanceVerifyKey,
 )
 from prefect_governance.controls import Controls
 from prefect_governance.decision import decide, settle, worker_refusal
 from prefect_governance.engines import EmbeddedEngine, EngineError, OpaEngine, PolicyEngine
 from prefect_governance.envelope import build_envelope
-from prefect_governance.lineage import LineageStore, decision_event, outcome_event
+from prefect_governance.lineage import LineageEvent, LineageStore, decision_event, outcome_event
+from prefect_governance.memory import CommitResult, MemoryStore
 from prefect_governance.models import (
     Decision,
+    Grant,
+    MemoryAccess,
+    MemorySnapshot,
     MutationEnvelope,
     PolicyContext,
     PolicyInput,
@@ -38,6 +47,8 @@ from prefect_governance.settings import (
     default_lineage_url,
     packaged_policy_dir,
 )
+from prefect_governance.signing import SigningKey, sign
+from prefect_governance.trust import next_score, run_events, trust_state
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -53,6 +64,18 @@ class Assessment:
     agent: GovernanceAgent | None = None
     envelope: MutationEnvelope | None = None
     policy_input: dict[str, Any] | None = None
+    memory: MemorySnapshot | None = None
+
+    def grant(self) -> Grant:
+        """What an allowed run receives (to be signed)."""
+        assert self.envelope is not None and self.policy_input is not None
+        return Grant(
+            decision_id=self.decision.id,
+            verdict=self.decision.verdict,
+            envelope=self.envelope,
+            agent=self.policy_input["agent"],
+            memory=self.memory or MemorySnapshot(),
+        )
 
     @property
     def agent_id(self) -> str | None:
@@ -84,6 +107,8 @@ class Governor:
         self.settings = settings or GovernanceSettings()
         self._engines: dict[str | None, PolicyEngine] = {}
         self._stores: dict[str | None, LineageStore] = {}
+        self._memories: dict[str, MemoryStore] = {}
+        self._keys: dict[str | None, SigningKey] = {}
         self._lock = anyio.Lock()
 
     # --- the parts, built once and reused -----------------------------------
@@ -118,6 +143,28 @@ class Governor:
                 self._stores[block_name] = await anyio.to_thread.run_sync(LineageStore, url)
             return self._stores[block_name]
 
+    def memory(self, store: LineageStore) -> MemoryStore:
+        if store.url not in self._memories:
+            self._memories[store.url] = MemoryStore(store.engine)
+        return self._memories[store.url]
+
+    async def signing_key(self, block_name: str | None, client: PrefectClient) -> SigningKey:
+        """The worker's signing key; its public half is published as a verify-key block."""
+        async with self._lock:
+            if block_name not in self._keys:
+                if block_name:
+                    block = await GovernanceSigningKey.aload(block_name, client=client)
+                    key = block.signing_key()
+                elif self.settings.signing_key:
+                    key = SigningKey.from_seed(
+                        self.settings.signing_key_id, self.settings.signing_key.get_secret_value()
+                    )
+                else:  # an ephemeral key, for this worker process only
+                    key = SigningKey.generate(f"worker-{uuid.uuid4().hex[:12]}")
+                await _publish(key, client)
+                self._keys[block_name] = key
+            return self._keys[block_name]
+
     async def aclose(self) -> None:
         for engine in self._engines.values():
             await engine.aclose()
@@ -136,7 +183,7 @@ class Governor:
         work_pool: WorkPoolRef,
         controls: Controls,
         worker_name: str,
-        store: LineageStore | None,
+        store: LineageStore,
     ) -> Assessment:
         """Decide one run. Never raises for bad input: that is a refusal."""
 
@@ -161,10 +208,9 @@ class Governor:
 
         policy_path = agent.policy_ref or controls.policy_path
         mode = "audit" if agent.mode == "audit" else controls.mode
-        runs, refusals = (
-            await anyio.to_thread.run_sync(store.decision_counts, agent.id) if store else (0, 0)
+        trust, memory = await anyio.to_thread.run_sync(
+            agent_state, store, self.memory(store), agent
         )
-        trust = TrustState(score=agent.trust_baseline, runs=runs, refusals=refusals)
 
         now = datetime.now(timezone.utc)
         parent_flow_run_id = None
@@ -177,7 +223,11 @@ class Governor:
             deployment=deployment,
             work_pool=work_pool,
             capabilities=controls.capabilities,
-            memory_schema_hash=agent.memory_schema_hash,
+            memory=MemoryAccess(
+                schema_hash=agent.memory_schema_hash,
+                previous_schema_hash=memory.schema_hash,
+                version=memory.version,
+            ),
             parent_flow_run_id=parent_flow_run_id,
             issued_at=now,
             ttl=timedelta(seconds=self.settings.envelope_ttl),
@@ -204,21 +254,35 @@ class Governor:
             )
         if controls.notes:
             decision.warn.extend(controls.notes)
-        return Assessment(decision, agent=agent, envelope=envelope, policy_input=policy_input)
+        return Assessment(
+            decision, agent=agent, envelope=envelope, policy_input=policy_input, memory=memory
+        )
 
     async def record_decision(
         self, store: LineageStore, assessment: Assessment, flow_run_id: str
     ) -> None:
+        """Write the decision (and, for a refusal, the trust it costs) before anything runs."""
         envelope = assessment.envelope.model_dump(mode="json") if assessment.envelope else None
-        event = decision_event(
-            assessment.decision,
-            agent_id=assessment.agent_id,
-            flow_run_id=flow_run_id,
-            envelope=envelope,
-        )
-        await anyio.to_thread.run_sync(store.append, event)
+        events = [
+            decision_event(
+                assessment.decision,
+                agent_id=assessment.agent_id,
+                flow_run_id=flow_run_id,
+                envelope=envelope,
+            )
+        ]
+        if not assessment.decision.runs and assessment.agent is not None:
+            trust = await anyio.to_thread.run_sync(
+                _trust_event, store, assessment, flow_run_id, ["refused"]
+            )
+            events.append(trust)
+        await anyio.to_thread.run_sync(store.append, *events)
 
-    async def record_outcome(
+    def sign(self, key: SigningKey, assessment: Assessment) -> str:
+        """The signed grant, as the JSON the run's environment carries."""
+        return json.dumps(sign(assessment.grant().model_dump(mode="json"), key))
+
+    async def record_run_end(
         self,
         store: LineageStore,
         assessment: Assessment,
@@ -227,16 +291,177 @@ class Governor:
         *,
         message: str | None = None,
         status_code: int | None = None,
+        proposals: list[dict[str, Any]] | None = None,
     ) -> None:
-        event = outcome_event(
-            agent_id=assessment.agent_id,
-            flow_run_id=flow_run_id,
-            decision_id=assessment.decision.id,
-            state=state,
-            message=message,
-            status_code=status_code,
+        """Outcome, memory commit or rejection, and the trust update of one run."""
+        decision_id = assessment.decision.id
+        events: list[LineageEvent] = [
+            outcome_event(
+                agent_id=assessment.agent_id,
+                flow_run_id=flow_run_id,
+                decision_id=decision_id,
+                state=state,
+                message=message,
+                status_code=status_code,
+            )
+        ]
+        agent = assessment.agent
+        rejected = False
+        if agent is not None and proposals:
+            memory_event, rejected = await anyio.to_thread.run_sync(
+                self._settle_memory, store, assessment, flow_run_id, state, proposals
+            )
+            events.append(memory_event)
+        if agent is not None and assessment.decision.verdict != "ungoverned":
+            trust_events = run_events(
+                verdict=assessment.decision.verdict,
+                state=state,
+                warned=bool(assessment.decision.warn),
+                memory_rejected=rejected,
+            )
+            events.append(
+                await anyio.to_thread.run_sync(
+                    _trust_event, store, assessment, flow_run_id, trust_events
+                )
+            )
+        await anyio.to_thread.run_sync(store.append, *events)
+
+    def _settle_memory(
+        self,
+        store: LineageStore,
+        assessment: Assessment,
+        flow_run_id: str,
+        state: str,
+        proposals: list[dict[str, Any]],
+    ) -> tuple[LineageEvent, bool]:
+        """Commit the run's memory proposals, or reject them; return the event and rejected."""
+        agent = assessment.agent
+        assert agent is not None
+        base = assessment.memory.version if assessment.memory else 0
+        common = {
+            "agent_id": agent.id,
+            "flow_run_id": flow_run_id,
+            "decision_id": assessment.decision.id,
+        }
+        patches, problems = _proposal_patches(proposals, assessment.decision.id)
+        if state != "COMPLETED":
+            return LineageEvent(
+                kind="memory_discarded",
+                **common,
+                payload={
+                    "base_version": base,
+                    "reason": f"the run ended {state}, not COMPLETED",
+                },
+            ), False
+        result: CommitResult | None = None
+        if not problems:
+            result = self.memory(store).commit(
+                agent.id,
+                patches,
+                base_version=base,
+                schema=agent.memory_schema,
+                decision_id=assessment.decision.id,
+                flow_run_id=flow_run_id,
+            )
+            problems = list(result.errors)
+        if problems or result is None or not result.committed:
+            return LineageEvent(
+                kind="memory_rejected",
+                **common,
+                reasons=problems,
+                payload={
+                    "base_version": base,
+                    "errors": problems,
+                },
+            ), True
+        return LineageEvent(
+            kind="memory_commit",
+            **common,
+            payload={
+                "version": result.version,
+                "content_hash": result.content_hash,
+                "schema_hash": agent.memory_schema_hash,
+                "base_version": base,
+                "rebased": result.rebased,
+            },
+        ), False
+
+
+def _proposal_patches(
+    proposals: list[dict[str, Any]], decision_id: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The merge patches of a run's proposals, and why any of them is unusable."""
+    patches, problems = [], []
+    for i, proposal in enumerate(proposals):
+        patch = proposal.get("patch") if isinstance(proposal, dict) else None
+        if not isinstance(patch, dict):
+            problems.append(f"proposal {i + 1}: not a memory proposal (no patch object)")
+        elif proposal.get("decision_id") != decision_id:
+            problems.append(f"proposal {i + 1}: made under another decision")
+        else:
+            patches.append(patch)
+    return patches, problems
+
+
+def _trust_event(
+    store: LineageStore, assessment: Assessment, flow_run_id: str, events: list[str]
+) -> LineageEvent:
+    """The trust update of one run, from the agent's latest score (not the decision-time one,
+    which another run of the same agent may have moved since)."""
+    agent = assessment.agent
+    assert agent is not None
+    latest = trust_history(store, agent.id, 1)
+    before = latest[-1] if latest else agent.trust_baseline
+    after = next_score(before, events, agent.trust_weights)  # type: ignore[arg-type]
+    return LineageEvent(
+        kind="trust",
+        agent_id=agent.id,
+        flow_run_id=flow_run_id,
+        decision_id=assessment.decision.id,
+        payload={"score": after, "previous": before, "events": events},
+    )
+
+
+def agent_state(
+    store: LineageStore, memory: MemoryStore, agent: GovernanceAgent
+) -> tuple[TrustState, MemorySnapshot]:
+    """The agent's trust (score, window, slope, counts) and committed memory, from the lineage."""
+    runs, refusals = store.decision_counts(agent.id)
+    trust = trust_state(
+        trust_history(store, agent.id, agent.trust_window),
+        baseline=agent.trust_baseline,
+        runs=runs,
+        refusals=refusals,
+        k=agent.trust_window,
+    )
+    return trust, memory.latest(agent.id)
+
+
+def trust_history(store: LineageStore, agent_id: str, k: int) -> list[float]:
+    """The agent's last k trust scores, oldest first."""
+    with Session(store.engine) as session:
+        rows = session.exec(
+            select(LineageEvent)
+            .where(LineageEvent.agent_id == agent_id, LineageEvent.kind == "trust")
+            .order_by(LineageEvent.id.desc())
+            .limit(k)
+        ).all()
+    return [float(row.payload["score"]) for row in reversed(rows)]
+
+
+async def _publish(key: SigningKey, client: PrefectClient) -> None:
+    """Publish the public key as a verify-key block, refusing to replace another key."""
+    try:
+        existing = await GovernanceVerifyKey.aload(key.key_id, client=client)
+    except ValueError:
+        existing = None
+    if existing is not None and existing.public_key != key.public_b64:
+        raise RuntimeError(
+            f"verify key {key.key_id!r} already holds another public key; "
+            "rotate to a new key id instead of replacing it"
         )
-        await anyio.to_thread.run_sync(store.append, event)
+    if existing is None:
+        await GovernanceVerifyKey(public_key=key.public_b64).asave(key.key_id, client=client)
 
 
 def _failed_engine(exc: Exception, controls: Controls, policy_path: str, mode: Any) -> Decision:

@@ -106,7 +106,15 @@ class WorkPoolRef(_Contract):
 class MemoryAccess(_Contract):
     reads: list[str] = Field(default_factory=list)
     writes: list[str] = Field(default_factory=list)
-    schema_hash: str | None = None
+    schema_hash: str | None = Field(None, description="Hash of the agent's memory schema now.")
+    previous_schema_hash: str | None = Field(
+        None,
+        description="Hash of the schema the committed memory was written under "
+        "(differs from schema_hash when this run changes the memory schema).",
+    )
+    version: int = Field(
+        0, ge=0, description="Version of the committed memory the run starts from."
+    )
 
 
 class MutationEnvelope(_Contract):
@@ -160,6 +168,28 @@ class PolicyResult(BaseModel):
     deny: list[str] = Field(default_factory=list)
     warn: list[str] = Field(default_factory=list)
     annotations: dict[str, str] = Field(default_factory=dict)
+
+
+# --- what an allowed run receives (signed) ---------------------------------
+
+
+class MemorySnapshot(BaseModel):
+    """The agent's committed memory at decision time."""
+
+    version: int = 0
+    content: dict[str, Any] = Field(default_factory=dict)
+    content_hash: str | None = None
+    schema_hash: str | None = None
+
+
+class Grant(BaseModel):
+    """The signed payload handed to an allowed run: what was decided, for whom."""
+
+    decision_id: str
+    verdict: str
+    envelope: MutationEnvelope
+    agent: AgentObject
+    memory: MemorySnapshot
 
 
 # --- the worker's record of a decision ---------------------------------------

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from prefect_governance.lineage import LineageEvent
-from prefect_governance.models import Decision
+from prefect_governance.lineage import ChainProblem, LineageEvent
+from prefect_governance.models import Decision, MemorySnapshot, TrustState
+
+if TYPE_CHECKING:
+    from prefect_governance.blocks import GovernanceAgent
 
 _TITLES = {
     "allowed": "Allowed",
@@ -78,3 +83,84 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(scores: Sequence[float]) -> str:
+    """Scores in [0, 1] as a row of bars."""
+    return "".join(_BARS[min(len(_BARS) - 1, int(score * len(_BARS)))] for score in scores)
+
+
+def agent_report(
+    agent: GovernanceAgent,
+    memory: MemorySnapshot,
+    trust: TrustState,
+    history: Sequence[float],
+) -> str:
+    """What `prefect-governance agent show` prints."""
+    lines = [
+        f"agent      {agent.id} (version {agent.version}, owner {agent.owner})",
+        f"scope      pools {', '.join(agent.trust_scope) or '-'}; "
+        f"capabilities {', '.join(agent.capabilities) or '-'}",
+        f"mode       {agent.mode or 'as the pool says'}; "
+        f"policy {agent.policy_ref or 'the pool default'}",
+        f"memory     version {memory.version} {memory.content_hash or ''}".rstrip(),
+    ]
+    content = json.dumps(memory.content, indent=2, sort_keys=True)
+    lines += ["           " + line for line in content.splitlines()]
+    lines += [
+        f"trust      {trust.score:.2f} (slope {trust.slope:+.3f} over the last "
+        f"{len(trust.window)} runs; {trust.runs} runs decided, {trust.refusals} refused)",
+        f"history    {sparkline(history) or '(no runs yet)'}  "
+        + " ".join(f"{s:.2f}" for s in history[-10:]),
+    ]
+    return "\n".join(lines)
+
+
+def verify_report(chain_sizes: dict[str, int], problems: Sequence[ChainProblem]) -> str:
+    """What `prefect-governance lineage verify` prints."""
+    bad = {p.chain: p for p in problems}
+    lines = [
+        f"{chain:24} {size:6} records  "
+        + (f"BROKEN: {bad[chain].message}" if chain in bad else "intact")
+        for chain, size in sorted(chain_sizes.items())
+    ]
+    total = sum(chain_sizes.values())
+    verdict = (
+        f"{len(problems)} of {len(chain_sizes)} chains broken"
+        if problems
+        else f"all {len(chain_sizes)} chains intact ({total} records)"
+    )
+    return "\n".join([*lines, verdict])
+
+
+def chain_table(events: Sequence[LineageEvent]) -> str:
+    """One agent's chain: sequence, kind, what happened, and the links."""
+    rows = [("seq", "time", "kind", "flow run", "what", "hash", "prev")]
+    for e in events:
+        what = e.verdict or e.state or _payload_summary(e)
+        rows.append(
+            (
+                str(e.seq),
+                e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                e.kind,
+                (e.flow_run_id or "-")[:8],
+                what or "-",
+                (e.hash or "-")[7:19],
+                (e.prev_hash or "-")[7:19],
+            )
+        )
+    return format_table(rows)
+
+
+def _payload_summary(event: LineageEvent) -> str:
+    payload = event.payload or {}
+    if event.kind == "memory_commit":
+        return f"v{payload.get('version')}"
+    if event.kind == "trust":
+        return f"{payload.get('previous')} -> {payload.get('score')}"
+    if event.kind in ("memory_rejected", "memory_discarded"):
+        return "; ".join(event.reasons) or str(payload.get("reason", ""))
+    return ""

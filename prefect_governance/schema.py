@@ -13,6 +13,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from prefect_governance.models import PolicyInput, PolicyResult
+from prefect_governance.openlineage import governance_facet_schema
 
 SCHEMA_ID = "https://prefect-governance.dev/schema/policy-contract.schema.json"
 SCHEMA_FILE = Path("schema") / "policy-contract.schema.json"
@@ -40,14 +41,34 @@ def contract_schema() -> dict[str, Any]:
     }
 
 
+def _render(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
 def render() -> str:
-    """The schema file's exact text."""
-    return json.dumps(contract_schema(), indent=2, sort_keys=True) + "\n"
+    """The contract schema file's exact text."""
+    return _render(contract_schema())
 
 
 def write(policies_dir: Path) -> Path:
-    """Write the schema into a policies directory; return its path."""
-    path = policies_dir / SCHEMA_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render())
-    return path
+    """Write the contract schema into a policies directory; return its path."""
+    return _write(policies_dir / SCHEMA_FILE, render())
+
+
+FACET_FILE = Path("spec") / "facets" / "GovernanceRunFacet.json"
+
+
+def render_facet() -> str:
+    """The governance OpenLineage run facet's schema file's exact text."""
+    return _render(governance_facet_schema())
+
+
+def write_facet(root: Path) -> Path:
+    """Write the facet schema where its ``_schemaURL`` says it is (under the repository root)."""
+    return _write(root / FACET_FILE, render_facet())

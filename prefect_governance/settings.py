@@ -7,6 +7,13 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Worker credentials that must never reach a flow run's environment.
+WORKER_SECRETS = (
+    "PREFECT_GOVERNANCE_SIGNING_KEY",
+    "PREFECT_GOVERNANCE_LINEAGE_URL",
+    "PREFECT_GOVERNANCE_OPA_TOKEN",
+)
+
 
 class GovernanceSettings(BaseSettings):
     """Defaults used when the work pool names no engine or lineage-store block."""
@@ -25,6 +32,10 @@ class GovernanceSettings(BaseSettings):
     )
     opa_token: SecretStr | None = None
     decision_timeout: float = Field(5.0, gt=0, description="Seconds a decision may take in all.")
+    signing_key: SecretStr | None = Field(
+        None, description="Ed25519 seed (URL-safe base64) the worker signs envelopes with."
+    )
+    signing_key_id: str = Field("governance-worker", description="Id of that key's public half.")
     envelope_ttl: float = Field(600.0, gt=0, description="Seconds an envelope stays valid.")
     redact_patterns: list[str] = Field(
         default_factory=lambda: [

@@ -8,10 +8,17 @@ process worker; its outcome is written to the lineage.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 import anyio.abc
 from prefect.client.schemas.actions import ArtifactCreate
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.states import Cancelled
 from prefect.workers.process import (
     ProcessJobConfiguration,
@@ -25,13 +32,15 @@ from prefect_governance.controls import Controls, pool_defaults, resolve_control
 from prefect_governance.governor import Assessment, Governor
 from prefect_governance.models import DEFAULT_POLICY_PATH, FailMode, Mode, WorkPoolRef
 from prefect_governance.report import decision_markdown, refusal_message
+from prefect_governance.runtime import ENVELOPE_ENV, PROPOSAL_KEY
+from prefect_governance.settings import WORKER_SECRETS
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
     from prefect_governance.lineage import LineageStore
+    from prefect_governance.signing import SigningKey
 
-ENVELOPE_ENV = "PREFECT_GOVERNANCE_ENVELOPE"
 DECISION_ENV = "PREFECT_GOVERNANCE_DECISION_ID"
 GOVERNED_FIELDS = (
     "agent",
@@ -41,6 +50,7 @@ GOVERNED_FIELDS = (
     "fail_mode",
     "engine",
     "lineage_store",
+    "signing_key",
 )
 
 
@@ -52,6 +62,7 @@ class GovernedProcessJobConfiguration(ProcessJobConfiguration):
     fail_mode: FailMode = Field(default="closed")
     engine: str | None = Field(default=None)
     lineage_store: str | None = Field(default=None)
+    signing_key: str | None = Field(default=None)
 
 
 class GovernedProcessVariables(ProcessVariables):
@@ -89,6 +100,12 @@ class GovernedProcessVariables(ProcessVariables):
         default=None,
         title="Lineage store block",
         description="Name of a governance-lineage-store block (default: SQLite in PREFECT_HOME).",
+    )
+    signing_key: str | None = Field(
+        default=None,
+        title="Signing key block",
+        description="Name of a governance-signing-key block (default: the "
+        "PREFECT_GOVERNANCE_SIGNING_KEY seed, else a key generated per worker process).",
     )
 
 
@@ -128,12 +145,14 @@ class GovernedProcessWorker(ProcessWorker):
         logger = self.get_flow_run_logger(flow_run)
         controls = self._controls(configuration)
         store: LineageStore | None = None
+        key: SigningKey | None = None
         try:
             store = await self.governor.lineage(controls.lineage_store, self.client)
         except Exception as exc:
             assessment = Assessment.refusal(controls, f"the lineage store is unavailable: {exc!r}")
         else:
             try:
+                key = await self.governor.signing_key(controls.signing_key, self.client)
                 assessment = await self._assess(flow_run, controls, store)
             except Exception as exc:
                 logger.exception("Governance could not decide this run; refusing it.")
@@ -161,17 +180,19 @@ class GovernedProcessWorker(ProcessWorker):
             logger.warning("Governance warning: %s", warning)
         if decision.verdict == "audited":
             logger.warning("Audit mode: this run would be refused: %s", "; ".join(decision.deny))
+        for secret in WORKER_SECRETS:  # the worker's credentials never reach the run
+            configuration.env.pop(secret, None)
         configuration.env[DECISION_ENV] = decision.id
-        if assessment.envelope is not None:
-            configuration.env[ENVELOPE_ENV] = assessment.envelope.model_dump_json()
+        if assessment.envelope is not None and key is not None:
+            configuration.env[ENVELOPE_ENV] = self.governor.sign(key, assessment)
 
         try:
             result = await super().run(flow_run, configuration, task_status)
         except BaseException as exc:
             with anyio.CancelScope(shield=True), anyio.move_on_after(15):
-                await self._record_outcome(store, flow_run, assessment, None, exc)
+                await self._record_end(store, flow_run, assessment, None, exc)
             raise
-        await self._record_outcome(store, flow_run, assessment, result.status_code, None)
+        await self._record_end(store, flow_run, assessment, result.status_code, None)
         return result
 
     # --- steps --------------------------------------------------------------
@@ -241,7 +262,7 @@ class GovernedProcessWorker(ProcessWorker):
             )
         )
 
-    async def _record_outcome(
+    async def _record_end(
         self,
         store: LineageStore | None,
         flow_run: FlowRun,
@@ -249,7 +270,7 @@ class GovernedProcessWorker(ProcessWorker):
         status_code: int | None,
         error: BaseException | None,
     ) -> None:
-        """Write the run's outcome, as Prefect holds it, to the lineage."""
+        """Write how the run ended (as Prefect holds it), its memory and trust to the lineage."""
         if store is None:
             return
         current = await self.client.read_flow_run(flow_run.id)
@@ -265,6 +286,29 @@ class GovernedProcessWorker(ProcessWorker):
             message = f"the worker stopped watching the run while it was {seen}"
             if error is not None:
                 message += f" ({type(error).__name__})"
-        await self.governor.record_outcome(
-            store, assessment, str(flow_run.id), name, message=message, status_code=status_code
+        await self.governor.record_run_end(
+            store,
+            assessment,
+            str(flow_run.id),
+            name,
+            message=message,
+            status_code=status_code,
+            proposals=await self._proposals(flow_run) if assessment.agent else [],
         )
+
+    async def _proposals(self, flow_run: FlowRun) -> list[dict[str, Any]]:
+        """The memory proposals the run left as artifacts, oldest first."""
+        artifacts = await self.client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROPOSAL_KEY])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+        )
+        proposals = []
+        for artifact in sorted(artifacts, key=lambda a: str(a.created)):
+            data = artifact.data
+            if isinstance(data, str):
+                try:
+                    data = json.loads(data)
+                except json.JSONDecodeError:
+                    data = None
+            proposals.append(data if isinstance(data, dict) else {})
+        return proposals

@@ -84,7 +84,8 @@ def test_apply_is_idempotent_and_reports_changes(prefect_server, tmp_path, monke
         PREFECT_GOVERNANCE_LINEAGE_URL=f"sqlite:///{tmp_path / 'l.db'}",
     )
     assert second.returncode == 0, second.stderr
-    assert [line.split()[0] for line in second.stdout.splitlines()] == ["unchanged"] * 6
+    documents = len(load_documents(ROOT / "blocks"))
+    assert [line.split()[0] for line in second.stdout.splitlines()] == ["unchanged"] * documents
     assert "etl-agent" in first.stdout
 
     edited = tmp_path / "etl.yaml"
@@ -197,7 +198,10 @@ def test_lineage_lists_recent_events(tmp_path):
     decision = worker_refusal("no agent", policy_path="p", mode="enforce", fail_mode="closed")
     store.append(decision_event(decision, agent_id="a-1", flow_run_id="fr-1", envelope=None))
     result = subprocess.run(
-        [*CLI, "lineage", "--url", url, "--json"], capture_output=True, text=True, env=os.environ
+        [*CLI, "lineage", "list", "--url", url, "--json"],
+        capture_output=True,
+        text=True,
+        env=os.environ,
     )
     assert result.returncode == 0, result.stderr
     event = json.loads(result.stdout.splitlines()[0])
@@ -234,6 +238,9 @@ def test_the_demo_runs_end_to_end(tmp_path):
     for line in ("nightly-load", "purge-warehouse", "probation-report", "shadow-backfill"):
         assert line in table
     assert "CANCELLED/Refused    no" in table
+    assert "fell across its last three runs" in table  # part 2: the learner is stopped
+    assert "memory     version 1" in table  # agent show
+    assert "chains intact" in table  # lineage verify
     home = re.search(r"local Prefect server \(SQLite\) in (\S+)", table).group(1)
     assert not Path(home).exists(), "the demo's temporary home is removed"
     assert _processes_with_home(home) == [], "the demo left processes behind"

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from prefect_governance import schema
 from prefect_governance.models import AgentObject, PolicyInput
-from tests.conftest import POLICIES
+from tests.conftest import POLICIES, ROOT
 
 EXAMPLES = sorted(p for p in (POLICIES / "examples").iterdir() if p.is_dir())
 
@@ -18,6 +18,13 @@ def test_published_schema_is_generated_from_the_models():
     published = (POLICIES / schema.SCHEMA_FILE).read_text()
     assert published == schema.render(), (
         "policies/schema is stale: run `prefect-governance schema` and commit the result"
+    )
+
+
+def test_published_governance_facet_schema_is_generated():
+    published = (ROOT / schema.FACET_FILE).read_text()
+    assert published == schema.render_facet(), (
+        "spec/facets is stale: run `prefect-governance schema`"
     )
 
 

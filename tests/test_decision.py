@@ -85,6 +85,7 @@ def test_pool_defaults_read_the_template():
         "policy_path": "prefect/governance/decision",
         "engine": None,
         "lineage_store": None,
+        "signing_key": None,
         "mode": "enforce",
         "fail_mode": "closed",
     }
@@ -101,6 +102,7 @@ def test_a_deployment_cannot_relax_governance():
             "engine": "permissive",
             "policy_path": "allow/all",
             "lineage_store": "elsewhere",
+            "signing_key": "my-own-key",
         },
     )
     assert (
@@ -110,7 +112,8 @@ def test_a_deployment_cannot_relax_governance():
         controls.policy_path,
         controls.lineage_store,
     ) == ("enforce", "closed", None, "prefect/governance/decision", None)
-    assert len(controls.notes) == 5
+    assert controls.signing_key is None
+    assert len(controls.notes) == 6
 
 
 def test_a_deployment_may_tighten_governance():

@@ -27,6 +27,7 @@ from prefect_governance.blocks import (
 from prefect_governance.demo import deploy_example, pool_template, wait_final, wait_outcomes
 from prefect_governance.lineage import LineageStore
 from prefect_governance.local import start_worker, stop
+from prefect_governance.trust import TrustWeights
 from tests.conftest import OpaServer
 
 pytestmark = pytest.mark.e2e
@@ -98,8 +99,11 @@ async def _setup(
     await GovernanceLineageStore(url=f"sqlite:///{tmp / 'missing-dir' / 'lineage.db'}").asave(
         "e2e-no-lineage", overwrite=True
     )
+    # These tests are about the gate, and many runs share each agent: keep trust still.
+    still = TrustWeights(completed=0, failed=0, crashed=0, refused=0, warned=0, memory_rejected=0)
     await GovernanceAgent(
         id="e2e-etl",
+        trust_weights=still,
         owner="data@example.com",
         trust_scope=scope,
         capabilities=["read:warehouse", "write:warehouse"],
@@ -107,6 +111,7 @@ async def _setup(
     ).asave("e2e-etl", overwrite=True)
     await GovernanceAgent(
         id="e2e-probation",
+        trust_weights=still,
         owner="ml@example.com",
         trust_scope=scope,
         capabilities=["read:warehouse"],
@@ -114,6 +119,7 @@ async def _setup(
     ).asave("e2e-probation", overwrite=True)
     await GovernanceAgent(
         id="e2e-shadow",
+        trust_weights=still,
         owner="sec@example.com",
         trust_scope=scope,
         capabilities=["read:warehouse"],

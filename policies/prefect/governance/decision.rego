@@ -87,6 +87,30 @@ deny contains msg if {
 	msg := sprintf("parameter %q is longer than %v", [name, constraint.max_length])
 }
 
+# Trust that fell at every one of the agent's last three runs stops it.
+deny contains msg if {
+	window := input.agent.trust.window
+	n := count(window)
+	n >= 3
+	window[n - 3] > window[n - 2]
+	window[n - 2] > window[n - 1]
+	msg := sprintf(
+		"trust of agent %q fell across its last three runs: %v",
+		[input.agent.id, array.slice(window, n - 3, n)],
+	)
+}
+
+# A run that changes the memory schema is a change to the agent: say so.
+warn contains msg if {
+	previous := input.envelope.memory.previous_schema_hash
+	is_string(previous)
+	previous != input.envelope.memory.schema_hash
+	msg := sprintf(
+		"agent %q runs under a new memory schema (%s, was %s)",
+		[input.agent.id, input.envelope.memory.schema_hash, previous],
+	)
+}
+
 # Low trust is allowed, with a warning.
 warn contains msg if {
 	input.agent.trust.score < low_trust

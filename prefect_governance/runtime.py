@@ -1,0 +1,170 @@
+"""Inside a governed flow run: the verified envelope, the agent, memory proposals.
+
+The governed worker hands an allowed run a signed grant (decision, envelope,
+agent, memory snapshot) in ``PREFECT_GOVERNANCE_ENVELOPE``. These functions
+verify it before trusting any of it: the signature (with a public key from
+``PREFECT_GOVERNANCE_TRUSTED_KEYS`` or the ``governance-verify-key`` block named
+by the key id), that it was issued for this very flow run, and its expiry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import ValidationError
+
+from prefect_governance.models import AgentObject, Grant, MemorySnapshot, MutationEnvelope
+from prefect_governance.signing import SignatureError, verify
+
+ENVELOPE_ENV = "PREFECT_GOVERNANCE_ENVELOPE"
+TRUSTED_KEYS_ENV = "PREFECT_GOVERNANCE_TRUSTED_KEYS"
+PROPOSAL_KEY = "governance-memory-proposal"
+
+
+class EnvelopeError(RuntimeError):
+    """This run's governance envelope is missing, forged, expired or not its own."""
+
+
+@dataclass(frozen=True)
+class CurrentAgent:
+    """The agent this run acts as, as decided: identity, trust and memory."""
+
+    agent: AgentObject
+    memory: MemorySnapshot
+    decision_id: str
+
+    @property
+    def id(self) -> str:
+        return self.agent.id
+
+
+def verify_grant(
+    signed_text: str | None,
+    *,
+    flow_run_id: str | None,
+    now: datetime,
+    public_key: Callable[[str], str | None],
+) -> Grant:
+    """Verify a signed grant for one flow run, or raise EnvelopeError saying why."""
+    if not signed_text:
+        raise EnvelopeError(
+            f"this run has no governance envelope ({ENVELOPE_ENV} is not set): "
+            "it was not started by a governed worker"
+        )
+    try:
+        signed = json.loads(signed_text)
+    except json.JSONDecodeError as exc:
+        raise EnvelopeError(f"the governance envelope is not JSON: {exc}") from exc
+    kid = signed.get("kid") if isinstance(signed, dict) else None
+    key = public_key(kid) if isinstance(kid, str) else None
+    try:
+        payload = verify(signed, {kid: key} if key else {})
+    except SignatureError as exc:
+        raise EnvelopeError(f"the governance envelope is forged or damaged: {exc}") from exc
+    try:
+        grant = Grant.model_validate(payload)
+    except ValidationError as exc:
+        raise EnvelopeError(f"the governance envelope is malformed: {exc}") from exc
+    issued_for = grant.envelope.flow_run.id
+    if flow_run_id is None or issued_for != str(flow_run_id):
+        raise EnvelopeError(
+            f"the governance envelope was issued for flow run {issued_for}, "
+            f"not for this one ({flow_run_id}): it is replayed"
+        )
+    if now >= grant.envelope.expires_at:
+        raise EnvelopeError(f"the governance envelope expired at {grant.envelope.expires_at}")
+    return grant
+
+
+def _trusted_keys() -> Mapping[str, str]:
+    raw = os.environ.get(TRUSTED_KEYS_ENV)
+    if not raw:
+        return {}
+    try:
+        keys = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise EnvelopeError(f"{TRUSTED_KEYS_ENV} is not a JSON object of key id to key") from exc
+    return keys if isinstance(keys, dict) else {}
+
+
+def _public_key(kid: str) -> str | None:
+    """The trusted public key for a key id: from the environment, else the Prefect block."""
+    trusted = _trusted_keys()
+    if trusted:
+        return trusted.get(kid)
+    from prefect_governance.blocks import GovernanceVerifyKey
+
+    try:
+        return GovernanceVerifyKey.load(kid).public_key
+    except (ValueError, ValidationError):
+        return None
+
+
+_verified: dict[str, Grant] = {}
+
+
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.id
+
+
+def current_grant() -> Grant:
+    """The verified grant of this flow run (verified once per run, then cached)."""
+    run_id = _flow_run_id()
+    if run_id and run_id in _verified:
+        return _verified[run_id]
+    grant = verify_grant(
+        os.environ.get(ENVELOPE_ENV),
+        flow_run_id=run_id,
+        now=datetime.now(timezone.utc),
+        public_key=_public_key,
+    )
+    _verified[str(run_id)] = grant
+    return grant
+
+
+def current_envelope() -> MutationEnvelope:
+    """What this run was allowed to do, verified."""
+    return current_grant().envelope
+
+
+def current_agent() -> CurrentAgent:
+    """Who this run acts as: identity, trust and the memory at decision time, verified."""
+    grant = current_grant()
+    return CurrentAgent(agent=grant.agent, memory=grant.memory, decision_id=grant.decision_id)
+
+
+def propose_memory(patch: dict[str, Any]) -> None:
+    """Propose a change to the agent's memory (a JSON merge patch, RFC 7386).
+
+    The proposal travels back to the worker as an artifact of this run; after
+    the run completes, the worker validates it against the agent's memory
+    schema and commits it, or rejects it.
+    """
+    if not isinstance(patch, dict):
+        raise TypeError("a memory proposal is a JSON object (a merge patch)")
+    json.dumps(patch)  # must be JSON; raises TypeError otherwise
+    grant = current_grant()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_artifact(
+            ArtifactCreate(
+                key=PROPOSAL_KEY,
+                type="json",
+                description=f"Memory proposal for agent {grant.agent.id}",
+                data={
+                    "patch": patch,
+                    "base_version": grant.memory.version,
+                    "decision_id": grant.decision_id,
+                },
+                flow_run_id=grant.envelope.flow_run.id,
+            )
+        )

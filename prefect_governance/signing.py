@@ -1,0 +1,95 @@
+"""Ed25519 signatures over canonical JSON: the worker signs, the run verifies.
+
+A signed document is ``{"kid": ..., "alg": "Ed25519", "payload": {...}, "signature": ...}``
+with the signature over the canonical JSON of ``payload``. Keys are raw 32-byte
+Ed25519 keys in URL-safe base64.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+from prefect_governance.canonical import canonical_json
+
+ALGORITHM = "Ed25519"
+
+
+class SignatureError(ValueError):
+    """A signed document that does not verify."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A private key and the id the verifier looks its public half up by."""
+
+    key_id: str
+    private: Ed25519PrivateKey
+
+    @classmethod
+    def generate(cls, key_id: str) -> SigningKey:
+        return cls(key_id, Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, key_id: str, seed_b64: str) -> SigningKey:
+        seed = _unb64(seed_b64.strip())
+        if len(seed) != 32:
+            raise ValueError("an Ed25519 private key is 32 bytes (URL-safe base64)")
+        return cls(key_id, Ed25519PrivateKey.from_private_bytes(seed))
+
+    @property
+    def seed_b64(self) -> str:
+        return _b64(self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
+
+    @property
+    def public_b64(self) -> str:
+        return _b64(self.private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+
+def sign(payload: Mapping[str, Any], key: SigningKey) -> dict[str, Any]:
+    """Wrap a payload with its signature."""
+    return {
+        "kid": key.key_id,
+        "alg": ALGORITHM,
+        "payload": dict(payload),
+        "signature": _b64(key.private.sign(canonical_json(payload))),
+    }
+
+
+def verify(signed: Any, public_keys: Mapping[str, str]) -> dict[str, Any]:
+    """The payload of a signed document, or SignatureError saying why not."""
+    if not isinstance(signed, dict) or not {"kid", "payload", "signature"} <= set(signed):
+        raise SignatureError("not a signed document (kid, payload and signature are required)")
+    if signed.get("alg") != ALGORITHM:
+        raise SignatureError(f"unsupported signature algorithm {signed.get('alg')!r}")
+    kid = signed["kid"]
+    if kid not in public_keys:
+        raise SignatureError(f"signed with an unknown key {kid!r}")
+    try:
+        public = Ed25519PublicKey.from_public_bytes(_unb64(public_keys[kid]))
+        public.verify(_unb64(signed["signature"]), canonical_json(signed["payload"]))
+    except (InvalidSignature, ValueError, TypeError) as exc:
+        raise SignatureError(f"the signature does not verify with key {kid!r}") from exc
+    return signed["payload"]

@@ -1,0 +1,431 @@
+"""The OpenLineage export: lineage rows in, spec-valid OpenLineage run events out.
+
+Every event is validated offline against the OpenLineage JSON Schema kept in
+tests/data/openlineage/ (see its README), and the custom governance facet against its own
+schema, which extends the spec's RunFacet.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import jsonschema
+import pytest
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+
+from prefect_governance.lineage import LineageEvent, decision_event, outcome_event
+from prefect_governance.models import Decision, MutationEnvelope
+from prefect_governance.openlineage import (
+    DEFAULT_PRODUCER,
+    governance_facet_schema,
+    governance_facet_schema_url,
+    job_name,
+    run_id,
+    to_openlineage,
+    write_jsonl,
+)
+
+DATA = Path(__file__).parent / "data" / "openlineage"
+CORE = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
+# The spec version the stored facet schemas point at; its RunFacet/DatasetFacet are 2-0-2's.
+CORE_1_0_2 = "https://openlineage.io/spec/1-0-2/OpenLineage.json"
+ERROR_FACET = "https://openlineage.io/spec/facets/1-0-0/ErrorMessageRunFacet.json"
+VERSION_FACET = "https://openlineage.io/spec/facets/1-0-0/DatasetVersionDatasetFacet.json"
+T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+AGENT = "agent-reports"
+MEMORY = f"agents/{AGENT}/memory"
+
+ALLOWED, FAILED, REFUSED, AUDITED = (str(uuid.uuid4()) for _ in range(4))
+
+
+# --- rows ------------------------------------------------------------------
+
+
+def _envelope(flow_run_id: str, *, deployment: str | None = "nightly") -> dict[str, Any]:
+    envelope = MutationEnvelope.model_validate(
+        {
+            "id": f"env-{flow_run_id[:8]}",
+            "issued_at": T0,
+            "expires_at": T0 + timedelta(minutes=5),
+            "nonce": "n",
+            "flow_run": {"id": flow_run_id, "name": "quiet-fox"},
+            "deployment": {"id": "dep-1", "name": deployment, "version": "1", "tags": []}
+            if deployment
+            else None,
+            "flow": {"id": "flow-1", "name": "etl"},
+            "work_pool": {"name": "governed", "type": "governed-process"},
+            "parameters": {"day": "2025-06-01"},
+            "capabilities": ["memory:write"],
+            "memory": {"reads": ["notes"], "writes": ["notes"], "schema_hash": None},
+        }
+    )
+    return envelope.model_dump(mode="json")
+
+
+def _decision(
+    flow_run_id: str,
+    at: datetime,
+    *,
+    verdict: str = "allowed",
+    deny: list[str] | None = None,
+    mode: str = "enforce",
+    agent_id: str | None = AGENT,
+    envelope: dict[str, Any] | None = None,
+) -> LineageEvent:
+    decision = Decision(
+        id=f"dec-{flow_run_id[:8]}",
+        verdict=verdict,
+        allow=verdict != "refused",
+        deny=deny or [],
+        warn=["no owner label"],
+        annotations={"team": "data"},
+        engine="embedded",
+        policy_path="prefect/governance/decision",
+        policy_revision="rev-7",
+        latency_ms=1.5,
+        mode=mode,
+    )
+    row = decision_event(
+        decision,
+        agent_id=agent_id,
+        flow_run_id=flow_run_id,
+        envelope=envelope if envelope is not None else _envelope(flow_run_id),
+    )
+    row.created_at = at
+    return row
+
+
+def _outcome(flow_run_id: str, at: datetime, state: str, message: str | None = None):
+    row = outcome_event(
+        agent_id=AGENT,
+        flow_run_id=flow_run_id,
+        decision_id=f"dec-{flow_run_id[:8]}",
+        state=state,
+        message=message,
+        status_code=1 if state == "FAILED" else 0,
+    )
+    row.created_at = at
+    return row
+
+
+def _row(kind: str, flow_run_id: str | None, at: datetime, **payload: Any) -> LineageEvent:
+    return LineageEvent(
+        kind=kind, agent_id=AGENT, flow_run_id=flow_run_id, payload=payload, created_at=at
+    )
+
+
+def _rows() -> list[LineageEvent]:
+    """Four governed runs, shuffled, with rows the export must skip."""
+    s = timedelta(seconds=1)
+    return [
+        _outcome(ALLOWED, T0 + 9 * s, "COMPLETED", "All states completed."),
+        _row("trust", ALLOWED, T0 + 10 * s, score=0.9),
+        _decision(REFUSED, T0 + 2 * s, verdict="refused", deny=["capability shell is not allowed"]),
+        _row("memory_commit", ALLOWED, T0 + 8 * s, version=3, content_hash="sha256:ab"),
+        _decision(FAILED, T0 + 1 * s),
+        _decision(ALLOWED, T0),
+        _outcome(FAILED, T0 + 5 * s, "FAILED", "Flow run encountered an exception: ValueError"),
+        _decision(AUDITED, T0 + 3 * s, verdict="audited", deny=["outside hours"], mode="audit"),
+        _outcome(AUDITED, T0 + 4 * s, "COMPLETED"),
+        _row("trust", None, T0 + 11 * s, score=0.5),
+    ]
+
+
+# --- validation against the spec --------------------------------------------
+
+
+def _load(name: str) -> dict[str, Any]:
+    return json.loads((DATA / name).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    return openlineage_registry()
+
+
+def openlineage_registry() -> Registry:
+    """The OpenLineage spec and facet schemas, resolvable offline."""
+    core = Resource.from_contents(_load("OpenLineage-2-0-2.json"))
+    return Registry().with_resources(
+        [
+            (CORE, core),
+            (CORE_1_0_2, core),
+            (ERROR_FACET, Resource.from_contents(_load("facets/ErrorMessageRunFacet-1-0-0.json"))),
+            (
+                VERSION_FACET,
+                Resource.from_contents(_load("facets/DatasetVersionDatasetFacet-1-0-0.json")),
+            ),
+            (
+                governance_facet_schema_url(DEFAULT_PRODUCER),
+                Resource.from_contents(governance_facet_schema(DEFAULT_PRODUCER)),
+            ),
+        ]
+    )
+
+
+def _validate(registry: Registry, ref: str, instance: Any) -> None:
+    Draft202012Validator(
+        {"$ref": ref}, registry=registry, format_checker=Draft202012Validator.FORMAT_CHECKER
+    ).validate(instance)
+
+
+def _is_url(value: str) -> bool:
+    parsed = urlparse(value)
+    return parsed.scheme in {"http", "https"} and bool(parsed.netloc)
+
+
+def _check_facet(registry: Registry, name: str, facet: dict[str, Any], base: str) -> None:
+    _validate(registry, f"{CORE}#/$defs/{base}", facet)
+    assert _is_url(facet["_producer"]) and _is_url(facet["_schemaURL"]), facet
+
+
+def check_event(registry: Registry, event: dict[str, Any]) -> None:
+    """The event is a valid OpenLineage 2-0-2 RunEvent, and so is each of its facets."""
+    _validate(registry, CORE, event)
+    _validate(registry, f"{CORE}#/$defs/RunEvent", event)
+    assert event["schemaURL"] == f"{CORE}#/$defs/RunEvent"
+    assert _is_url(event["producer"])
+    assert datetime.fromisoformat(event["eventTime"]).tzinfo is not None
+    for name, facet in event["run"].get("facets", {}).items():
+        _check_facet(registry, name, facet, "RunFacet")
+        if name == "governance":
+            assert registry.resolver().lookup(facet["_schemaURL"]).contents
+            _validate(registry, facet["_schemaURL"], facet)
+        elif name == "errorMessage":
+            assert facet["_schemaURL"].endswith(
+                "ErrorMessageRunFacet.json#/$defs/ErrorMessageRunFacet"
+            )
+            _validate(registry, f"{ERROR_FACET}#/$defs/ErrorMessageRunFacet", facet)
+        else:
+            pytest.fail(f"unexpected run facet {name}")
+    for dataset in [*event.get("inputs", []), *event.get("outputs", [])]:
+        for name, facet in dataset.get("facets", {}).items():
+            _check_facet(registry, name, facet, "DatasetFacet")
+            assert name == "version"
+            _validate(registry, f"{VERSION_FACET}#/$defs/DatasetVersionDatasetFacet", facet)
+
+
+@pytest.fixture(scope="module")
+def exported() -> list[dict[str, Any]]:
+    return to_openlineage(_rows())
+
+
+def _by_run(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        runs.setdefault(event["run"]["runId"], []).append(event)
+    return runs
+
+
+def _types(events: list[dict[str, Any]]) -> list[str]:
+    return [event["eventType"] for event in events]
+
+
+# --- tests -----------------------------------------------------------------
+
+
+def test_every_event_is_a_valid_openlineage_run_event(registry, exported):
+    assert len(exported) == 8
+    for event in exported:
+        check_event(registry, event)
+
+
+def test_the_validation_rejects_broken_events(registry, exported):
+    broken = json.loads(json.dumps(exported[0]))
+    broken["eventType"] = "REFUSED"
+    with pytest.raises(jsonschema.ValidationError):
+        check_event(registry, broken)
+    facetless = json.loads(json.dumps(exported[0]))
+    del facetless["run"]["facets"]["governance"]["_producer"]
+    with pytest.raises(jsonschema.ValidationError):
+        check_event(registry, facetless)
+    no_verdict = json.loads(json.dumps(exported[0]))
+    del no_verdict["run"]["facets"]["governance"]["verdict"]
+    with pytest.raises(jsonschema.ValidationError):
+        check_event(registry, no_verdict)
+
+
+def test_each_run_starts_then_ends_by_its_outcome(exported):
+    runs = _by_run(exported)
+    assert set(runs) == {ALLOWED, FAILED, REFUSED, AUDITED}
+    assert _types(runs[ALLOWED]) == ["START", "COMPLETE"]
+    assert _types(runs[FAILED]) == ["START", "FAIL"]
+    assert _types(runs[REFUSED]) == ["START", "ABORT"]
+    assert _types(runs[AUDITED]) == ["START", "COMPLETE"]
+
+
+def test_events_are_in_time_order_with_the_run_and_job(exported):
+    times = [datetime.fromisoformat(event["eventTime"]) for event in exported]
+    assert times == sorted(times)
+    assert times[0] == T0
+    for event in exported:
+        assert event["job"] == {
+            "namespace": "prefect-governance",
+            "name": "etl/nightly",
+            "facets": {},
+        }
+        assert event["producer"] == DEFAULT_PRODUCER
+
+
+def test_a_refused_run_is_aborted_at_its_decision(exported):
+    start, end = _by_run(exported)[REFUSED]
+    assert start["eventTime"] == end["eventTime"] == (T0 + timedelta(seconds=2)).isoformat()
+    assert "errorMessage" not in end["run"]["facets"]
+    assert end["outputs"] == []
+    for event in (start, end):
+        governance = event["run"]["facets"]["governance"]
+        assert governance["verdict"] == "refused"
+        assert governance["allow"] is False
+        assert governance["deny"] == ["capability shell is not allowed"]
+
+
+def test_the_governance_facet_carries_the_decision(exported):
+    start, end = _by_run(exported)[AUDITED]
+    governance = start["run"]["facets"]["governance"]
+    assert governance["_producer"] == DEFAULT_PRODUCER
+    assert governance["_schemaURL"] == (
+        f"{DEFAULT_PRODUCER}/spec/facets/GovernanceRunFacet.json#/$defs/GovernanceRunFacet"
+    )
+    assert {key: governance[key] for key in ("verdict", "allow", "deny", "warn", "mode")} == {
+        "verdict": "audited",
+        "allow": True,
+        "deny": ["outside hours"],
+        "warn": ["no owner label"],
+        "mode": "audit",
+    }
+    assert governance["decisionId"] == f"dec-{AUDITED[:8]}"
+    assert governance["engine"] == "embedded"
+    assert governance["policyPath"] == "prefect/governance/decision"
+    assert governance["policyRevision"] == "rev-7"
+    assert governance["agentId"] == AGENT
+    assert governance["flowRunId"] == AUDITED
+    assert "state" not in governance
+    assert end["run"]["facets"]["governance"]["state"] == "COMPLETED"
+
+
+def test_a_failed_run_carries_the_error_message(exported):
+    _, end = _by_run(exported)[FAILED]
+    error = end["run"]["facets"]["errorMessage"]
+    assert error["message"] == "Flow run encountered an exception: ValueError"
+    assert error["programmingLanguage"] == "python"
+    assert end["eventTime"] == (T0 + timedelta(seconds=5)).isoformat()
+    assert end["run"]["facets"]["governance"]["state"] == "FAILED"
+    assert end["outputs"] == []
+
+
+def test_memory_is_read_on_start_and_written_on_a_committed_complete(exported):
+    runs = _by_run(exported)
+    for events in runs.values():
+        assert [(d["namespace"], d["name"]) for d in events[0]["inputs"]] == [
+            ("prefect-governance", MEMORY)
+        ]
+    _, end = runs[ALLOWED]
+    assert end["outputs"] == [
+        {
+            "namespace": "prefect-governance",
+            "name": MEMORY,
+            "facets": {
+                "version": {
+                    "_producer": DEFAULT_PRODUCER,
+                    "_schemaURL": end["outputs"][0]["facets"]["version"]["_schemaURL"],
+                    "datasetVersion": "3",
+                }
+            },
+            "outputFacets": {},
+        }
+    ]
+    assert runs[AUDITED][1]["outputs"] == []
+
+
+def test_namespace_and_producer_are_the_callers(registry):
+    producer = "https://example.com/governance/1.2.3"
+    events = to_openlineage(
+        [_decision(ALLOWED, T0), _outcome(ALLOWED, T0, "CANCELLED")],
+        namespace="acme",
+        producer=producer,
+    )
+    assert _types(events) == ["START", "ABORT"]
+    for event in events:
+        assert event["job"]["namespace"] == "acme"
+        assert event["inputs"] == [] or event["inputs"][0]["name"] == MEMORY
+        governance = event["run"]["facets"]["governance"]
+        assert governance["_producer"] == producer
+        assert governance["_schemaURL"].startswith(f"{producer}/spec/facets/")
+        check_event(registry, json.loads(json.dumps(event).replace(producer, DEFAULT_PRODUCER)))
+
+
+def test_crashed_is_a_failure_and_unknown_is_no_end(registry):
+    crashed, unknown = str(uuid.uuid4()), str(uuid.uuid4())
+    events = to_openlineage(
+        [
+            _decision(crashed, T0),
+            _outcome(crashed, T0 + timedelta(seconds=1), "CRASHED"),
+            _decision(unknown, T0),
+            _outcome(unknown, T0 + timedelta(seconds=1), "UNKNOWN", "stopped watching"),
+        ]
+    )
+    runs = _by_run(events)
+    assert _types(runs[crashed]) == ["START", "FAIL"]
+    assert "errorMessage" in runs[crashed][1]["run"]["facets"]
+    assert _types(runs[unknown]) == ["START", "OTHER"]
+    for event in events:
+        check_event(registry, event)
+
+
+def test_a_run_without_an_outcome_is_only_started():
+    events = to_openlineage([_decision(ALLOWED, T0)])
+    assert _types(events) == ["START"]
+
+
+def test_rows_without_a_decision_give_no_events():
+    assert to_openlineage([_outcome(ALLOWED, T0, "COMPLETED"), _row("trust", ALLOWED, T0)]) == []
+
+
+def test_a_memory_rejection_is_reported_and_nothing_is_written(registry):
+    rows = [
+        _decision(ALLOWED, T0),
+        _row("memory_rejected", ALLOWED, T0 + timedelta(seconds=1), errors=["notes: not a string"]),
+        _outcome(ALLOWED, T0 + timedelta(seconds=2), "COMPLETED"),
+    ]
+    _, end = to_openlineage(rows)
+    assert end["outputs"] == []
+    assert end["run"]["facets"]["governance"]["memoryErrors"] == ["notes: not a string"]
+    check_event(registry, end)
+
+
+def test_job_names_and_run_ids():
+    assert job_name(_envelope(ALLOWED)) == "etl/nightly"
+    assert job_name(_envelope(ALLOWED, deployment=None)) == "etl"
+    assert job_name(None) == "unknown"
+    assert run_id(ALLOWED) == ALLOWED
+    assert run_id("not-a-uuid") == run_id("not-a-uuid")
+    assert uuid.UUID(run_id("not-a-uuid"))
+
+
+def test_a_missing_envelope_and_agent_and_naive_times(registry):
+    row = _decision(ALLOWED, T0, agent_id=None, envelope={})
+    row.payload = {**row.payload, "envelope": None}
+    row.created_at = datetime(2025, 6, 1, 12, 0)  # SQLite hands back naive UTC
+    (event,) = to_openlineage([row])
+    assert event["job"]["name"] == "unknown"
+    assert event["inputs"] == []
+    assert event["eventTime"] == "2025-06-01T12:00:00+00:00"
+    check_event(registry, event)
+
+
+def test_write_jsonl_writes_one_object_a_line(tmp_path, exported):
+    stream = io.StringIO()
+    write_jsonl(exported, stream)
+    assert [json.loads(line) for line in stream.getvalue().splitlines()] == exported
+    path = tmp_path / "events.jsonl"
+    write_jsonl(exported, path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(exported)
+    assert [json.loads(line) for line in lines] == exported
