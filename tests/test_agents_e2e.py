@@ -354,3 +354,34 @@ def test_lineage_export_writes_valid_openlineage(learned, prefect_server, tmp_pa
     assert sorted(t for t in types if t != "START") == ["ABORT", "COMPLETE", "COMPLETE", "FAIL"]
     written = [e for e in events if e.get("outputs")]
     assert [o["name"] for e in written for o in e["outputs"]] == ["agents/learner-embedded/memory"]
+
+
+def test_a_memory_schema_change_is_shown_to_the_policy(learned, prefect_server):
+    """After the schema changes, the policy sees the old and the new hash (and warns)."""
+    _, store = learned
+
+    async def change_schema():
+        agent = await GovernanceAgent.aload("learner-embedded")
+        old = agent.memory_schema_hash
+        agent.memory_schema = {**MEMORY_SCHEMA, "required": ["total_rows"]}
+        await agent.asave("learner-embedded", overwrite=True)
+        return old, agent.memory_schema_hash
+
+    old, new = asyncio.run(change_schema())
+    decided = subprocess.run(
+        [sys.executable, "-m", "prefect_governance.cli", "decide", "learn/learn-embedded"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=prefect_env(
+            prefect_server.home, prefect_server.api_url, PREFECT_GOVERNANCE_LINEAGE_URL=store.url
+        ),
+    )
+    out = json.loads(decided.stdout)
+    memory = out["input"]["envelope"]["memory"]
+    assert (memory["previous_schema_hash"], memory["schema_hash"], memory["version"]) == (
+        old,
+        new,
+        1,
+    )
+    assert any("runs under a new memory schema" in w for w in out["decision"]["warn"])
