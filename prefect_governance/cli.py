@@ -75,6 +75,8 @@ lineage_app = typer.Typer(
 agent_app = typer.Typer(help="Agents: identity, memory and trust.", no_args_is_help=True)
 app.add_typer(lineage_app, name="lineage")
 app.add_typer(agent_app, name="agent")
+policy_app = typer.Typer(help="Policy authoring: validate, evaluate, test.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
 
 UrlOption = Annotated[
     str | None,
@@ -185,6 +187,31 @@ def agent_show(
     trust, memory = agent_state(store, MemoryStore(store.engine), agent)
     typer.echo(agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000)))
     store.dispose()
+
+
+@policy_app.command("validate")
+def policy_validate(
+    file: Annotated[Path, typer.Argument(help="A policy input or result, as JSON.")],
+    kind: Annotated[
+        str, typer.Option(help="input, result, or auto (by its top-level fields).")
+    ] = "auto",
+) -> None:
+    """Check a policy input or result document against the published JSON Schema."""
+    from prefect_governance.schema import guess_kind, validate_document
+
+    try:
+        document = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        typer.echo(f"{file}: not a JSON document: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if kind not in ("input", "result", "auto"):
+        raise typer.BadParameter("input, result or auto", param_hint="--kind")
+    chosen = guess_kind(document) if kind == "auto" else kind
+    errors = validate_document(document, chosen)  # type: ignore[arg-type]
+    for error in errors:
+        typer.echo(f"{file}: {error}")
+    typer.echo(f"{file}: {'invalid' if errors else 'valid'} policy {chosen}")
+    raise typer.Exit(1 if errors else 0)
 
 
 @app.command()

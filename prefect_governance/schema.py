@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from jsonschema import Draft202012Validator
 from pydantic.json_schema import models_json_schema
 
 from prefect_governance.models import PolicyInput, PolicyResult
@@ -72,3 +73,28 @@ def render_facet() -> str:
 def write_facet(root: Path) -> Path:
     """Write the facet schema where its ``_schemaURL`` says it is (under the repository root)."""
     return _write(root / FACET_FILE, render_facet())
+
+
+DocumentKind = Literal["input", "result"]
+
+
+def guess_kind(document: Any) -> DocumentKind:
+    """An input has agent/envelope/context; anything else is read as a result."""
+    if isinstance(document, dict) and {"agent", "envelope", "context"} & set(document):
+        return "input"
+    return "result"
+
+
+def validate_document(document: Any, kind: DocumentKind) -> list[str]:
+    """Why a policy input or result does not match the published contract (empty if it does)."""
+    contract = contract_schema()
+    definition = {"input": "PolicyInput", "result": "PolicyResult"}[kind]
+    validator = Draft202012Validator(
+        {"$ref": f"#/$defs/{definition}", "$defs": contract["$defs"]},
+        format_checker=Draft202012Validator.FORMAT_CHECKER,
+    )
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
+    return [
+        f"{'/'.join(str(p) for p in error.absolute_path) or '(document)'}: {error.message}"
+        for error in errors
+    ]

@@ -53,7 +53,9 @@ def opa_bin() -> str:
 class OpaServer:
     """``opa run --server`` on a free loopback port with policies/ loaded."""
 
-    def __init__(self, binary: str, workdir: Path, *extra: str):
+    def __init__(
+        self, binary: str, workdir: Path, *extra: str, paths: tuple[Path, ...] = (POLICIES,)
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"opa-{self.port}.log"
@@ -67,7 +69,7 @@ class OpaServer:
                 "--set",
                 "decision_logs.console=true",
                 *extra,
-                str(POLICIES),
+                *map(str, paths),
             ],
             os.environ,
             self.log,

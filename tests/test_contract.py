@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from pydantic import ValidationError
@@ -64,3 +66,38 @@ def test_malformed_agent_objects_are_rejected_with_the_field(patch, field):
     with pytest.raises(ValidationError) as caught:
         AgentObject.model_validate(agent)
     assert field in {".".join(str(p) for p in e["loc"]) for e in caught.value.errors()}
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_validates_against_the_published_schema(example):
+    for name, kind in (("input.json", "input"), ("expected.json", "result")):
+        document = json.loads((example / name).read_text())
+        assert schema.guess_kind(document) == kind
+        assert schema.validate_document(document, kind) == []
+
+
+def test_validation_names_each_problem_with_its_path():
+    document = json.loads((EXAMPLES[0] / "input.json").read_text())
+    document["agent"]["trust"]["score"] = 3
+    document["envelope"]["issued_at"] = "yesterday"
+    del document["context"]
+    assert schema.validate_document(document, "input") == [
+        "(document): 'context' is a required property",
+        "agent/trust/score: 3 is greater than the maximum of 1.0",
+        "envelope/issued_at: 'yesterday' is not a 'date-time'",
+    ]
+    assert schema.validate_document({"allow": "yes", "deny": [1]}, "result") == [
+        "allow: 'yes' is not of type 'boolean'",
+        "deny/0: 1 is not of type 'string'",
+    ]
+
+
+def test_policy_validate_command_exit_codes(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"allow": true, "warn": "not a list"}')
+    cli = [sys.executable, "-m", "prefect_governance.cli", "policy", "validate"]
+    good = subprocess.run([*cli, str(EXAMPLES[0] / "input.json")], capture_output=True, text=True)
+    assert good.returncode == 0 and "valid policy input" in good.stdout
+    wrong = subprocess.run([*cli, str(bad)], capture_output=True, text=True)
+    assert wrong.returncode == 1
+    assert f"{bad}: warn: 'not a list' is not of type 'array'" in wrong.stdout

@@ -159,3 +159,20 @@ def test_the_embedded_revision_changes_with_the_policy(tmp_path):
     before = EmbeddedEngine(tmp_path).revision
     (tmp_path / "p.rego").write_text("package p\n\nallow := false\n")
     assert EmbeddedEngine(tmp_path).revision != before
+
+
+def test_opa_reports_the_bundle_revision(opa_bin, tmp_path):
+    """When OPA serves a bundle, the decision carries its revision."""
+    bundle = tmp_path / "policies.tar.gz"
+    subprocess.run(
+        [opa_bin, "build", "-b", str(POLICIES), "--revision", "rev-42", "-o", str(bundle)],
+        check=True,
+        capture_output=True,
+    )
+    server = OpaServer(opa_bin, tmp_path, "--bundle", paths=(bundle,))
+    try:
+        policy_input = json.loads((EXAMPLES[0] / "input.json").read_text())
+        decision = _decide(OpaEngine(server.url), PATH, policy_input)
+    finally:
+        server.stop()
+    assert decision.policy_revision and decision.policy_revision.endswith("@rev-42")
