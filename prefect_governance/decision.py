@@ -66,6 +66,7 @@ def settle(
                 deny=deny,
                 warn=list(result.warn),
                 annotations=dict(result.annotations),
+                reasons=list(result.reasons),
                 **common,
             )
     reason = f"policy engine failed ({answer.kind}): {answer.message}"

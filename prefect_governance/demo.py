@@ -175,6 +175,10 @@ async def _four_runs(markers: Path, store: LineageStore) -> bool:
         )
         ok &= verdict == scenario.expect.split(",")[0] and executed == (verdict != "refused")
     print(format_table(rows))
+    for scenario in SCENARIOS:
+        run = runs[scenario.flow_run_id]
+        if run.state and run.state.name == "Refused":
+            print(f"{scenario.name}: {run.state.message}")
     return ok
 
 

@@ -70,6 +70,9 @@ def build_envelope(
             display_value=flow_run.created_by.display_value,
             id=str(flow_run.created_by.id) if flow_run.created_by.id else None,
         )
+    elif flow_run.auto_scheduled:
+        # The scheduler records no creator; name it so trigger rules can allow it.
+        created_by = CreatedBy(type="SCHEDULE", display_value="schedule")
     return MutationEnvelope(
         id=str(uuid.uuid4()),
         issued_at=issued_at,

@@ -194,6 +194,7 @@ def decision_event(
         payload={
             "envelope": envelope,
             "annotations": decision.annotations,
+            "rules": [reason.model_dump() for reason in decision.reasons],
             "fail_mode": decision.fail_mode,
             "error": decision.error,
         },

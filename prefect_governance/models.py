@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 DEFAULT_POLICY_PATH = "prefect/governance/decision"
 
@@ -48,10 +48,83 @@ class ParameterConstraint(_Contract):
     max_length: int | None = Field(None, ge=0, description="Maximum length of a string or array.")
 
 
+class ScopeConstraint(_Contract):
+    """Environments and tenants the agent may act in (from the run's ``env:``/``tenant:`` tags)."""
+
+    environments: list[str] | None = Field(
+        None, description="When set, the run must be tagged env:<name> with one of these."
+    )
+    tenants: list[str] | None = Field(
+        None, description="When set, the run must be tagged tenant:<name> with one of these."
+    )
+
+
+class TriggerConstraint(_Contract):
+    """Who or what may start the agent's runs (by the flow run's ``created_by``)."""
+
+    types: list[str] | None = Field(
+        None,
+        description="Allowed created_by.type values, e.g. SCHEDULE, AUTOMATION, USER, or "
+        "UNKNOWN when the server recorded no creator.",
+    )
+    users: list[str] | None = Field(
+        None, description="When started by a user: allowed created_by.display_value values."
+    )
+
+
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+class TimeWindow(_Contract):
+    """A weekly window (UTC) in which runs may start."""
+
+    days: list[Weekday] = Field(
+        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+    )
+    start: str = Field("00:00", pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    end: str = Field("24:00", pattern=r"^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")
+
+
+class Freeze(_Contract):
+    """A period in which no run of the agent may start (times with a zone)."""
+
+    start: AwareDatetime
+    end: AwareDatetime
+    reason: str = ""
+
+
+class ApprovalConstraint(_Contract):
+    """A named approver must have approved the run (a flow-run label or a parameter)."""
+
+    approvers: list[str]
+    label: str = "governance.approved_by"
+    parameter: str | None = None
+
+
+class TrustThresholds(_Contract):
+    """Refuse below a trust score, or when trust falls faster than a slope."""
+
+    min_score: float | None = Field(None, ge=0.0, le=1.0)
+    min_slope: float | None = None
+
+
+class MemoryConstraint(_Contract):
+    """May a run write memory committed under another schema than the agent's pinned one?"""
+
+    allow_schema_change: bool = False
+
+
 class Constraints(_Contract):
-    """Governance constraints that travel with the agent."""
+    """Governance constraints that travel with the agent (each rule module reads its own)."""
 
     parameters: dict[str, ParameterConstraint] = Field(default_factory=dict)
+    scope: ScopeConstraint | None = None
+    triggers: TriggerConstraint | None = None
+    windows: list[TimeWindow] = Field(default_factory=list)
+    freezes: list[Freeze] = Field(default_factory=list)
+    approval: ApprovalConstraint | None = None
+    trust: TrustThresholds | None = None
+    memory: MemoryConstraint | None = None
 
 
 class AgentObject(_Contract):
@@ -159,6 +232,18 @@ class PolicyInput(_Contract):
     context: PolicyContext
 
 
+class Reason(BaseModel):
+    """Which rule produced a deny or warn message."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    kind: Literal["deny", "warn"]
+    message: str
+    rule: str = Field(
+        description="Package and rule, e.g. prefect.governance.rules.capabilities.deny"
+    )
+
+
 class PolicyResult(BaseModel):
     """The policy's answer. Other rules of the package may appear and are ignored."""
 
@@ -168,6 +253,9 @@ class PolicyResult(BaseModel):
     deny: list[str] = Field(default_factory=list)
     warn: list[str] = Field(default_factory=list)
     annotations: dict[str, str] = Field(default_factory=dict)
+    reasons: list[Reason] = Field(
+        default_factory=list, description="Optional: the rule behind each deny and warn message."
+    )
 
 
 # --- what an allowed run receives (signed) ---------------------------------
@@ -206,6 +294,7 @@ class Decision(BaseModel):
     deny: list[str] = Field(default_factory=list)
     warn: list[str] = Field(default_factory=list)
     annotations: dict[str, str] = Field(default_factory=dict)
+    reasons: list[Reason] = Field(default_factory=list)
     engine: str
     policy_path: str
     policy_revision: str | None = None

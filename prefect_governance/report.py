@@ -20,9 +20,24 @@ _TITLES = {
 }
 
 
+def rule_of(decision: Decision, message: str, kind: str = "deny") -> str | None:
+    """The rule (package.rule) that produced a message, when the policy said so."""
+    return next((r.rule for r in decision.reasons if r.message == message and r.kind == kind), None)
+
+
+def _with_rule(decision: Decision, message: str, kind: str = "deny") -> str:
+    rule = rule_of(decision, message, kind)
+    return f"{message} [{rule}]" if rule else message
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def refusal_message(decision: Decision) -> str:
-    """The message of a Refused state: reasons and decision id, on one line."""
-    reasons = "; ".join(decision.deny) or "no reason given"
+    """The message of a Refused state: reasons (with their rules) and decision id, on one line."""
+    reasons = "; ".join(_with_rule(decision, m) for m in decision.deny) or "no reason given"
     return (
         f"Refused by governance policy {decision.policy_path} "
         f"(decision {decision.id}, engine {decision.engine}): {reasons}"
@@ -44,9 +59,14 @@ def decision_markdown(decision: Decision, agent_id: str | None) -> str:
         f"| mode | `{decision.mode}` (fail {decision.fail_mode}) |",
         f"| latency | {decision.latency_ms:.3f} ms |",
     ]
-    for title, items in (("Reasons (deny)", decision.deny), ("Warnings", decision.warn)):
+    for title, kind, items in (
+        ("Reasons (deny)", "deny", decision.deny),
+        ("Warnings", "warn", decision.warn),
+    ):
         if items:
-            lines += ["", f"## {title}", ""] + [f"- {item}" for item in items]
+            lines += ["", f"## {title}", "", "| message | rule |", "| --- | --- |"] + [
+                f"| {_cell(item)} | `{rule_of(decision, item, kind) or '-'}` |" for item in items
+            ]
     if decision.annotations:
         lines += ["", "## Annotations", ""] + [
             f"- `{key}`: {value}" for key, value in sorted(decision.annotations.items())

@@ -238,6 +238,8 @@ def test_the_demo_runs_end_to_end(tmp_path):
     for line in ("nightly-load", "purge-warehouse", "probation-report", "shadow-backfill"):
         assert line in table
     assert "CANCELLED/Refused    no" in table
+    assert "[prefect.governance.rules.capabilities.deny]" in table  # the rule that refused
+    assert "[prefect.governance.rules.trust.deny]" in table  # part 2's refusal, too
     assert "fell across its last three runs" in table  # part 2: the learner is stopped
     assert "memory     version 1" in table  # agent show
     assert "chains intact" in table  # lineage verify

@@ -34,7 +34,13 @@ def test_schema_describes_input_and_result():
     contract = json.loads((POLICIES / schema.SCHEMA_FILE).read_text())
     defs = contract["$defs"]
     assert set(defs["PolicyInput"]["properties"]) == {"agent", "envelope", "context"}
-    assert set(defs["PolicyResult"]["properties"]) == {"allow", "deny", "warn", "annotations"}
+    assert set(defs["PolicyResult"]["properties"]) == {
+        "allow",
+        "deny",
+        "warn",
+        "annotations",
+        "reasons",
+    }
     assert defs["PolicyResult"]["required"] == ["allow"]
 
 

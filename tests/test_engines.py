@@ -24,7 +24,37 @@ def normalized(result: dict) -> dict:
         "deny": sorted(result.get("deny", [])),
         "warn": sorted(result.get("warn", [])),
         "annotations": result.get("annotations", {}),
+        "reasons": sorted(
+            result.get("reasons", []), key=lambda r: (r["kind"], r["rule"], r["message"])
+        ),
     }
+
+
+def rule_test_cases() -> dict[str, dict]:
+    """Every input the Rego rule tests exercise (data.prefect.governance.testing.all_cases)."""
+    from tests.conftest import opa_path
+
+    binary = opa_path()
+    if binary is None:
+        return {}
+    run = subprocess.run(
+        [
+            binary,
+            "eval",
+            "-d",
+            str(POLICIES),
+            "-f",
+            "json",
+            "data.prefect.governance.testing.all_cases",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(run.stdout)["result"][0]["expressions"][0]["value"]
+
+
+RULE_CASES = rule_test_cases()
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +85,56 @@ def test_both_engines_decide_every_example_as_expected(example: Path, embedded, 
     )
 
 
+def test_the_rule_tests_cases_are_collected(opa_bin):
+    assert len(RULE_CASES) > 40, "every case of the rule modules' tests reaches the parity suite"
+
+
+@pytest.mark.parametrize("name", sorted(RULE_CASES))
+def test_both_engines_decide_every_rule_test_case_alike(name: str, embedded, opa_server):
+    policy_input = RULE_CASES[name]
+
+    async def remote():
+        opa = OpaEngine(opa_server.url)
+        try:
+            return await opa.evaluate(PATH, policy_input)
+        finally:
+            await opa.aclose()
+
+    local = normalized(embedded.evaluate_sync(PATH, policy_input).result)
+    assert local == normalized(asyncio.run(remote()).result)
+    module = name.split("/", 1)[0]
+    if local["reasons"]:  # a case that fires names its module's rule
+        assert any(
+            r["rule"].startswith(f"prefect.governance.rules.{module}.") for r in local["reasons"]
+        )
+
+
+COVERAGE_THRESHOLD = 100.0
+
+
 def test_opa_test_passes_on_the_policy_library(opa_bin):
     run = subprocess.run([opa_bin, "test", str(POLICIES), "-v"], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "test_examples_decide_as_expected: PASS" in run.stdout
+    modules = sorted((POLICIES / "prefect" / "governance" / "rules").glob("*_test.rego"))
+    for module in modules:
+        package = "data.prefect.governance.rules_test." + module.stem.removesuffix("_test")
+        assert f"{package}.test_cases: PASS" in run.stdout
+
+
+def test_the_rule_modules_are_fully_covered(opa_bin):
+    run = subprocess.run(
+        [opa_bin, "test", str(POLICIES), "--coverage", "--threshold", str(COVERAGE_THRESHOLD)],
+        capture_output=True,
+        text=True,
+    )
+    report = json.loads(run.stdout)
+    uncovered = {
+        name: [(r["start"]["row"], r["end"]["row"]) for r in data.get("not_covered", [])]
+        for name, data in report["files"].items()
+        if data.get("not_covered")
+    }
+    assert run.returncode == 0 and not uncovered, f"{report['coverage']}%; uncovered: {uncovered}"
 
 
 def test_policy_library_is_strict_and_formatted(opa_bin):

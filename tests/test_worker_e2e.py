@@ -260,8 +260,12 @@ def test_refused_run_never_executes_and_reads_refused(governed, engine):
     assert decision.verdict == "refused"
     assert 'capability "delete:warehouse" is not granted' in run.state.message
     assert decision.decision_id in run.state.message
+    rule = "prefect.governance.rules.capabilities.deny"
+    assert f"[{rule}]" in run.state.message, "the message names the rule that refused"
+    assert decision.payload["rules"][0]["rule"] == rule
     assert run.labels["governance.decision"] == "refused"
     assert "delete:warehouse" in run.artifacts[0].data
+    assert f"`{rule}`" in run.artifacts[0].data
     assert not [e for e in run.events if e.kind == "outcome"], "a refused run has no run outcome"
 
 

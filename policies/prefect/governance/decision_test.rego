@@ -1,14 +1,13 @@
 package prefect.governance.decision_test
 
 import data.prefect.governance.decision
+import data.prefect.governance.testing
 
 # Every example in policies/examples/<name>/ (input.json + expected.json, loaded
-# by OPA as data.examples[name]) is decided as expected. The same examples are
-# run through the embedded engine and OPA by the Python parity test.
-example_failures contains name if {
+# by OPA as data.examples[name]) is decided exactly as expected, rules included.
+example_failures := {name |
 	some name, example in data.examples
-	inp := object.filter(example, ["agent", "envelope", "context"])
-	got := decision with input as inp
+	got := decision with input as object.filter(example, ["agent", "envelope", "context"])
 	not same(got, example)
 }
 
@@ -16,6 +15,7 @@ same(got, want) if {
 	got.allow == want.allow
 	as_set(got.deny) == as_set(want.deny)
 	as_set(got.warn) == as_set(want.warn)
+	as_set(got.reasons) == as_set(want.reasons)
 	got.annotations == want.annotations
 }
 
@@ -26,44 +26,61 @@ test_examples_decide_as_expected if {
 	count(example_failures) == 0
 }
 
-base := data.examples.allowed
+several := testing.with_values({
+	"/envelope/capabilities": ["deploy:prod"],
+	"/envelope/work_pool/name": "elsewhere",
+	"/agent/trust/score": 0.2,
+})
 
-with_capabilities(caps) := json.patch(base, [{"op": "replace", "path": "/envelope/capabilities", "value": caps}])
-
-test_granted_capability_is_allowed if {
-	decision.allow with input as with_capabilities(["write:warehouse"])
+test_every_module_contributes_with_its_rule if {
+	reasons := decision.reasons with input as several
+	reasons == {
+		{
+			"kind": "deny",
+			"message": "capability \"deploy:prod\" is not granted to agent \"etl-agent\"",
+			"rule": "prefect.governance.rules.capabilities.deny",
+		},
+		{
+			"kind": "deny",
+			"message": "work pool \"elsewhere\" is outside the trust scope of agent \"etl-agent\"",
+			"rule": "prefect.governance.rules.scope.deny",
+		},
+		{
+			"kind": "warn",
+			"message": "trust of agent \"etl-agent\" is low: 0.2 (below 0.5)",
+			"rule": "prefect.governance.rules.trust.warn",
+		},
+	}
 }
 
-test_missing_capability_is_denied if {
-	some msg in decision.deny with input as with_capabilities(["deploy:prod"])
-	contains(msg, "deploy:prod")
+test_deny_and_warn_are_the_messages_of_the_reasons if {
+	count(decision.deny) == 2 with input as several
+	count(decision.warn) == 1 with input as several
+	not decision.allow with input as several
 }
 
-test_no_capabilities_is_allowed if {
-	decision.allow with input as with_capabilities([])
+test_a_warning_alone_allows if {
+	decision.allow with input as testing.with_values({"/agent/trust/score": 0.2})
 }
 
-test_pool_outside_trust_scope_is_denied if {
-	inp := json.patch(base, [{"op": "replace", "path": "/envelope/work_pool/name", "value": "elsewhere"}])
-	not decision.allow with input as inp
+test_a_module_of_your_own_is_aggregated if {
+	reasons := decision.reasons with input as testing.base
+		with data.prefect.governance.rules.custom.deny as {"no runs on a full moon"}
+	reasons == {{
+		"kind": "deny",
+		"message": "no runs on a full moon",
+		"rule": "prefect.governance.rules.custom.deny",
+	}}
 }
 
-test_low_trust_warns_but_allows if {
-	inp := json.patch(base, [{"op": "replace", "path": "/agent/trust/score", "value": 0.2}])
-	decision.allow with input as inp
-	count(decision.warn) == 1 with input as inp
+test_annotations_name_the_agent_and_policy if {
+	decision.annotations == {
+		"governance.agent": "etl-agent",
+		"governance.policy": "prefect/governance/decision",
+	} with input as testing.base
 }
 
-test_trust_at_threshold_does_not_warn if {
-	inp := json.patch(base, [{"op": "replace", "path": "/agent/trust/score", "value": 0.5}])
-	count(decision.warn) == 0 with input as inp
-}
-
-test_null_constraint_fields_are_ignored if {
-	inp := json.patch(base, [{"op": "replace", "path": "/agent/constraints/parameters/rows", "value": {"type": null, "required": null, "maximum": null}}])
-	decision.allow with input as inp
-}
-
-test_annotations_name_the_agent if {
-	decision.annotations["governance.agent"] == "etl-agent" with input as base
+test_every_rule_test_case_is_collected_for_parity if {
+	count(testing.all_cases) > 40
+	testing.all_cases["capabilities/no capabilities"].envelope.capabilities == []
 }

@@ -1,0 +1,33 @@
+# Who or what may start a run: agent.constraints.triggers.
+#
+# types: allowed envelope.flow_run.created_by.type values (SCHEDULE for runs
+# the scheduler made, AUTOMATION, USER, DEPLOYMENT, ...; UNKNOWN when the
+# server recorded no creator). users: when a USER started the run, the allowed
+# created_by.display_value values.
+package prefect.governance.rules.triggers
+
+started_by := object.get(input.envelope.flow_run, ["created_by", "type"], null)
+
+trigger := started_by if is_string(started_by)
+
+else := "UNKNOWN"
+
+user := object.get(input.envelope.flow_run, ["created_by", "display_value"], "")
+
+deny contains msg if {
+	allowed := input.agent.constraints.triggers.types
+	is_array(allowed)
+	not trigger in allowed
+	msg := sprintf(
+		"runs of agent %q may only be started by %v, not %s",
+		[input.agent.id, allowed, trigger],
+	)
+}
+
+deny contains msg if {
+	allowed := input.agent.constraints.triggers.users
+	is_array(allowed)
+	trigger == "USER"
+	not user in allowed
+	msg := sprintf("user %q may not start runs of agent %q", [user, input.agent.id])
+}
