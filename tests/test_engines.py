@@ -237,6 +237,23 @@ def test_the_embedded_revision_changes_with_the_policy(tmp_path):
     assert EmbeddedEngine(tmp_path).revision != before
 
 
+def test_the_embedded_engine_picks_up_a_policy_change_without_a_restart(tmp_path):
+    policy = tmp_path / "p.rego"
+    policy.write_text("package p\n\nallow := true\n")
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+    first = engine.evaluate_sync("p/allow", {})
+    policy.write_text("package p\n\nallow := false # now refused\n")
+    second = engine.evaluate_sync("p/allow", {})
+    assert (first.result, second.result) == (True, False)
+    assert first.revision != second.revision, "the new policy is a new revision"
+    policy.write_text("package p\n\nallow := \n")  # a change that does not compile
+    with pytest.raises(EngineError, match="cannot load"):
+        engine.evaluate_sync("p/allow", {})
+    policy.unlink()
+    with pytest.raises(EngineError, match="no Rego policies"):
+        engine.evaluate_sync("p/allow", {})
+
+
 def test_opa_reports_the_bundle_revision(opa_bin, tmp_path):
     """When OPA serves a bundle, the decision carries its revision."""
     bundle = tmp_path / "policies.tar.gz"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,39 +40,72 @@ def _clean(error: Exception) -> str:
     return str(error).split("\n\nStack backtrace", 1)[0].strip()
 
 
+def _fingerprint(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    """What changes when a policy file is added, removed or edited (cheap: one stat each)."""
+    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+
+
 class EmbeddedEngine:
-    """Evaluate a directory of Rego modules in-process."""
+    """Evaluate a directory of Rego modules in-process.
+
+    The modules are compiled once; when a policy file is added, removed or
+    edited, the next decision recompiles them (a new revision), so a worker
+    picks up policy changes without a restart. The files are looked at no more
+    than once per ``reload_interval`` seconds. A change that does not compile is
+    an error, and so a deny.
+    """
 
     name = "embedded"
 
-    def __init__(self, policy_dir: Path):
+    def __init__(self, policy_dir: Path, *, reload_interval: float = 1.0):
         self.policy_dir = Path(policy_dir)
-        files = policy_files(self.policy_dir)
-        if not files:
-            raise EngineError("evaluation", f"no Rego policies found in {self.policy_dir}")
-        self._engine = regorus.Engine()
-        for path in files:
-            try:
-                self._engine.add_policy(str(path.relative_to(self.policy_dir)), path.read_text())
-            except RuntimeError as exc:
-                raise EngineError("evaluation", f"cannot load {path}: {_clean(exc)}") from exc
-        self.revision = policy_revision(files, self.policy_dir)
+        self.reload_interval = reload_interval
+        self._checked_at = time.monotonic()
         # One regorus engine holds one input at a time.
         self._lock = threading.Lock()
+        self._load(policy_files(self.policy_dir))
+
+    def _load(self, files: list[Path]) -> None:
+        if not files:
+            raise EngineError("evaluation", f"no Rego policies found in {self.policy_dir}")
+        engine = regorus.Engine()
+        for path in files:
+            try:
+                engine.add_policy(str(path.relative_to(self.policy_dir)), path.read_text())
+            except RuntimeError as exc:
+                raise EngineError("evaluation", f"cannot load {path}: {_clean(exc)}") from exc
+        self._engine = engine
+        self._fingerprint = _fingerprint(files)
+        self.revision = policy_revision(files, self.policy_dir)
+
+    def _reload_if_changed(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < self.reload_interval:
+            return
+        self._checked_at = now
+        try:
+            files = policy_files(self.policy_dir)
+            changed = _fingerprint(files) != self._fingerprint
+        except OSError as exc:
+            raise EngineError("evaluation", f"cannot read the policies: {exc}") from exc
+        if changed:
+            self._load(files)
 
     def evaluate_sync(self, policy_path: str, policy_input: dict[str, Any]) -> EngineAnswer:
         query = "data." + ".".join(part for part in policy_path.strip("/").split("/") if part)
         with self._lock:
+            self._reload_if_changed()
             try:
                 self._engine.set_input_json(json.dumps(policy_input, default=str))
                 raw = json.loads(self._engine.eval_query_as_json(query))
             except RuntimeError as exc:
                 raise EngineError("evaluation", _clean(exc)) from exc
+            revision = self.revision
         try:
             value = raw["result"][0]["expressions"][0]["value"]
         except (KeyError, IndexError, TypeError):
             value = None  # undefined
-        return EngineAnswer(result=value, decision_id=None, revision=self.revision)
+        return EngineAnswer(result=value, decision_id=None, revision=revision)
 
     async def evaluate(self, policy_path: str, policy_input: dict[str, Any]) -> EngineAnswer:
         return self.evaluate_sync(policy_path, policy_input)
