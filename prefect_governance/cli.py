@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from prefect_governance.engines.base import EngineError, PolicyEngine
     from prefect_governance.lineage import LineageStore
+    from prefect_governance.models import Decision
 
 app = typer.Typer(
     name="prefect-governance",
@@ -212,6 +214,179 @@ def policy_validate(
         typer.echo(f"{file}: {error}")
     typer.echo(f"{file}: {'invalid' if errors else 'valid'} policy {chosen}")
     raise typer.Exit(1 if errors else 0)
+
+
+def _default_policy_dir() -> Path:
+    """Where the worker's embedded engine reads Rego: PREFECT_GOVERNANCE_POLICY_DIR or the
+    policies shipped in the package."""
+    from prefect_governance.settings import GovernanceSettings, packaged_policy_dir
+
+    return GovernanceSettings().policy_dir or packaged_policy_dir()
+
+
+PoliciesOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="The policy directory (default: PREFECT_GOVERNANCE_POLICY_DIR, "
+        "else the policies shipped in the package)."
+    ),
+]
+OpaBinOption = Annotated[
+    str | None,
+    typer.Option("--opa", help="The opa binary (default: OPA_BIN, else opa on the PATH)."),
+]
+
+
+@policy_app.command("test")
+def policy_test(
+    policies: PoliciesOption = None,
+    opa: OpaBinOption = None,
+    embedded_only: Annotated[
+        bool, typer.Option("--embedded-only", help="Run the embedded engine only.")
+    ] = False,
+) -> None:
+    """Run the Rego unit tests in the embedded engine and in OPA; fail on any difference."""
+    from prefect_governance import policy_tools as tools
+
+    policy_dir = policies or _default_policy_dir()
+    if not policy_dir.is_dir():
+        typer.echo(f"error: {policy_dir} is not a directory", err=True)
+        raise typer.Exit(2)
+    try:
+        binary = None if embedded_only else tools.find_opa(opa)
+        tests = tools.discover_tests(policy_dir)
+        if not tests:
+            typer.echo(f"no tests found: no test_ rules in *_test.rego files under {policy_dir}")
+            raise typer.Exit(1)
+        embedded = tools.run_embedded_tests(policy_dir, tests)
+        results = tools.run_opa_tests(policy_dir, binary, tests) if binary else None
+    except tools.PolicyToolError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if binary is None and not embedded_only:
+        typer.echo("opa not found: ran the embedded engine only")
+    comparisons = tools.compare(embedded, results)
+    for line in tools.report_lines(comparisons, results is not None):
+        typer.echo(line)
+    raise typer.Exit(0 if tools.all_passed(comparisons, results is not None) else 1)
+
+
+@policy_app.command("eval")
+def policy_eval(
+    input_file: Annotated[
+        Path, typer.Option("--input", help="The policy input, as JSON (see `policy validate`).")
+    ],
+    engine: Annotated[str, typer.Option(help="embedded or opa.")] = "embedded",
+    policies: PoliciesOption = None,
+    path: Annotated[
+        str | None,
+        typer.Option(
+            "--path", help="The policy path (default: the input's agent.policy_ref, as the worker)."
+        ),
+    ] = None,
+    opa_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Ask this OPA server (default: PREFECT_GOVERNANCE_OPA_URL, else a temporary "
+            "opa run --server on the policy directory)."
+        ),
+    ] = None,
+    opa: OpaBinOption = None,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="After the decision, say which rules fired and why.")
+    ] = False,
+    opa_explain: Annotated[
+        str, typer.Option(help="OPA's explain mode with --explain: fails, full, notes or debug.")
+    ] = "fails",
+) -> None:
+    """Decide one policy input as the worker would; print the decision (exit 1 if refused)."""
+    import contextlib
+
+    from prefect_governance import policy_tools as tools
+    from prefect_governance.engines.base import EngineError
+    from prefect_governance.settings import GovernanceSettings
+
+    if engine not in ("embedded", "opa"):
+        raise typer.BadParameter("embedded or opa", param_hint="--engine")
+    if opa_explain not in tools.OPA_EXPLAIN_MODES:
+        raise typer.BadParameter(", ".join(tools.OPA_EXPLAIN_MODES), param_hint="--opa-explain")
+    policy_input, errors = tools.read_policy_input(input_file)
+    if policy_input is None:
+        for error in errors:
+            typer.echo(error)
+        typer.echo(f"{input_file}: invalid policy input")
+        raise typer.Exit(2)
+    settings = GovernanceSettings()
+    policy_path = tools.policy_path_for(policy_input, path)
+    policy_dir = policies or _default_policy_dir()
+    token = settings.opa_token.get_secret_value() if settings.opa_token else None
+    url = opa_url or settings.opa_url
+    explanation: list[str] = []
+
+    async def run(built: PolicyEngine | EngineError) -> Decision:
+        try:
+            return await tools.evaluate_input(
+                built,
+                policy_input,
+                policy_path,
+                engine_name=engine,
+                deadline=settings.decision_timeout,
+            )
+        finally:
+            if not isinstance(built, EngineError):
+                await built.aclose()
+
+    with contextlib.ExitStack() as stack:
+        built: PolicyEngine | EngineError
+        if engine == "embedded":
+            from prefect_governance.engines.embedded import EmbeddedEngine
+
+            try:
+                built = EmbeddedEngine(policy_dir)
+            except EngineError as exc:
+                built = exc
+        else:
+            from prefect_governance.engines.opa import OpaEngine
+
+            if url is None:
+                try:
+                    binary = tools.find_opa(opa)
+                except tools.PolicyToolError as exc:
+                    binary = None
+                    typer.echo(f"error: {exc}", err=True)
+                if binary is None:
+                    typer.echo(
+                        "error: opa not found (give --opa-url, --opa, OPA_BIN, or put opa on "
+                        "the PATH)",
+                        err=True,
+                    )
+                    raise typer.Exit(2)
+                try:
+                    url = stack.enter_context(tools.temporary_opa_server(binary, policy_dir))
+                except EngineError as exc:
+                    built = exc
+            if url is not None:
+                try:
+                    built = OpaEngine(url, token=token)
+                except ValueError as exc:
+                    raise typer.BadParameter(str(exc), param_hint="--opa-url") from None
+        decision = asyncio.run(run(built))
+        if explain and engine == "opa" and url is not None:
+            explanation = tools.opa_explain(
+                url, policy_path, policy_input, mode=opa_explain, token=token
+            )
+    typer.echo(json.dumps(tools.decision_document(decision), indent=2))
+    if explain:
+        typer.echo("")
+        typer.echo("Why:")
+        for line in tools.explain_reasons(decision):
+            typer.echo(f"  {line}")
+        if engine == "opa":
+            typer.echo("")
+            typer.echo(f"OPA explain ({opa_explain}):")
+            for line in explanation or ["(OPA was not reachable)"]:
+                typer.echo(f"  {line}")
+    raise typer.Exit(0 if decision.runs else 1)
 
 
 @app.command()

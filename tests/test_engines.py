@@ -197,6 +197,13 @@ def test_a_builtin_error_is_a_refusal_in_both_engines(faulty_dir, faulty_opa):
         assert "(evaluation)" in decision.deny[0], (engine.name, decision.deny)
 
 
+def test_a_builtin_the_embedded_engine_lacks_is_named_with_its_policy(faulty_dir):
+    decision = _decide(EmbeddedEngine(faulty_dir), "faulty/allow", {"token": "a.b.c"})
+    assert decision.verdict == "refused"
+    assert "could not find function io.jwt.decode" in decision.deny[0], decision.deny
+    assert "faulty.rego:4" in decision.deny[0], "the error names the policy file and line"
+
+
 def test_an_undefined_path_is_a_refusal_in_both_engines(opa_server):
     for engine in (EmbeddedEngine(POLICIES), OpaEngine(opa_server.url)):
         decision = _decide(engine, "prefect/governance/nothing_here", {})
