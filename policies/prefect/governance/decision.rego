@@ -27,6 +27,22 @@ reasons contains reason if {
 	}
 }
 
+# An input without the contract's parts is refused: rules that cannot see a run
+# must not let it through just because none of them fired.
+reasons contains reason if {
+	some part in ["agent", "envelope", "context"]
+	not has_object(part)
+	reason := {
+		"kind": "deny",
+		"message": sprintf("the input has no %s object: it is not a governance input", [part]),
+		"rule": "prefect.governance.decision.deny",
+	}
+}
+
+# (A helper, not `not is_object(input[part])`: OPA leaves that undefined when the
+# part is missing, while regorus makes it true.)
+has_object(part) if is_object(input[part])
+
 deny contains reason.message if {
 	some reason in reasons
 	reason.kind == "deny"

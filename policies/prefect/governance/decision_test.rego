@@ -84,3 +84,11 @@ test_every_rule_test_case_is_collected_for_parity if {
 	count(testing.all_cases) > 40
 	testing.all_cases["capabilities/no capabilities"].envelope.capabilities == []
 }
+
+test_an_input_without_the_contract_is_refused if {
+	not decision.allow with input as {}
+	count(decision.deny) == 3 with input as {}
+	no_envelope := object.remove(testing.base, ["envelope"])
+	not decision.allow with input as no_envelope
+	"the input has no envelope object: it is not a governance input" in decision.deny with input as no_envelope
+}
