@@ -1,22 +1,46 @@
-# The governed worker as a container: `docker run -e PREFECT_API_URL=... image --pool governed`.
-# The embedded Rego engine and the default policies are inside; point the pool's
-# `engine` job variable at a governance-policy-engine block to use an OPA sidecar.
-FROM python:3.11-slim
+# The governed worker: `prefect worker start --type governed-process`, as an unprivileged user.
+#
+#   docker build -t prefect-governance:0.1.0 .
+#   docker run -e PREFECT_API_URL=http://prefect:4200/api -e PREFECT_WORK_POOL=governed \
+#       prefect-governance:0.1.0 [--limit 4 ...]      # extra `prefect worker start` options
+#
+# Decisions come from the embedded Rego engine and the packaged policies, or from an OPA
+# sidecar when PREFECT_GOVERNANCE_OPA_URL is set. OPA is not in this image (it runs beside it:
+# docker-compose.yml, deploy/kubernetes/). Every version installed is pinned in
+# deploy/constraints.txt, which tests/test_container.py checks against pyproject.toml.
+# The base image is pinned by tag and digest; see deploy/README.md.
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /opt/prefect-governance
+COPY deploy/constraints.txt ./deploy/constraints.txt
 COPY pyproject.toml README.md ./
 COPY prefect_governance ./prefect_governance
 COPY policies ./policies
+RUN pip install --constraint deploy/constraints.txt '.[postgres]' \
+    && groupadd --gid 10001 prefect \
+    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin prefect
+
+# Block documents and example flows, for `prefect-governance apply blocks/` and the demo.
 COPY blocks ./blocks
 COPY examples ./examples
 
-RUN pip install --no-cache-dir '.[postgres]' \
-    && useradd --create-home --uid 10001 prefect
-
-USER prefect
+USER 10001:10001
 ENV PREFECT_HOME=/home/prefect/.prefect \
-    PYTHONUNBUFFERED=1
+    PREFECT_WORK_POOL=governed \
+    PREFECT_WORKER_WEBSERVER_HOST=0.0.0.0 \
+    PREFECT_WORKER_WEBSERVER_PORT=8080
+EXPOSE 8080
 
-HEALTHCHECK CMD python -c "import prefect_governance" || exit 1
-ENTRYPOINT ["prefect", "worker", "start", "--type", "governed-process"]
-CMD ["--pool", "governed"]
+# `--with-healthcheck` serves GET /health on PREFECT_WORKER_WEBSERVER_PORT: 200 while the
+# worker polls its pool, 503 when it has stopped polling.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ['PREFECT_WORKER_WEBSERVER_PORT'], timeout=4)"]
+
+# The pool comes from PREFECT_WORK_POOL; arguments given to `docker run` are appended.
+ENTRYPOINT ["/bin/sh", "-c", "exec prefect worker start --type governed-process --pool \"$PREFECT_WORK_POOL\" --with-healthcheck \"$@\"", "prefect-worker"]
+CMD []
