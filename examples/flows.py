@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from prefect import flow
@@ -10,11 +11,20 @@ from prefect import flow
 
 @flow(log_prints=True)
 def load_warehouse(
-    rows: int = 10, table: str = "orders", marker: str | None = None, fail: bool = False
+    rows: int = 10,
+    table: str = "orders",
+    marker: str | None = None,
+    fail: bool = False,
+    seconds: float = 0.0,
 ) -> int:
-    """Pretend to load `rows` rows into `table`; leave a marker that it ran."""
+    """Pretend to load `rows` rows into `table` (taking `seconds`); leave a marker that it ran.
+
+    The marker gets one line per execution, so a run executed twice shows two.
+    """
     if marker:
-        Path(marker).write_text(f"loaded {rows} rows into {table}\n")
+        with open(marker, "a") as out:
+            out.write(f"loaded {rows} rows into {table}\n")
+    time.sleep(seconds)
     if fail:
         raise RuntimeError("the warehouse load failed (as asked)")
     print(f"loaded {rows} rows into {table}")

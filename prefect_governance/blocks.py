@@ -92,7 +92,15 @@ class GovernancePolicyEngine(Block):
     client_cert: str | None = Field(None, description="OPA: client certificate (mutual TLS).")
     client_key: str | None = Field(None, description="OPA: client key (mutual TLS).")
     timeout_seconds: float = Field(2.0, gt=0, description="OPA: timeout per request.")
-    retries: int = Field(1, ge=0, le=5, description="OPA: retries on connection errors and 5xx.")
+    retries: int = Field(
+        1, ge=0, le=5, description="OPA: retries on connection errors, timeouts and 5xx."
+    )
+    breaker_failures: int = Field(
+        3, ge=0, description="OPA: consecutive failures that open the circuit (0: never)."
+    )
+    breaker_reset_seconds: float = Field(
+        30.0, ge=0, description="OPA: seconds the circuit stays open before a trial request."
+    )
 
     def build(self) -> PolicyEngine:
         """A ready engine; the embedded one compiles its policies here, once."""
@@ -107,6 +115,8 @@ class GovernancePolicyEngine(Block):
                 client_key=self.client_key,
                 timeout=self.timeout_seconds,
                 retries=self.retries,
+                breaker_failures=self.breaker_failures,
+                breaker_reset_seconds=self.breaker_reset_seconds,
             )
         return EmbeddedEngine(Path(self.policy_dir) if self.policy_dir else packaged_policy_dir())
 

@@ -10,9 +10,16 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 from sqlmodel import Session, select
@@ -27,7 +34,7 @@ from prefect_governance.blocks import (
 from prefect_governance.controls import Controls
 from prefect_governance.decision import decide, settle, worker_refusal
 from prefect_governance.engines import EmbeddedEngine, EngineError, OpaEngine, PolicyEngine
-from prefect_governance.envelope import build_envelope
+from prefect_governance.envelope import ParameterLimitError, build_envelope
 from prefect_governance.lineage import LineageEvent, LineageStore, decision_event, outcome_event
 from prefect_governance.memory import CommitResult, MemoryStore
 from prefect_governance.models import (
@@ -42,6 +49,7 @@ from prefect_governance.models import (
     WorkerRef,
     WorkPoolRef,
 )
+from prefect_governance.runtime import PROPOSAL_KEY
 from prefect_governance.settings import (
     GovernanceSettings,
     default_lineage_url,
@@ -65,6 +73,8 @@ class Assessment:
     envelope: MutationEnvelope | None = None
     policy_input: dict[str, Any] | None = None
     memory: MemorySnapshot | None = None
+    agent_block: str | None = None  # the governance-agent block's name
+    worker: str | None = None  # the name of the worker that decided
 
     def grant(self) -> Grant:
         """What an allowed run receives (to be signed)."""
@@ -92,6 +102,44 @@ class Assessment:
                 fail_mode=controls.fail_mode,
             )
         )
+
+
+class AgentUnavailable(Exception):
+    """A governance-agent block that does not exist or does not validate."""
+
+
+async def load_agent(client: PrefectClient, name: str) -> GovernanceAgent:
+    """The governance-agent block of this name, or AgentUnavailable saying why not."""
+    try:
+        document = await client.read_block_document_by_name(
+            name, block_type_slug=GovernanceAgent.get_block_type_slug()
+        )
+    except ObjectNotFound:
+        raise AgentUnavailable(f"agent block {name!r} does not exist (governance-agent)") from None
+    try:
+        return GovernanceAgent.model_validate(document.data)
+    except ValidationError as exc:
+        raise AgentUnavailable(
+            f"agent block {name!r} is invalid: {describe_validation(exc)}"
+        ) from None
+
+
+async def read_proposals(client: PrefectClient, flow_run_id: Any) -> list[dict[str, Any]]:
+    """The memory proposals a run left as artifacts, oldest first."""
+    artifacts = await client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROPOSAL_KEY])),
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+    )
+    proposals = []
+    for artifact in sorted(artifacts, key=lambda a: str(a.created)):
+        data = artifact.data
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError:
+                data = None
+        proposals.append(data if isinstance(data, dict) else {})
+    return proposals
 
 
 def describe_validation(error: ValidationError) -> str:
@@ -124,6 +172,8 @@ class Governor:
                     built = OpaEngine(
                         self.settings.opa_url,
                         token=token.get_secret_value() if token else None,
+                        breaker_failures=self.settings.opa_breaker_failures,
+                        breaker_reset_seconds=self.settings.opa_breaker_reset_seconds,
                     )
                 else:
                     built = EmbeddedEngine(self.settings.policy_dir or packaged_policy_dir())
@@ -140,7 +190,10 @@ class Governor:
                     url = self.settings.lineage_url.get_secret_value()
                 else:
                     url = default_lineage_url()
-                self._stores[block_name] = await anyio.to_thread.run_sync(LineageStore, url)
+                timeout = self.settings.lineage_append_timeout
+                self._stores[block_name] = await anyio.to_thread.run_sync(
+                    partial(LineageStore, url, append_timeout=timeout)
+                )
             return self._stores[block_name]
 
     def memory(self, store: LineageStore) -> MemoryStore:
@@ -196,15 +249,9 @@ class Governor:
                 "of a governance-agent block"
             )
         try:
-            document = await client.read_block_document_by_name(
-                controls.agent, block_type_slug=GovernanceAgent.get_block_type_slug()
-            )
-        except ObjectNotFound:
-            return refuse(f"agent block {controls.agent!r} does not exist (governance-agent)")
-        try:
-            agent = GovernanceAgent.model_validate(document.data)
-        except ValidationError as exc:
-            return refuse(f"agent block {controls.agent!r} is invalid: {describe_validation(exc)}")
+            agent = await load_agent(client, controls.agent)
+        except AgentUnavailable as exc:
+            return refuse(str(exc))
 
         policy_path = agent.policy_ref or controls.policy_path
         mode = "audit" if agent.mode == "audit" else controls.mode
@@ -217,22 +264,27 @@ class Governor:
         if flow_run.parent_task_run_id:
             parent = await client.read_task_run(flow_run.parent_task_run_id)
             parent_flow_run_id = str(parent.flow_run_id) if parent.flow_run_id else None
-        envelope = build_envelope(
-            flow_run=flow_run,
-            flow=flow,
-            deployment=deployment,
-            work_pool=work_pool,
-            capabilities=controls.capabilities,
-            memory=MemoryAccess(
-                schema_hash=agent.memory_schema_hash,
-                previous_schema_hash=memory.schema_hash,
-                version=memory.version,
-            ),
-            parent_flow_run_id=parent_flow_run_id,
-            issued_at=now,
-            ttl=timedelta(seconds=self.settings.envelope_ttl),
-            redact_patterns=self.settings.redact_patterns,
-        )
+        try:
+            envelope = build_envelope(
+                flow_run=flow_run,
+                flow=flow,
+                deployment=deployment,
+                work_pool=work_pool,
+                capabilities=controls.capabilities,
+                memory=MemoryAccess(
+                    schema_hash=agent.memory_schema_hash,
+                    previous_schema_hash=memory.schema_hash,
+                    version=memory.version,
+                ),
+                parent_flow_run_id=parent_flow_run_id,
+                issued_at=now,
+                ttl=timedelta(seconds=self.settings.envelope_ttl),
+                redact_patterns=self.settings.redact_patterns,
+                max_parameter_bytes=self.settings.max_parameter_bytes,
+                max_parameter_depth=self.settings.max_parameter_depth,
+            )
+        except ParameterLimitError as exc:  # refused as the agent's run: it costs trust
+            return Assessment(refuse(str(exc)).decision, agent=agent, agent_block=controls.agent)
         policy_input = PolicyInput(
             agent=agent.to_agent_object(policy_path, trust),
             envelope=envelope,
@@ -255,7 +307,13 @@ class Governor:
         if controls.notes:
             decision.warn.extend(controls.notes)
         return Assessment(
-            decision, agent=agent, envelope=envelope, policy_input=policy_input, memory=memory
+            decision,
+            agent=agent,
+            envelope=envelope,
+            policy_input=policy_input,
+            memory=memory,
+            agent_block=controls.agent,
+            worker=worker_name,
         )
 
     async def record_decision(
@@ -269,9 +327,13 @@ class Governor:
                 agent_id=assessment.agent_id,
                 flow_run_id=flow_run_id,
                 envelope=envelope,
+                agent_block=assessment.agent_block,
+                worker=assessment.worker,
             )
         ]
-        if not assessment.decision.runs and assessment.agent is not None:
+        # A refusal costs the agent trust; an engine that could not answer is not its doing.
+        decision = assessment.decision
+        if not decision.runs and assessment.agent is not None and decision.error is None:
             trust = await anyio.to_thread.run_sync(
                 _trust_event, store, assessment, flow_run_id, ["refused"]
             )
@@ -292,8 +354,12 @@ class Governor:
         message: str | None = None,
         status_code: int | None = None,
         proposals: list[dict[str, Any]] | None = None,
-    ) -> None:
-        """Outcome, memory commit or rejection, and the trust update of one run."""
+    ) -> bool:
+        """Outcome, memory commit or rejection, and the trust update of one run.
+
+        Recorded once per decision: returns False when the run's outcome was already
+        recorded (by another worker's reconciler) and nothing was appended.
+        """
         decision_id = assessment.decision.id
         events: list[LineageEvent] = [
             outcome_event(
@@ -324,7 +390,9 @@ class Governor:
                     _trust_event, store, assessment, flow_run_id, trust_events
                 )
             )
-        await anyio.to_thread.run_sync(store.append, *events)
+        return await anyio.to_thread.run_sync(
+            partial(store.append, *events, once_per_decision="outcome")
+        )
 
     def _settle_memory(
         self,

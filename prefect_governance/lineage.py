@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from sqlalchemy import JSON, Column, UniqueConstraint, event, inspect
+from sqlalchemy import JSON, Column, UniqueConstraint, event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select, text
 
 from prefect_governance.canonical import canonical_json, sha256_of
+from prefect_governance.migrations import migrate
 from prefect_governance.models import Decision
 
 EventKind = Literal["decision", "outcome"]
@@ -173,7 +174,13 @@ def verify_chain(events: Sequence[LineageEvent]) -> ChainProblem | None:
 
 
 def decision_event(
-    decision: Decision, *, agent_id: str | None, flow_run_id: str, envelope: dict[str, Any] | None
+    decision: Decision,
+    *,
+    agent_id: str | None,
+    flow_run_id: str,
+    envelope: dict[str, Any] | None,
+    agent_block: str | None = None,
+    worker: str | None = None,
 ) -> LineageEvent:
     """The lineage record of a decision (with the envelope it was about)."""
     return LineageEvent(
@@ -193,11 +200,34 @@ def decision_event(
         mode=decision.mode,
         payload={
             "envelope": envelope,
+            "agent_block": agent_block,
+            "worker": worker,
             "annotations": decision.annotations,
             "rules": [reason.model_dump() for reason in decision.reasons],
             "fail_mode": decision.fail_mode,
             "error": decision.error,
         },
+    )
+
+
+def decision_from_event(event: LineageEvent) -> Decision:
+    """The decision a decision record holds (the inverse of ``decision_event``)."""
+    payload = event.payload or {}
+    return Decision(
+        id=event.decision_id or "",
+        verdict=event.verdict,  # type: ignore[arg-type]
+        allow=bool(event.allow),
+        deny=list(event.reasons or []),
+        warn=list(event.warnings or []),
+        annotations=payload.get("annotations") or {},
+        reasons=payload.get("rules") or [],
+        engine=event.engine or "-",
+        policy_path=event.policy_path or "",
+        policy_revision=event.policy_revision,
+        latency_ms=event.latency_ms or 0.0,
+        mode=event.mode or "enforce",  # type: ignore[arg-type]
+        fail_mode=payload.get("fail_mode") or "closed",
+        error=payload.get("error"),
     )
 
 
@@ -253,64 +283,59 @@ def _retryable(exc: Exception) -> bool:
     return isinstance(exc, OperationalError) and "locked" in message
 
 
-def _create_table(engine: Engine) -> None:
-    """Create the table unless it exists; losing that race to another process is fine."""
-    try:
-        SQLModel.metadata.create_all(engine, tables=[LineageEvent.__table__])
-    except DBAPIError:
-        if not inspect(engine).has_table(LineageEvent.__tablename__):
-            raise
-
-
-def _has_chain_column(engine: Engine) -> bool:
-    columns = inspect(engine).get_columns(LineageEvent.__tablename__)
-    return any(c["name"] == "chain" for c in columns)
-
-
 class LineageStore:
-    """Append and read lineage events at one database URL."""
+    """Append and read lineage events at one database URL.
 
-    def __init__(self, url: str):
+    Opening a store migrates its database to the current schema (see ``migrations``).
+    """
+
+    def __init__(self, url: str, *, append_timeout: float = 15.0):
         self.url = url
+        self.append_timeout = append_timeout  # seconds an append may keep retrying
         self.engine: Engine = create_engine(url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        _create_table(self.engine)
-        if not _has_chain_column(self.engine):
+        try:
+            migrate(self.engine)
+        except Exception:
             self.engine.dispose()
-            raise RuntimeError(
-                f"the lineage database at {self.engine.url!r} predates hash chaining "
-                f"(table {LineageEvent.__tablename__} has no 'chain' column): "
-                "migrate it or move it aside to recreate it"
-            )
+            raise
 
-    def append(self, *events: LineageEvent) -> None:
+    def append(self, *events: LineageEvent, once_per_decision: str | None = None) -> bool:
         """Chain and commit events durably, in one transaction; raise if that fails.
 
         Each event gets the next seq of its agent's chain; a lost race with another
-        appender (unique chain/seq) is rolled back and retried from the new head.
+        appender (unique chain/seq) is rolled back and retried from the new head,
+        for at most ``append_timeout`` seconds (then the error is raised). With
+        ``once_per_decision`` (an event kind), nothing is appended when the first
+        event's decision already has a record of that kind (checked under the chain's
+        lock): returns whether the events were appended.
         """
         if not events:
-            return
+            return False
         for e in events:
             _normalise(e)
         ordered = _by_chain(events)
         given_ids = [e.id for e in ordered]
+        once = (once_per_decision, events[0].decision_id) if once_per_decision else None
+        deadline = time.monotonic() + self.append_timeout
         for attempt in range(1, APPEND_ATTEMPTS + 1):
             try:
-                self._append_once(ordered)
-                return
+                return self._append_once(ordered, once)
             except (IntegrityError, OperationalError) as exc:
-                if attempt == APPEND_ATTEMPTS or not _retryable(exc):
+                last = attempt == APPEND_ATTEMPTS or time.monotonic() >= deadline
+                if last or not _retryable(exc):
                     raise
             for e, given in zip(ordered, given_ids, strict=True):
                 e.id = given
             time.sleep(random.uniform(0.001, 0.005 * attempt))
 
-    def _append_once(self, events: list[LineageEvent]) -> None:
+    def _append_once(self, events: list[LineageEvent], once: tuple[str, str | None] | None) -> bool:
         chains = sorted({e.chain for e in events})
         with Session(self.engine, expire_on_commit=False) as session:
             self._lock(session, chains)
+            if once is not None and self._has(session, *once):
+                return False
             heads = {chain: self._head(session, chain) for chain in chains}
             for e in events:
                 seq, prev_hash = heads[e.chain]
@@ -320,6 +345,14 @@ class LineageStore:
                 session.add(e)
                 session.flush()  # one at a time: ids rise with seq
             session.commit()
+        return True
+
+    @staticmethod
+    def _has(session: Session, kind: str, decision_id: str | None) -> bool:
+        query = select(LineageEvent.id).where(
+            LineageEvent.kind == kind, LineageEvent.decision_id == decision_id
+        )
+        return session.exec(query.limit(1)).first() is not None
 
     def _lock(self, session: Session, chains: list[str]) -> None:
         """Serialise appenders: SQLite's write lock, or PostgreSQL per-chain advisory locks."""
@@ -386,6 +419,25 @@ class LineageStore:
             ).all()
         counts = dict(rows)
         return sum(counts.values()), counts.get("refused", 0)
+
+    def unsettled(
+        self, verdicts: Iterable[str] = ("allowed", "audited", "ungoverned")
+    ) -> list[LineageEvent]:
+        """Decisions that let a run go ahead and have no outcome record yet, oldest first."""
+        outcomes = select(LineageEvent.decision_id).where(
+            LineageEvent.kind == "outcome", LineageEvent.decision_id.is_not(None)
+        )
+        query = (
+            select(LineageEvent)
+            .where(
+                LineageEvent.kind == "decision",
+                LineageEvent.verdict.in_(list(verdicts)),
+                LineageEvent.decision_id.not_in(outcomes),
+            )
+            .order_by(LineageEvent.id)
+        )
+        with Session(self.engine) as session:
+            return list(session.exec(query).all())
 
     def dispose(self) -> None:
         self.engine.dispose()

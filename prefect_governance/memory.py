@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, select
 
 from prefect_governance.canonical import sha256_of
+from prefect_governance.migrations import migrate
 from prefect_governance.models import MemorySnapshot
 
 
@@ -92,11 +93,11 @@ def snapshot(row: AgentMemory | None) -> MemorySnapshot:
 
 
 class MemoryStore:
-    """Agent memory in the lineage database."""
+    """Agent memory in the lineage database (migrated to the current schema on open)."""
 
     def __init__(self, engine: Any):
         self.engine = engine
-        SQLModel.metadata.create_all(engine, tables=[AgentMemory.__table__])
+        migrate(engine)
 
     def _latest(self, session: Session, agent_id: str) -> AgentMemory | None:
         query = (

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prefect_governance.envelope import MAX_PARAMETER_BYTES, MAX_PARAMETER_DEPTH
+
 # Worker credentials that must never reach a flow run's environment.
 WORKER_SECRETS = (
     "PREFECT_GOVERNANCE_SIGNING_KEY",
@@ -31,12 +33,40 @@ class GovernanceSettings(BaseSettings):
         None, description="Use this OPA sidecar instead of the embedded engine."
     )
     opa_token: SecretStr | None = None
+    opa_breaker_failures: int = Field(
+        3, ge=0, description="Consecutive OPA failures that open the circuit (0: never)."
+    )
+    opa_breaker_reset_seconds: float = Field(
+        30.0, ge=0, description="Seconds the circuit stays open before a trial request."
+    )
     decision_timeout: float = Field(5.0, gt=0, description="Seconds a decision may take in all.")
     signing_key: SecretStr | None = Field(
         None, description="Ed25519 seed (URL-safe base64) the worker signs envelopes with."
     )
     signing_key_id: str = Field("governance-worker", description="Id of that key's public half.")
     envelope_ttl: float = Field(600.0, gt=0, description="Seconds an envelope stays valid.")
+    max_parameter_bytes: int = Field(
+        MAX_PARAMETER_BYTES,
+        gt=0,
+        description="Largest parameter document (JSON bytes) sent to a policy.",
+    )
+    max_parameter_depth: int = Field(
+        MAX_PARAMETER_DEPTH,
+        gt=0,
+        description="Deepest nesting of the parameter document sent to a policy.",
+    )
+    lineage_append_timeout: float = Field(
+        15.0, gt=0, description="Seconds a lineage write may wait for locks before it fails."
+    )
+    reconcile_interval: float = Field(
+        60.0, gt=0, description="Seconds between the worker's passes over unsettled runs."
+    )
+    reconcile_grace: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds a run may sit Pending after its decision, or ended without its "
+        "outcome recorded, before the reconciler settles it.",
+    )
     redact_patterns: list[str] = Field(
         default_factory=lambda: [
             "password",

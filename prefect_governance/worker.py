@@ -8,17 +8,11 @@ process worker; its outcome is written to the lineage.
 
 from __future__ import annotations
 
-import json
+import time
 from typing import TYPE_CHECKING, Any
 
 import anyio.abc
 from prefect.client.schemas.actions import ArtifactCreate
-from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterKey,
-    FlowRunFilter,
-    FlowRunFilterId,
-)
 from prefect.states import Cancelled
 from prefect.workers.process import (
     ProcessJobConfiguration,
@@ -29,10 +23,11 @@ from prefect.workers.process import (
 from pydantic import Field
 
 from prefect_governance.controls import Controls, pool_defaults, resolve_controls
-from prefect_governance.governor import Assessment, Governor
+from prefect_governance.governor import Assessment, Governor, read_proposals
 from prefect_governance.models import DEFAULT_POLICY_PATH, FailMode, Mode, WorkPoolRef
+from prefect_governance.reconcile import reconcile
 from prefect_governance.report import decision_markdown, refusal_message
-from prefect_governance.runtime import ENVELOPE_ENV, PROPOSAL_KEY
+from prefect_governance.runtime import ENVELOPE_ENV
 from prefect_governance.settings import WORKER_SECRETS
 
 if TYPE_CHECKING:
@@ -129,6 +124,39 @@ class GovernedProcessWorker(ProcessWorker):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.governor = Governor()
+        self._reconciled_at: float | None = None
+        self._in_flight: set[str] = set()  # flow runs this worker is handling
+
+    async def get_and_submit_flow_runs(self) -> list[FlowRun]:
+        """Prefect's poll, then (at start and every reconcile_interval) a reconcile pass."""
+        submitted = await super().get_and_submit_flow_runs()
+        now = time.monotonic()
+        interval = self.governor.settings.reconcile_interval
+        if self._reconciled_at is None or now - self._reconciled_at >= interval:
+            self._reconciled_at = now
+            await self._reconcile()
+        return submitted
+
+    async def _reconcile(self) -> None:
+        """Settle runs decided by a worker that stopped before recording their outcome."""
+        logger = self._logger
+        try:
+            template = self.work_pool.base_job_template if self.work_pool else None
+            controls = resolve_controls(pool_defaults(template), {})
+            store = await self.governor.lineage(controls.lineage_store, self.client)
+            settled = await reconcile(
+                self.governor,
+                self.client,
+                store,
+                pool=self._work_pool_name,
+                worker=self.name,
+                in_flight=self._in_flight,
+            )
+        except Exception:
+            logger.exception("Reconciling unsettled runs failed; trying again next interval.")
+            return
+        for line in settled:
+            logger.warning("Reconciled: %s", line)
 
     async def __aexit__(self, *exc_info: Any) -> None:
         try:
@@ -141,6 +169,18 @@ class GovernedProcessWorker(ProcessWorker):
         flow_run: FlowRun,
         configuration: GovernedProcessJobConfiguration,
         task_status: anyio.abc.TaskStatus[int] | None = None,
+    ) -> ProcessWorkerResult:
+        self._in_flight.add(str(flow_run.id))
+        try:
+            return await self._governed_run(flow_run, configuration, task_status)
+        finally:
+            self._in_flight.discard(str(flow_run.id))
+
+    async def _governed_run(
+        self,
+        flow_run: FlowRun,
+        configuration: GovernedProcessJobConfiguration,
+        task_status: anyio.abc.TaskStatus[int] | None,
     ) -> ProcessWorkerResult:
         logger = self.get_flow_run_logger(flow_run)
         controls = self._controls(configuration)
@@ -180,8 +220,8 @@ class GovernedProcessWorker(ProcessWorker):
             logger.warning("Governance warning: %s", warning)
         if decision.verdict == "audited":
             logger.warning("Audit mode: this run would be refused: %s", "; ".join(decision.deny))
-        for secret in WORKER_SECRETS:  # the worker's credentials never reach the run
-            configuration.env.pop(secret, None)
+        for secret in WORKER_SECRETS:  # the worker's credentials never reach the run:
+            configuration.env[secret] = None  # None unsets (Prefect merges os.environ again)
         configuration.env[DECISION_ENV] = decision.id
         if assessment.envelope is not None and key is not None:
             configuration.env[ENVELOPE_ENV] = self.governor.sign(key, assessment)
@@ -293,22 +333,5 @@ class GovernedProcessWorker(ProcessWorker):
             name,
             message=message,
             status_code=status_code,
-            proposals=await self._proposals(flow_run) if assessment.agent else [],
+            proposals=await read_proposals(self.client, flow_run.id) if assessment.agent else [],
         )
-
-    async def _proposals(self, flow_run: FlowRun) -> list[dict[str, Any]]:
-        """The memory proposals the run left as artifacts, oldest first."""
-        artifacts = await self.client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROPOSAL_KEY])),
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
-        )
-        proposals = []
-        for artifact in sorted(artifacts, key=lambda a: str(a.created)):
-            data = artifact.data
-            if isinstance(data, str):
-                try:
-                    data = json.loads(data)
-                except json.JSONDecodeError:
-                    data = None
-            proposals.append(data if isinstance(data, dict) else {})
-        return proposals

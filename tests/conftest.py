@@ -131,10 +131,16 @@ class Postgres:
             check=True,
             capture_output=True,
         )
+        self.bindir, self.root = bindir, root
+        self.url = f"postgresql+psycopg://governance@127.0.0.1:{self.port}/postgres"
+        self.start()
+
+    def start(self) -> None:
+        """Start the server (again, on the same port and data) and wait until it accepts."""
         self.process = spawn(
             [
                 *self.run_as,
-                str(bindir / "postgres"),
+                str(self.bindir / "postgres"),
                 "-D",
                 str(self.data),
                 "-p",
@@ -142,15 +148,15 @@ class Postgres:
                 "-h",
                 "127.0.0.1",
                 "-k",
-                str(root),
+                str(self.root),
             ],
             os.environ,
-            root / "postgres.log",
+            self.root / "postgres.log",
         )
-        self.url = f"postgresql+psycopg://governance@127.0.0.1:{self.port}/postgres"
-        for _ in range(100):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             ready = subprocess.run(
-                [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
                 capture_output=True,
             )
             if ready.returncode == 0:
@@ -158,9 +164,13 @@ class Postgres:
             if self.process.poll() is not None:
                 break
             time.sleep(0.2)
-        raise RuntimeError(f"PostgreSQL did not start; see {root / 'postgres.log'}")
+        raise RuntimeError(f"PostgreSQL did not start; see {self.root / 'postgres.log'}")
 
     def stop(self) -> None:
+        """A fast shutdown (clients disconnected), so the cluster can start again."""
+        if self.process.poll() is None:
+            pg_ctl = [*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data)]
+            subprocess.run([*pg_ctl, "-m", "fast", "-w", "-t", "30", "stop"], capture_output=True)
         stop(self.process)
 
 

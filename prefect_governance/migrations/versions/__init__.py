@@ -1,0 +1,1 @@
+"""The lineage schema's revisions (Alembic skips this file)."""

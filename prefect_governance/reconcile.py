@@ -1,0 +1,173 @@
+"""Settle runs whose decision the lineage holds but whose outcome it lacks.
+
+A worker killed between a decision and the run's end leaves such runs behind:
+one that never started sits PENDING, one that ran to its end (the flow process
+outlives its worker) holds a final state in Prefect that nobody recorded. The
+governed worker reconciles them from Prefect's own state: a final state is
+recorded as the run's outcome (with its memory proposals and trust update); a
+run still PENDING with no process long after its decision is marked CRASHED,
+never started again, so no run executes twice or without a decision. Only runs
+of the worker's own pool are settled, and only those whose deciding worker is
+gone: neither a run this worker is still handling nor one of another online
+worker.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+from prefect.client.schemas.objects import WorkerStatus
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Crashed
+
+from prefect_governance.governor import (
+    AgentUnavailable,
+    Assessment,
+    load_agent,
+    read_proposals,
+)
+from prefect_governance.lineage import LineageEvent, as_utc, decision_from_event
+from prefect_governance.models import MemorySnapshot
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
+
+    from prefect_governance.governor import Governor
+    from prefect_governance.lineage import LineageStore
+
+Action = Literal["record", "crash", "wait"]
+
+NEVER_STARTED = (
+    "the governed worker stopped between the decision and the start; the run never started"
+)
+
+
+def settle_action(
+    *,
+    state_type: str | None,
+    is_final: bool,
+    has_process: bool,
+    decided_at: datetime,
+    ended_at: datetime | None,
+    now: datetime,
+    grace: timedelta,
+) -> Action:
+    """What to do with a run whose outcome the lineage lacks (pure)."""
+    if is_final:
+        # The worker that ran it records its outcome as it ends: give it the grace.
+        return "record" if ended_at is None or now - ended_at >= grace else "wait"
+    if state_type == "PENDING" and not has_process and now - decided_at >= grace:
+        return "crash"
+    return "wait"
+
+
+def is_orphan(
+    payload: dict[str, Any], *, pool: str, worker: str, in_flight: set[str], online: set[str]
+) -> bool:
+    """Whether a decision of this pool was left by a worker that no longer handles it (pure).
+
+    A run this worker is still handling, or one decided by another worker that is
+    online, is that worker's to settle.
+    """
+    envelope = payload.get("envelope") or {}
+    if (envelope.get("work_pool") or {}).get("name") != pool:
+        return False
+    decided_by = payload.get("worker")
+    if decided_by == worker:
+        return (envelope.get("flow_run") or {}).get("id") not in in_flight
+    return decided_by not in online
+
+
+async def reconcile(
+    governor: Governor,
+    client: PrefectClient,
+    store: LineageStore,
+    *,
+    pool: str,
+    worker: str,
+    in_flight: set[str],
+) -> list[str]:
+    """One pass over the pool's unsettled runs; a line for each run settled."""
+    grace = timedelta(seconds=governor.settings.reconcile_grace)
+    online = {
+        w.name
+        for w in await client.read_workers_for_work_pool(pool)
+        if w.status == WorkerStatus.ONLINE and w.name != worker
+    }
+    settled: list[str] = []
+    for event in await anyio.to_thread.run_sync(store.unsettled):
+        payload = event.payload or {}
+        if not is_orphan(payload, pool=pool, worker=worker, in_flight=in_flight, online=online):
+            continue
+        line = await _settle(governor, client, store, event, grace)
+        if line:
+            settled.append(line)
+    return settled
+
+
+async def _settle(
+    governor: Governor,
+    client: PrefectClient,
+    store: LineageStore,
+    event: LineageEvent,
+    grace: timedelta,
+) -> str | None:
+    flow_run_id = event.flow_run_id
+    try:
+        flow_run = await client.read_flow_run(flow_run_id)
+    except ObjectNotFound:
+        flow_run = None
+    now = datetime.now(timezone.utc)
+    if flow_run is None:
+        state, message = "UNKNOWN", "the flow run no longer exists in Prefect"
+    else:
+        current = flow_run.state
+        action = settle_action(
+            state_type=current.type.value if current else None,
+            is_final=bool(current and current.is_final()),
+            has_process=bool(flow_run.infrastructure_pid),
+            decided_at=as_utc(event.created_at),
+            ended_at=flow_run.end_time or (current.timestamp if current else None),
+            now=now,
+            grace=grace,
+        )
+        if action == "wait":
+            return None
+        if action == "crash":
+            await client.set_flow_run_state(flow_run.id, Crashed(message=NEVER_STARTED))
+            state, message = "CRASHED", NEVER_STARTED
+        else:
+            state, message = current.type.value, current.message  # type: ignore[union-attr]
+    assessment = await _assessment_of(client, event)
+    proposals = (
+        await read_proposals(client, flow_run.id)
+        if flow_run is not None and assessment.agent
+        else []
+    )
+    recorded = await governor.record_run_end(
+        store, assessment, str(flow_run_id), state, message=message, proposals=proposals
+    )
+    return f"flow run {flow_run_id}: {state} ({message})" if recorded else None
+
+
+async def _assessment_of(client: PrefectClient, event: LineageEvent) -> Assessment:
+    """The decision as recorded, with the agent (as its block reads now) and memory base."""
+    payload = event.payload or {}
+    block = payload.get("agent_block")
+    agent = None
+    if block:
+        try:
+            agent = await load_agent(client, block)
+        except AgentUnavailable:
+            agent = None  # the outcome is still recorded, without memory or trust
+    if agent is not None and agent.id != event.agent_id:
+        agent = None  # the block now holds another agent: do not charge it
+    version = ((payload.get("envelope") or {}).get("memory") or {}).get("version", 0)
+    return Assessment(
+        decision_from_event(event),
+        agent=agent,
+        memory=MemorySnapshot(version=version),
+        agent_block=block,
+    )
