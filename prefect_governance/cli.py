@@ -89,18 +89,21 @@ UrlOption = Annotated[
 ]
 
 
-def _store(url: str | None) -> LineageStore:
-    from prefect_governance.lineage import LineageStore
+def _lineage_url(url: str | None) -> str:
     from prefect_governance.settings import GovernanceSettings, default_lineage_url
 
-    if url is None:
-        settings = GovernanceSettings()
-        url = (
-            settings.lineage_url.get_secret_value()
-            if settings.lineage_url
-            else default_lineage_url()
-        )
-    return LineageStore(url)
+    if url is not None:
+        return url
+    settings = GovernanceSettings()
+    return (
+        settings.lineage_url.get_secret_value() if settings.lineage_url else default_lineage_url()
+    )
+
+
+def _store(url: str | None) -> LineageStore:
+    from prefect_governance.lineage import LineageStore
+
+    return LineageStore(_lineage_url(url))
 
 
 @lineage_app.command("list")
@@ -146,6 +149,28 @@ def lineage_verify(url: UrlOption = None) -> None:
     typer.echo(verify_report({c: len(store.chain(c)) for c in store.chains()}, problems))
     store.dispose()
     raise typer.Exit(1 if problems else 0)
+
+
+@lineage_app.command("upgrade")
+def lineage_upgrade(url: UrlOption = None) -> None:
+    """Migrate the lineage database to this release's schema (workers also do it on open)."""
+    from prefect_governance.migrations import SchemaError, upgrade
+
+    try:
+        done = upgrade(_lineage_url(url))
+    except SchemaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    before = ", ".join(done.before) or "none"
+    after = ", ".join(done.after) or "none"
+    adopted = (
+        " (a database from before migrations, adopted at the baseline)" if done.adopted else ""
+    )
+    typer.echo(
+        f"lineage schema: {before} -> {after}{adopted}"
+        if done.changed
+        else f"lineage schema: {after}, up to date"
+    )
 
 
 @lineage_app.command("export")

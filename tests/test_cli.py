@@ -259,3 +259,16 @@ def _processes_with_home(home: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_lineage_upgrade_migrates_once_then_reports_up_to_date(tmp_path):
+    url = f"sqlite:///{tmp_path / 'lineage.db'}"
+    first = subprocess.run(
+        [*CLI, "lineage", "upgrade", "--url", url], capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stderr
+    assert "lineage schema: none -> 0001" in first.stdout
+    again = subprocess.run(
+        [*CLI, "lineage", "upgrade", "--url", url], capture_output=True, text=True
+    )
+    assert "lineage schema: 0001, up to date" in again.stdout
