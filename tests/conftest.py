@@ -5,6 +5,7 @@ Outside CI a missing part skips the tests that need it; with CI=true it fails th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -181,17 +182,28 @@ def _pg_bindir() -> Path | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    # Not under pytest's tmp dir: that is private to root, and PostgreSQL runs as postgres.
-    root = Path(tempfile.mkdtemp(prefix="governance-pg-"))
+@contextlib.contextmanager
+def own_postgres(prefix: str = "governance-pg-") -> Iterator[Postgres]:
+    """A throwaway cluster of one's own, removed afterwards.
+
+    Not under pytest's tmp dir: that is private to root, and PostgreSQL runs as postgres.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)
     try:
         server = Postgres(root)
-        yield server
-        server.stop()
+        try:
+            yield server
+        finally:
+            server.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    with own_postgres() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

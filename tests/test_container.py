@@ -17,7 +17,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import uuid
@@ -32,6 +31,7 @@ from packaging.utils import canonicalize_name
 
 from prefect_governance.local import free_port, prefect_env, spawn, stop, wait_http
 from tests.conftest import ROOT, Postgres, _pg_bindir, missing
+from tests.conftest import own_postgres as scratch_postgres
 
 try:
     import tomllib
@@ -582,14 +582,8 @@ def test_image_command_starts_a_healthy_governed_worker(prefect_server, tmp_path
 @pytest.fixture(scope="module")
 def own_postgres() -> Iterator[Postgres]:
     """A cluster of its own: the init script creates cluster-wide roles."""
-    root = Path(tempfile.mkdtemp(prefix="governance-pg-compose-"))
-    root.chmod(0o755)
-    try:
-        server = Postgres(root)
+    with scratch_postgres("governance-pg-compose-") as server:
         yield server
-        server.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_postgres_init_script_makes_two_separate_databases(own_postgres: Postgres) -> None:

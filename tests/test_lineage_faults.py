@@ -7,9 +7,7 @@ again on the same port; a real SQLite lineage is locked by another connection.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import sqlite3
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from prefect_governance.blocks import GovernanceAgent, GovernanceLineageStore
 from prefect_governance.demo import deploy_example, pool_template, wait_final
 from prefect_governance.lineage import LineageStore
 from prefect_governance.local import start_worker, stop
-from tests.conftest import Postgres
+from tests.conftest import own_postgres
 
 pytestmark = pytest.mark.e2e
 
@@ -61,27 +59,23 @@ def _decisions(store: LineageStore, run) -> list:
 
 @pytest.fixture
 def pg_down_and_back(prefect_server, tmp_path):
-    root = Path(tempfile.mkdtemp(prefix="governance-pg-fault-"))
-    root.chmod(0o755)
-    server = Postgres(root)
-    deployment = asyncio.run(_pool("gov-pg-fault", server.url))
-    worker = start_worker(
-        "gov-pg-fault", prefect_server.home, prefect_server.api_url, tmp_path / "worker.log"
-    )
-    runs = {}
-    try:
-        runs["before"] = (_run_once(deployment, tmp_path / "before"), tmp_path / "before")
-        server.stop()
-        runs["down"] = (_run_once(deployment, tmp_path / "down"), tmp_path / "down")
-        server.start()
-        runs["back"] = (_run_once(deployment, tmp_path / "back"), tmp_path / "back")
-        store = LineageStore(server.url)
-        yield runs, store
-        store.dispose()
-    finally:
-        stop(worker)
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with own_postgres("governance-pg-fault-") as server:
+        deployment = asyncio.run(_pool("gov-pg-fault", server.url))
+        worker = start_worker(
+            "gov-pg-fault", prefect_server.home, prefect_server.api_url, tmp_path / "worker.log"
+        )
+        runs = {}
+        try:
+            runs["before"] = (_run_once(deployment, tmp_path / "before"), tmp_path / "before")
+            server.stop()
+            runs["down"] = (_run_once(deployment, tmp_path / "down"), tmp_path / "down")
+            server.start()
+            runs["back"] = (_run_once(deployment, tmp_path / "back"), tmp_path / "back")
+            store = LineageStore(server.url)
+            yield runs, store
+            store.dispose()
+        finally:
+            stop(worker)
 
 
 def test_postgresql_stopped_refuses_and_recovers(pg_down_and_back):
