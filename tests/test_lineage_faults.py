@@ -133,3 +133,21 @@ def test_sqlite_locked_refuses_and_recovers(sqlite_locked):
     assert free.state.is_completed() and runs["free"][1].exists()
     assert len(_decisions(store, free)) == 1
     assert store.verify() == []
+
+
+def test_a_read_only_sqlite_lineage_refuses(prefect_server, tmp_path):
+    """A lineage that cannot be written (opened read-only): no run starts."""
+    path = tmp_path / "lineage.db"
+    LineageStore(f"sqlite:///{path}").dispose()  # it exists, migrated
+    read_only = f"sqlite:///file:{path}?mode=ro&uri=true"
+    deployment = asyncio.run(_pool("gov-sqlite-ro", read_only))
+    worker = start_worker(
+        "gov-sqlite-ro", prefect_server.home, prefect_server.api_url, tmp_path / "worker.log"
+    )
+    try:
+        run = _run_once(deployment, tmp_path / "marker")
+    finally:
+        stop(worker)
+    assert run.state.name == "Refused", run.state
+    assert not (tmp_path / "marker").exists()
+    assert "lineage" in run.state.message and "readonly" in run.state.message.replace(" ", "")
