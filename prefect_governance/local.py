@@ -95,10 +95,15 @@ def prefect_env(home: Path, api_url: str | None = None, **extra: str) -> dict[st
 
 
 class PrefectServer:
-    """``prefect server start`` on a free loopback port, SQLite in a private home."""
+    """``prefect server start`` on a free loopback port, in a private home.
 
-    def __init__(self, home: Path):
+    Its database is SQLite in that home, or ``database_url`` (PostgreSQL, through
+    ``postgresql+asyncpg://``) as in production.
+    """
+
+    def __init__(self, home: Path, database_url: str | None = None):
         self.home = home
+        self.database_url = database_url
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.log = home / "server.log"
@@ -118,7 +123,7 @@ class PrefectServer:
                 "--port",
                 str(self.port),
             ],
-            prefect_env(self.home),
+            prefect_env(self.home, **self._database_env()),
             self.log,
         )
         try:
@@ -127,6 +132,11 @@ class PrefectServer:
             self.stop()
             raise RuntimeError(f"Prefect server did not start; see {self.log}") from None
         return self
+
+    def _database_env(self) -> dict[str, str]:
+        if self.database_url is None:
+            return {}
+        return {"PREFECT_API_DATABASE_CONNECTION_URL": self.database_url}
 
     def stop(self) -> None:
         if self.process is not None:
