@@ -16,20 +16,21 @@ default allow := false
 allow if count(deny) == 0
 
 # Each deny or warn message with the rule (package and rule name) behind it.
-reasons contains reason if {
-	some kind in ["deny", "warn"]
+reasons := denied | warned
+
+denied contains {"kind": "deny", "message": message, "rule": sprintf("prefect.governance.rules.%s.deny", [module])} if {
 	some module
-	some message in rules[module][kind]
-	reason := {
-		"kind": kind,
-		"message": message,
-		"rule": sprintf("prefect.governance.rules.%s.%s", [module, kind]),
-	}
+	some message in rules[module].deny
+}
+
+warned contains {"kind": "warn", "message": message, "rule": sprintf("prefect.governance.rules.%s.warn", [module])} if {
+	some module
+	some message in rules[module].warn
 }
 
 # An input without the contract's parts is refused: rules that cannot see a run
 # must not let it through just because none of them fired.
-reasons contains reason if {
+denied contains reason if {
 	some part in ["agent", "envelope", "context"]
 	not has_object(part)
 	reason := {
@@ -43,15 +44,9 @@ reasons contains reason if {
 # part is missing, while regorus makes it true.)
 has_object(part) if is_object(input[part])
 
-deny contains reason.message if {
-	some reason in reasons
-	reason.kind == "deny"
-}
+deny := {reason.message | some reason in denied}
 
-warn contains reason.message if {
-	some reason in reasons
-	reason.kind == "warn"
-}
+warn := {reason.message | some reason in warned}
 
 annotations := {
 	"governance.agent": input.agent.id,
