@@ -244,9 +244,9 @@ def policy_validate(
 def _default_policy_dir() -> Path:
     """Where the worker's embedded engine reads Rego: PREFECT_GOVERNANCE_POLICY_DIR or the
     policies shipped in the package."""
-    from prefect_governance.settings import GovernanceSettings, packaged_policy_dir
+    from prefect_governance.settings import GovernanceSettings, worker_policy_dir
 
-    return GovernanceSettings().policy_dir or packaged_policy_dir()
+    return worker_policy_dir(GovernanceSettings())
 
 
 PoliciesOption = Annotated[

@@ -53,7 +53,7 @@ from prefect_governance.runtime import PROPOSAL_KEY
 from prefect_governance.settings import (
     GovernanceSettings,
     default_lineage_url,
-    packaged_policy_dir,
+    worker_policy_dir,
 )
 from prefect_governance.signing import SigningKey, sign
 from prefect_governance.trust import next_score, run_events, trust_state
@@ -176,7 +176,7 @@ class Governor:
                         breaker_reset_seconds=self.settings.opa_breaker_reset_seconds,
                     )
                 else:
-                    built = EmbeddedEngine(self.settings.policy_dir or packaged_policy_dir())
+                    built = EmbeddedEngine(worker_policy_dir(self.settings))
                 self._engines[block_name] = built
             return self._engines[block_name]
 

@@ -30,6 +30,7 @@ import yaml
 
 from prefect_governance.decision import decide, settle
 from prefect_governance.engines.base import EngineError, PolicyEngine
+from prefect_governance.engines.embedded import clean_error
 from prefect_governance.models import DEFAULT_POLICY_PATH, Decision
 from prefect_governance.schema import validate_document
 
@@ -153,11 +154,6 @@ class Outcome:
     message: str | None = None
 
 
-def _clean(error: Exception) -> str:
-    """regorus appends a Rust backtrace to its messages; keep the message."""
-    return str(error).split("\n\nStack backtrace", 1)[0].strip()
-
-
 def brief(message: str) -> str:
     """regorus's multi-line error (location, source excerpt, ``error: ...``) on one line."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
@@ -198,7 +194,7 @@ def _run_one(engine: regorus.Engine, test: RegoTest) -> Outcome:
     try:
         raw = json.loads(engine.eval_query_as_json(query))
     except RuntimeError as exc:
-        return Outcome(False, _clean(exc))
+        return Outcome(False, clean_error(exc))
     try:
         value = raw["result"][0]["expressions"][0]["value"]
     except (KeyError, IndexError, TypeError):
@@ -230,7 +226,7 @@ def run_embedded_tests(policy_dir: Path, tests: list[RegoTest] | None = None) ->
     try:
         shared = _engine(sources, data)
     except RuntimeError as exc:
-        failed = Outcome(False, f"cannot load the policies: {_clean(exc)}")
+        failed = Outcome(False, f"cannot load the policies: {clean_error(exc)}")
         return {test.ref: failed for test in tests}
     for test in tests:
         siblings = by_rule[(test.package, test.rule)]
@@ -240,7 +236,7 @@ def run_embedded_tests(policy_dir: Path, tests: list[RegoTest] | None = None) ->
         try:
             engine = _engine(_isolate(sources, test, siblings), data)
         except RuntimeError as exc:
-            outcomes[test.ref] = Outcome(False, _clean(exc))
+            outcomes[test.ref] = Outcome(False, clean_error(exc))
         else:
             outcomes[test.ref] = _run_one(engine, test)
     return outcomes

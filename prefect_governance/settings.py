@@ -82,6 +82,11 @@ class GovernanceSettings(BaseSettings):
     )
 
 
+def worker_policy_dir(settings: GovernanceSettings) -> Path:
+    """Where the embedded engine reads Rego when no engine block says otherwise."""
+    return settings.policy_dir or packaged_policy_dir()
+
+
 def packaged_policy_dir() -> Path:
     """The Rego library shipped inside the package."""
     from importlib.resources import files

@@ -35,7 +35,7 @@ def policy_revision(files: list[Path], root: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _clean(error: Exception) -> str:
+def clean_error(error: Exception) -> str:
     """regorus appends a Rust backtrace to its messages; keep the message."""
     return str(error).split("\n\nStack backtrace", 1)[0].strip()
 
@@ -73,7 +73,7 @@ class EmbeddedEngine:
             try:
                 engine.add_policy(str(path.relative_to(self.policy_dir)), path.read_text())
             except RuntimeError as exc:
-                raise EngineError("evaluation", f"cannot load {path}: {_clean(exc)}") from exc
+                raise EngineError("evaluation", f"cannot load {path}: {clean_error(exc)}") from exc
         self._engine = engine
         self._fingerprint = _fingerprint(files)
         self.revision = policy_revision(files, self.policy_dir)
@@ -99,7 +99,7 @@ class EmbeddedEngine:
                 self._engine.set_input_json(json.dumps(policy_input, default=str))
                 raw = json.loads(self._engine.eval_query_as_json(query))
             except RuntimeError as exc:
-                raise EngineError("evaluation", _clean(exc)) from exc
+                raise EngineError("evaluation", clean_error(exc)) from exc
             revision = self.revision
         try:
             value = raw["result"][0]["expressions"][0]["value"]
