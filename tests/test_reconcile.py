@@ -160,6 +160,14 @@ async def _wait_state(run_id, names: set[str], timeout: float):
             await asyncio.sleep(0.5)
 
 
+def _wait_for(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.2)
+
+
 def _wait_outcome(store: LineageStore, run_id, timeout: float):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -196,7 +204,7 @@ def killed(prefect_server, tmp_path_factory):
         orphan_id = asyncio.run(_run(setup["deployment"], orphan, seconds=6))
         first = start_worker(POOL, home, api, tmp / "worker-first.log", extra_env=FAST_HEARTBEAT)
         workers.append(first)
-        asyncio.run(_wait_state(orphan_id, {"RUNNING"}, timeout=120))
+        _wait_for(orphan, timeout=120)  # the flow's body is running (RUNNING comes earlier)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         asyncio.run(_wait_state(orphan_id, FINAL, timeout=120))
