@@ -6,12 +6,13 @@ import hashlib
 import json
 from typing import Any
 
+# One encoder for every call (json.dumps would build one per call).
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
 
 def canonical_json(value: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8; anything not JSON becomes its str()."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
-    ).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def sha256_of(value: Any) -> str:

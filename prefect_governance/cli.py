@@ -146,7 +146,7 @@ def lineage_verify(url: UrlOption = None) -> None:
 
     store = _store(url)
     problems = store.verify()
-    typer.echo(verify_report({c: len(store.chain(c)) for c in store.chains()}, problems))
+    typer.echo(verify_report(store.lengths(), problems))
     store.dispose()
     raise typer.Exit(1 if problems else 0)
 

@@ -73,11 +73,16 @@ def pool_template(**defaults: Any) -> dict[str, Any]:
 
 
 async def deploy_example(
-    name: str, pool: str, job_variables: dict[str, Any], flow_name: str = "load_warehouse"
+    name: str,
+    pool: str,
+    job_variables: dict[str, Any],
+    flow_name: str = "load_warehouse",
+    *,
+    directory: Path = ROOT / "examples",
 ) -> UUID:
-    """Deploy a flow of examples/flows.py to a pool, from the local source."""
+    """Deploy a flow of flows.py in ``directory`` (examples/) to a pool, from the local source."""
     source = await prefect_flow.from_source(
-        source=str(ROOT / "examples"), entrypoint=f"flows.py:{flow_name}"
+        source=str(directory), entrypoint=f"flows.py:{flow_name}"
     )
     with contextlib.redirect_stdout(io.StringIO()):  # deploy() prints a table per call
         return await source.deploy(
@@ -278,7 +283,7 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
     print(lineage_table(store.recent(60)))
     print("\n$ prefect-governance lineage verify")
     problems = store.verify()
-    print(verify_report({c: len(store.chain(c)) for c in store.chains()}, problems))
+    print(verify_report(store.lengths(), problems))
     ok &= not problems
     store.dispose()
     if not ok:

@@ -35,7 +35,13 @@ from prefect_governance.controls import Controls
 from prefect_governance.decision import decide, settle, worker_refusal
 from prefect_governance.engines import EmbeddedEngine, EngineError, OpaEngine, PolicyEngine
 from prefect_governance.envelope import ParameterLimitError, build_envelope
-from prefect_governance.lineage import LineageEvent, LineageStore, decision_event, outcome_event
+from prefect_governance.lineage import (
+    LineageEvent,
+    LineageStore,
+    chain_of,
+    decision_event,
+    outcome_event,
+)
 from prefect_governance.memory import CommitResult, MemoryStore
 from prefect_governance.models import (
     Decision,
@@ -509,9 +515,9 @@ def trust_history(store: LineageStore, agent_id: str, k: int) -> list[float]:
     """The agent's last k trust scores, oldest first."""
     with Session(store.engine) as session:
         rows = session.exec(
-            select(LineageEvent)
-            .where(LineageEvent.agent_id == agent_id, LineageEvent.kind == "trust")
-            .order_by(LineageEvent.id.desc())
+            select(LineageEvent)  # the chain's (chain, seq) index: k rows, however long the chain
+            .where(LineageEvent.chain == chain_of(agent_id), LineageEvent.kind == "trust")
+            .order_by(LineageEvent.seq.desc())
             .limit(k)
         ).all()
     return [float(row.payload["score"]) for row in reversed(rows)]

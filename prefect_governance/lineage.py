@@ -5,23 +5,27 @@ production). Events form one tamper-evident hash chain per agent (``chain`` is t
 agent id, ``"-"`` for events without one): ``seq`` numbers the chain from 1,
 ``prev_hash`` is the previous record's ``hash`` and ``hash`` covers every column but
 ``id`` and ``hash``. ``verify_chain`` finds the first altered, deleted or reordered
-record of a chain. Deleting the newest records of a chain cannot be detected from the
-chain alone.
+record of a chain. Every chain has a head row (``ChainHead``): its newest record and
+its decision counts, kept in the same transaction as the records, so appending and
+counting take constant time however long the history, and deleting the newest
+records of a chain is detected against it.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import random
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from sqlalchemy import JSON, Column, UniqueConstraint, event
-from sqlalchemy.engine import Engine
+from sqlalchemy import JSON, Boolean, Column, UniqueConstraint, event, insert, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select, text
 
@@ -34,6 +38,7 @@ ProblemKind = Literal["altered", "deleted", "reordered"]
 
 NO_AGENT_CHAIN = "-"
 APPEND_ATTEMPTS = 20
+VERIFY_PAGE = 2000
 _CHAIN_SEQ_CONSTRAINT = "uq_governance_event_chain_seq"
 _NOT_HASHED = frozenset({"id", "hash"})
 _JSON_COLUMNS = ("reasons", "warnings", "payload")
@@ -41,6 +46,12 @@ _JSON_COLUMNS = ("reasons", "warnings", "payload")
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _no_items() -> list[str]:
+    # Not ``list`` itself: SQLModel has pydantic inspect the factory's signature on every
+    # new event, and inspecting a builtin's takes ~0.1 ms.
+    return []
 
 
 def as_utc(value: datetime) -> datetime:
@@ -72,8 +83,8 @@ class LineageEvent(SQLModel, table=True):
     decision_id: str | None = Field(default=None, index=True)
     verdict: str | None = None
     allow: bool | None = None
-    reasons: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    warnings: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    reasons: list[str] = Field(default_factory=_no_items, sa_column=Column(JSON, nullable=False))
+    warnings: list[str] = Field(default_factory=_no_items, sa_column=Column(JSON, nullable=False))
     engine: str | None = None
     policy_path: str | None = None
     policy_revision: str | None = None
@@ -88,22 +99,45 @@ class LineageEvent(SQLModel, table=True):
     hash: str | None = Field(default=None, nullable=False, description="sha256 of canonical().")
 
 
+class ChainHead(SQLModel, table=True):
+    """The newest record of a chain and the chain's decision counts, kept by append."""
+
+    __tablename__ = "governance_chain_head"
+
+    chain: str = Field(primary_key=True)
+    seq: int
+    hash: str
+    decisions: int = 0
+    refusals: int = 0
+
+
+_EVENTS = LineageEvent.__table__
+_HEADS = ChainHead.__table__
+_HASHED = tuple(c.name for c in _EVENTS.columns if c.name not in _NOT_HASHED)
+_INSERTED = tuple(c.name for c in _EVENTS.columns if c.name != "id")
+_NAMES = tuple(c.name for c in _EVENTS.columns)
+_BOOLEANS = tuple(c.name for c in _EVENTS.columns if isinstance(c.type, Boolean))
+# One chain's records as stored: JSON columns as their text, and every value as the driver
+# gives it (a text query: no per-value processing by SQLAlchemy). See stored_hash.
+_STORED_CHAIN = text(
+    "SELECT "
+    + ", ".join(f'CAST("{n}" AS TEXT) AS "{n}"' if n in _JSON_COLUMNS else f'"{n}"' for n in _NAMES)
+    + f' FROM "{_EVENTS.name}" WHERE "chain" = :chain ORDER BY "seq"'
+)
+
+
 def chain_of(agent_id: str | None) -> str:
     """The chain an agent's events belong to."""
     return NO_AGENT_CHAIN if agent_id is None else agent_id
-
-
-def _hashed_columns() -> list[str]:
-    return [c.name for c in LineageEvent.__table__.columns if c.name not in _NOT_HASHED]
 
 
 def _plain(value: Any) -> Any:
     return utc_iso(value) if isinstance(value, datetime) else value
 
 
-def _record(event: LineageEvent) -> dict[str, Any]:
+def _record(event: Any) -> dict[str, Any]:
     """Every column but id and hash, as plain JSON values."""
-    return {name: _plain(getattr(event, name)) for name in _hashed_columns()}
+    return {name: _plain(getattr(event, name)) for name in _HASHED}
 
 
 def canonical(event: LineageEvent) -> bytes:
@@ -111,7 +145,7 @@ def canonical(event: LineageEvent) -> bytes:
     return canonical_json(_record(event))
 
 
-def event_hash(event: LineageEvent) -> str:
+def event_hash(event: Any) -> str:
     """``sha256:<hex>`` of the event's canonical form."""
     return sha256_of(_record(event))
 
@@ -127,7 +161,7 @@ class ChainProblem:
     message: str
 
 
-def _problem(row: LineageEvent, kind: ProblemKind, what: str) -> ChainProblem:
+def _problem(row: Any, kind: ProblemKind, what: str) -> ChainProblem:
     message = f"chain {row.chain}: record {row.seq} (event {row.event_id}) {what}"
     return ChainProblem(row.chain, row.seq, row.event_id, kind, message)
 
@@ -135,15 +169,16 @@ def _problem(row: LineageEvent, kind: ProblemKind, what: str) -> ChainProblem:
 _ALTERED = "was altered: its hash does not match its content"
 
 
+# The seqs and hashes of a whole chain (asked for only once a link is broken).
+ChainIndex = Callable[[], tuple[set[int | None], set[str | None]]]
+
+
 def _check_link(
-    row: LineageEvent,
-    prev: LineageEvent | None,
-    expected: int,
-    seqs: set[int | None],
-    hashes: set[str | None],
+    row: Any, prev: Any, expected: int, index: ChainIndex, hash_of: Callable[[Any], str]
 ) -> ChainProblem | None:
     """Is the row where it should be: right seq, after its predecessor, linked to it?"""
-    if row.seq is None or row.seq < expected or (row.seq > expected and expected in seqs):
+    out_of_order = row.seq is None or row.seq < expected
+    if out_of_order or (row.seq > expected and expected in index()[0]):
         return _problem(row, "reordered", f"is out of order: expected record {expected} here")
     if row.seq > expected:
         missing = str(expected) if row.seq == expected + 1 else f"{expected}..{row.seq - 1}"
@@ -152,25 +187,72 @@ def _check_link(
         return _problem(row, "reordered", f"was written before record {prev.seq}: reordered")
     if row.prev_hash == (prev.hash if prev else None):
         return None
-    if row.prev_hash in hashes:
+    if row.prev_hash in index()[1]:
         return _problem(row, "reordered", "links to another record of the chain: reordered")
-    if event_hash(row) != row.hash:
+    if hash_of(row) != row.hash:
         return _problem(row, "altered", _ALTERED)
     return _problem(row, "deleted", "does not link to the record before it: one was deleted")
 
 
-def verify_chain(events: Sequence[LineageEvent]) -> ChainProblem | None:
-    """The first problem of one chain's rows (in database order of seq), or None."""
-    seqs, hashes = {e.seq for e in events}, {e.hash for e in events}
-    prev: LineageEvent | None = None
+def verify_chain(
+    events: Iterable[Any],
+    *,
+    index: ChainIndex | None = None,
+    hash_of: Callable[[Any], str] = event_hash,
+) -> ChainProblem | None:
+    """The first problem of one chain's rows (in database order of seq), or None.
+
+    Rows are events or result rows with the same columns. ``index`` gives the seqs and
+    hashes of the whole chain, which tell a reordered record from a deleted one; without
+    it, ``events`` must be a sequence, and they are taken from it. ``hash_of``
+    recomputes a row's hash.
+    """
+    if index is None:
+        events = list(events)
+        index = functools.cache(lambda: ({e.seq for e in events}, {e.hash for e in events}))
+    prev: Any = None
     for expected, row in enumerate(events, start=1):
-        problem = _check_link(row, prev, expected, seqs, hashes)
-        if problem is None and event_hash(row) != row.hash:
+        problem = _check_link(row, prev, expected, index, hash_of)
+        if problem is None and hash_of(row) != row.hash:
             problem = _problem(row, "altered", _ALTERED)
         if problem is not None:
             return problem
         prev = row
     return None
+
+
+# Stand-ins for the JSON columns' text while the other columns are encoded (no stored
+# string holds a NUL; a record whose strings do is hashed the slow way).
+_MARKS = {name: f"\x00json:{name}\x00" for name in _JSON_COLUMNS}
+_QUOTED_MARKS = {name: json.dumps(mark) for name, mark in _MARKS.items()}
+
+
+def stored_hash(row: Any) -> str:
+    """The hash of a record as stored (a row of ``_STORED_CHAIN``).
+
+    The store writes JSON in canonical form, so the hashed bytes are the other columns'
+    canonical JSON with that text spliced in: no decoding and re-encoding. Text stored
+    otherwise (an older release wrote it with spaces) is decoded and hashed as usual.
+    """
+    record = dict(zip(_NAMES, row, strict=True))
+    del record["id"], record["hash"]
+    created_at = record["created_at"]  # SQLite gives the stored text, and 0/1 for booleans
+    if isinstance(created_at, str):
+        created_at = datetime.fromisoformat(created_at)
+    record["created_at"] = utc_iso(created_at)
+    for name in _BOOLEANS:
+        if record[name] is not None:
+            record[name] = bool(record[name])
+    texts = {name: record[name] for name in _JSON_COLUMNS}
+    if not any("\x00" in v for v in record.values() if isinstance(v, str)):
+        record.update(_MARKS)
+        spliced = canonical_json(record).decode()
+        for name, stored in texts.items():
+            spliced = spliced.replace(_QUOTED_MARKS[name], stored, 1)
+        digest = "sha256:" + hashlib.sha256(spliced.encode()).hexdigest()
+        if digest == row.hash:
+            return digest
+    return sha256_of({**record, **{name: json.loads(t) for name, t in texts.items()}})
 
 
 def decision_event(
@@ -251,6 +333,10 @@ def outcome_event(
     )
 
 
+def _json_text(value: Any) -> str:
+    return canonical_json(value).decode()
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -283,6 +369,84 @@ def _retryable(exc: Exception) -> bool:
     return isinstance(exc, OperationalError) and "locked" in message
 
 
+@dataclass
+class _Head:
+    """A chain's head as an append sees it under the chain's lock."""
+
+    seq: int = 0
+    hash: str | None = None
+    decisions: int = 0
+    refusals: int = 0
+    stored: bool = False  # whether the head row exists
+
+    def advance(self, event: LineageEvent) -> None:
+        self.seq, self.hash = event.seq or 0, event.hash
+        if event.kind == "decision":
+            self.decisions += 1
+            self.refusals += event.verdict == "refused"
+
+
+def _read_head(connection: Connection, chain: str) -> _Head:
+    """The head row of a chain (one primary-key read); for a chain without one, from its
+    records (a database written around the store)."""
+    row = connection.execute(select(_HEADS).where(_HEADS.c.chain == chain)).first()
+    if row is not None:
+        return _Head(row.seq, row.hash, row.decisions, row.refusals, stored=True)
+    where = _EVENTS.c.chain == chain
+    last = connection.execute(
+        select(_EVENTS.c.seq, _EVENTS.c.hash).where(where).order_by(_EVENTS.c.seq.desc()).limit(1)
+    ).first()
+    if last is None:
+        return _Head()
+    counts = dict(
+        connection.execute(
+            select(_EVENTS.c.verdict, func.count())
+            .where(where, _EVENTS.c.kind == "decision")
+            .group_by(_EVENTS.c.verdict)
+        ).all()
+    )
+    return _Head(last.seq, last.hash, sum(counts.values()), counts.get("refused", 0))
+
+
+def _write_head(connection: Connection, chain: str, head: _Head) -> None:
+    values = {
+        "seq": head.seq,
+        "hash": head.hash,
+        "decisions": head.decisions,
+        "refusals": head.refusals,
+    }
+    if head.stored:
+        connection.execute(update(_HEADS).where(_HEADS.c.chain == chain).values(values))
+    else:
+        connection.execute(insert(_HEADS).values(chain=chain, **values))
+
+
+def _check_head(chain: str, last: Any, stored: Any) -> ChainProblem | None:
+    """Does the chain end where its head says? (Its newest records deleted, if not.)"""
+
+    def problem(seq: int, kind: ProblemKind, what: str) -> ChainProblem:
+        return ChainProblem(chain, seq, last.event_id, kind, f"chain {chain}: {what}")
+
+    if stored is None:
+        return problem(last.seq, "deleted", "has no head record: the head was deleted")
+    if stored.seq > last.seq:
+        gap = str(stored.seq) if stored.seq == last.seq + 1 else f"{last.seq + 1}..{stored.seq}"
+        return problem(
+            last.seq + 1,
+            "deleted",
+            f"ends at record {last.seq}, but its head is record {stored.seq}: "
+            f"record {gap} was deleted",
+        )
+    if (stored.seq, stored.hash) != (last.seq, last.hash):
+        return problem(
+            last.seq,
+            "altered",
+            f"record {last.seq} (event {last.event_id}) is not the head the chain "
+            f"recorded (record {stored.seq}): altered",
+        )
+    return None
+
+
 class LineageStore:
     """Append and read lineage events at one database URL.
 
@@ -292,7 +456,8 @@ class LineageStore:
     def __init__(self, url: str, *, append_timeout: float = 15.0):
         self.url = url
         self.append_timeout = append_timeout  # seconds an append may keep retrying
-        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        # JSON is stored in canonical form, so verify can hash the stored text as it is.
+        self.engine: Engine = create_engine(url, pool_pre_ping=True, json_serializer=_json_text)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
@@ -331,32 +496,34 @@ class LineageStore:
             time.sleep(random.uniform(0.001, 0.005 * attempt))
 
     def _append_once(self, events: list[LineageEvent], once: tuple[str, str | None] | None) -> bool:
-        chains = sorted({e.chain for e in events})
-        with Session(self.engine, expire_on_commit=False) as session:
-            self._lock(session, chains)
-            if once is not None and self._has(session, *once):
+        with self.engine.connect() as connection:
+            chains = sorted({e.chain for e in events})
+            self._lock(connection, chains)
+            if once is not None and self._has(connection, *once):
+                connection.rollback()
                 return False
-            heads = {chain: self._head(session, chain) for chain in chains}
+            heads = {chain: _read_head(connection, chain) for chain in chains}
             for e in events:
-                seq, prev_hash = heads[e.chain]
-                e.seq, e.prev_hash = seq + 1, prev_hash
+                head = heads[e.chain]
+                e.seq, e.prev_hash = head.seq + 1, head.hash
                 e.hash = event_hash(e)
-                heads[e.chain] = (e.seq, e.hash)
-                session.add(e)
-                session.flush()  # one at a time: ids rise with seq
-            session.commit()
+                row = {name: getattr(e, name) for name in _INSERTED}
+                e.id = connection.execute(insert(_EVENTS), row).inserted_primary_key[0]
+                head.advance(e)  # one at a time: ids rise with seq
+            for chain, head in heads.items():
+                _write_head(connection, chain, head)
+            connection.commit()
         return True
 
     @staticmethod
-    def _has(session: Session, kind: str, decision_id: str | None) -> bool:
-        query = select(LineageEvent.id).where(
-            LineageEvent.kind == kind, LineageEvent.decision_id == decision_id
+    def _has(connection: Connection, kind: str, decision_id: str | None) -> bool:
+        query = select(_EVENTS.c.id).where(
+            _EVENTS.c.kind == kind, _EVENTS.c.decision_id == decision_id
         )
-        return session.exec(query.limit(1)).first() is not None
+        return connection.execute(query.limit(1)).first() is not None
 
-    def _lock(self, session: Session, chains: list[str]) -> None:
+    def _lock(self, connection: Connection, chains: list[str]) -> None:
         """Serialise appenders: SQLite's write lock, or PostgreSQL per-chain advisory locks."""
-        connection = session.connection()
         if self.engine.dialect.name == "sqlite":
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         elif self.engine.dialect.name == "postgresql":
@@ -365,17 +532,6 @@ class LineageStore:
                     text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
                     {"key": f"{LineageEvent.__tablename__}:{chain}"},
                 )
-
-    @staticmethod
-    def _head(session: Session, chain: str) -> tuple[int, str | None]:
-        """The seq and hash of the newest record of a chain; (0, None) if it is empty."""
-        row = session.exec(
-            select(LineageEvent.seq, LineageEvent.hash)
-            .where(LineageEvent.chain == chain)
-            .order_by(LineageEvent.seq.desc())
-            .limit(1)
-        ).first()
-        return (0, None) if row is None else (row[0] or 0, row[1])
 
     def recent(
         self, limit: int = 50, *, agent_id: str | None = None, flow_run_id: str | None = None
@@ -406,19 +562,48 @@ class LineageStore:
 
     def verify(self) -> list[ChainProblem]:
         """The first problem of every chain that has one."""
-        problems = (verify_chain(self.chain(name)) for name in self.chains())
+        problems = (self.verify_chain(name) for name in self.chains())
         return [p for p in problems if p is not None]
+
+    def verify_chain(self, chain: str) -> ChainProblem | None:
+        """The first problem of one chain, its head included, read in pages."""
+        where = _EVENTS.c.chain == chain
+
+        @functools.cache
+        def index() -> tuple[set[int | None], set[str | None]]:
+            query = select(_EVENTS.c.seq, _EVENTS.c.hash).where(where)
+            with self.engine.connect() as connection:
+                rows = connection.execute(query).all()
+            return {seq for seq, _ in rows}, {hash_ for _, hash_ in rows}
+
+        with self.engine.connect() as connection:
+            rows = connection.execution_options(yield_per=VERIFY_PAGE).execute(
+                _STORED_CHAIN, {"chain": chain}
+            )
+            problem = verify_chain(rows, index=index, hash_of=stored_hash)
+            rows.close()
+            last = connection.execute(
+                select(_EVENTS.c.seq, _EVENTS.c.hash, _EVENTS.c.event_id)
+                .where(where)
+                .order_by(_EVENTS.c.seq.desc())
+                .limit(1)
+            ).first()
+            stored = connection.execute(select(_HEADS).where(_HEADS.c.chain == chain)).first()
+        if problem is None and last is not None:
+            problem = _check_head(chain, last, stored)
+        return problem
+
+    def lengths(self) -> dict[str, int]:
+        """How many records each chain has."""
+        query = select(_EVENTS.c.chain, func.count()).group_by(_EVENTS.c.chain)
+        with self.engine.connect() as connection:
+            return {chain: count for chain, count in connection.execute(query).all()}
 
     def decision_counts(self, agent_id: str) -> tuple[int, int]:
         """How many runs of an agent were decided, and how many of them refused."""
-        with Session(self.engine) as session:
-            rows = session.exec(
-                select(LineageEvent.verdict, func.count())
-                .where(LineageEvent.agent_id == agent_id, LineageEvent.kind == "decision")
-                .group_by(LineageEvent.verdict)
-            ).all()
-        counts = dict(rows)
-        return sum(counts.values()), counts.get("refused", 0)
+        with self.engine.connect() as connection:
+            head = _read_head(connection, chain_of(agent_id))
+        return head.decisions, head.refusals
 
     def unsettled(
         self, verdicts: Iterable[str] = ("allowed", "audited", "ungoverned")

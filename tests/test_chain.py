@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
+from prefect_governance import lineage
 from prefect_governance.lineage import (
     ChainProblem,
     LineageEvent,
@@ -25,15 +26,8 @@ from prefect_governance.lineage import (
 
 
 def _event(agent: str | None, n: int = 0, **fields) -> LineageEvent:
-    return LineageEvent(
-        kind="decision",
-        agent_id=agent,
-        flow_run_id=f"fr-{n}",
-        verdict="allowed",
-        allow=True,
-        reasons=[f"reason {n}"],
-        **fields,
-    )
+    values = {"verdict": "allowed", "allow": True, "reasons": [f"reason {n}"], **fields}
+    return LineageEvent(kind="decision", agent_id=agent, flow_run_id=f"fr-{n}", **values)
 
 
 def _copy(event: LineageEvent, **changes) -> LineageEvent:
@@ -232,6 +226,75 @@ def test_only_the_first_problem_of_each_chain_is_reported(store):
     ]
 
 
+def test_deleting_the_newest_records_is_caught_by_the_head(store):
+    events = _four(store)
+    _sql(store, "DELETE FROM governance_event WHERE chain = 'etl-agent' AND seq >= 3")
+    problem = _only(store.verify())
+    assert (problem.chain, problem.seq, problem.kind) == ("etl-agent", 3, "deleted")
+    assert problem.event_id == events[1].event_id
+    assert "ends at record 2, but its head is record 4: record 3..4 was deleted" in problem.message
+
+
+def test_a_rewritten_newest_record_is_caught_by_the_head(store):
+    """The newest record rewritten with a fresh, self-consistent hash: only the head knows."""
+    _four(store)
+    [forged] = [e for e in store.chain("etl-agent") if e.seq == 4]
+    forged.verdict = "refused"
+    _sql(
+        store,
+        "UPDATE governance_event SET verdict = 'refused', hash = :h "
+        "WHERE chain = 'etl-agent' AND seq = 4",
+        h=event_hash(forged),
+    )
+    problem = _only(store.verify())
+    assert (problem.seq, problem.kind) == (4, "altered")
+    assert "is not the head the chain recorded" in problem.message
+
+
+def test_a_deleted_head_is_caught_and_appending_rebuilds_it(store):
+    _four(store)
+    _sql(store, "DELETE FROM governance_chain_head WHERE chain = 'etl-agent'")
+    problem = _only(store.verify())
+    assert (problem.seq, problem.kind) == (4, "deleted") and "no head record" in problem.message
+    store.append(_event("etl-agent", 5))  # the head is rebuilt from the records
+    assert [e.seq for e in store.chain("etl-agent")] == [1, 2, 3, 4, 5]
+    assert store.verify() == []
+    assert store.decision_counts("etl-agent") == (5, 0)
+
+
+def test_decision_counts_come_from_the_head(store):
+    store.append(_event("a", 1), _event("a", 2, verdict="refused"), _event("b", 1))
+    store.append(outcome_event(agent_id="a", flow_run_id="fr", decision_id=None, state="FAILED"))
+    store.append(_event("a", 3, verdict="refused"))
+    assert store.decision_counts("a") == (3, 2)
+    assert store.decision_counts("b") == (1, 0)
+    assert store.decision_counts("nobody") == (0, 0)
+    assert store.lengths() == {"a": 4, "b": 1}
+
+
+def test_json_is_stored_canonically_so_verify_need_not_decode_it(store, monkeypatch):
+    event = _event("a", 1, payload={"z": [1, {"b": "é", "a": None}], "a": 1.5})
+    store.append(event)
+    with store.engine.connect() as connection:
+        stored = connection.exec_driver_sql("SELECT payload, reasons FROM governance_event").one()
+    assert stored == ('{"a":1.5,"z":[1,{"a":null,"b":"é"}]}', '["reason 1"]')
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("verify decoded a canonical JSON column")
+
+    monkeypatch.setattr(lineage.json, "loads", no_decoding)
+    assert store.verify() == []
+
+
+def test_json_stored_by_an_older_release_still_verifies(store):
+    """Text with spaces (as json.dumps writes by default) is decoded and hashed."""
+    store.append(_event("a", 1, payload={"k": [1, 2]}))
+    _sql(store, "UPDATE governance_event SET payload = :p", p='{"k": [1, 2]}')
+    assert store.verify() == []
+    _sql(store, "UPDATE governance_event SET payload = :p", p='{"k": [1, 3]}')
+    assert _only(store.verify()).kind == "altered"
+
+
 def test_verify_chain_is_pure():
     assert verify_chain([]) is None
     first = _event("a", 1, chain="a", seq=1, id=1)
@@ -278,16 +341,22 @@ def test_hash_round_trips_through_sqlite(url, store):
     _assert_round_trip(store, url, "rt-agent")
 
 
+def _stale_head_once(monkeypatch) -> list[str]:
+    """The next append reads an empty head once (as if another appender won the race)."""
+    real_head = lineage._read_head
+    calls: list[str] = []
+
+    def stale_once(connection, chain):
+        calls.append(chain)
+        return lineage._Head() if len(calls) == 1 else real_head(connection, chain)
+
+    monkeypatch.setattr(lineage, "_read_head", stale_once)
+    return calls
+
+
 def test_a_lost_race_is_retried_from_the_new_head(store, monkeypatch):
     store.append(_event("a", 1))
-    real_head = LineageStore._head
-    calls = []
-
-    def stale_once(session, chain):
-        calls.append(chain)
-        return (0, None) if len(calls) == 1 else real_head(session, chain)
-
-    monkeypatch.setattr(LineageStore, "_head", staticmethod(stale_once))
+    calls = _stale_head_once(monkeypatch)
     store.append(_event("a", 2))
     assert len(calls) == 2
     assert [e.seq for e in store.chain("a")] == [1, 2]
@@ -390,14 +459,7 @@ def test_a_lost_race_is_retried_on_postgresql(postgres, monkeypatch):
     store = LineageStore(postgres.url)
     try:
         store.append(_event(agent, 1))
-        real_head = LineageStore._head
-        calls = []
-
-        def stale_once(session, chain):
-            calls.append(chain)
-            return (0, None) if len(calls) == 1 else real_head(session, chain)
-
-        monkeypatch.setattr(LineageStore, "_head", staticmethod(stale_once))
+        calls = _stale_head_once(monkeypatch)
         store.append(_event(agent, 2))
         assert len(calls) == 2
         events = store.chain(agent)

@@ -267,8 +267,8 @@ def test_lineage_upgrade_migrates_once_then_reports_up_to_date(tmp_path):
         [*CLI, "lineage", "upgrade", "--url", url], capture_output=True, text=True
     )
     assert first.returncode == 0, first.stderr
-    assert "lineage schema: none -> 0001" in first.stdout
+    assert "lineage schema: none -> 0002" in first.stdout
     again = subprocess.run(
         [*CLI, "lineage", "upgrade", "--url", url], capture_output=True, text=True
     )
-    assert "lineage schema: 0001, up to date" in again.stdout
+    assert "lineage schema: 0002, up to date" in again.stdout

@@ -40,12 +40,12 @@ MODELS = (LineageEvent.__table__, AgentMemory.__table__)
 
 # A revision after the packaged head, as a later release would ship it. Changing a
 # column's type makes SQLite's batch mode copy the whole table (ids included).
-REVISION_0002 = """
+REVISION_LATER = """
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0099"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -126,8 +126,8 @@ def _chained_rows(engine: Engine, agent: str, count: int) -> list[str]:
                 kind="decision",
                 agent_id=agent,
                 flow_run_id=f"fr-{seq}",
-                verdict="allowed",
-                allow=True,
+                verdict="refused" if seq % 2 == 0 else "allowed",
+                allow=seq % 2 == 1,
                 reasons=[f"reason {seq}"],
                 payload={"n": seq},
                 created_at=T0 + timedelta(seconds=seq),
@@ -208,6 +208,7 @@ def test_a_database_from_before_migrations_is_stamped_and_keeps_its_rows(url):
             assert _version_rows(engine) == [HEAD]
             assert [e.hash for e in store.chain("etl")] == hashes
             assert store.verify() == []
+            assert store.decision_counts("etl") == (5, 2), "heads are filled in from the rows"
             store.append(LineageEvent(kind="outcome", agent_id="etl", flow_run_id="fr-5"))
             assert [e.seq for e in store.chain("etl")] == [1, 2, 3, 4, 5, 6]
             assert store.verify() == []
@@ -263,10 +264,10 @@ def test_a_database_from_before_chaining_is_refused_and_left_alone(url):
 
 @pytest.fixture
 def later(tmp_path):
-    """The packaged revisions plus a 0002 in a scratch versions directory."""
+    """The packaged revisions plus a later 0099 in a scratch versions directory."""
     versions = tmp_path / "later-versions"
     versions.mkdir()
-    (versions / "0002_note.py").write_text(REVISION_0002)
+    (versions / "0099_note.py").write_text(REVISION_LATER.replace("{head}", HEAD[0]))
     return config(extra_versions=[versions])
 
 
@@ -292,8 +293,8 @@ def test_a_later_revision_keeps_rows_and_chains(url, later):
 
     engine = _engine(url)
     try:
-        assert migrate(engine, later) == Upgrade(before=HEAD, after=("0002",))
-        assert _version_rows(engine) == [("0002",)]
+        assert migrate(engine, later) == Upgrade(before=HEAD, after=("0099",))
+        assert _version_rows(engine) == [("0099",)]
         columns = {c["name"]: c for c in inspect(engine).get_columns("governance_event")}
         assert "note" in columns and getattr(columns["verdict"]["type"], "length", None) == 64
         for agent, events in before.items():
@@ -312,7 +313,7 @@ def test_a_later_revision_keeps_rows_and_chains(url, later):
 
 def test_an_older_release_refuses_a_database_a_newer_one_migrated(url, later):
     upgrade(url, later)
-    with pytest.raises(SchemaError, match=r"revision 0002, which this release .* does not know"):
+    with pytest.raises(SchemaError, match=r"revision 0099, which this release .* does not know"):
         LineageStore(url)
 
 

@@ -1,0 +1,175 @@
+"""Scale: the cost of governing a run must not grow with the agent's history.
+
+For 10, 1,000 and 100,000 prior events of one agent (whole runs: decision, outcome,
+trust update; and a memory version per run), on SQLite and on PostgreSQL:
+
+- the decision path the worker takes per run that touches history: the agent's
+  trust and memory read from the lineage (``agent_state``), the policy decision
+  (embedded engine) and the decision record appended (chained and committed);
+- the lineage append rate (single-event transactions, one writer).
+
+Prints each figure and its growth from 10 to 100,000 prior events; writes
+benchmarks/results/scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, percentiles, write_result
+from sqlalchemy import insert
+from workload import decision_record, history, policy_input
+
+from prefect_governance.blocks import GovernanceAgent
+from prefect_governance.canonical import sha256_of
+from prefect_governance.decision import decide
+from prefect_governance.engines import EmbeddedEngine
+from prefect_governance.governor import agent_state
+from prefect_governance.lineage import LineageStore
+from prefect_governance.memory import AgentMemory, MemoryStore
+
+AGENT = "scale-agent"
+HISTORIES = (10, 1_000, 100_000)
+PATH = "prefect/governance/decision"
+
+
+def agent() -> GovernanceAgent:
+    document = policy_input()["agent"]
+    return GovernanceAgent(
+        id=AGENT,
+        owner=document["owner"],
+        trust_scope=document["trust_scope"],
+        capabilities=document["capabilities"],
+        constraints=document["constraints"],
+        trust_baseline=0.9,
+    )
+
+
+def seed(store: LineageStore, events: int) -> None:
+    """``events`` prior records of the agent, and one memory version per run."""
+    runs = 0
+    for batch in history(AGENT, events):
+        store.append(*batch)
+        runs += len(batch) // 3
+    schema_hash = sha256_of({"type": "object"})
+    rows = [
+        {
+            "agent_id": AGENT,
+            "version": v,
+            "content": {"total_rows": v},
+            "content_hash": sha256_of({"total_rows": v}),
+            "schema_hash": schema_hash,
+        }
+        for v in range(1, runs + 1)
+    ]
+    MemoryStore(store.engine)  # migrated
+    with store.engine.begin() as connection:
+        for start in range(0, len(rows), 5000):
+            connection.execute(insert(AgentMemory.__table__), rows[start : start + 5000])
+
+
+async def decision_path(store: LineageStore, count: int, warmup: int) -> list[float]:
+    """Milliseconds per run for: agent state from the lineage, decision, decision record."""
+    engine, who, memory = EmbeddedEngine(ROOT / "policies"), agent(), MemoryStore(store.engine)
+    document = policy_input()
+    samples = []
+    for i in range(warmup + count):
+        started = time.perf_counter()
+        trust, _snapshot = agent_state(store, memory, who)
+        document["agent"]["trust"] = trust.model_dump(mode="json")
+        decision = await decide(engine, PATH, document)
+        store.append(decision_record(AGENT, i))
+        if i >= warmup:
+            samples.append((time.perf_counter() - started) * 1000)
+        assert decision.verdict == "allowed", decision
+    return samples
+
+
+def append_rate(store: LineageStore, count: int) -> float:
+    started = time.perf_counter()
+    for i in range(count):
+        store.append(decision_record(AGENT, i))
+    return count / (time.perf_counter() - started)
+
+
+@contextmanager
+def database(kind: str, server_url: str | None) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{Path(tempfile.mkdtemp(prefix='bench-scale-')) / 'lineage.db'}"
+        return
+    from tests.pg_support import scratch_database
+
+    with scratch_database(server_url, "scale") as url:
+        yield url
+
+
+@contextmanager
+def postgres(enabled: bool) -> Iterator[str | None]:
+    if not enabled:
+        yield None
+        return
+    from tests.conftest import own_postgres
+
+    with own_postgres("bench-pg-") as server:
+        yield server.url
+
+
+def growth(first: float, last: float) -> float:
+    """How much a cost grew, as a fraction (0.1 = 10 % more)."""
+    return round(last / first - 1, 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    parser.add_argument("--no-postgres", action="store_true")
+    args = parser.parse_args()
+    histories = (10, 100, 1_000) if args.quick else HISTORIES
+    decisions, appends = (50, 100) if args.quick else (500, 1000)
+
+    figures: dict[str, Any] = {}
+    kinds = ["sqlite"] if args.no_postgres else ["sqlite", "postgresql"]
+    with postgres(not args.no_postgres) as server_url:
+        for kind in kinds:
+            rows: dict[str, Any] = {}
+            for events in histories:
+                with database(kind, server_url) as url:
+                    store = LineageStore(url)
+                    seed(store, events)
+                    path = percentiles(asyncio.run(decision_path(store, decisions, 50)))
+                    rate = statistics.median(append_rate(store, appends // 5) for _ in range(5))
+                    store.dispose()
+                rows[str(events)] = {"decision_path": path, "append_per_s": round(rate)}
+                print(
+                    f"{kind:10} {events:>7} prior events: decision path p50 "
+                    f"{path['p50_ms']:.3f} ms p99 {path['p99_ms']:.3f} ms, "
+                    f"append {rate:.0f} events/s"
+                )
+            first, last = rows[str(histories[0])], rows[str(histories[-1])]
+            rows["growth"] = {
+                "decision_path_p50": growth(
+                    first["decision_path"]["p50_ms"], last["decision_path"]["p50_ms"]
+                ),
+                "append_time": growth(1 / first["append_per_s"], 1 / last["append_per_s"]),
+            }
+            print(f"{kind:10} growth {histories[0]} -> {histories[-1]}: {rows['growth']}")
+            figures[kind] = rows
+    write_result(
+        "scale",
+        figures,
+        histories=list(histories),
+        decisions_per_history=decisions,
+        appends_per_history=appends,
+    )
+
+
+if __name__ == "__main__":
+    main()
