@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+# Where results go: benchmarks/results, or BENCH_RESULTS (the smoke tests write elsewhere).
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or ROOT / "benchmarks" / "results")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -77,7 +78,7 @@ def write_result(name: str, figures: dict[str, Any], **settings: Any) -> Path:
         "figures": figures,
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path}")
     return path
 
 
