@@ -24,9 +24,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from sqlalchemy import JSON, Boolean, Column, UniqueConstraint, event, insert, update
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    UniqueConstraint,
+    bindparam,
+    event,
+    insert,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select, text
 
 from prefect_governance.canonical import canonical_json, sha256_of
@@ -361,12 +370,16 @@ def _by_chain(events: Iterable[LineageEvent]) -> list[LineageEvent]:
     return [e for group in groups.values() for e in group]
 
 
-def _retryable(exc: Exception) -> bool:
-    """A lost race for a chain position (or, on SQLite, a lock that timed out)."""
-    message = str(getattr(exc, "orig", exc)).lower()
+def _retryable(exc: DBAPIError) -> bool:
+    """A lost race for a chain position or a new chain's head, a lock that timed out
+    (SQLite), or a connection the database dropped (it is replaced on the retry)."""
+    message = str(exc.orig).lower()
     if isinstance(exc, IntegrityError):
-        return _CHAIN_SEQ_CONSTRAINT in message or "governance_event.chain" in message
-    return isinstance(exc, OperationalError) and "locked" in message
+        return any(
+            name in message
+            for name in (_CHAIN_SEQ_CONSTRAINT, "governance_event.chain", _HEADS.name)
+        )
+    return exc.connection_invalidated or "locked" in message
 
 
 @dataclass
@@ -386,12 +399,46 @@ class _Head:
             self.refusals += event.verdict == "refused"
 
 
+# The statements of an append, built once (building one per call cost more than running it).
+_INSERT_EVENT = insert(_EVENTS)
+_INSERT_HEAD = insert(_HEADS)
+_UPDATE_HEAD = (
+    update(_HEADS)
+    .where(_HEADS.c.chain == bindparam("head_of"))
+    .values({name: bindparam(f"new_{name}") for name in ("seq", "hash", "decisions", "refusals")})
+)
+_READ_HEAD = select(_HEADS).where(_HEADS.c.chain == bindparam("chain"))
+_LOCK_HEADS = (
+    select(_HEADS)
+    .where(_HEADS.c.chain.in_(bindparam("chains", expanding=True)))
+    .order_by(_HEADS.c.chain)
+    .with_for_update()
+)
+
+
+def _lock_heads(connection: Connection, chains: list[str]) -> dict[str, _Head]:
+    """The heads of some chains, locked until the transaction ends (PostgreSQL row locks,
+    taken in chain order; SQLite holds its one write lock already). A chain new to the
+    store has no head row to lock: two first appenders race, and the loser retries."""
+    rows = {row.chain: row for row in connection.execute(_LOCK_HEADS, {"chains": chains})}
+    return {
+        chain: _Head(row.seq, row.hash, row.decisions, row.refusals, stored=True)
+        if (row := rows.get(chain)) is not None
+        else _head_from_records(connection, chain)
+        for chain in chains
+    }
+
+
 def _read_head(connection: Connection, chain: str) -> _Head:
-    """The head row of a chain (one primary-key read); for a chain without one, from its
-    records (a database written around the store)."""
-    row = connection.execute(select(_HEADS).where(_HEADS.c.chain == chain)).first()
+    """The head of a chain: its head row (one primary-key read)."""
+    row = connection.execute(_READ_HEAD, {"chain": chain}).first()
     if row is not None:
         return _Head(row.seq, row.hash, row.decisions, row.refusals, stored=True)
+    return _head_from_records(connection, chain)
+
+
+def _head_from_records(connection: Connection, chain: str) -> _Head:
+    """The head of a chain without a head row: new, or written around the store."""
     where = _EVENTS.c.chain == chain
     last = connection.execute(
         select(_EVENTS.c.seq, _EVENTS.c.hash).where(where).order_by(_EVENTS.c.seq.desc()).limit(1)
@@ -416,9 +463,10 @@ def _write_head(connection: Connection, chain: str, head: _Head) -> None:
         "refusals": head.refusals,
     }
     if head.stored:
-        connection.execute(update(_HEADS).where(_HEADS.c.chain == chain).values(values))
+        params = {f"new_{name}": value for name, value in values.items()}
+        connection.execute(_UPDATE_HEAD, {"head_of": chain, **params})
     else:
-        connection.execute(insert(_HEADS).values(chain=chain, **values))
+        connection.execute(_INSERT_HEAD, {"chain": chain, **values})
 
 
 def _check_head(chain: str, last: Any, stored: Any) -> ChainProblem | None:
@@ -458,12 +506,16 @@ class LineageStore:
         self.append_timeout = append_timeout  # seconds an append may keep retrying
         # JSON is stored in canonical form, so verify can hash the stored text as it is.
         self.engine: Engine = create_engine(url, pool_pre_ping=True, json_serializer=_json_text)
+        # Appends retry a connection the database dropped themselves, so their pool does
+        # without the ping (a round trip per append).
+        self._appender: Engine = create_engine(url, json_serializer=_json_text)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self._appender, "connect", _sqlite_pragmas)
         try:
             migrate(self.engine)
         except Exception:
-            self.engine.dispose()
+            self.dispose()
             raise
 
     def append(self, *events: LineageEvent, once_per_decision: str | None = None) -> bool:
@@ -496,19 +548,19 @@ class LineageStore:
             time.sleep(random.uniform(0.001, 0.005 * attempt))
 
     def _append_once(self, events: list[LineageEvent], once: tuple[str, str | None] | None) -> bool:
-        with self.engine.connect() as connection:
-            chains = sorted({e.chain for e in events})
-            self._lock(connection, chains)
+        with self._appender.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                connection.exec_driver_sql("BEGIN IMMEDIATE")  # the database's write lock
+            heads = _lock_heads(connection, sorted({e.chain for e in events}))
             if once is not None and self._has(connection, *once):
                 connection.rollback()
                 return False
-            heads = {chain: _read_head(connection, chain) for chain in chains}
             for e in events:
                 head = heads[e.chain]
                 e.seq, e.prev_hash = head.seq + 1, head.hash
                 e.hash = event_hash(e)
                 row = {name: getattr(e, name) for name in _INSERTED}
-                e.id = connection.execute(insert(_EVENTS), row).inserted_primary_key[0]
+                e.id = connection.execute(_INSERT_EVENT, row).inserted_primary_key[0]
                 head.advance(e)  # one at a time: ids rise with seq
             for chain, head in heads.items():
                 _write_head(connection, chain, head)
@@ -521,17 +573,6 @@ class LineageStore:
             _EVENTS.c.kind == kind, _EVENTS.c.decision_id == decision_id
         )
         return connection.execute(query.limit(1)).first() is not None
-
-    def _lock(self, connection: Connection, chains: list[str]) -> None:
-        """Serialise appenders: SQLite's write lock, or PostgreSQL per-chain advisory locks."""
-        if self.engine.dialect.name == "sqlite":
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-        elif self.engine.dialect.name == "postgresql":
-            for chain in chains:
-                connection.execute(
-                    text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-                    {"key": f"{LineageEvent.__tablename__}:{chain}"},
-                )
 
     def recent(
         self, limit: int = 50, *, agent_id: str | None = None, flow_run_id: str | None = None
@@ -626,3 +667,4 @@ class LineageStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self._appender.dispose()

@@ -341,16 +341,18 @@ def test_hash_round_trips_through_sqlite(url, store):
     _assert_round_trip(store, url, "rt-agent")
 
 
-def _stale_head_once(monkeypatch) -> list[str]:
+def _stale_head_once(monkeypatch) -> list[list[str]]:
     """The next append reads an empty head once (as if another appender won the race)."""
-    real_head = lineage._read_head
-    calls: list[str] = []
+    real_heads = lineage._lock_heads
+    calls: list[list[str]] = []
 
-    def stale_once(connection, chain):
-        calls.append(chain)
-        return lineage._Head() if len(calls) == 1 else real_head(connection, chain)
+    def stale_once(connection, chains):
+        calls.append(chains)
+        if len(calls) == 1:
+            return {chain: lineage._Head() for chain in chains}
+        return real_heads(connection, chains)
 
-    monkeypatch.setattr(lineage, "_read_head", stale_once)
+    monkeypatch.setattr(lineage, "_lock_heads", stale_once)
     return calls
 
 
