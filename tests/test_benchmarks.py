@@ -1,0 +1,61 @@
+"""The benchmarks still run, and still give every figure the README table shows.
+
+Each runs in its quick form (small counts: the figures are not looked at, only
+that they are there and sane), writing its results to a scratch directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+BENCHMARKS = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from report import ROWS, _at  # noqa: E402
+
+
+def _run(name: str, tmp_path: Path, *args: str, timeout: float = 600) -> dict:
+    env = {**os.environ, "BENCH_RESULTS": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    document = json.loads((tmp_path / f"{name}.json").read_text())
+    assert document["machine"]["cores"] == os.cpu_count()
+    return document
+
+
+def _figures_of(name: str, document: dict) -> dict[str, float]:
+    figures = {row.label: _at(document, row.path) for row in ROWS if row.benchmark == name}
+    assert figures, f"the report shows nothing of {name}"
+    missing = [label for label, value in figures.items() if value is None]
+    assert not missing, f"{name} no longer gives: {missing}"
+    return figures
+
+
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("decision_latency", ("--quick",)),
+        ("lineage", ("--quick",)),
+        ("scale", ("--quick",)),
+    ],
+)
+def test_a_benchmark_gives_every_figure_of_the_table(name, args, tmp_path, opa_bin):
+    document = _run(name, tmp_path, *args)
+    figures = _figures_of(name, document)
+    for label, value in figures.items():
+        if "growth" not in label:
+            assert value > 0, label
