@@ -11,26 +11,22 @@ package prefect.governance.decision
 
 import data.prefect.governance.rules
 
-default allow := false
+allow := count(deny) == 0
 
-allow if count(deny) == 0
-
-# Each deny or warn message with the rule (package and rule name) behind it.
-reasons := denied | warned
-
-denied contains {"kind": "deny", "message": message, "rule": sprintf("prefect.governance.rules.%s.deny", [module])} if {
-	some module
-	some message in rules[module].deny
-}
-
-warned contains {"kind": "warn", "message": message, "rule": sprintf("prefect.governance.rules.%s.warn", [module])} if {
-	some module
-	some message in rules[module].warn
+# Each deny and warn message with the rule (package and rule name) behind it.
+# The rule modules are read once, in one pass: the embedded engine pays for
+# every reference to data.prefect.governance.rules.
+reasons contains reason if {
+	some module, rule in rules
+	some kind in ["deny", "warn"]
+	some message in rule[kind]
+	reason := {"kind": kind, "message": message, "rule": sprintf("prefect.governance.rules.%s.%s", [module, kind])}
 }
 
 # An input without the contract's parts is refused: rules that cannot see a run
 # must not let it through just because none of them fired.
-denied contains reason if {
+reasons contains reason if {
+	not well_formed
 	some part in ["agent", "envelope", "context"]
 	not has_object(part)
 	reason := {
@@ -40,13 +36,19 @@ denied contains reason if {
 	}
 }
 
+well_formed if {
+	is_object(input.agent)
+	is_object(input.envelope)
+	is_object(input.context)
+}
+
 # (A helper, not `not is_object(input[part])`: OPA leaves that undefined when the
 # part is missing, while regorus makes it true.)
 has_object(part) if is_object(input[part])
 
-deny := {reason.message | some reason in denied}
+deny := {reason.message | some reason in reasons; reason.kind == "deny"}
 
-warn := {reason.message | some reason in warned}
+warn := {reason.message | some reason in reasons; reason.kind == "warn"}
 
 annotations := {
 	"governance.agent": input.agent.id,

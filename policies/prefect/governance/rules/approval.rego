@@ -5,32 +5,26 @@
 # set, that flow-run parameter.
 package prefect.governance.rules.approval
 
-approval := input.agent.constraints.approval
-
-# Who approved the run, or null.
-approved_by := object.get(input.envelope.parameters, approval.parameter, null) if {
-	is_string(approval.parameter)
-} else := object.get(input.envelope.flow_run.labels, approval.label, null)
-
-where := sprintf("parameter %q", [approval.parameter]) if is_string(approval.parameter)
-
-else := sprintf("label %q", [approval.label])
+import data.prefect.governance.lib.approval as helpers
 
 deny contains msg if {
+	approval := input.agent.constraints.approval
 	is_array(approval.approvers)
-	approved_by == null
+	helpers.approved_by(approval) == null
 	msg := sprintf(
 		"run of agent %q needs approval by one of %v (%s)",
-		[input.agent.id, approval.approvers, where],
+		[input.agent.id, approval.approvers, helpers.where(approval)],
 	)
 }
 
 deny contains msg if {
+	approval := input.agent.constraints.approval
 	is_array(approval.approvers)
-	approved_by != null
-	not approved_by in approval.approvers
+	approver := helpers.approved_by(approval)
+	approver != null
+	not approver in approval.approvers
 	msg := sprintf(
 		"%v is not an approver for agent %q (approvers: %v)",
-		[approved_by, input.agent.id, approval.approvers],
+		[approver, input.agent.id, approval.approvers],
 	)
 }

@@ -17,25 +17,23 @@ deny contains msg if {
 }
 
 deny contains msg if {
-	changes_schema
+	previous := input.envelope.memory.previous_schema_hash
+	is_string(previous)
+	previous != input.agent.memory_schema_hash
 	input.agent.constraints.memory.allow_schema_change == false
 	msg := sprintf(
 		"agent %q may not change its memory schema (%s, was %s)",
-		[input.agent.id, input.agent.memory_schema_hash, input.envelope.memory.previous_schema_hash],
+		[input.agent.id, input.agent.memory_schema_hash, previous],
 	)
 }
 
 warn contains msg if {
-	changes_schema
-	not input.agent.constraints.memory.allow_schema_change == false
-	msg := sprintf(
-		"agent %q runs under a new memory schema (%s, was %s)",
-		[input.agent.id, input.agent.memory_schema_hash, input.envelope.memory.previous_schema_hash],
-	)
-}
-
-changes_schema if {
 	previous := input.envelope.memory.previous_schema_hash
 	is_string(previous)
 	previous != input.agent.memory_schema_hash
+	not input.agent.constraints.memory.allow_schema_change == false
+	msg := sprintf(
+		"agent %q runs under a new memory schema (%s, was %s)",
+		[input.agent.id, input.agent.memory_schema_hash, previous],
+	)
 }

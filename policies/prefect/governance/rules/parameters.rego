@@ -1,6 +1,6 @@
-# Parameter constraints declared in agent.constraints.parameters: required,
-# type, minimum, maximum, enum, pattern (RE2) and max_length.
 package prefect.governance.rules.parameters
+
+import data.prefect.governance.lib.parameters as helpers
 
 deny contains msg if {
 	some name, constraint in input.agent.constraints.parameters
@@ -10,72 +10,53 @@ deny contains msg if {
 }
 
 deny contains msg if {
-	some name, value in input.envelope.parameters
-	constraint := input.agent.constraints.parameters[name]
+	some name, constraint in input.agent.constraints.parameters
 	is_string(constraint.type)
-	not json_type(value, constraint.type)
+	value := input.envelope.parameters[name]
+	not helpers.json_type(value, constraint.type)
 	msg := sprintf("parameter %q must be of type %s", [name, constraint.type])
 }
 
 deny contains msg if {
-	some name, value in input.envelope.parameters
-	constraint := input.agent.constraints.parameters[name]
-	is_number(value)
+	some name, constraint in input.agent.constraints.parameters
 	is_number(constraint.maximum)
+	value := input.envelope.parameters[name]
+	is_number(value)
 	value > constraint.maximum
 	msg := sprintf("parameter %q is %v, above the maximum %v", [name, value, constraint.maximum])
 }
 
 deny contains msg if {
-	some name, value in input.envelope.parameters
-	constraint := input.agent.constraints.parameters[name]
-	is_number(value)
+	some name, constraint in input.agent.constraints.parameters
 	is_number(constraint.minimum)
+	value := input.envelope.parameters[name]
+	is_number(value)
 	value < constraint.minimum
 	msg := sprintf("parameter %q is %v, below the minimum %v", [name, value, constraint.minimum])
 }
 
 deny contains msg if {
-	some name, value in input.envelope.parameters
-	constraint := input.agent.constraints.parameters[name]
+	some name, constraint in input.agent.constraints.parameters
 	is_array(constraint.enum)
+	value := input.envelope.parameters[name]
 	not value in constraint.enum
 	msg := sprintf("parameter %q must be one of %v", [name, constraint.enum])
 }
 
 deny contains msg if {
-	some name, value in input.envelope.parameters
-	constraint := input.agent.constraints.parameters[name]
-	is_string(value)
+	some name, constraint in input.agent.constraints.parameters
 	is_string(constraint.pattern)
+	value := input.envelope.parameters[name]
+	is_string(value)
 	not regex.match(constraint.pattern, value)
 	msg := sprintf("parameter %q does not match the pattern %q", [name, constraint.pattern])
 }
 
 deny contains msg if {
-	some name, value in input.envelope.parameters
-	constraint := input.agent.constraints.parameters[name]
+	some name, constraint in input.agent.constraints.parameters
 	is_number(constraint.max_length)
-	sized(value)
+	value := input.envelope.parameters[name]
+	helpers.sized(value)
 	count(value) > constraint.max_length
 	msg := sprintf("parameter %q is longer than %v", [name, constraint.max_length])
 }
-
-sized(value) if is_string(value)
-
-sized(value) if is_array(value)
-
-json_type(value, "string") if is_string(value)
-
-json_type(value, "boolean") if is_boolean(value)
-
-json_type(value, "number") if is_number(value)
-
-json_type(value, "integer") if {
-	is_number(value)
-	value == round(value)
-}
-
-json_type(value, "array") if is_array(value)
-
-json_type(value, "object") if is_object(value)

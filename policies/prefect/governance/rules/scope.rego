@@ -5,6 +5,8 @@
 # are only checked when agent.constraints.scope lists them.
 package prefect.governance.rules.scope
 
+import data.prefect.governance.lib.scope as helpers
+
 deny contains msg if {
 	not input.envelope.work_pool.name in input.agent.trust_scope
 	msg := sprintf(
@@ -14,36 +16,17 @@ deny contains msg if {
 }
 
 deny contains msg if {
-	some kind, allowed in scoped
-	count(tagged(kind)) == 0
+	some kind, allowed in helpers.scoped(input.agent.constraints.scope)
+	count(helpers.tagged(kind)) == 0
 	msg := sprintf(
 		"run has no %s tag (%s:<name>) and agent %q may only act in %ss %v",
-		[kind, prefix[kind], input.agent.id, kind, allowed],
+		[kind, helpers.prefix[kind], input.agent.id, kind, allowed],
 	)
 }
 
 deny contains msg if {
-	some kind, allowed in scoped
-	some name in tagged(kind)
+	some kind, allowed in helpers.scoped(input.agent.constraints.scope)
+	some name in helpers.tagged(kind)
 	not name in allowed
 	msg := sprintf("%s %q is outside the trust scope of agent %q", [kind, name, input.agent.id])
-}
-
-prefix := {"environment": "env", "tenant": "tenant"}
-
-# The scope kinds this agent is restricted in, with the names it may act in.
-scoped[kind] := allowed if {
-	some kind, field in {"environment": "environments", "tenant": "tenants"}
-	allowed := input.agent.constraints.scope[field]
-	is_array(allowed)
-}
-
-tags contains tag if some tag in input.envelope.flow_run.tags
-
-tags contains tag if some tag in input.envelope.deployment.tags
-
-tagged(kind) := {substring(tag, count(start), -1) |
-	start := concat("", [prefix[kind], ":"])
-	some tag in tags
-	startswith(tag, start)
 }

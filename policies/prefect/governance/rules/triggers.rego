@@ -6,17 +6,12 @@
 # created_by.display_value values.
 package prefect.governance.rules.triggers
 
-started_by := object.get(input.envelope.flow_run, ["created_by", "type"], null)
-
-trigger := started_by if is_string(started_by)
-
-else := "UNKNOWN"
-
-user := object.get(input.envelope.flow_run, ["created_by", "display_value"], "")
+import data.prefect.governance.lib.triggers as helpers
 
 deny contains msg if {
 	allowed := input.agent.constraints.triggers.types
 	is_array(allowed)
+	trigger := helpers.started_by(input.envelope.flow_run)
 	not trigger in allowed
 	msg := sprintf(
 		"runs of agent %q may only be started by %v, not %s",
@@ -27,7 +22,8 @@ deny contains msg if {
 deny contains msg if {
 	allowed := input.agent.constraints.triggers.users
 	is_array(allowed)
-	trigger == "USER"
+	helpers.started_by(input.envelope.flow_run) == "USER"
+	user := object.get(input.envelope.flow_run, ["created_by", "display_value"], "")
 	not user in allowed
 	msg := sprintf("user %q may not start runs of agent %q", [user, input.agent.id])
 }
