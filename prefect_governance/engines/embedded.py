@@ -3,6 +3,11 @@
 Policies are parsed once, at construction. Every builtin error (a builtin the
 engine lacks, or one that fails) raises, so it becomes a deny rather than a
 rule that silently did not fire.
+
+A policy path is evaluated as a rule (``regorus.Engine.eval_rule``), not as a
+query: regorus prepares every query against all the modules, which costs more
+than the decision's own rules. For each path the engine adds one small entry
+module whose rule is the document at that path.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import regorus
 
-from prefect_governance.engines.base import EngineAnswer, EngineError
+from prefect_governance.engines.base import EngineAnswer, EngineError, encode_input
 
 
 def policy_files(policy_dir: Path) -> list[Path]:
@@ -33,6 +39,21 @@ def policy_revision(files: list[Path], root: Path) -> str:
         digest.update(path.read_bytes())
         digest.update(b"\0")
     return "sha256:" + digest.hexdigest()
+
+
+ENTRY_PACKAGE = "__prefect_governance_entry__"
+UNDEFINED = '"<undefined>"'  # what eval_rule_as_json answers for an undefined rule
+
+
+def rego_ref(policy_path: str) -> str:
+    """The Rego reference to a policy path: ``a/b`` is ``data["a"]["b"]``."""
+    parts = [part for part in policy_path.strip("/").split("/") if part]
+    return "data" + "".join(f"[{json.dumps(part)}]" for part in parts)
+
+
+def entry_module(rule: str, policy_path: str) -> str:
+    """A module whose rule ``rule`` is the document at ``policy_path``."""
+    return f"package {ENTRY_PACKAGE}\n\n{rule} := {rego_ref(policy_path)}\n"
 
 
 def clean_error(error: Exception) -> str:
@@ -75,6 +96,7 @@ class EmbeddedEngine:
             except RuntimeError as exc:
                 raise EngineError("evaluation", f"cannot load {path}: {clean_error(exc)}") from exc
         self._engine = engine
+        self._entries: dict[str, str] = {}  # policy path -> its entry rule
         self._fingerprint = _fingerprint(files)
         self.revision = policy_revision(files, self.policy_dir)
 
@@ -91,20 +113,29 @@ class EmbeddedEngine:
         if changed:
             self._load(files)
 
+    def _entry(self, policy_path: str) -> str:
+        """The entry rule for a policy path, added on first use."""
+        rule = self._entries.get(policy_path)
+        if rule is None:
+            if not policy_path.strip("/"):
+                raise EngineError("undefined", "the policy path is empty")
+            name = f"path{len(self._entries)}"
+            self._engine.add_policy(f"<entry {policy_path}>", entry_module(name, policy_path))
+            rule = self._entries[policy_path] = f"data.{ENTRY_PACKAGE}.{name}"
+        return rule
+
     def evaluate_sync(self, policy_path: str, policy_input: dict[str, Any]) -> EngineAnswer:
-        query = "data." + ".".join(part for part in policy_path.strip("/").split("/") if part)
+        """Evaluate in this thread: the raw result at the path (None if undefined)."""
         with self._lock:
             self._reload_if_changed()
             try:
-                self._engine.set_input_json(json.dumps(policy_input, default=str))
-                raw = json.loads(self._engine.eval_query_as_json(query))
+                rule = self._entry(policy_path)
+                self._engine.set_input_json(encode_input(policy_input).decode())
+                raw = self._engine.eval_rule_as_json(rule)
             except RuntimeError as exc:
                 raise EngineError("evaluation", clean_error(exc)) from exc
             revision = self.revision
-        try:
-            value = raw["result"][0]["expressions"][0]["value"]
-        except (KeyError, IndexError, TypeError):
-            value = None  # undefined
+        value = None if raw == UNDEFINED else orjson.loads(raw)
         return EngineAnswer(result=value, decision_id=None, revision=revision)
 
     async def evaluate(self, policy_path: str, policy_input: dict[str, Any]) -> EngineAnswer:

@@ -11,7 +11,6 @@ each waiting out the timeout.
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import time
 from collections.abc import Callable
@@ -20,9 +19,10 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
+import orjson
 from opa_client import AsyncOpaClient
 
-from prefect_governance.engines.base import EngineAnswer, EngineError, FailureKind
+from prefect_governance.engines.base import EngineAnswer, EngineError, FailureKind, encode_input
 from prefect_governance.engines.breaker import Breaker
 
 # Every builtin error is an error, never an undefined rule; provenance carries
@@ -31,6 +31,7 @@ QUERY = "strict-builtin-errors=true&provenance=true"
 BACKOFF = 0.3  # seconds before the first retry, doubled before each next one
 MIN_ATTEMPT = 0.1  # an attempt with less time than this left is not started
 MARGIN = 0.05  # an attempt ends this long before the deadline, so the error is ours
+JSON_CONTENT = {"Content-Type": "application/json"}
 
 
 class OpaError(EngineError):
@@ -71,11 +72,14 @@ class _SidecarClient(AsyncOpaClient):
         assert self._session is not None
         url = f"{self.root_url}/data/{policy_path.strip('/')}?{QUERY}"
         async with self._session.post(
-            url, json={"input": policy_input}, timeout=aiohttp.ClientTimeout(total=timeout)
+            url,
+            data=b'{"input":' + encode_input(policy_input) + b"}",
+            headers=JSON_CONTENT,
+            timeout=aiohttp.ClientTimeout(total=timeout),
         ) as response:
             raw = await response.read()
         try:
-            body = json.loads(raw)
+            body = orjson.loads(raw)
         except ValueError:
             body = None
         if response.status != 200:
