@@ -6,13 +6,9 @@ sized(value) if is_string(value)
 
 sized(value) if is_array(value)
 
-# A value of a JSON Schema type: string, boolean, number, array, object or integer.
-json_type(value, type) if {
-	type in {"string", "boolean", "number", "array", "object"}
-	type_name(value) == type
-}
-
-json_type(value, "integer") if {
+# A whole number where the declared type is "integer" (JSON Schema's
+# integer: a number without a fraction; type_name calls it a number).
+integer(value, "integer") if {
 	is_number(value)
 	value == round(value)
 }

@@ -16,6 +16,7 @@ deny contains msg if {
 }
 
 deny contains msg if {
+	is_object(input.agent.constraints.scope)
 	some kind, allowed in helpers.scoped(input.agent.constraints.scope)
 	count(helpers.tagged(kind)) == 0
 	msg := sprintf(
@@ -25,6 +26,7 @@ deny contains msg if {
 }
 
 deny contains msg if {
+	is_object(input.agent.constraints.scope)
 	some kind, allowed in helpers.scoped(input.agent.constraints.scope)
 	some name in helpers.tagged(kind)
 	not name in allowed
