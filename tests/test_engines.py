@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from prefect_governance.decision import decide
 from prefect_governance.engines import EmbeddedEngine, EngineError, OpaEngine
-from prefect_governance.engines.embedded import policy_revision
+from prefect_governance.engines.embedded import policy_files, policy_revision
 from tests.conftest import POLICIES, OpaServer
 
 PATH = "prefect/governance/decision"
@@ -259,6 +262,60 @@ def test_the_embedded_engine_picks_up_a_policy_change_without_a_restart(tmp_path
     policy.unlink()
     with pytest.raises(EngineError, match="no Rego policies"):
         engine.evaluate_sync("p/allow", {})
+
+
+def test_a_policy_that_stops_compiling_refuses_until_it_is_fixed(tmp_path):
+    """Not just the first decision after the bad edit: every one until a good load."""
+    policy = tmp_path / "p.rego"
+    policy.write_text("package p\n\nallow := true\n")
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+    good = engine.evaluate_sync("p/allow", {}).revision
+    policy.write_text("package p\n\nallow := \n")
+    with pytest.raises(EngineError, match="cannot load"):
+        engine.evaluate_sync("p/allow", {})
+    engine.reload_interval = 3600  # no new look at the files: the old policy stays refused
+    with pytest.raises(EngineError, match="cannot load"):
+        engine.evaluate_sync("p/allow", {})
+    policy.write_text("package p\n\nallow := true\n")
+    engine.reload_interval = 0
+    assert engine.evaluate_sync("p/allow", {}).revision == good
+
+
+def test_the_embedded_engine_sees_modules_added_and_removed_anywhere(tmp_path):
+    (tmp_path / "p.rego").write_text("package p\n\nallow := true\n")
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+    first = engine.evaluate_sync("p/allow", {}).revision
+    nested = tmp_path / "team" / "rules"
+    nested.mkdir(parents=True)
+    (nested / "q.rego").write_text("package q\n\nallow := false\n")
+    assert engine.evaluate_sync("q/allow", {}).result is False
+    (nested / "q_test.rego").write_text("package q_test\n\ntest_x if true\n")
+    (tmp_path / "notes.json").write_text("{}")
+    second = engine.evaluate_sync("q/allow", {}).revision
+    assert second != first, "a new module is a new revision; tests and data are not"
+    (nested / "q.rego").unlink()
+    assert engine.evaluate_sync("q/allow", {}).result is None
+    assert engine.evaluate_sync("p/allow", {}).revision == first
+
+
+def test_the_embedded_reload_check_scans_only_after_a_change(tmp_path, monkeypatch):
+    """Each check is one stat per directory and module; a scan only when one changed."""
+    import prefect_governance.engines.embedded as embedded
+
+    shutil.copytree(POLICIES / "prefect", tmp_path / "prefect")
+    hour_ago = time.time() - 3600
+    for path in [tmp_path, *tmp_path.rglob("*")]:
+        os.utime(path, (hour_ago, hour_ago))
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+    revision = engine.revision
+    scans = []
+    monkeypatch.setattr(embedded, "policy_files", lambda d: scans.append(d) or policy_files(d))
+    for _ in range(50):
+        engine.evaluate_sync(PATH, {})
+    assert scans == []
+    (tmp_path / "prefect" / "notes.md").write_text("not a module")
+    engine.evaluate_sync(PATH, {})
+    assert len(scans) == 1 and engine.revision == revision
 
 
 def test_opa_reports_the_bundle_revision(opa_bin, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ def policy_revision(files: list[Path], root: Path) -> str:
 
 ENTRY_PACKAGE = "__prefect_governance_entry__"
 UNDEFINED = '"<undefined>"'  # what eval_rule_as_json answers for an undefined rule
+RACY_NS = 2_000_000_000  # mtimes this recent are not trusted to show the next change
 
 
 def rego_ref(policy_path: str) -> str:
@@ -61,9 +63,21 @@ def clean_error(error: Exception) -> str:
     return str(error).split("\n\nStack backtrace", 1)[0].strip()
 
 
-def _fingerprint(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
-    """What changes when a policy file is added, removed or edited (cheap: one stat each)."""
-    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+def watched_paths(policy_dir: Path, files: list[Path]) -> tuple[str, ...]:
+    """What to look at for a change: every directory (an entry added, removed
+    or renamed changes its mtime) and every module (an edit changes its own)."""
+    return tuple(root for root, _, _ in os.walk(policy_dir)) + tuple(map(str, files))
+
+
+def stamps(paths: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    """The mtime and size of each path; OSError if one is gone."""
+    return tuple((st.st_mtime_ns, st.st_size) for st in map(os.stat, paths))
+
+
+def racy(stamped: tuple[tuple[int, int], ...]) -> bool:
+    """Something changed so recently that a further change could keep its mtime
+    (file systems keep time in ticks of up to seconds): stamps cannot be trusted yet."""
+    return max(mtime for mtime, _ in stamped) > time.time_ns() - RACY_NS
 
 
 class EmbeddedEngine:
@@ -72,8 +86,11 @@ class EmbeddedEngine:
     The modules are compiled once; when a policy file is added, removed or
     edited, the next decision recompiles them (a new revision), so a worker
     picks up policy changes without a restart. The files are looked at no more
-    than once per ``reload_interval`` seconds. A change that does not compile is
-    an error, and so a deny.
+    than once per ``reload_interval`` seconds, and then cheaply: one stat of
+    each directory and module (~0.1 ms); the directory is scanned and the
+    modules hashed only when one of them changed (or changed in the last
+    seconds). A change that does not compile is an error, and so a deny, until
+    the policies load again.
     """
 
     name = "embedded"
@@ -82,13 +99,17 @@ class EmbeddedEngine:
         self.policy_dir = Path(policy_dir)
         self.reload_interval = reload_interval
         self._checked_at = time.monotonic()
+        self._broken: EngineError | None = None  # why the policies on disk do not load
         # One regorus engine holds one input at a time.
         self._lock = threading.Lock()
         self._load(policy_files(self.policy_dir))
 
     def _load(self, files: list[Path]) -> None:
+        """Compile the modules; the engine, revision and what is watched change only if they do."""
         if not files:
             raise EngineError("evaluation", f"no Rego policies found in {self.policy_dir}")
+        watched = watched_paths(self.policy_dir, files)
+        stamped = stamps(watched)  # before reading: an edit from now on is a change
         engine = regorus.Engine()
         for path in files:
             try:
@@ -97,21 +118,44 @@ class EmbeddedEngine:
                 raise EngineError("evaluation", f"cannot load {path}: {clean_error(exc)}") from exc
         self._engine = engine
         self._entries: dict[str, str] = {}  # policy path -> its entry rule
-        self._fingerprint = _fingerprint(files)
         self.revision = policy_revision(files, self.policy_dir)
+        self._watched, self._stamps, self._racy = watched, stamped, racy(stamped)
 
-    def _reload_if_changed(self) -> None:
-        now = time.monotonic()
-        if now - self._checked_at < self.reload_interval:
-            return
-        self._checked_at = now
+    def _unchanged(self) -> bool:
+        """Nothing watched changed since it was stamped (one stat each)."""
+        if self._racy:
+            return False
+        try:
+            return stamps(self._watched) == self._stamps
+        except OSError:  # a watched file or directory is gone
+            return False
+
+    def _rescan(self) -> None:
+        """Reload if the modules (their paths or contents) changed."""
         try:
             files = policy_files(self.policy_dir)
-            changed = _fingerprint(files) != self._fingerprint
+            watched = watched_paths(self.policy_dir, files)
+            stamped = stamps(watched)
+            if policy_revision(files, self.policy_dir) != self.revision:
+                self._load(files)
+            else:  # not a module (an example, a test, say): watch what is there now
+                self._watched, self._stamps, self._racy = watched, stamped, racy(stamped)
         except OSError as exc:
             raise EngineError("evaluation", f"cannot read the policies: {exc}") from exc
-        if changed:
-            self._load(files)
+
+    def _reload_if_changed(self) -> None:
+        """Look for a change once per interval; while the policies do not load, refuse."""
+        now = time.monotonic()
+        if now - self._checked_at >= self.reload_interval:
+            self._checked_at = now
+            try:
+                if not self._unchanged():
+                    self._rescan()
+                self._broken = None
+            except EngineError as exc:
+                self._broken = exc
+        if self._broken is not None:
+            raise EngineError(self._broken.kind, self._broken.message)
 
     def _entry(self, policy_path: str) -> str:
         """The entry rule for a policy path, added on first use."""
