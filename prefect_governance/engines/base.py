@@ -51,7 +51,11 @@ class EngineAnswer:
 
 
 class PolicyEngine(Protocol):
-    """Evaluate the document at a policy path (``a/b/c``) for one input."""
+    """Evaluate the document at a policy path (``a/b/c``) for one input.
+
+    An in-process engine may also offer ``evaluate_sync`` (the same, without
+    awaiting), which :func:`prefect_governance.decision.decide` calls directly.
+    """
 
     name: str
 
