@@ -20,7 +20,7 @@ from prefect.workers.process import (
     ProcessWorker,
     ProcessWorkerResult,
 )
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from prefect_governance.controls import Controls, pool_defaults, resolve_controls
 from prefect_governance.governor import Assessment, Governor, read_proposals
@@ -31,7 +31,10 @@ from prefect_governance.runtime import ENVELOPE_ENV
 from prefect_governance.settings import WORKER_SECRETS
 
 if TYPE_CHECKING:
-    from prefect.client.schemas.objects import FlowRun
+    from uuid import UUID
+
+    from prefect.client.schemas.objects import Flow, FlowRun, WorkPool
+    from prefect.client.schemas.responses import DeploymentResponse
 
     from prefect_governance.lineage import LineageStore
     from prefect_governance.signing import SigningKey
@@ -58,6 +61,24 @@ class GovernedProcessJobConfiguration(ProcessJobConfiguration):
     engine: str | None = Field(default=None)
     lineage_store: str | None = Field(default=None)
     signing_key: str | None = Field(default=None)
+    # The flow and deployment Prefect read to build this configuration, reused by the decision.
+    _flow: Flow | None = PrivateAttr(default=None)
+    _deployment: DeploymentResponse | None = PrivateAttr(default=None)
+
+    def prepare_for_flow_run(
+        self,
+        flow_run: FlowRun,
+        deployment: DeploymentResponse | None = None,
+        flow: Flow | None = None,
+        work_pool: WorkPool | None = None,
+        worker_name: str | None = None,
+        worker_id: UUID | None = None,
+    ) -> None:
+        """Prefect's preparation; keeps the flow and deployment it was given."""
+        super().prepare_for_flow_run(
+            flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
+        )
+        self._flow, self._deployment = flow, deployment
 
 
 class GovernedProcessVariables(ProcessVariables):
@@ -126,6 +147,8 @@ class GovernedProcessWorker(ProcessWorker):
         self.governor = Governor()
         self._reconciled_at: float | None = None
         self._in_flight: set[str] = set()  # flow runs this worker is handling
+        # Prefect's worker labels of each run, written with its governance labels.
+        self._worker_labels: dict[str, dict[str, Any]] = {}
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
         """Prefect's poll, then (at start and every reconcile_interval) a reconcile pass."""
@@ -175,6 +198,30 @@ class GovernedProcessWorker(ProcessWorker):
             return await self._governed_run(flow_run, configuration, task_status)
         finally:
             self._in_flight.discard(str(flow_run.id))
+            unwritten = self._worker_labels.pop(str(flow_run.id), None)
+            if unwritten:  # governance stopped before labelling the run: Prefect's labels only
+                with anyio.CancelScope(shield=True), anyio.move_on_after(15):
+                    try:
+                        await self.client.update_flow_run_labels(flow_run.id, unwritten)
+                    except Exception:
+                        self._logger.warning("Could not label flow run %s", flow_run.id)
+
+    async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
+        """Prefect's worker labels, kept to be written with the governance labels.
+
+        Prefect's label update reads the run, then writes it; on a SQLite server a
+        concurrent write makes it answer 503, which the client retries after about
+        2 s. One label update per run, as under the stock worker, instead of two.
+        The labels are those of Prefect 3.8's ``BaseWorker._give_worker_labels_to_flow_run``.
+        """
+        labels: dict[str, Any] = {
+            "prefect.worker.name": self.name,
+            "prefect.worker.type": self.type,
+        }
+        if self._work_pool:
+            labels["prefect.work-pool.name"] = self._work_pool.name
+            labels["prefect.work-pool.id"] = str(self._work_pool.id)
+        self._worker_labels[str(flow_run_id)] = labels
 
     async def _governed_run(
         self,
@@ -193,7 +240,7 @@ class GovernedProcessWorker(ProcessWorker):
         else:
             try:
                 key = await self.governor.signing_key(controls.signing_key, self.client)
-                assessment = await self._assess(flow_run, controls, store)
+                assessment = await self._assess(flow_run, configuration, controls, store)
             except Exception as exc:
                 logger.exception("Governance could not decide this run; refusing it.")
                 assessment = Assessment.refusal(controls, f"governance failed: {exc!r}")
@@ -243,14 +290,22 @@ class GovernedProcessWorker(ProcessWorker):
         return resolve_controls(pool_defaults(template), requested)
 
     async def _assess(
-        self, flow_run: FlowRun, controls: Controls, store: LineageStore
+        self,
+        flow_run: FlowRun,
+        configuration: GovernedProcessJobConfiguration,
+        controls: Controls,
+        store: LineageStore,
     ) -> Assessment:
-        flow = await self.client.read_flow(flow_run.flow_id)
-        deployment = (
-            await self.client.read_deployment(flow_run.deployment_id)
-            if flow_run.deployment_id
-            else None
-        )
+        # The flow and deployment Prefect read moments ago for this run's job
+        # configuration (the one the controls come from); read only if it lacks them.
+        flow = configuration._flow
+        if flow is None or flow.id != flow_run.flow_id:
+            flow = await self.client.read_flow(flow_run.flow_id)
+        deployment = configuration._deployment
+        if flow_run.deployment_id is None:
+            deployment = None
+        elif deployment is None or deployment.id != flow_run.deployment_id:
+            deployment = await self.client.read_deployment(flow_run.deployment_id)
         return await self.governor.assess(
             client=self.client,
             flow_run=flow_run,
@@ -264,8 +319,7 @@ class GovernedProcessWorker(ProcessWorker):
 
     async def _refuse(self, flow_run: FlowRun, assessment: Assessment) -> None:
         decision = assessment.decision
-        await self._label(flow_run, assessment)
-        await self._artifact(flow_run, assessment)
+        await self._annotate(flow_run, assessment)
         await self.client.set_flow_run_state(
             flow_run.id,
             Cancelled(name="Refused", message=refusal_message(decision)),
@@ -273,12 +327,15 @@ class GovernedProcessWorker(ProcessWorker):
         )
 
     async def _annotate(self, flow_run: FlowRun, assessment: Assessment) -> None:
+        """Labels, then the decision artifact (not at once: on SQLite the label update,
+        a read then a write, fails with 503 when another write lands between the two)."""
         await self._label(flow_run, assessment)
         await self._artifact(flow_run, assessment)
 
     async def _label(self, flow_run: FlowRun, assessment: Assessment) -> None:
         decision = assessment.decision
         labels: dict[str, Any] = {
+            **self._worker_labels.get(str(flow_run.id), {}),
             **decision.annotations,
             "governance.decision": decision.verdict,
             "governance.decision_id": decision.id,
@@ -290,6 +347,7 @@ class GovernedProcessWorker(ProcessWorker):
         if decision.warn:
             labels["governance.warnings"] = str(len(decision.warn))
         await self.client.update_flow_run_labels(flow_run.id, labels)
+        self._worker_labels.pop(str(flow_run.id), None)
 
     async def _artifact(self, flow_run: FlowRun, assessment: Assessment) -> None:
         await self.client.create_artifact(

@@ -236,6 +236,9 @@ def test_allowed_run_completes_and_is_labelled(governed, engine):
     assert run.labels["governance.decision_id"] == decision.decision_id
     assert run.labels["governance.engine"] == engine
     assert run.labels["governance.agent"] == "e2e-etl"  # an annotation from the policy
+    # Prefect's worker labels, written in the same update as the governance labels
+    assert run.labels["prefect.worker.type"] == "governed-process"
+    assert run.labels["prefect.work-pool.name"] == ENGINE_POOLS[engine]
     assert run.event("outcome").state == "COMPLETED"
     assert decision.id < run.event("outcome").id, "the decision is recorded before the outcome"
     if engine == "embedded":  # OPA reports a revision only when it serves a bundle
