@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -316,6 +317,16 @@ def test_the_embedded_reload_check_scans_only_after_a_change(tmp_path, monkeypat
     (tmp_path / "prefect" / "notes.md").write_text("not a module")
     engine.evaluate_sync(PATH, {})
     assert len(scans) == 1 and engine.revision == revision
+
+
+def test_the_embedded_engine_refuses_in_another_thread(tmp_path):
+    """regorus engines cannot move between threads (it panics): a refusal instead."""
+    (tmp_path / "p.rego").write_text("package p\n\nallow := true\n")
+    engine = EmbeddedEngine(tmp_path)
+    with ThreadPoolExecutor(1) as pool:
+        failure = pool.submit(engine.evaluate_sync, "p/allow", {}).exception()
+    assert isinstance(failure, EngineError) and "thread" in failure.message
+    assert engine.evaluate_sync("p/allow", {}).result is True
 
 
 def test_opa_reports_the_bundle_revision(opa_bin, tmp_path):

@@ -100,8 +100,8 @@ class EmbeddedEngine:
         self.reload_interval = reload_interval
         self._checked_at = time.monotonic()
         self._broken: EngineError | None = None  # why the policies on disk do not load
-        # One regorus engine holds one input at a time.
-        self._lock = threading.Lock()
+        # A regorus engine panics when used from another thread than its creator's.
+        self._thread = threading.get_ident()
         self._load(policy_files(self.policy_dir))
 
     def _load(self, files: list[Path]) -> None:
@@ -170,15 +170,18 @@ class EmbeddedEngine:
 
     def evaluate_sync(self, policy_path: str, policy_input: dict[str, Any]) -> EngineAnswer:
         """Evaluate in this thread: the raw result at the path (None if undefined)."""
-        with self._lock:
-            self._reload_if_changed()
-            try:
-                rule = self._entry(policy_path)
-                self._engine.set_input_json(encode_input(policy_input).decode())
-                raw = self._engine.eval_rule_as_json(rule)
-            except RuntimeError as exc:
-                raise EngineError("evaluation", clean_error(exc)) from exc
-            revision = self.revision
+        if threading.get_ident() != self._thread:
+            raise EngineError(
+                "evaluation", "the embedded engine can only be used by the thread that created it"
+            )
+        self._reload_if_changed()
+        try:
+            rule = self._entry(policy_path)
+            self._engine.set_input_json(encode_input(policy_input).decode())
+            raw = self._engine.eval_rule_as_json(rule)
+        except RuntimeError as exc:
+            raise EngineError("evaluation", clean_error(exc)) from exc
+        revision = self.revision
         value = None if raw == UNDEFINED else orjson.loads(raw)
         return EngineAnswer(result=value, decision_id=None, revision=revision)
 
