@@ -36,6 +36,7 @@ reasons contains reason if {
 	}
 }
 
+# All three parts are there: the usual case, which skips the part-by-part check.
 well_formed if {
 	is_object(input.agent)
 	is_object(input.envelope)
