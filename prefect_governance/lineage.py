@@ -351,6 +351,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA synchronous=FULL")
+    # The indexes of a long history (random uuids among them) stay in memory: 64 MiB at most.
+    cursor.execute("PRAGMA cache_size=-65536")
     cursor.close()
 
 
