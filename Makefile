@@ -38,7 +38,12 @@ lint: install
 	$(BIN)/ruff format --check .
 
 bench: install opa
+	bash scripts/postgres.sh
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/python benchmarks/decision_latency.py
+	OPA_BIN=$(abspath $(OPA)) $(BIN)/python benchmarks/worker_ab.py
+	$(BIN)/python benchmarks/lineage.py
+	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/report.py --readme
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache

@@ -51,6 +51,7 @@ def _figures_of(name: str, document: dict) -> dict[str, float]:
         ("decision_latency", ("--quick",)),
         ("lineage", ("--quick",)),
         ("scale", ("--quick",)),
+        ("worker_ab", ("--runs", "3", "--batch", "3", "--warmup", "1")),
     ],
 )
 def test_a_benchmark_gives_every_figure_of_the_table(name, args, tmp_path, opa_bin):
