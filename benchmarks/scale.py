@@ -8,6 +8,8 @@ trust update; and a memory version per run), on SQLite and on PostgreSQL:
   (embedded engine) and the decision record appended (chained and committed);
 - the lineage append rate (single-event transactions, one writer).
 
+The histories are measured side by side, in rounds that alternate between them.
+
 Prints each figure and its growth from 10 to 100,000 prior events; writes
 benchmarks/results/scale.json.
 """
@@ -20,7 +22,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from prefect_governance.memory import AgentMemory, MemoryStore
 AGENT = "scale-agent"
 HISTORIES = (10, 1_000, 100_000)
 PATH = "prefect/governance/decision"
+ROUNDS = 5
 
 
 def agent() -> GovernanceAgent:
@@ -76,28 +79,58 @@ def seed(store: LineageStore, events: int) -> None:
             connection.execute(insert(AgentMemory.__table__), rows[start : start + 5000])
 
 
-async def decision_path(store: LineageStore, count: int, warmup: int) -> list[float]:
-    """Milliseconds per run for: agent state from the lineage, decision, decision record."""
-    engine, who, memory = EmbeddedEngine(ROOT / "policies"), agent(), MemoryStore(store.engine)
-    document = policy_input()
-    samples = []
-    for i in range(warmup + count):
-        started = time.perf_counter()
-        trust, _snapshot = agent_state(store, memory, who)
-        document["agent"]["trust"] = trust.model_dump(mode="json")
-        decision = await decide(engine, PATH, document)
-        store.append(decision_record(AGENT, i))
-        if i >= warmup:
+class History:
+    """One agent with some prior events in a database of its own, ready to be governed."""
+
+    def __init__(self, url: str, events: int):
+        self.events = events
+        self.store = LineageStore(url)
+        seed(self.store, events)
+        self.engine, self.agent = EmbeddedEngine(ROOT / "policies"), agent()
+        self.memory, self.input = MemoryStore(self.store.engine), policy_input()
+        self.runs = 0
+
+    async def decide(self, count: int) -> list[float]:
+        """Milliseconds per run for: agent state from the lineage, decision, decision record."""
+        samples = []
+        for _ in range(count):
+            started = time.perf_counter()
+            trust, _snapshot = agent_state(self.store, self.memory, self.agent)
+            self.input["agent"]["trust"] = trust.model_dump(mode="json")
+            decision = await decide(self.engine, PATH, self.input)
+            self.store.append(decision_record(AGENT, self.runs))
             samples.append((time.perf_counter() - started) * 1000)
-        assert decision.verdict == "allowed", decision
-    return samples
+            assert decision.verdict == "allowed", decision
+            self.runs += 1
+        return samples
+
+    def append_rate(self, count: int) -> float:
+        started = time.perf_counter()
+        for _ in range(count):
+            self.store.append(decision_record(AGENT, self.runs))
+            self.runs += 1
+        return count / (time.perf_counter() - started)
 
 
-def append_rate(store: LineageStore, count: int) -> float:
-    started = time.perf_counter()
-    for i in range(count):
-        store.append(decision_record(AGENT, i))
-    return count / (time.perf_counter() - started)
+def measure(histories: list[History], decisions: int, appends: int) -> dict[str, Any]:
+    """Each history's figures, measured in rounds that alternate between the histories (the
+    machine's speed drifts: only figures taken side by side compare)."""
+    samples: dict[int, list[float]] = {h.events: [] for h in histories}
+    rates: dict[int, list[float]] = {h.events: [] for h in histories}
+    for h in histories:
+        asyncio.run(h.decide(20))  # warm-up
+    for round_ in range(ROUNDS):
+        order = histories[round_ % len(histories) :] + histories[: round_ % len(histories)]
+        for h in order:
+            samples[h.events] += asyncio.run(h.decide(decisions // ROUNDS))
+            rates[h.events].append(h.append_rate(appends // ROUNDS))
+    return {
+        str(events): {
+            "decision_path": percentiles(samples[events]),
+            "append_per_s": round(statistics.median(rates[events])),
+        }
+        for events in samples
+    }
 
 
 @contextmanager
@@ -139,19 +172,18 @@ def main() -> None:
     kinds = ["sqlite"] if args.no_postgres else ["sqlite", "postgresql"]
     with postgres(not args.no_postgres) as server_url:
         for kind in kinds:
-            rows: dict[str, Any] = {}
-            for events in histories:
-                with database(kind, server_url) as url:
-                    store = LineageStore(url)
-                    seed(store, events)
-                    path = percentiles(asyncio.run(decision_path(store, decisions, 50)))
-                    rate = statistics.median(append_rate(store, appends // 5) for _ in range(5))
-                    store.dispose()
-                rows[str(events)] = {"decision_path": path, "append_per_s": round(rate)}
+            with ExitStack() as stack:
+                urls = [stack.enter_context(database(kind, server_url)) for _ in histories]
+                seeded = [History(url, events) for url, events in zip(urls, histories, strict=True)]
+                rows = measure(seeded, decisions, appends)
+                for h in seeded:
+                    h.store.dispose()
+            for events, row in rows.items():
+                path = row["decision_path"]
                 print(
                     f"{kind:10} {events:>7} prior events: decision path p50 "
                     f"{path['p50_ms']:.3f} ms p99 {path['p99_ms']:.3f} ms, "
-                    f"append {rate:.0f} events/s"
+                    f"append {row['append_per_s']} events/s"
                 )
             first, last = rows[str(histories[0])], rows[str(histories[-1])]
             rows["growth"] = {
@@ -166,6 +198,7 @@ def main() -> None:
         "scale",
         figures,
         histories=list(histories),
+        rounds=ROUNDS,
         decisions_per_history=decisions,
         appends_per_history=appends,
     )
