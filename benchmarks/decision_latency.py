@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -36,11 +35,12 @@ from common import (
     percentiles,
     write_result,
 )
+from workload import policy_input
 
 from prefect_governance.decision import decide
 from prefect_governance.engines import EmbeddedEngine, OpaEngine, PolicyEngine
+from prefect_governance.models import DEFAULT_POLICY_PATH
 
-PATH = "prefect/governance/decision"
 PARAMETERS = 20
 CONCURRENCY = (1, 8, 64)
 GOALS = {"embedded": (0.25, 1.0), "opa": (1.0, 3.0)}  # p50, p99 in ms
@@ -48,20 +48,11 @@ GOALS = {"embedded": (0.25, 1.0), "opa": (1.0, 3.0)}  # p50, p99 in ms
 Decide = Callable[[], Awaitable[Any]]
 
 
-def realistic_input(parameters: int = PARAMETERS) -> dict[str, Any]:
-    """The `allowed` example with its envelope widened to ``parameters`` parameters."""
-    policy_input = json.loads((ROOT / "policies/examples/allowed/input.json").read_text())
-    params = policy_input["envelope"]["parameters"]
-    for i in range(parameters - len(params)):
-        params[f"option_{i}"] = f"value-{i}"
-    return policy_input
-
-
-def decider(engine: PolicyEngine, policy_input: dict[str, Any]) -> Decide:
+def decider(engine: PolicyEngine, document: dict[str, Any]) -> Decide:
     """One decision, checked: a benchmark of refusals would measure the wrong thing."""
 
     async def one() -> None:
-        decision = await decide(engine, PATH, policy_input)
+        decision = await decide(engine, DEFAULT_POLICY_PATH, document)
         if decision.verdict != "allowed":
             raise SystemExit(f"{engine.name}: expected an allowed run, got {decision}")
 
@@ -103,7 +94,7 @@ async def throughput(one: Decide, n: int, concurrency: int) -> float:
 
 async def measure(engine: PolicyEngine, n: int, warmup: int) -> dict[str, Any]:
     """Latency percentiles and throughput at each concurrency for one engine."""
-    one = decider(engine, realistic_input())
+    one = decider(engine, policy_input(PARAMETERS))
     gc.collect()
     figures: dict[str, Any] = {"latency": await latency(one, n, warmup)}
     figures["throughput"] = {str(c): await throughput(one, n, c) for c in CONCURRENCY}
@@ -170,7 +161,7 @@ def main() -> None:
         warmup=warmup,
         parameters=PARAMETERS,
         concurrency=list(CONCURRENCY),
-        policy_path=PATH,
+        policy_path=DEFAULT_POLICY_PATH,
         opa=opa_version(),
         load_average=[round(load_before, 2), round(load_after, 2)],
     )

@@ -37,10 +37,10 @@ from prefect_governance.engines import EmbeddedEngine
 from prefect_governance.governor import agent_state
 from prefect_governance.lineage import LineageStore
 from prefect_governance.memory import AgentMemory, MemoryStore
+from prefect_governance.models import DEFAULT_POLICY_PATH
 
 AGENT = "scale-agent"
 HISTORIES = (10, 1_000, 100_000)
-PATH = "prefect/governance/decision"
 ROUNDS = 5
 
 
@@ -97,7 +97,7 @@ class History:
             started = time.perf_counter()
             trust, _snapshot = agent_state(self.store, self.memory, self.agent)
             self.input["agent"]["trust"] = trust.model_dump(mode="json")
-            decision = await decide(self.engine, PATH, self.input)
+            decision = await decide(self.engine, DEFAULT_POLICY_PATH, self.input)
             self.store.append(decision_record(AGENT, self.runs))
             samples.append((time.perf_counter() - started) * 1000)
             assert decision.verdict == "allowed", decision

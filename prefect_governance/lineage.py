@@ -409,34 +409,27 @@ _UPDATE_HEAD = (
     .where(_HEADS.c.chain == bindparam("head_of"))
     .values({name: bindparam(f"new_{name}") for name in ("seq", "hash", "decisions", "refusals")})
 )
-_READ_HEAD = select(_HEADS).where(_HEADS.c.chain == bindparam("chain"))
-_LOCK_HEADS = (
+_READ_HEADS = (
     select(_HEADS)
     .where(_HEADS.c.chain.in_(bindparam("chains", expanding=True)))
     .order_by(_HEADS.c.chain)
-    .with_for_update()
 )
+_LOCK_HEADS = _READ_HEADS.with_for_update()
 
 
-def _lock_heads(connection: Connection, chains: list[str]) -> dict[str, _Head]:
-    """The heads of some chains, locked until the transaction ends (PostgreSQL row locks,
-    taken in chain order; SQLite holds its one write lock already). A chain new to the
-    store has no head row to lock: two first appenders race, and the loser retries."""
-    rows = {row.chain: row for row in connection.execute(_LOCK_HEADS, {"chains": chains})}
+def _heads(connection: Connection, chains: list[str], *, lock: bool = False) -> dict[str, _Head]:
+    """The heads of some chains (primary-key reads). With ``lock``, locked until the
+    transaction ends (PostgreSQL row locks, taken in chain order; SQLite holds its one
+    write lock already): a chain new to the store has no head row to lock, so two first
+    appenders race, and the loser retries."""
+    query = _LOCK_HEADS if lock else _READ_HEADS
+    rows = {row.chain: row for row in connection.execute(query, {"chains": chains})}
     return {
         chain: _Head(row.seq, row.hash, row.decisions, row.refusals, stored=True)
         if (row := rows.get(chain)) is not None
         else _head_from_records(connection, chain)
         for chain in chains
     }
-
-
-def _read_head(connection: Connection, chain: str) -> _Head:
-    """The head of a chain: its head row (one primary-key read)."""
-    row = connection.execute(_READ_HEAD, {"chain": chain}).first()
-    if row is not None:
-        return _Head(row.seq, row.hash, row.decisions, row.refusals, stored=True)
-    return _head_from_records(connection, chain)
 
 
 def _head_from_records(connection: Connection, chain: str) -> _Head:
@@ -553,7 +546,7 @@ class LineageStore:
         with self._appender.connect() as connection:
             if connection.dialect.name == "sqlite":
                 connection.exec_driver_sql("BEGIN IMMEDIATE")  # the database's write lock
-            heads = _lock_heads(connection, sorted({e.chain for e in events}))
+            heads = _heads(connection, sorted({e.chain for e in events}), lock=True)
             if once is not None and self._has(connection, *once):
                 connection.rollback()
                 return False
@@ -645,7 +638,8 @@ class LineageStore:
     def decision_counts(self, agent_id: str) -> tuple[int, int]:
         """How many runs of an agent were decided, and how many of them refused."""
         with self.engine.connect() as connection:
-            head = _read_head(connection, chain_of(agent_id))
+            chain = chain_of(agent_id)
+            head = _heads(connection, [chain])[chain]
         return head.decisions, head.refusals
 
     def unsettled(

@@ -343,16 +343,16 @@ def test_hash_round_trips_through_sqlite(url, store):
 
 def _stale_head_once(monkeypatch) -> list[list[str]]:
     """The next append reads an empty head once (as if another appender won the race)."""
-    real_heads = lineage._lock_heads
+    real_heads = lineage._heads
     calls: list[list[str]] = []
 
-    def stale_once(connection, chains):
+    def stale_once(connection, chains, *, lock=False):
         calls.append(chains)
         if len(calls) == 1:
             return {chain: lineage._Head() for chain in chains}
-        return real_heads(connection, chains)
+        return real_heads(connection, chains, lock=lock)
 
-    monkeypatch.setattr(lineage, "_lock_heads", stale_once)
+    monkeypatch.setattr(lineage, "_heads", stale_once)
     return calls
 
 
