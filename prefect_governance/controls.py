@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefect_governance.models import DEFAULT_POLICY_PATH, FailMode, Mode
+from prefect_governance.models import DEFAULT_POLICY_PATH, DEFAULT_TASK_POLICY_PATH, FailMode, Mode
 
 # Settings only the work pool (its base job template) may set.
-POOL_ONLY = ("policy_path", "engine", "lineage_store", "signing_key")
+POOL_ONLY = ("policy_path", "task_policy_path", "engine", "lineage_store", "signing_key")
 # Settings a deployment may change only in the stricter direction.
 STRICTER = {"mode": "enforce", "fail_mode": "closed"}
 DEFAULTS: dict[str, Any] = {
     "policy_path": DEFAULT_POLICY_PATH,
+    "task_policy_path": DEFAULT_TASK_POLICY_PATH,
     "engine": None,
     "lineage_store": None,
     "signing_key": None,
@@ -31,6 +32,7 @@ class Controls:
     agent: str | None
     capabilities: list[str]
     policy_path: str = DEFAULT_POLICY_PATH
+    task_policy_path: str = DEFAULT_TASK_POLICY_PATH
     mode: Mode = "enforce"
     fail_mode: FailMode = "closed"
     engine: str | None = None

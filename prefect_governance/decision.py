@@ -67,6 +67,7 @@ def settle(
                 warn=list(result.warn),
                 annotations=dict(result.annotations),
                 reasons=list(result.reasons),
+                grants=None if result.grants is None else list(result.grants),
                 **common,
             )
     reason = f"policy engine failed ({answer.kind}): {answer.message}"

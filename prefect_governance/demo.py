@@ -254,6 +254,56 @@ async def _learning(markers: Path, store: LineageStore) -> bool:
     return verdicts == ["allowed", "allowed", "allowed", "refused"]
 
 
+# Part 3: governance inside one allowed run.
+PIPELINE_STEPS = ["extract", "drop_tables", "summarize", "report"]
+
+
+async def _inside(markers: Path, store: LineageStore) -> bool:
+    deployment_id = await deploy_example(
+        "pipeline",
+        POOL,
+        {"agent": "pipeline-agent", "capabilities": ["read:warehouse", "write:warehouse"]},
+        flow_name="governed_pipeline",
+    )
+    print("\npart 3: pipeline-agent, one allowed run with every task governed")
+    steps = markers / "pipeline"
+    steps.mkdir()
+    async with get_client() as client:
+        run = await client.create_flow_run_from_deployment(
+            deployment_id, parameters={"marker_dir": str(steps)}
+        )
+    final = (await wait_final([run.id], timeout=120))[run.id]
+    await wait_outcomes(store, [run.id], timeout=60)
+    events = [e for e in store.recent(200, flow_run_id=str(run.id))][::-1]
+    rows = [("#", "inside the run", "decision", "body ran / used", "reasons")]
+    for e in events:
+        payload = e.payload or {}
+        if e.kind == "task_decision":
+            name = payload["task"]["name"]
+            what = f"task {name}" + (
+                " (asked again to retry)" if payload.get("purpose") == "retry" else ""
+            )
+            done = "yes" if (steps / name).exists() else "no"
+        elif e.kind == "capability_use":
+            task = (payload.get("task") or {}).get("name", "flow")
+            what, done = f"{payload['capability']} in {task}", "yes" if e.allow else "no"
+        else:
+            continue
+        rows.append((str(payload.get("seq")), what, e.verdict or "-", done, "; ".join(e.reasons)))
+    print(f"flow run: {_state(final)}")
+    print(format_table(rows))
+    ran = {step: (steps / step).exists() for step in PIPELINE_STEPS}
+    blocked = [e for e in events if e.kind == "capability_use" and not e.allow]
+    refused = [e for e in events if e.kind == "task_decision" and e.verdict == "refused"]
+    return (
+        bool(final.state and final.state.is_completed())
+        and ran == {"extract": True, "drop_tables": False, "summarize": True, "report": True}
+        and not (steps / "write").exists()
+        and len(blocked) == 1
+        and {e.payload["task"]["name"] for e in refused} == {"drop_tables"}
+    )
+
+
 def _event(store: LineageStore, flow_run_id: UUID, kind: str) -> Any:
     return next(
         (e for e in store.recent(100, flow_run_id=str(flow_run_id)) if e.kind == kind), None
@@ -272,6 +322,7 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
     try:
         ok = await _four_runs(markers, store)
         ok &= await _learning(markers, store)
+        ok &= await _inside(markers, store)
     finally:
         stop(worker)
 

@@ -1,4 +1,4 @@
-"""Build the mutation envelope for a flow run: pure functions of Prefect objects."""
+"""Build the mutation envelope of a flow run, or of a task inside one: pure functions."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from prefect_governance.models import (
     FlowRunRef,
     MemoryAccess,
     MutationEnvelope,
+    ParentRun,
+    TaskEnvelope,
+    TaskRef,
     WorkPoolRef,
 )
 
@@ -269,4 +272,80 @@ def build_envelope(
         redacted=redacted,
         capabilities=sorted(set(capabilities)),
         memory=memory,
+    )
+
+
+def task_parameters(
+    raw: Mapping[str, Any],
+    *,
+    redact_patterns: Iterable[str],
+    max_bytes: int = MAX_PARAMETER_BYTES,
+    max_depth: int = MAX_PARAMETER_DEPTH,
+) -> tuple[dict[str, Any], list[str]]:
+    """A task's parameters as the policy may see them, and the paths redacted.
+
+    Task parameters are Python objects (a data frame, a client): a value that is
+    not JSON, or nests or weighs more than the limits, is sent as its type and
+    why it was left out, never refused for it. Secrets are redacted by name.
+    """
+    parameters: dict[str, Any] = {}
+    redacted: list[str] = []
+    budget = max_bytes
+    for name, value in raw.items():
+        omitted = None
+        if nesting_depth(value, max_depth) > max_depth:
+            omitted = f"nests deeper than {max_depth} levels"
+        else:
+            cleaned, hits = redact({name: value}, redact_patterns)
+            try:
+                size = len(json.dumps(cleaned[name], allow_nan=False))
+            except (TypeError, ValueError):
+                omitted = "not JSON"
+            else:
+                if size > budget:
+                    omitted = f"larger than the {budget} bytes left of {max_bytes}"
+        if omitted is not None:
+            parameters[name] = {"$type": _type_name(value), "$omitted": omitted}
+            continue
+        parameters[name] = cleaned[name]
+        redacted.extend(hits)
+        budget -= size
+    return parameters, redacted
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+def build_task_envelope(
+    *,
+    task: TaskRef,
+    parameters: Mapping[str, Any],
+    capabilities: Iterable[str],
+    parent: ParentRun,
+    issued_at: datetime,
+    redact_patterns: Iterable[str],
+    max_parameter_bytes: int = MAX_PARAMETER_BYTES,
+    max_parameter_depth: int = MAX_PARAMETER_DEPTH,
+) -> TaskEnvelope:
+    """What one task run proposes to do, with secrets redacted."""
+    values, redacted = task_parameters(
+        parameters,
+        redact_patterns=redact_patterns,
+        max_bytes=max_parameter_bytes,
+        max_depth=max_parameter_depth,
+    )
+    return TaskEnvelope(
+        id=str(uuid.uuid4()),
+        issued_at=issued_at,
+        task=task,
+        parameters=values,
+        redacted=redacted,
+        capabilities=sorted(set(capabilities)),
+        parent=parent,
     )

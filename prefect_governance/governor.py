@@ -14,12 +14,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterKey,
-    FlowRunFilter,
-    FlowRunFilterId,
-)
 from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 from sqlmodel import Session, select
@@ -38,12 +32,16 @@ from prefect_governance.envelope import ParameterLimitError, build_envelope
 from prefect_governance.lineage import (
     LineageEvent,
     LineageStore,
+    capability_use_event,
     chain_of,
     decision_event,
     outcome_event,
+    report_problem_event,
+    task_decision_event,
 )
 from prefect_governance.memory import CommitResult, MemoryStore
 from prefect_governance.models import (
+    DEFAULT_TASK_POLICY_PATH,
     Decision,
     Grant,
     MemoryAccess,
@@ -51,10 +49,12 @@ from prefect_governance.models import (
     MutationEnvelope,
     PolicyContext,
     PolicyInput,
+    TaskPolicyInput,
     TrustState,
     WorkerRef,
     WorkPoolRef,
 )
+from prefect_governance.run_log import RUN_EVENTS_KEY, read_artifact_data, reported_events
 from prefect_governance.runtime import PROPOSAL_KEY
 from prefect_governance.settings import (
     GovernanceSettings,
@@ -81,16 +81,25 @@ class Assessment:
     memory: MemorySnapshot | None = None
     agent_block: str | None = None  # the governance-agent block's name
     worker: str | None = None  # the name of the worker that decided
+    engine: PolicyEngine | None = None  # the engine that decided (and decides the tasks)
+    task_policy_path: str = DEFAULT_TASK_POLICY_PATH
+    signature: str | None = None  # of the grant the run received
 
     def grant(self) -> Grant:
         """What an allowed run receives (to be signed)."""
         assert self.envelope is not None and self.policy_input is not None
+        decision = self.decision
         return Grant(
-            decision_id=self.decision.id,
-            verdict=self.decision.verdict,
+            decision_id=decision.id,
+            verdict=decision.verdict,
             envelope=self.envelope,
             agent=self.policy_input["agent"],
             memory=self.memory or MemorySnapshot(),
+            grants=decision.granted(self.envelope.capabilities),
+            mode=decision.mode,
+            fail_mode=decision.fail_mode,
+            engine=self.engine.reference() if self.engine is not None else None,
+            task_policy_path=self.task_policy_path,
         )
 
     @property
@@ -132,20 +141,12 @@ async def load_agent(client: PrefectClient, name: str) -> GovernanceAgent:
 
 async def read_proposals(client: PrefectClient, flow_run_id: Any) -> list[dict[str, Any]]:
     """The memory proposals a run left as artifacts, oldest first."""
-    artifacts = await client.read_artifacts(
-        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROPOSAL_KEY])),
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-    )
-    proposals = []
-    for artifact in sorted(artifacts, key=lambda a: str(a.created)):
-        data = artifact.data
-        if isinstance(data, str):
-            try:
-                data = json.loads(data)
-            except json.JSONDecodeError:
-                data = None
-        proposals.append(data if isinstance(data, dict) else {})
-    return proposals
+    return await read_artifact_data(client, flow_run_id, PROPOSAL_KEY)
+
+
+async def read_reports(client: PrefectClient, flow_run_id: Any) -> list[dict[str, Any]]:
+    """The batches of governance events (task decisions, capability uses) a run reported."""
+    return await read_artifact_data(client, flow_run_id, RUN_EVENTS_KEY)
 
 
 def describe_validation(error: ValidationError) -> str:
@@ -297,6 +298,7 @@ class Governor:
             context=PolicyContext(worker=WorkerRef(name=worker_name), time=now, mode=mode),
         ).model_dump(mode="json")
 
+        engine: PolicyEngine | None = None
         try:
             engine = await self.engine(controls.engine, client)
         except Exception as exc:
@@ -320,6 +322,8 @@ class Governor:
             memory=memory,
             agent_block=controls.agent,
             worker=worker_name,
+            engine=engine,
+            task_policy_path=controls.task_policy_path,
         )
 
     async def record_decision(
@@ -348,7 +352,9 @@ class Governor:
 
     def sign(self, key: SigningKey, assessment: Assessment) -> str:
         """The signed grant, as the JSON the run's environment carries."""
-        return json.dumps(sign(assessment.grant().model_dump(mode="json"), key))
+        signed = sign(assessment.grant().model_dump(mode="json"), key)
+        assessment.signature = signed["signature"]
+        return json.dumps(signed)
 
     async def record_run_end(
         self,
@@ -360,14 +366,19 @@ class Governor:
         message: str | None = None,
         status_code: int | None = None,
         proposals: list[dict[str, Any]] | None = None,
+        reported: list[dict[str, Any]] | None = None,
     ) -> bool:
-        """Outcome, memory commit or rejection, and the trust update of one run.
+        """What happened inside the run, its outcome, memory commit or rejection, and the
+        trust update of one run.
 
         Recorded once per decision: returns False when the run's outcome was already
         recorded (by another worker's reconciler) and nothing was appended.
         """
         decision_id = assessment.decision.id
-        events: list[LineageEvent] = [
+        events: list[LineageEvent] = await self._inside_events(
+            assessment, flow_run_id, reported or []
+        )
+        events.append(
             outcome_event(
                 agent_id=assessment.agent_id,
                 flow_run_id=flow_run_id,
@@ -376,7 +387,7 @@ class Governor:
                 message=message,
                 status_code=status_code,
             )
-        ]
+        )
         agent = assessment.agent
         rejected = False
         if agent is not None and proposals:
@@ -399,6 +410,78 @@ class Governor:
         return await anyio.to_thread.run_sync(
             partial(store.append, *events, once_per_decision="outcome")
         )
+
+    async def _inside_events(
+        self, assessment: Assessment, flow_run_id: str, batches: list[dict[str, Any]]
+    ) -> list[LineageEvent]:
+        """The run's reported task decisions and capability uses as lineage events, in the
+        run's order; each task decision checked by deciding its input again."""
+        parent = assessment.decision.id
+        common = {"agent_id": assessment.agent_id, "flow_run_id": flow_run_id}
+        reported, problems = reported_events(batches, parent)
+        events = []
+        for item in reported:
+            if item["kind"] == "capability_use":
+                events.append(capability_use_event(item, parent_decision_id=parent, **common))
+            else:
+                check = await self._check_task_decision(assessment, item)
+                events.append(
+                    task_decision_event(item, parent_decision_id=parent, check=check, **common)
+                )
+        if problems:
+            events.append(report_problem_event(problems, parent_decision_id=parent, **common))
+        return events
+
+    async def _check_task_decision(
+        self, assessment: Assessment, item: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Decide a reported task input again: does the run's report hold?
+
+        ``{"verified": True}`` when the worker's engine gives the same verdict and
+        reasons for the same input; False with what differs; None when it cannot tell
+        (the deciding worker is gone, or the policy changed since).
+        """
+        engine, envelope = assessment.engine, assessment.envelope
+        if engine is None or envelope is None or assessment.policy_input is None:
+            return {"verified": None, "why": "the worker that decided the run cannot check it"}
+        reported = item.get("decision") or {}
+        try:
+            parent = dict((item.get("envelope") or {}).get("parent") or {})
+            if assessment.signature is not None and parent.get("signature") != assessment.signature:
+                return {"verified": False, "why": "it names another grant than the run's"}
+            parent["envelope"] = envelope.model_dump(mode="json")
+            policy_input = TaskPolicyInput.model_validate(
+                {
+                    "agent": assessment.policy_input["agent"],
+                    "envelope": {**item["envelope"], "parent": parent},
+                    "context": item.get("context"),
+                }
+            ).model_dump(mode="json")
+        except (ValidationError, KeyError, TypeError) as exc:
+            return {"verified": False, "why": f"the reported input is malformed: {exc}"}
+        again = await decide(
+            engine,
+            assessment.task_policy_path,
+            policy_input,
+            mode=assessment.decision.mode,
+            fail_mode=assessment.decision.fail_mode,
+            deadline=self.settings.decision_timeout,
+        )
+        if again.error is not None or reported.get("error"):
+            return {"verified": None, "why": "an engine failed to decide", "error": again.error}
+        if again.policy_revision != reported.get("policy_revision"):
+            return {"verified": None, "why": "the policy changed since the run decided"}
+        same = again.verdict == reported.get("verdict") and sorted(again.deny) == sorted(
+            reported.get("deny") or []
+        )
+        if same:
+            return {"verified": True}
+        return {
+            "verified": False,
+            "why": "the worker's engine decides this input otherwise",
+            "worker_verdict": again.verdict,
+            "worker_deny": again.deny,
+        }
 
     def _settle_memory(
         self,

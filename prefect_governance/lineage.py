@@ -342,6 +342,88 @@ def outcome_event(
     )
 
 
+def task_decision_event(
+    reported: dict[str, Any],
+    *,
+    agent_id: str | None,
+    flow_run_id: str,
+    parent_decision_id: str,
+    check: dict[str, Any],
+) -> LineageEvent:
+    """The lineage record of a task decision made inside a run (as the run reported it).
+
+    ``check`` is what the worker found when it decided the same input again.
+    """
+    decision = reported.get("decision") or {}
+    envelope = reported.get("envelope") or {}
+    return LineageEvent(
+        kind="task_decision",
+        agent_id=agent_id,
+        flow_run_id=flow_run_id,
+        envelope_id=envelope.get("id"),
+        decision_id=decision.get("id"),
+        verdict=decision.get("verdict"),
+        allow=decision.get("allow"),
+        reasons=list(decision.get("deny") or []),
+        warnings=list(decision.get("warn") or []),
+        engine=decision.get("engine"),
+        policy_path=decision.get("policy_path"),
+        policy_revision=decision.get("policy_revision"),
+        latency_ms=decision.get("latency_ms"),
+        mode=decision.get("mode"),
+        payload={
+            "seq": reported.get("seq"),
+            "time": reported.get("time"),
+            "purpose": reported.get("purpose"),
+            "parent_decision_id": parent_decision_id,
+            "task": reported.get("task"),
+            "envelope": envelope,
+            "context": reported.get("context"),
+            "rules": decision.get("reasons") or [],
+            "annotations": decision.get("annotations") or {},
+            "fail_mode": decision.get("fail_mode"),
+            "error": decision.get("error"),
+            "check": check,
+        },
+    )
+
+
+def capability_use_event(
+    reported: dict[str, Any], *, agent_id: str | None, flow_run_id: str, parent_decision_id: str
+) -> LineageEvent:
+    """The lineage record of one use of a capability inside a run (allowed or blocked)."""
+    granted = reported.get("granted") is True
+    return LineageEvent(
+        kind="capability_use",
+        agent_id=agent_id,
+        flow_run_id=flow_run_id,
+        decision_id=parent_decision_id,
+        verdict="used" if granted else "blocked",
+        allow=granted,
+        reasons=[] if granted else [str(reported.get("reason"))],
+        payload={
+            "seq": reported.get("seq"),
+            "time": reported.get("time"),
+            "capability": reported.get("capability"),
+            "use": reported.get("use"),
+            "task": reported.get("task"),
+        },
+    )
+
+
+def report_problem_event(
+    problems: list[str], *, agent_id: str | None, flow_run_id: str, parent_decision_id: str
+) -> LineageEvent:
+    """What was wrong with a run's report of its governance events (missing, foreign, garbled)."""
+    return LineageEvent(
+        kind="report_problem",
+        agent_id=agent_id,
+        flow_run_id=flow_run_id,
+        decision_id=parent_decision_id,
+        reasons=problems,
+    )
+
+
 def _json_text(value: Any) -> str:
     return canonical_json(value).decode()
 
@@ -519,9 +601,9 @@ class LineageStore:
         Each event gets the next seq of its agent's chain; a lost race with another
         appender (unique chain/seq) is rolled back and retried from the new head,
         for at most ``append_timeout`` seconds (then the error is raised). With
-        ``once_per_decision`` (an event kind), nothing is appended when the first
-        event's decision already has a record of that kind (checked under the chain's
-        lock): returns whether the events were appended.
+        ``once_per_decision`` (an event kind), nothing is appended when the decision
+        of the (first) event of that kind already has a record of that kind (checked
+        under the chain's lock): returns whether the events were appended.
         """
         if not events:
             return False
@@ -529,7 +611,13 @@ class LineageStore:
             _normalise(e)
         ordered = _by_chain(events)
         given_ids = [e.id for e in ordered]
-        once = (once_per_decision, events[0].decision_id) if once_per_decision else None
+        once = None
+        if once_per_decision:
+            decision_id = next(
+                (e.decision_id for e in events if e.kind == once_per_decision),
+                events[0].decision_id,
+            )
+            once = (once_per_decision, decision_id)
         deadline = time.monotonic() + self.append_timeout
         for attempt in range(1, APPEND_ATTEMPTS + 1):
             try:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 DEFAULT_POLICY_PATH = "prefect/governance/decision"
+DEFAULT_TASK_POLICY_PATH = "prefect/governance/task"
 
 Mode = Literal["enforce", "audit"]
 FailMode = Literal["closed", "open"]
@@ -114,6 +115,14 @@ class MemoryConstraint(_Contract):
     allow_schema_change: bool = False
 
 
+class TaskConstraint(_Contract):
+    """Which of the agent's tasks may run inside an allowed flow run (the task policy reads it)."""
+
+    deny: list[str] = Field(
+        default_factory=list, description="Task names refused before their body runs."
+    )
+
+
 class Constraints(_Contract):
     """Governance constraints that travel with the agent (each rule module reads its own)."""
 
@@ -125,6 +134,12 @@ class Constraints(_Contract):
     approval: ApprovalConstraint | None = None
     trust: TrustThresholds | None = None
     memory: MemoryConstraint | None = None
+    tasks: TaskConstraint | None = None
+    capability_trust: dict[str, float] = Field(
+        default_factory=dict,
+        description="Minimum trust score per capability: below it the capability is withheld "
+        "from the run's grants (the run still runs, without it).",
+    )
 
 
 class AgentObject(_Contract):
@@ -256,9 +271,75 @@ class PolicyResult(BaseModel):
     reasons: list[Reason] = Field(
         default_factory=list, description="Optional: the rule behind each deny and warn message."
     )
+    grants: list[str] | None = Field(
+        None,
+        description="Optional: the capabilities the run may use. It can only narrow what the "
+        "run asked for (envelope.capabilities); absent, the run may use all of those.",
+    )
+
+
+# --- inside an allowed run: one task --------------------------------------
+
+
+class TaskRef(_Contract):
+    name: str
+    run_id: str
+    key: str | None = Field(None, description="Prefect's task key (the task's identity).")
+    attempt: int = Field(1, ge=1, description="1 on the first run, 2 on the first retry, ...")
+
+
+class ParentRun(_Contract):
+    """The flow run this task belongs to: its verified, signed envelope and what it was granted."""
+
+    envelope: MutationEnvelope
+    decision_id: str
+    verdict: str
+    grants: list[str] = Field(description="Capabilities the flow run's decision granted.")
+    kid: str = Field(description="Id of the key the worker signed the envelope with.")
+    signature: str
+
+
+class TaskEnvelope(_Contract):
+    """What one task run proposes to do."""
+
+    id: str
+    issued_at: datetime
+    task: TaskRef
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Task parameters, secrets redacted; a value that is not JSON (or too "
+        'large) is sent as {"$type": <Python type>, "$omitted": <why>}.',
+    )
+    redacted: list[str] = Field(default_factory=list)
+    capabilities: list[str] = Field(
+        default_factory=list, description="Capabilities the task declares it will use."
+    )
+    parent: ParentRun
+
+
+class TaskContext(_Contract):
+    time: datetime
+    mode: Mode = "enforce"
+
+
+class TaskPolicyInput(_Contract):
+    """The document sent to the task policy as ``input``."""
+
+    agent: AgentObject
+    envelope: TaskEnvelope
+    context: TaskContext
 
 
 # --- what an allowed run receives (signed) ---------------------------------
+
+
+class EngineRef(BaseModel):
+    """Where the worker's decisions were made, so the run's tasks are decided the same way."""
+
+    kind: Literal["embedded", "opa"]
+    policy_dir: str | None = Field(None, description="Embedded: the Rego directory.")
+    url: str | None = Field(None, description="OPA: the sidecar's address.")
+    ca_cert: str | None = Field(None, description="OPA over TLS: the CA bundle's path.")
 
 
 class MemorySnapshot(BaseModel):
@@ -278,6 +359,13 @@ class Grant(BaseModel):
     envelope: MutationEnvelope
     agent: AgentObject
     memory: MemorySnapshot
+    grants: list[str] = Field(
+        default_factory=list, description="Capabilities the run may use (as decided)."
+    )
+    mode: Mode = "enforce"
+    fail_mode: FailMode = "closed"
+    engine: EngineRef | None = Field(None, description="The engine that decides the run's tasks.")
+    task_policy_path: str = DEFAULT_TASK_POLICY_PATH
 
 
 # --- the worker's record of a decision ---------------------------------------
@@ -304,8 +392,19 @@ class Decision(BaseModel):
     error: str | None = Field(
         None, description="Why the engine gave no usable answer (fail closed/open), if so."
     )
+    grants: list[str] | None = Field(
+        None, description="The policy's grants, if it narrowed the capabilities."
+    )
 
     @property
     def runs(self) -> bool:
-        """Whether the flow run may start."""
+        """Whether the flow run (or task) may start."""
         return self.verdict != "refused"
+
+    def granted(self, requested: list[str]) -> list[str]:
+        """The capabilities the run may use: what it asked for, narrowed by the policy's
+        grants when enforced (in audit mode or ungoverned nothing is withheld)."""
+        if self.grants is None or self.verdict != "allowed":
+            return list(requested)
+        allowed = set(self.grants)
+        return [c for c in requested if c in allowed]

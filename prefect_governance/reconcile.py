@@ -27,6 +27,7 @@ from prefect_governance.governor import (
     Assessment,
     load_agent,
     read_proposals,
+    read_reports,
 )
 from prefect_governance.lineage import LineageEvent, as_utc, decision_from_event
 from prefect_governance.models import MemorySnapshot
@@ -146,8 +147,15 @@ async def _settle(
         if flow_run is not None and assessment.agent
         else []
     )
+    reported = await read_reports(client, flow_run.id) if flow_run is not None else []
     recorded = await governor.record_run_end(
-        store, assessment, str(flow_run_id), state, message=message, proposals=proposals
+        store,
+        assessment,
+        str(flow_run_id),
+        state,
+        message=message,
+        proposals=proposals,
+        reported=reported,
     )
     return f"flow run {flow_run_id}: {state} ({message})" if recorded else None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prefect_governance.lineage import ChainProblem, LineageEvent
 from prefect_governance.models import Decision, MemorySnapshot, TrustState
@@ -35,12 +35,16 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def deny_reasons(decision: Decision) -> str:
+    """The deny reasons, each with the rule behind it, on one line."""
+    return "; ".join(_with_rule(decision, m) for m in decision.deny) or "no reason given"
+
+
 def refusal_message(decision: Decision) -> str:
     """The message of a Refused state: reasons (with their rules) and decision id, on one line."""
-    reasons = "; ".join(_with_rule(decision, m) for m in decision.deny) or "no reason given"
     return (
         f"Refused by governance policy {decision.policy_path} "
-        f"(decision {decision.id}, engine {decision.engine}): {reasons}"
+        f"(decision {decision.id}, engine {decision.engine}): {deny_reasons(decision)}"
     )
 
 
@@ -78,8 +82,10 @@ def lineage_table(events: Sequence[LineageEvent]) -> str:
     """Lineage events as a plain-text table, oldest first."""
     rows = [("time", "kind", "agent", "flow run", "verdict/state", "engine", "reasons/warnings")]
     for e in reversed(list(events)):
-        what = e.verdict if e.kind == "decision" else e.state
-        notes = "; ".join([*e.reasons, *e.warnings])
+        what = e.verdict or e.state
+        notes = (
+            inside_run_summary(e) if e.kind in _INSIDE_RUN else "; ".join([*e.reasons, *e.warnings])
+        )
         rows.append(
             (
                 e.created_at.strftime("%H:%M:%S"),
@@ -158,9 +164,10 @@ def verify_report(chain_sizes: dict[str, int], problems: Sequence[ChainProblem])
 
 def chain_table(events: Sequence[LineageEvent]) -> str:
     """One agent's chain: sequence, kind, what happened, and the links."""
-    rows = [("seq", "time", "kind", "flow run", "what", "hash", "prev")]
+    rows = [("seq", "time", "kind", "flow run", "what", "hash", "prev", "details")]
     for e in events:
         what = e.verdict or e.state or _payload_summary(e)
+        details = inside_run_summary(e) if e.kind in _INSIDE_RUN else "; ".join(e.reasons)
         rows.append(
             (
                 str(e.seq),
@@ -170,13 +177,53 @@ def chain_table(events: Sequence[LineageEvent]) -> str:
                 what or "-",
                 (e.hash or "-")[7:19],
                 (e.prev_hash or "-")[7:19],
+                details,
             )
         )
     return format_table(rows)
 
 
+# The records of governance inside a flow run, appended after the run.
+_INSIDE_RUN = frozenset({"task_decision", "capability_use", "report_problem"})
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def inside_run_summary(event: LineageEvent) -> str:
+    """One line on a task decision, a capability use or a problem with a run's report."""
+    payload = _dict(event.payload)
+    reasons = "; ".join(str(r) for r in event.reasons or [])
+    if event.kind == "report_problem":
+        return reasons
+    task = _dict(payload.get("task"))
+    if event.kind == "capability_use":
+        where = f"task {task.get('name')}" if task else "the flow body"
+        use = f" ({payload.get('use')})" if payload.get("use") else ""
+        line = f"{payload.get('capability')} by {where}{use}"
+        return f"{line}: {reasons}" if event.verdict != "used" and reasons else line
+    # a task decision
+    task = task or _dict(_dict(payload.get("envelope")).get("task"))
+    attempt = [f"attempt {task['attempt']}"] if task.get("attempt") is not None else []
+    retry = ["retry re-ask"] if payload.get("purpose") == "retry" else []
+    when = f" ({', '.join([*attempt, *retry])})" if attempt or retry else ""
+    line = f"task {task.get('name', '?')}{when}"
+    if reasons:
+        line += f": {reasons}"
+    check = _dict(payload.get("check"))
+    if check.get("verified") is False:
+        line += f" [NOT VERIFIED: {check.get('why')}]"
+    elif "verified" in check and check.get("verified") is None:
+        line += f" [unverified: {check.get('why')}]"
+    return line
+
+
 def _payload_summary(event: LineageEvent) -> str:
     payload = event.payload or {}
+    if event.kind == "report_problem":
+        count = len(event.reasons or [])
+        return f"{count} report problem{'s' if count != 1 else ''}"
     if event.kind == "memory_commit":
         return f"v{payload.get('version')}"
     if event.kind == "trust":

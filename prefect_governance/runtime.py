@@ -18,7 +18,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from prefect_governance.models import AgentObject, Grant, MemorySnapshot, MutationEnvelope
+from prefect_governance.models import (
+    AgentObject,
+    Grant,
+    MemorySnapshot,
+    MutationEnvelope,
+    ParentRun,
+)
 from prefect_governance.signing import SignatureError, verify
 
 ENVELOPE_ENV = "PREFECT_GOVERNANCE_ENVELOPE"
@@ -43,6 +49,27 @@ class CurrentAgent:
         return self.agent.id
 
 
+@dataclass(frozen=True)
+class Verified:
+    """A verified grant and the signature it came with."""
+
+    grant: Grant
+    kid: str
+    signature: str
+
+    def parent(self) -> ParentRun:
+        """The flow run as its tasks' envelopes name it: the signed envelope and the grants."""
+        grant = self.grant
+        return ParentRun(
+            envelope=grant.envelope,
+            decision_id=grant.decision_id,
+            verdict=grant.verdict,
+            grants=list(grant.grants),
+            kid=self.kid,
+            signature=self.signature,
+        )
+
+
 def verify_grant(
     signed_text: str | None,
     *,
@@ -51,6 +78,19 @@ def verify_grant(
     public_key: Callable[[str], str | None],
 ) -> Grant:
     """Verify a signed grant for one flow run, or raise EnvelopeError saying why."""
+    return verify_signed_grant(
+        signed_text, flow_run_id=flow_run_id, now=now, public_key=public_key
+    ).grant
+
+
+def verify_signed_grant(
+    signed_text: str | None,
+    *,
+    flow_run_id: str | None,
+    now: datetime,
+    public_key: Callable[[str], str | None],
+) -> Verified:
+    """Verify a signed grant for one flow run (keeping its signature), or raise EnvelopeError."""
     if not signed_text:
         raise EnvelopeError(
             f"this run has no governance envelope ({ENVELOPE_ENV} is not set): "
@@ -78,7 +118,7 @@ def verify_grant(
         )
     if now >= grant.envelope.expires_at:
         raise EnvelopeError(f"the governance envelope expired at {grant.envelope.expires_at}")
-    return grant
+    return Verified(grant, str(kid), str(signed["signature"]))
 
 
 def _trusted_keys() -> Mapping[str, str]:
@@ -105,7 +145,7 @@ def _public_key(kid: str) -> str | None:
         return None
 
 
-_verified: dict[str, Grant] = {}
+_verified: dict[str, Verified] = {}
 
 
 def _flow_run_id() -> str | None:
@@ -114,19 +154,27 @@ def _flow_run_id() -> str | None:
     return flow_run.id
 
 
-def current_grant() -> Grant:
-    """The verified grant of this flow run (verified once per run, then cached)."""
+def current_verified() -> Verified:
+    """This flow run's verified grant and signature (verified once per run, then cached).
+
+    The expiry bounds when a run may start; a run already verified keeps its grant.
+    """
     run_id = _flow_run_id()
     if run_id and run_id in _verified:
         return _verified[run_id]
-    grant = verify_grant(
+    verified = verify_signed_grant(
         os.environ.get(ENVELOPE_ENV),
         flow_run_id=run_id,
         now=datetime.now(timezone.utc),
         public_key=_public_key,
     )
-    _verified[str(run_id)] = grant
-    return grant
+    _verified[str(run_id)] = verified
+    return verified
+
+
+def current_grant() -> Grant:
+    """The verified grant of this flow run."""
+    return current_verified().grant
 
 
 def current_envelope() -> MutationEnvelope:

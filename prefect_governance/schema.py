@@ -1,7 +1,9 @@
 """The policy contract as JSON Schema, generated from the models.
 
-One file holds both the input and the result schema, so that loading
-``policies/`` into OPA (which reads every JSON file as data) cannot conflict.
+One file holds the input and result schemas of both policies (the flow-run
+decision and the task policy), so that loading ``policies/`` into OPA (which
+reads every JSON file as data, merging the files of one directory) cannot
+conflict.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, Literal
 from jsonschema import Draft202012Validator
 from pydantic.json_schema import models_json_schema
 
-from prefect_governance.models import PolicyInput, PolicyResult
+from prefect_governance.models import PolicyInput, PolicyResult, TaskPolicyInput
 from prefect_governance.openlineage import governance_facet_schema
 
 SCHEMA_ID = "https://prefect-governance.dev/schema/policy-contract.schema.json"
@@ -21,23 +23,35 @@ SCHEMA_FILE = Path("schema") / "policy-contract.schema.json"
 
 
 def contract_schema() -> dict[str, Any]:
-    """The JSON Schema of the policy input and result."""
+    """The JSON Schema of the policy inputs and results (flow-run decision and task policy)."""
     refs, schema = models_json_schema(
-        [(PolicyInput, "validation"), (PolicyResult, "validation")],
+        [
+            (PolicyInput, "validation"),
+            (PolicyResult, "validation"),
+            (TaskPolicyInput, "validation"),
+        ],
         ref_template="#/$defs/{model}",
     )
     input_ref = refs[(PolicyInput, "validation")]
     result_ref = refs[(PolicyResult, "validation")]
+    task_input_ref = refs[(TaskPolicyInput, "validation")]
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,
         "title": "prefect-governance policy contract",
         "description": (
-            "`input` is what the policy receives at POST /v1/data/<policy path>; "
-            "`result` is the document the policy must produce there."
+            "`input` is what the flow-run policy receives at POST /v1/data/<policy path>; "
+            "`result` is the document the policy must produce there. `task_input` and "
+            "`task_result` are the same for the task policy (default path "
+            "prefect/governance/task), asked before each task of an allowed run."
         ),
         "type": "object",
-        "properties": {"input": input_ref, "result": result_ref},
+        "properties": {
+            "input": input_ref,
+            "result": result_ref,
+            "task_input": task_input_ref,
+            "task_result": result_ref,
+        },
         "$defs": schema["$defs"],
     }
 
@@ -75,20 +89,32 @@ def write_facet(root: Path) -> Path:
     return _write(root / FACET_FILE, render_facet())
 
 
-DocumentKind = Literal["input", "result"]
+DocumentKind = Literal["input", "result", "task_input", "task_result"]
+
+DEFINITIONS: dict[str, str] = {
+    "input": "PolicyInput",
+    "result": "PolicyResult",
+    "task_input": "TaskPolicyInput",
+    "task_result": "PolicyResult",
+}
 
 
 def guess_kind(document: Any) -> DocumentKind:
-    """An input has agent/envelope/context; anything else is read as a result."""
+    """An input has agent/envelope/context (a task input's envelope has a ``parent``);
+    anything else is read as a result (a task result has the same shape)."""
     if isinstance(document, dict) and {"agent", "envelope", "context"} & set(document):
+        envelope = document.get("envelope")
+        if isinstance(envelope, dict) and "parent" in envelope:
+            return "task_input"
         return "input"
     return "result"
 
 
 def validate_document(document: Any, kind: DocumentKind) -> list[str]:
-    """Why a policy input or result does not match the published contract (empty if it does)."""
+    """Why a policy input or result (of the flow-run or the task policy) does not match the
+    published contract (empty if it does)."""
     contract = contract_schema()
-    definition = {"input": "PolicyInput", "result": "PolicyResult"}[kind]
+    definition = DEFINITIONS[kind]
     validator = Draft202012Validator(
         {"$ref": f"#/$defs/{definition}", "$defs": contract["$defs"]},
         format_checker=Draft202012Validator.FORMAT_CHECKER,

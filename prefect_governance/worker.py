@@ -23,8 +23,14 @@ from prefect.workers.process import (
 from pydantic import Field, PrivateAttr
 
 from prefect_governance.controls import Controls, pool_defaults, resolve_controls
-from prefect_governance.governor import Assessment, Governor, read_proposals
-from prefect_governance.models import DEFAULT_POLICY_PATH, FailMode, Mode, WorkPoolRef
+from prefect_governance.governor import Assessment, Governor, read_proposals, read_reports
+from prefect_governance.models import (
+    DEFAULT_POLICY_PATH,
+    DEFAULT_TASK_POLICY_PATH,
+    FailMode,
+    Mode,
+    WorkPoolRef,
+)
 from prefect_governance.reconcile import reconcile
 from prefect_governance.report import decision_markdown, refusal_message
 from prefect_governance.runtime import ENVELOPE_ENV
@@ -44,6 +50,7 @@ GOVERNED_FIELDS = (
     "agent",
     "capabilities",
     "policy_path",
+    "task_policy_path",
     "mode",
     "fail_mode",
     "engine",
@@ -56,6 +63,7 @@ class GovernedProcessJobConfiguration(ProcessJobConfiguration):
     agent: str | None = Field(default=None)
     capabilities: list[str] = Field(default_factory=list)
     policy_path: str = Field(default=DEFAULT_POLICY_PATH)
+    task_policy_path: str = Field(default=DEFAULT_TASK_POLICY_PATH)
     mode: Mode = Field(default="enforce")
     fail_mode: FailMode = Field(default="closed")
     engine: str | None = Field(default=None)
@@ -96,6 +104,11 @@ class GovernedProcessVariables(ProcessVariables):
         default=DEFAULT_POLICY_PATH,
         title="Policy path",
         description="OPA path of the decision (set on the pool; an agent's policy_ref wins).",
+    )
+    task_policy_path: str = Field(
+        default=DEFAULT_TASK_POLICY_PATH,
+        title="Task policy path",
+        description="OPA path of the decision on each governed task in a run (set on the pool).",
     )
     mode: Mode = Field(
         default="enforce",
@@ -392,4 +405,5 @@ class GovernedProcessWorker(ProcessWorker):
             message=message,
             status_code=status_code,
             proposals=await read_proposals(self.client, flow_run.id) if assessment.agent else [],
+            reported=await read_reports(self.client, flow_run.id),
         )

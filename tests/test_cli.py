@@ -241,6 +241,10 @@ def test_the_demo_runs_end_to_end(tmp_path):
     assert "[prefect.governance.rules.capabilities.deny]" in table  # the rule that refused
     assert "[prefect.governance.rules.trust.deny]" in table  # part 2's refusal, too
     assert "fell across its last three runs" in table  # part 2: the learner is stopped
+    assert "part 3: pipeline-agent" in table  # governance inside one run:
+    assert re.search(r"task drop_tables +refused +no .*drop_tables", table)  # refused, never ran
+    assert re.search(r"write:warehouse in summarize +blocked +no", table)  # blocked capability
+    assert re.search(r"task report +allowed +yes", table)  # the rest of the flow ran
     assert "memory     version 1" in table  # agent show
     assert "chains intact" in table  # lineage verify
     home = re.search(r"local Prefect server \(SQLite\) in (\S+)", table).group(1)
@@ -272,3 +276,157 @@ def test_lineage_upgrade_migrates_once_then_reports_up_to_date(tmp_path):
         [*CLI, "lineage", "upgrade", "--url", url], capture_output=True, text=True
     )
     assert "lineage schema: 0002, up to date" in again.stdout
+
+
+def _inside_run_store(tmp_path):
+    """An allowed run's chain with what happened inside it: task decisions (one refused),
+    capability uses (one blocked) and a problem with the run's report."""
+    from prefect_governance.lineage import (
+        capability_use_event,
+        report_problem_event,
+        task_decision_event,
+    )
+    from prefect_governance.models import Decision
+
+    url = f"sqlite:///{tmp_path / 'inside.db'}"
+    store = LineageStore(url)
+    flow_run, load_run, shell_run = (
+        "0b6f1a2e-0000-4000-8000-000000000001",
+        "0b6f1a2e-0000-4000-8000-000000000002",
+        "0b6f1a2e-0000-4000-8000-000000000003",
+    )
+    allowed = Decision(
+        id="dec-flow", verdict="allowed", allow=True, engine="embedded", policy_path="p"
+    )
+    common = {"agent_id": "a-in", "flow_run_id": flow_run, "parent_decision_id": "dec-flow"}
+
+    def task(seq, name, run, verdict, deny=(), purpose="admit", attempt=1):
+        decision = Decision(
+            id=f"tdec-{seq}",
+            verdict=verdict,
+            allow=verdict != "refused",
+            deny=list(deny),
+            engine="embedded",
+            policy_path="prefect/governance/task",
+        )
+        ref = {"name": name, "run_id": run, "key": name, "attempt": attempt}
+        reported = {
+            "seq": seq,
+            "time": "2025-06-01T12:00:01+00:00",
+            "purpose": purpose,
+            "task": ref,
+            "envelope": {"id": f"tenv-{seq}", "task": ref},
+            "context": {"time": "2025-06-01T12:00:01+00:00", "mode": "enforce"},
+            "decision": decision.model_dump(mode="json"),
+        }
+        return task_decision_event(reported, check={"verified": True}, **common)
+
+    store.append(
+        decision_event(allowed, agent_id="a-in", flow_run_id=flow_run, envelope=None),
+        task(1, "load_rows", load_run, "allowed"),
+        capability_use_event(
+            {
+                "seq": 2,
+                "capability": "warehouse:write",
+                "granted": True,
+                "use": "insert 10 rows",
+                "task": {"name": "load_rows", "run_id": load_run, "key": "l", "attempt": 1},
+            },
+            **common,
+        ),
+        task(3, "run_shell", shell_run, "refused", deny=["capability shell is not granted"]),
+        task(4, "run_shell", shell_run, "refused", deny=["still frozen"], purpose="retry"),
+        capability_use_event(
+            {"seq": 5, "capability": "shell", "granted": False, "reason": "not declared"},
+            **common,
+        ),
+        report_problem_event(["events missing from the run's report: seq 6"], **common),
+    )
+    store.dispose()
+    return url, flow_run, shell_run
+
+
+def test_lineage_show_and_list_print_governance_inside_a_run(tmp_path):
+    url, _, _ = _inside_run_store(tmp_path)
+    shown = subprocess.run(
+        [*CLI, "lineage", "show", "--agent", "a-in", "--url", url],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == [
+        "seq",
+        "time",
+        "kind",
+        "flow",
+        "run",
+        "what",
+        "hash",
+        "prev",
+        "details",
+    ]
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert set(rows) == {"1", "2", "3", "4", "5", "6", "7"}
+    assert rows["2"].split()[3:5] == ["task_decision", "0b6f1a2e"]
+    assert " allowed " in rows["2"]
+    assert rows["2"].endswith("task load_rows (attempt 1)")
+    assert " used " in rows["3"]
+    assert rows["3"].endswith("warehouse:write by task load_rows (insert 10 rows)")
+    assert " refused " in rows["4"]
+    assert rows["4"].endswith("task run_shell (attempt 1): capability shell is not granted")
+    assert rows["5"].endswith("task run_shell (attempt 1, retry re-ask): still frozen")
+    assert " blocked " in rows["6"]
+    assert rows["6"].endswith("shell by the flow body: not declared")
+    assert "report_problem" in rows["7"] and " 1 report problem " in rows["7"]
+    assert rows["7"].endswith("events missing from the run's report: seq 6")
+
+    listed = subprocess.run(
+        [*CLI, "lineage", "list", "--url", url, "--agent", "a-in"],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
+    assert listed.returncode == 0, listed.stderr
+    body = listed.stdout.splitlines()[2:]
+    assert [line.split()[1] for line in body] == [
+        "decision",
+        "task_decision",
+        "capability_use",
+        "task_decision",
+        "task_decision",
+        "capability_use",
+        "report_problem",
+    ]
+    assert [line.split()[4] for line in body[:6]] == [
+        "allowed",
+        "allowed",
+        "used",
+        "refused",
+        "refused",
+        "blocked",
+    ]
+    assert body[3].endswith("task run_shell (attempt 1): capability shell is not granted")
+    assert body[5].endswith("shell by the flow body: not declared")
+    assert body[6].endswith("events missing from the run's report: seq 6")
+
+
+def test_lineage_export_has_task_runs_under_their_flow_run(tmp_path):
+    url, flow_run, shell_run = _inside_run_store(tmp_path)
+    out = tmp_path / "events.jsonl"
+    result = subprocess.run(
+        [*CLI, "lineage", "export", "--url", url, "--agent", "a-in", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    shell = [e for e in events if e["run"]["runId"] == shell_run]
+    assert [e["eventType"] for e in shell] == ["START", "ABORT"]
+    assert {e["run"]["facets"]["parent"]["run"]["runId"] for e in shell} == {flow_run}
+    assert shell[1]["run"]["facets"]["governance"]["deny"] == ["still frozen"]
+    assert shell[1]["job"]["name"] == "unknown.run_shell"
+    flow = [e for e in events if e["run"]["runId"] == flow_run]
+    assert [e["eventType"] for e in flow] == ["START"]  # no outcome yet: uses wait for it

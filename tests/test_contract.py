@@ -10,10 +10,11 @@ import pytest
 from pydantic import ValidationError
 
 from prefect_governance import schema
-from prefect_governance.models import AgentObject, PolicyInput
+from prefect_governance.models import AgentObject, PolicyInput, TaskPolicyInput
 from tests.conftest import POLICIES, ROOT
 
 EXAMPLES = sorted(p for p in (POLICIES / "examples").iterdir() if p.is_dir())
+TASK_EXAMPLES = sorted(p for p in (POLICIES / "task_examples").iterdir() if p.is_dir())
 
 
 def test_published_schema_is_generated_from_the_models():
@@ -40,8 +41,35 @@ def test_schema_describes_input_and_result():
         "warn",
         "annotations",
         "reasons",
+        "grants",
     }
     assert defs["PolicyResult"]["required"] == ["allow"]
+    assert set(defs["Constraints"]["properties"]) >= {"tasks", "capability_trust"}
+
+
+def test_schema_describes_the_task_policy_input_and_result():
+    contract = json.loads((POLICIES / schema.SCHEMA_FILE).read_text())
+    defs = contract["$defs"]
+    assert contract["properties"]["task_input"] == {"$ref": "#/$defs/TaskPolicyInput"}
+    assert contract["properties"]["task_result"] == {"$ref": "#/$defs/PolicyResult"}
+    assert set(defs["TaskPolicyInput"]["properties"]) == {"agent", "envelope", "context"}
+    assert set(defs["TaskEnvelope"]["properties"]) == {
+        "id",
+        "issued_at",
+        "task",
+        "parameters",
+        "redacted",
+        "capabilities",
+        "parent",
+    }
+    assert defs["ParentRun"]["properties"]["envelope"] == {"$ref": "#/$defs/MutationEnvelope"}
+    assert set(defs["ParentRun"]["required"]) >= {"envelope", "grants", "signature"}
+
+
+def test_the_schema_file_is_the_only_data_file_of_its_directory():
+    """OPA merges the JSON files of a directory into one document: a second schema there
+    would collide with the contract's keys."""
+    assert [p.name for p in (POLICIES / "schema").iterdir()] == [schema.SCHEMA_FILE.name]
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
@@ -49,11 +77,27 @@ def test_every_example_input_conforms_to_the_contract(example):
     PolicyInput.model_validate_json((example / "input.json").read_text())
 
 
+@pytest.mark.parametrize("example", TASK_EXAMPLES, ids=lambda p: p.name)
+def test_every_task_example_input_conforms_to_the_contract(example):
+    TaskPolicyInput.model_validate_json((example / "input.json").read_text())
+
+
 def test_examples_cover_allow_refuse_and_warn():
     expected = [json.loads((e / "expected.json").read_text()) for e in EXAMPLES]
     assert any(x["allow"] and not x["warn"] for x in expected)
     assert any(not x["allow"] for x in expected)
     assert any(x["allow"] and x["warn"] for x in expected)
+    inputs = [json.loads((e / "input.json").read_text()) for e in EXAMPLES]
+    assert any(
+        x["allow"] and sorted(x["grants"]) != sorted(i["envelope"]["capabilities"])
+        for x, i in zip(expected, inputs, strict=True)
+    ), "an example narrows the grants"
+
+
+def test_task_examples_cover_allow_and_refuse():
+    expected = [json.loads((e / "expected.json").read_text()) for e in TASK_EXAMPLES]
+    assert any(x["allow"] for x in expected)
+    assert any(not x["allow"] for x in expected)
 
 
 @pytest.mark.parametrize(
@@ -82,6 +126,44 @@ def test_every_example_validates_against_the_published_schema(example):
         assert schema.validate_document(document, kind) == []
 
 
+@pytest.mark.parametrize("example", TASK_EXAMPLES, ids=lambda p: p.name)
+def test_every_task_example_validates_against_the_published_schema(example):
+    for name, kind in (("input.json", "task_input"), ("expected.json", "result")):
+        document = json.loads((example / name).read_text())
+        assert schema.guess_kind(document) == kind
+        assert schema.validate_document(document, kind) == []
+    expected = json.loads((example / "expected.json").read_text())
+    assert schema.validate_document(expected, "task_result") == []
+
+
+def test_a_flow_input_is_not_a_task_input_nor_the_reverse():
+    flow = json.loads((POLICIES / "examples" / "allowed" / "input.json").read_text())
+    task = json.loads((TASK_EXAMPLES[0] / "input.json").read_text())
+    assert "envelope: 'parent' is a required property" in schema.validate_document(
+        flow, "task_input"
+    )
+    assert schema.validate_document(task, "input") != []
+
+
+def test_task_input_validation_names_each_problem_with_its_path():
+    document = json.loads((POLICIES / "task_examples" / "allowed" / "input.json").read_text())
+    document["envelope"]["task"]["attempt"] = 0
+    document["envelope"]["capabilities"] = "read:warehouse"
+    del document["envelope"]["parent"]["grants"]
+    document["agent"]["constraints"]["capability_trust"] = {"write:warehouse": "high"}
+    document["agent"]["constraints"]["tasks"] = {"deny": "drop_tables"}
+    assert schema.validate_document(document, "task_input") == [
+        "agent/constraints/capability_trust/write:warehouse: 'high' is not of type 'number'",
+        "agent/constraints/tasks: {'deny': 'drop_tables'} is not valid under any of the given "
+        "schemas",
+        "envelope/capabilities: 'read:warehouse' is not of type 'array'",
+        "envelope/parent: 'grants' is a required property",
+        "envelope/task/attempt: 0 is less than the minimum of 1",
+    ]
+    with pytest.raises(ValidationError):
+        TaskPolicyInput.model_validate(document)
+
+
 def test_validation_names_each_problem_with_its_path():
     document = json.loads((EXAMPLES[0] / "input.json").read_text())
     document["agent"]["trust"]["score"] = 3
@@ -96,6 +178,9 @@ def test_validation_names_each_problem_with_its_path():
         "allow: 'yes' is not of type 'boolean'",
         "deny/0: 1 is not of type 'string'",
     ]
+    assert schema.validate_document({"allow": True, "grants": "read:warehouse"}, "result") == [
+        "grants: 'read:warehouse' is not valid under any of the given schemas",
+    ]
 
 
 def test_policy_validate_command_exit_codes(tmp_path):
@@ -107,3 +192,6 @@ def test_policy_validate_command_exit_codes(tmp_path):
     wrong = subprocess.run([*cli, str(bad)], capture_output=True, text=True)
     assert wrong.returncode == 1
     assert f"{bad}: warn: 'not a list' is not of type 'array'" in wrong.stdout
+    task = TASK_EXAMPLES[0] / "input.json"
+    task_run = subprocess.run([*cli, str(task)], capture_output=True, text=True)
+    assert task_run.returncode == 0 and "valid policy task_input" in task_run.stdout

@@ -19,10 +19,16 @@ from prefect_governance.engines.embedded import policy_files, policy_revision
 from tests.conftest import POLICIES, OpaServer
 
 PATH = "prefect/governance/decision"
+TASK_PATH = "prefect/governance/task"
 EXAMPLES = sorted(p for p in (POLICIES / "examples").iterdir() if p.is_dir())
+TASK_EXAMPLES = sorted(p for p in (POLICIES / "task_examples").iterdir() if p.is_dir())
 
 
 def normalized(result: dict) -> dict:
+    """A result in a comparable form. Sets (deny, warn, reasons, grants) come out of both
+    engines as arrays, in an order that is not part of the contract: sorted here. An
+    absent ``grants`` stays None (the run may use what it asked for), unlike an empty one."""
+    grants = result.get("grants")
     return {
         "allow": result["allow"],
         "deny": sorted(result.get("deny", [])),
@@ -31,26 +37,20 @@ def normalized(result: dict) -> dict:
         "reasons": sorted(
             result.get("reasons", []), key=lambda r: (r["kind"], r["rule"], r["message"])
         ),
+        "grants": None if grants is None else sorted(grants),
     }
 
 
-def rule_test_cases() -> dict[str, dict]:
-    """Every input the Rego rule tests exercise (data.prefect.governance.testing.all_cases)."""
+def rule_test_cases(ref: str = "data.prefect.governance.testing.all_cases") -> dict[str, dict]:
+    """Every input the Rego rule tests exercise: ``testing.all_cases`` (the flow decision's
+    rule modules) or ``testing.all_task_cases`` (the task policy's)."""
     from tests.conftest import opa_path
 
     binary = opa_path()
     if binary is None:
         return {}
     run = subprocess.run(
-        [
-            binary,
-            "eval",
-            "-d",
-            str(POLICIES),
-            "-f",
-            "json",
-            "data.prefect.governance.testing.all_cases",
-        ],
+        [binary, "eval", "-d", str(POLICIES), "-f", "json", ref],
         capture_output=True,
         text=True,
         check=True,
@@ -59,6 +59,7 @@ def rule_test_cases() -> dict[str, dict]:
 
 
 RULE_CASES = rule_test_cases()
+TASK_RULE_CASES = rule_test_cases("data.prefect.governance.testing.all_task_cases")
 
 
 @pytest.fixture(scope="module")
@@ -89,28 +90,68 @@ def test_both_engines_decide_every_example_as_expected(example: Path, embedded, 
     )
 
 
+@pytest.mark.parametrize("example", TASK_EXAMPLES, ids=lambda p: p.name)
+def test_both_engines_decide_every_task_example_as_expected(example: Path, embedded, opa_server):
+    policy_input = json.loads((example / "input.json").read_text())
+    expected = normalized(json.loads((example / "expected.json").read_text()))
+    assert expected["grants"] is None, "the task policy grants nothing of its own"
+
+    async def remote():
+        opa = OpaEngine(opa_server.url)
+        try:
+            return await opa.evaluate(TASK_PATH, policy_input)
+        finally:
+            await opa.aclose()
+
+    assert normalized(embedded.evaluate_sync(TASK_PATH, policy_input).result) == expected
+    assert normalized(asyncio.run(remote()).result) == expected
+
+
 def test_the_rule_tests_cases_are_collected(opa_bin):
     assert len(RULE_CASES) > 40, "every case of the rule modules' tests reaches the parity suite"
+    assert len(TASK_RULE_CASES) > 10, "and every case of the task rule modules' tests"
+    modules = {p.stem for p in (POLICIES / "prefect" / "governance" / "task_rules").glob("*.rego")}
+    tested = {name.split("/", 1)[0] for name in TASK_RULE_CASES}
+    assert tested == {m for m in modules if not m.endswith("_test")}
+
+
+def _both_alike(path: str, name: str, policy_input: dict, namespace: str, embedded, opa_server):
+    """Both engines give the same result; a case that fires names its module's rule."""
+
+    async def remote():
+        opa = OpaEngine(opa_server.url)
+        try:
+            return await opa.evaluate(path, policy_input)
+        finally:
+            await opa.aclose()
+
+    local = normalized(embedded.evaluate_sync(path, policy_input).result)
+    assert local == normalized(asyncio.run(remote()).result)
+    module = name.split("/", 1)[0]
+    if local["reasons"]:
+        assert any(r["rule"].startswith(f"{namespace}.{module}.") for r in local["reasons"])
+    return local
 
 
 @pytest.mark.parametrize("name", sorted(RULE_CASES))
 def test_both_engines_decide_every_rule_test_case_alike(name: str, embedded, opa_server):
     policy_input = RULE_CASES[name]
+    local = _both_alike(PATH, name, policy_input, "prefect.governance.rules", embedded, opa_server)
+    requested = set(policy_input["envelope"]["capabilities"])
+    assert set(local["grants"]) <= requested, "grants only ever narrow the request"
 
-    async def remote():
-        opa = OpaEngine(opa_server.url)
-        try:
-            return await opa.evaluate(PATH, policy_input)
-        finally:
-            await opa.aclose()
 
-    local = normalized(embedded.evaluate_sync(PATH, policy_input).result)
-    assert local == normalized(asyncio.run(remote()).result)
-    module = name.split("/", 1)[0]
-    if local["reasons"]:  # a case that fires names its module's rule
-        assert any(
-            r["rule"].startswith(f"prefect.governance.rules.{module}.") for r in local["reasons"]
-        )
+@pytest.mark.parametrize("name", sorted(TASK_RULE_CASES))
+def test_both_engines_decide_every_task_rule_test_case_alike(name: str, embedded, opa_server):
+    local = _both_alike(
+        TASK_PATH,
+        name,
+        TASK_RULE_CASES[name],
+        "prefect.governance.task_rules",
+        embedded,
+        opa_server,
+    )
+    assert local["grants"] is None
 
 
 COVERAGE_THRESHOLD = 100.0
@@ -120,10 +161,13 @@ def test_opa_test_passes_on_the_policy_library(opa_bin):
     run = subprocess.run([opa_bin, "test", str(POLICIES), "-v"], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "test_examples_decide_as_expected: PASS" in run.stdout
-    modules = sorted((POLICIES / "prefect" / "governance" / "rules").glob("*_test.rego"))
-    for module in modules:
-        package = "data.prefect.governance.rules_test." + module.stem.removesuffix("_test")
-        assert f"{package}.test_cases: PASS" in run.stdout
+    assert "test_task_examples_decide_as_expected: PASS" in run.stdout
+    for directory, namespace in (("rules", "rules_test"), ("task_rules", "task_rules_test")):
+        modules = sorted((POLICIES / "prefect" / "governance" / directory).glob("*_test.rego"))
+        assert modules, directory
+        for module in modules:
+            package = f"data.prefect.governance.{namespace}." + module.stem.removesuffix("_test")
+            assert f"{package}.test_cases: PASS" in run.stdout
 
 
 def test_the_rule_modules_are_fully_covered(opa_bin):

@@ -20,7 +20,15 @@ import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from prefect_governance.lineage import LineageEvent, decision_event, outcome_event
+from prefect_governance.lineage import (
+    LineageEvent,
+    LineageStore,
+    capability_use_event,
+    decision_event,
+    outcome_event,
+    report_problem_event,
+    task_decision_event,
+)
 from prefect_governance.models import Decision, MutationEnvelope
 from prefect_governance.openlineage import (
     DEFAULT_PRODUCER,
@@ -28,6 +36,7 @@ from prefect_governance.openlineage import (
     governance_facet_schema_url,
     job_name,
     run_id,
+    task_run_id,
     to_openlineage,
     write_jsonl,
 )
@@ -38,6 +47,63 @@ CORE = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
 CORE_1_0_2 = "https://openlineage.io/spec/1-0-2/OpenLineage.json"
 ERROR_FACET = "https://openlineage.io/spec/facets/1-0-0/ErrorMessageRunFacet.json"
 VERSION_FACET = "https://openlineage.io/spec/facets/1-0-0/DatasetVersionDatasetFacet.json"
+# The client stamps ParentRunFacet 1-2-0; the schema below is spec/facets/ParentRunFacet.json of
+# OpenLineage/OpenLineage at commit 790104341e68fe30d95d257acf7013e6577641f9 (facet 1-0-1),
+# unchanged. Later versions add only optional fields (``root``; ``facets`` under run and job),
+# so what it requires (run.runId as a UUID, job.namespace and job.name) is what 1-2-0 requires.
+PARENT_FACET = "https://openlineage.io/spec/facets/1-2-0/ParentRunFacet.json"
+CORE_1_0_1 = "https://openlineage.io/spec/1-0-1/OpenLineage.json"
+PARENT_FACET_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://openlineage.io/spec/1-0-1/ParentRunFacet.json",
+    "$defs": {
+        "ParentRunFacet": {
+            "description": "the id of the parent run and job, iff this run was spawn from an "
+            "other run (for example, the Dag run scheduling its tasks)",
+            "allOf": [
+                {"$ref": "https://openlineage.io/spec/1-0-1/OpenLineage.json#/$defs/RunFacet"},
+                {
+                    "type": "object",
+                    "properties": {
+                        "run": {
+                            "type": "object",
+                            "properties": {
+                                "runId": {
+                                    "description": "The globally unique ID of the run "
+                                    "associated with the job.",
+                                    "type": "string",
+                                    "format": "uuid",
+                                }
+                            },
+                            "required": ["runId"],
+                        },
+                        "job": {
+                            "type": "object",
+                            "properties": {
+                                "namespace": {
+                                    "description": "The namespace containing that job",
+                                    "type": "string",
+                                    "example": "my-scheduler-namespace",
+                                },
+                                "name": {
+                                    "description": "The unique name for that job within that "
+                                    "namespace",
+                                    "type": "string",
+                                    "example": "myjob.mytask",
+                                },
+                            },
+                            "required": ["namespace", "name"],
+                        },
+                    },
+                    "required": ["run", "job"],
+                },
+            ],
+            "type": "object",
+        }
+    },
+    "type": "object",
+    "properties": {"parent": {"$ref": "#/$defs/ParentRunFacet"}},
+}
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
 AGENT = "agent-reports"
 MEMORY = f"agents/{AGENT}/memory"
@@ -157,6 +223,8 @@ def openlineage_registry() -> Registry:
         [
             (CORE, core),
             (CORE_1_0_2, core),
+            (CORE_1_0_1, core),
+            (PARENT_FACET, Resource.from_contents(PARENT_FACET_SCHEMA)),
             (ERROR_FACET, Resource.from_contents(_load("facets/ErrorMessageRunFacet-1-0-0.json"))),
             (
                 VERSION_FACET,
@@ -203,6 +271,9 @@ def check_event(registry: Registry, event: dict[str, Any]) -> None:
                 "ErrorMessageRunFacet.json#/$defs/ErrorMessageRunFacet"
             )
             _validate(registry, f"{ERROR_FACET}#/$defs/ErrorMessageRunFacet", facet)
+        elif name == "parent":
+            assert facet["_schemaURL"] == f"{PARENT_FACET}#/$defs/ParentRunFacet"
+            _validate(registry, facet["_schemaURL"], facet)
         else:
             pytest.fail(f"unexpected run facet {name}")
     for dataset in [*event.get("inputs", []), *event.get("outputs", [])]:
@@ -429,3 +500,337 @@ def test_write_jsonl_writes_one_object_a_line(tmp_path, exported):
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(exported)
     assert [json.loads(line) for line in lines] == exported
+
+
+# --- governance inside a run: task decisions, capability uses, report problems ---------
+
+INSIDE = str(uuid.uuid4())  # an allowed flow run with governed tasks inside
+LOAD, SHELL, FLAKY, DENIED = (str(uuid.uuid4()) for _ in range(4))  # its task runs
+PARENT_DECISION = f"dec-{INSIDE[:8]}"
+
+
+def _reported_task(
+    seq: int,
+    at: datetime,
+    name: str,
+    task_run: str,
+    *,
+    verdict: str = "allowed",
+    deny: list[str] | None = None,
+    purpose: str = "admit",
+    attempt: int = 1,
+) -> dict[str, Any]:
+    """A task decision as the run reports it (see prefect_governance.tasks._record)."""
+    decision = Decision(
+        id=f"tdec-{seq}",
+        verdict=verdict,
+        allow=verdict != "refused",
+        deny=deny or [],
+        annotations={"owner": "data"},
+        engine="embedded",
+        policy_path="prefect/governance/task",
+        policy_revision="rev-7",
+        latency_ms=0.25,
+    )
+    task = {"name": name, "run_id": task_run, "key": f"{name}-0", "attempt": attempt}
+    return {
+        "kind": "task_decision",
+        "seq": seq,
+        "time": at.isoformat(),
+        "purpose": purpose,
+        "task": task,
+        "envelope": {
+            "id": f"tenv-{seq}",
+            "issued_at": at.isoformat(),
+            "task": task,
+            "parameters": {"day": "2025-06-01"},
+            "redacted": [],
+            "capabilities": ["warehouse:write"],
+            "parent": {
+                "decision_id": PARENT_DECISION,
+                "verdict": "allowed",
+                "grants": ["warehouse:write"],
+                "kid": "k1",
+                "signature": "sig",
+            },
+        },
+        "context": {"time": at.isoformat(), "mode": "enforce"},
+        "decision": decision.model_dump(mode="json"),
+    }
+
+
+def _task_row(reported: dict[str, Any], check: dict[str, Any] | None = None) -> LineageEvent:
+    return task_decision_event(
+        reported,
+        agent_id=AGENT,
+        flow_run_id=INSIDE,
+        parent_decision_id=PARENT_DECISION,
+        check=check if check is not None else {"verified": True},
+    )
+
+
+def _use_row(seq: int, at: datetime, capability: str, task: str | None, **more: Any):
+    reported = {
+        "kind": "capability_use",
+        "seq": seq,
+        "time": at.isoformat(),
+        "capability": capability,
+        "task": {"name": task, "run_id": LOAD, "key": f"{task}-0", "attempt": 1} if task else None,
+        **more,
+    }
+    return capability_use_event(
+        reported, agent_id=AGENT, flow_run_id=INSIDE, parent_decision_id=PARENT_DECISION
+    )
+
+
+def _inside_rows() -> list[LineageEvent]:
+    """An allowed run, then (as the worker appends them after the run) what happened inside
+    it: four task runs (allowed; refused; refused, re-asked, allowed and run again; refused
+    and re-asked in vain), capability uses and a problem with the report; then the outcome."""
+    s = timedelta(seconds=1)
+    reported = [
+        _task_row(_reported_task(1, T0 + s, "load", LOAD)),
+        _use_row(2, T0 + 2 * s, "warehouse:write", "load", granted=True, use="insert 10 rows"),
+        _task_row(
+            _reported_task(3, T0 + 3 * s, "shell", SHELL, verdict="refused", deny=["no shell"]),
+            {"verified": False, "why": "the worker's engine decides this input otherwise"},
+        ),
+        _use_row(4, T0 + 4 * s, "shell", None, granted=False, reason="not granted to the run"),
+        _task_row(
+            _reported_task(5, T0 + 5 * s, "flaky", FLAKY, verdict="refused", deny=["frozen"])
+        ),
+        _task_row(_reported_task(6, T0 + 6 * s, "flaky", FLAKY, purpose="retry")),
+        _task_row(_reported_task(7, T0 + 7 * s, "flaky", FLAKY, attempt=2)),
+        _task_row(
+            _reported_task(8, T0 + 8 * s, "denied", DENIED, verdict="refused", deny=["frozen"])
+        ),
+        _task_row(
+            _reported_task(
+                9, T0 + 9 * s, "denied", DENIED, verdict="refused", deny=["still"], purpose="retry"
+            ),
+            {"verified": None, "why": "the policy changed since the run decided"},
+        ),
+    ]
+    problem = report_problem_event(
+        ["events missing from the run's report: seq 10"],
+        agent_id=AGENT,
+        flow_run_id=INSIDE,
+        parent_decision_id=PARENT_DECISION,
+    )
+    for row in [*reported, problem]:
+        row.created_at = T0 + 20 * s  # appended together, after the run
+    return [
+        _decision(INSIDE, T0),
+        *reported,
+        problem,
+        _outcome(INSIDE, T0 + 21 * s, "COMPLETED"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def inside(tmp_path_factory) -> list[dict[str, Any]]:
+    """The inside rows appended to a real SQLite store, read back and exported."""
+    store = LineageStore(f"sqlite:///{tmp_path_factory.mktemp('lineage') / 'lineage.db'}")
+    try:
+        store.append(*_inside_rows())
+        assert store.verify() == []
+        return to_openlineage(store.chain(AGENT))
+    finally:
+        store.dispose()
+
+
+def test_every_event_with_tasks_inside_is_valid(registry, inside):
+    assert len(inside) == 2 + 1 + 2 + 3 + 2
+    for event in inside:
+        check_event(registry, event)
+    times = [datetime.fromisoformat(event["eventTime"]) for event in inside]
+    assert times == sorted(times)
+
+
+def test_the_flow_run_is_still_governed_by_its_decision_and_outcome(inside):
+    start, end = _by_run(inside)[INSIDE]
+    assert (start["eventType"], end["eventType"]) == ("START", "COMPLETE")
+    assert start["eventTime"] == T0.isoformat()
+    assert end["eventTime"] == (T0 + timedelta(seconds=21)).isoformat()
+    for event in (start, end):
+        governance = event["run"]["facets"]["governance"]
+        assert governance["decisionId"] == PARENT_DECISION
+        assert governance["verdict"] == "allowed"
+        assert "parent" not in event["run"]["facets"]
+        assert "taskName" not in governance
+    assert end["run"]["facets"]["governance"]["state"] == "COMPLETED"
+
+
+def test_each_task_run_is_a_child_run_of_its_flow_run(inside):
+    runs = _by_run(inside)
+    assert set(runs) == {INSIDE, LOAD, SHELL, FLAKY, DENIED}
+    names = {LOAD: "load", SHELL: "shell", FLAKY: "flaky", DENIED: "denied"}
+    for task_run, name in names.items():
+        assert task_run_id(task_run) == task_run
+        for event in runs[task_run]:
+            assert event["job"]["name"] == f"etl/nightly.{name}"
+            assert event["job"]["namespace"] == "prefect-governance"
+            parent = event["run"]["facets"]["parent"]
+            assert parent["run"]["runId"] == INSIDE
+            assert parent["job"] == {
+                "namespace": "prefect-governance",
+                "name": "etl/nightly",
+                "facets": {},
+            }
+            governance = event["run"]["facets"]["governance"]
+            assert governance["taskName"] == name
+            assert governance["taskRunId"] == task_run
+            assert governance["parentDecisionId"] == PARENT_DECISION
+            assert governance["flowRunId"] == INSIDE
+            assert governance["policyPath"] == "prefect/governance/task"
+            assert event["inputs"] == event["outputs"] == []
+    (load,) = runs[LOAD]  # allowed: started, and its end is not in the lineage
+    assert load["eventType"] == "START"
+    assert load["eventTime"] == (T0 + timedelta(seconds=1)).isoformat()
+    governance = load["run"]["facets"]["governance"]
+    assert (governance["decisionId"], governance["verdict"], governance["allow"]) == (
+        "tdec-1",
+        "allowed",
+        True,
+    )
+    assert (governance["envelopeId"], governance["purpose"], governance["taskAttempt"]) == (
+        "tenv-1",
+        "admit",
+        1,
+    )
+    assert governance["verified"] is True
+    assert governance["annotations"] == {"owner": "data"}
+
+
+def test_a_refused_task_is_started_and_aborted_at_its_decision(inside):
+    start, end = _by_run(inside)[SHELL]
+    assert (start["eventType"], end["eventType"]) == ("START", "ABORT")
+    assert start["eventTime"] == end["eventTime"] == (T0 + timedelta(seconds=3)).isoformat()
+    for event in (start, end):
+        governance = event["run"]["facets"]["governance"]
+        assert governance["verdict"] == "refused"
+        assert governance["allow"] is False
+        assert governance["deny"] == ["no shell"]
+        assert governance["verified"] is False
+        assert governance["verifyReason"] == "the worker's engine decides this input otherwise"
+        assert "errorMessage" not in event["run"]["facets"]
+
+
+def test_a_retry_re_ask_is_folded_into_its_task_run(inside):
+    runs = _by_run(inside)
+    flaky = runs[FLAKY]  # refused, re-asked and allowed, then run again and admitted
+    assert _types(flaky) == ["START", "OTHER", "OTHER"]
+    assert [e["run"]["facets"]["governance"]["decisionId"] for e in flaky] == [
+        "tdec-5",
+        "tdec-6",
+        "tdec-7",
+    ]
+    assert [e["run"]["facets"]["governance"]["purpose"] for e in flaky] == [
+        "admit",
+        "retry",
+        "admit",
+    ]
+    assert flaky[2]["run"]["facets"]["governance"]["taskAttempt"] == 2
+    denied = runs[DENIED]  # refused, and the retry re-ask refused too: ends there
+    assert _types(denied) == ["START", "ABORT"]
+    assert denied[1]["eventTime"] == (T0 + timedelta(seconds=9)).isoformat()
+    governance = denied[1]["run"]["facets"]["governance"]
+    assert (governance["purpose"], governance["deny"]) == ("retry", ["still"])
+    assert "verified" not in governance  # the worker could not tell
+    assert governance["verifyReason"] == "the policy changed since the run decided"
+
+
+def test_capability_uses_and_report_problems_are_on_the_flow_runs_end(inside):
+    start, end = _by_run(inside)[INSIDE]
+    assert "capabilityUses" not in start["run"]["facets"]["governance"]
+    governance = end["run"]["facets"]["governance"]
+    assert governance["capabilityUses"] == [
+        {
+            "capability": "warehouse:write",
+            "verdict": "used",
+            "task": "load",
+            "taskRunId": LOAD,
+            "use": "insert 10 rows",
+            "time": (T0 + timedelta(seconds=2)).isoformat(),
+        },
+        {
+            "capability": "shell",
+            "verdict": "blocked",
+            "reason": "not granted to the run",
+            "time": (T0 + timedelta(seconds=4)).isoformat(),
+        },
+    ]
+    assert governance["reportProblems"] == ["events missing from the run's report: seq 10"]
+
+
+def test_the_facet_schema_rejects_a_bad_capability_use_and_parent(registry, inside):
+    end = json.loads(json.dumps(_by_run(inside)[INSIDE][1]))
+    end["run"]["facets"]["governance"]["capabilityUses"][0]["verdict"] = "maybe"
+    with pytest.raises(jsonschema.ValidationError):
+        check_event(registry, end)
+    task = json.loads(json.dumps(_by_run(inside)[LOAD][0]))
+    del task["run"]["facets"]["parent"]["run"]["runId"]
+    with pytest.raises(jsonschema.ValidationError):
+        check_event(registry, task)
+
+
+def test_inside_rows_change_only_the_flow_runs_end_facet(exported):
+    rows = _inside_rows()
+    plain = to_openlineage([rows[0], rows[-1]])
+    with_inside = [e for e in to_openlineage(rows) if e["run"]["runId"] == INSIDE]
+    for key in ("capabilityUses", "reportProblems"):
+        del with_inside[1]["run"]["facets"]["governance"][key]
+    assert with_inside == plain
+    # without their flow run's decision, inside rows give no events and disturb no run
+    assert to_openlineage([*_rows(), *rows[1:-1]]) == exported
+
+
+def test_a_refused_flow_run_with_tasks_still_aborts_at_its_decision(registry):
+    rows = [
+        _decision(INSIDE, T0, verdict="refused", deny=["no"]),
+        _task_row(_reported_task(1, T0 - timedelta(seconds=5), "load", LOAD)),
+        _outcome(INSIDE, T0 + timedelta(seconds=3), "CANCELLED"),
+    ]
+    events = to_openlineage(rows)
+    runs = _by_run(events)
+    assert _types(runs[INSIDE]) == ["START", "ABORT"]
+    # a task decision is never placed before its flow run started
+    assert runs[LOAD][0]["eventTime"] == T0.isoformat()
+    for event in events:
+        check_event(registry, event)
+
+
+def test_a_garbled_report_still_exports_valid_events(registry):
+    bad_verdict = _reported_task(1, T0, "odd", LOAD)
+    bad_verdict["decision"]["verdict"] = "maybe"
+    garbled = _reported_task(2, T0, "odd", SHELL)
+    garbled["time"] = "yesterday"
+    garbled["task"]["attempt"] = "two"
+    garbled["purpose"] = "whatever"
+    garbled["decision"].update(fail_mode="sideways", latency_ms="fast", deny=[{"x": 1}])
+    garbled["decision"]["annotations"] = {"n": 1}
+    outside = _reported_task(3, T0, "plain", "(not a task run)")
+    again = _reported_task(4, T0, "plain", "(not a task run)")
+    rows = [
+        _decision(INSIDE, T0),
+        *(_task_row(item, {"verified": "yes"}) for item in (bad_verdict, garbled, outside, again)),
+        _use_row(5, T0, "x", None, granted="true", use={"rows": 3}),
+        _outcome(INSIDE, T0 + timedelta(seconds=30), "COMPLETED"),
+    ]
+    events = to_openlineage(rows)
+    for event in events:
+        check_event(registry, event)
+    runs = _by_run(events)
+    assert LOAD not in runs  # no verdict to export: reported as a problem of the run
+    end = runs[INSIDE][1]["run"]["facets"]["governance"]
+    assert end["reportProblems"] == ["task decision tdec-1: verdict 'maybe'"]
+    assert end["capabilityUses"][0]["verdict"] == "blocked"  # only granted=True is a use
+    assert end["capabilityUses"][0]["use"] == '{"rows": 3}'
+    (odd,) = runs[SHELL]
+    governance = odd["run"]["facets"]["governance"]
+    assert "taskAttempt" not in governance and "purpose" not in governance
+    assert "failMode" not in governance and "latencyMs" not in governance
+    assert governance["deny"] == ['{"x": 1}'] and governance["annotations"] == {"n": "1"}
+    # two calls outside Prefect share no task run: each decision is its own run
+    plain = [run for run, evs in runs.items() if evs[0]["job"]["name"].endswith(".plain")]
+    assert len(plain) == 2

@@ -8,6 +8,8 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
+from prefect_governance.models import EngineRef
+
 FailureKind = Literal["unreachable", "timeout", "http", "evaluation", "undefined", "shape"]
 
 
@@ -61,6 +63,10 @@ class PolicyEngine(Protocol):
 
     async def evaluate(self, policy_path: str, policy_input: dict[str, Any]) -> EngineAnswer:
         """Return the raw result; raise :class:`EngineError` when there is none."""
+        ...
+
+    def reference(self) -> EngineRef:
+        """How a governed run's process reaches this engine (no credentials)."""
         ...
 
     async def aclose(self) -> None: ...

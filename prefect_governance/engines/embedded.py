@@ -24,6 +24,7 @@ import orjson
 import regorus
 
 from prefect_governance.engines.base import EngineAnswer, EngineError, encode_input
+from prefect_governance.models import EngineRef
 
 
 def policy_files(policy_dir: Path) -> list[Path]:
@@ -187,6 +188,9 @@ class EmbeddedEngine:
 
     async def evaluate(self, policy_path: str, policy_input: dict[str, Any]) -> EngineAnswer:
         return self.evaluate_sync(policy_path, policy_input)
+
+    def reference(self) -> EngineRef:
+        return EngineRef(kind="embedded", policy_dir=str(self.policy_dir.resolve()))
 
     async def aclose(self) -> None:
         return None

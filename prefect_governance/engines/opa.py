@@ -24,6 +24,7 @@ from opa_client import AsyncOpaClient
 
 from prefect_governance.engines.base import EngineAnswer, EngineError, FailureKind, encode_input
 from prefect_governance.engines.breaker import Breaker
+from prefect_governance.models import EngineRef
 
 # Every builtin error is an error, never an undefined rule; provenance carries
 # the bundle revision when OPA serves a bundle.
@@ -132,6 +133,7 @@ class OpaEngine:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"OPA URL must be http(s)://host:port, got {url!r}")
         self.url = url
+        self.ca_cert = ca_cert
         self.timeout = timeout
         self.retries = retries
         self.breaker = Breaker(breaker_failures, breaker_reset_seconds, clock=clock)
@@ -216,6 +218,9 @@ class OpaEngine:
             ) from exc
         except aiohttp.ClientError as exc:
             raise OpaError("http", f"OPA at {self.url}: {_describe(exc)}", transient=False) from exc
+
+    def reference(self) -> EngineRef:
+        return EngineRef(kind="opa", url=self.url, ca_cert=self.ca_cert)
 
     async def aclose(self) -> None:
         await self._client.close_connection()

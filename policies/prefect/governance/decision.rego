@@ -3,7 +3,8 @@
 # This package only aggregates: every module under prefect.governance.rules
 # (rules/*.rego, or a module of your own in that namespace) contributes its
 # `deny` and `warn` messages, and each message is reported with the rule that
-# produced it. Load only the modules you want to adopt.
+# produced it; a module may also `withhold` capabilities, which narrows the
+# run's `grants`. Load only the modules you want to adopt.
 #
 # Input and result: policies/schema/policy-contract.schema.json and
 # policies/README.md.
@@ -50,6 +51,16 @@ has_object(part) if is_object(input[part])
 deny := {reason.message | some reason in reasons; reason.kind == "deny"}
 
 warn := {reason.message | some reason in reasons; reason.kind == "warn"}
+
+# The capabilities the run may use: those it asked for (envelope.capabilities),
+# less every capability a rule module withholds in its `withhold` set. Withholding
+# narrows the run, it does not refuse it; say why in a warn message of the module.
+# (One rule, not a `withheld` rule of its own: the embedded engine pays for each
+# rule of this package in every decision.)
+grants := {capability | some capability in input.envelope.capabilities} - {capability |
+	some rule in rules
+	some capability in rule.withhold
+}
 
 annotations := {
 	"governance.agent": input.agent.id,

@@ -17,6 +17,7 @@ same(got, want) if {
 	as_set(got.warn) == as_set(want.warn)
 	as_set(got.reasons) == as_set(want.reasons)
 	got.annotations == want.annotations
+	as_set(got.grants) == as_set(want.grants)
 }
 
 as_set(xs) := {x | some x in xs}
@@ -73,6 +74,22 @@ test_a_module_of_your_own_is_aggregated if {
 	}}
 }
 
+test_grants_are_the_requested_capabilities_less_the_withheld if {
+	narrowed := testing.with_values({
+		"/envelope/capabilities": ["read:warehouse", "write:warehouse"],
+		"/agent/constraints/capability_trust": {"write:warehouse": 0.95},
+	})
+	decision.grants == {"read:warehouse"} with input as narrowed
+	decision.allow with input as narrowed
+	decision.grants == {"read:warehouse"} with input as testing.base
+}
+
+test_a_module_of_your_own_can_withhold if {
+	grants := decision.grants with input as testing.base
+		with data.prefect.governance.rules.custom.withhold as {"read:warehouse", "other"}
+	grants == set()
+}
+
 test_annotations_name_the_agent_and_policy if {
 	decision.annotations == {
 		"governance.agent": "etl-agent",
@@ -91,4 +108,5 @@ test_an_input_without_the_contract_is_refused if {
 	no_envelope := object.remove(testing.base, ["envelope"])
 	not decision.allow with input as no_envelope
 	"the input has no envelope object: it is not a governance input" in decision.deny with input as no_envelope
+	decision.grants == set() with input as no_envelope
 }

@@ -1,0 +1,120 @@
+"""The policy engine a governed run decides its tasks with: the worker's, named in the grant.
+
+One engine per process, always used from one thread: the embedded engine is
+bound to the thread that built it, and the OPA client to its event loop. So
+every decision of the run is made on a small portal thread, whichever thread
+(or event loop) the task runs in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prefect_governance.decision import decide, settle
+from prefect_governance.engines import EmbeddedEngine, EngineError, OpaEngine, PolicyEngine
+from prefect_governance.models import Decision, EngineRef, Grant
+from prefect_governance.settings import GovernanceSettings
+
+T = TypeVar("T")
+
+
+def build_engine(ref: EngineRef | None, settings: GovernanceSettings) -> PolicyEngine:
+    """The engine a grant names; EngineError when it names none or cannot be set up."""
+    if ref is None:
+        raise EngineError("unreachable", "the run's grant names no policy engine")
+    try:
+        if ref.kind == "embedded":
+            if not ref.policy_dir:
+                raise EngineError("unreachable", "the grant's embedded engine has no policy dir")
+            return EmbeddedEngine(Path(ref.policy_dir))
+        if not ref.url:
+            raise EngineError("unreachable", "the grant's OPA engine has no URL")
+        return OpaEngine(
+            ref.url,
+            ca_cert=ref.ca_cert,
+            breaker_failures=settings.opa_breaker_failures,
+            breaker_reset_seconds=settings.opa_breaker_reset_seconds,
+        )
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise EngineError("unreachable", f"the policy engine cannot be set up: {exc}") from exc
+
+
+class RunEngine:
+    """Decides a run's tasks on one portal thread, with the engine its grant names."""
+
+    def __init__(self, settings: GovernanceSettings | None = None):
+        self.settings = settings or GovernanceSettings()
+        self._loop = asyncio.new_event_loop()
+        self._engines: dict[str, PolicyEngine] = {}
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="governance-portal", daemon=True
+        )
+        self._thread.start()
+
+    def _submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    async def _decide(self, grant: Grant, policy_input: dict[str, Any]) -> Decision:
+        ref = grant.engine
+        key = ref.model_dump_json() if ref else ""
+        engine = self._engines.get(key)
+        if engine is None:
+            try:
+                engine = self._engines[key] = build_engine(ref, self.settings)
+            except EngineError as exc:
+                return settle(
+                    exc,
+                    engine=ref.kind if ref else "none",
+                    policy_path=grant.task_policy_path,
+                    mode=grant.mode,
+                    fail_mode=grant.fail_mode,
+                )
+        return await decide(
+            engine,
+            grant.task_policy_path,
+            policy_input,
+            mode=grant.mode,
+            fail_mode=grant.fail_mode,
+            deadline=self.settings.decision_timeout,
+        )
+
+    def decide(self, grant: Grant, policy_input: dict[str, Any]) -> Decision:
+        """Decide from any thread (blocking it)."""
+        return self._submit(self._decide(grant, policy_input)).result()
+
+    async def adecide(self, grant: Grant, policy_input: dict[str, Any]) -> Decision:
+        """Decide from any event loop (without blocking it)."""
+        return await asyncio.wrap_future(self._submit(self._decide(grant, policy_input)))
+
+    def close(self) -> None:
+        async def close_all() -> None:
+            for engine in self._engines.values():
+                await engine.aclose()
+
+        if self._loop.is_running():
+            with contextlib.suppress(Exception):
+                self._submit(close_all()).result(timeout=5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+_engine: RunEngine | None = None
+_lock = threading.Lock()
+
+
+def run_engine() -> RunEngine:
+    """This process's run engine, started on first use."""
+    global _engine
+    with _lock:
+        if _engine is None:
+            _engine = RunEngine()
+            atexit.register(_engine.close)
+        return _engine
