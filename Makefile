@@ -41,6 +41,7 @@ bench: install opa
 	bash scripts/postgres.sh
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/python benchmarks/decision_latency.py
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/python benchmarks/worker_ab.py
+	OPA_BIN=$(abspath $(OPA)) $(BIN)/python benchmarks/tasks.py
 	$(BIN)/python benchmarks/lineage.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/report.py --readme

@@ -65,6 +65,23 @@ ROWS = [
             ("ratios", engine, "latency_p50"), "x")
         for engine in ("embedded", "opa")
     ),
+    Row("tasks", "task call p50, ungoverned", ("ungoverned", "p50_ms"), "ms"),
+    *(
+        row
+        for engine, name in (("embedded", "embedded"), ("opa", "OPA sidecar"))
+        for row in (
+            Row("tasks", f"task call p50, governed ({name})", (engine, "p50_ms"), "ms"),
+            Row("tasks", f"task call p99, governed ({name})", (engine, "p99_ms"), "ms"),
+            Row("tasks", f"governed task overhead, p50 ({name})",
+                (engine, "overhead_p50_ms"), "ms"),
+            Row("tasks", f"governed task p50 / ungoverned ({name})", (engine, "ratio_p50"),
+                "x"),
+            Row("tasks", f"governed task overhead, p50, median of paired rounds ({name})",
+                (engine, "overhead_p50_paired_ms"), "ms"),
+            Row("tasks", f"task decision p50, in run_engine().decide ({name})",
+                (engine, "decide", "p50_ms"), "ms"),
+        )
+    ),
     Row("lineage", "lineage appends/s, SQLite, 1 writer", ("append_per_s", "sqlite", "1"),
         "/s", "≥ 1,000", lambda v: v >= 1000),
     Row("lineage", "lineage appends/s, SQLite, 4 writers", ("append_per_s", "sqlite", "4"),

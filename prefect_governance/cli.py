@@ -220,7 +220,10 @@ def agent_show(
 def policy_validate(
     file: Annotated[Path, typer.Argument(help="A policy input or result, as JSON.")],
     kind: Annotated[
-        str, typer.Option(help="input, result, or auto (by its top-level fields).")
+        str,
+        typer.Option(
+            help="input, result, task_input, task_result, or auto (by its top-level fields)."
+        ),
     ] = "auto",
 ) -> None:
     """Check a policy input or result document against the published JSON Schema."""
@@ -231,8 +234,9 @@ def policy_validate(
     except (OSError, json.JSONDecodeError) as exc:
         typer.echo(f"{file}: not a JSON document: {exc}", err=True)
         raise typer.Exit(2) from None
-    if kind not in ("input", "result", "auto"):
-        raise typer.BadParameter("input, result or auto", param_hint="--kind")
+    kinds = ("input", "result", "task_input", "task_result", "auto")
+    if kind not in kinds:
+        raise typer.BadParameter(", ".join(kinds), param_hint="--kind")
     chosen = guess_kind(document) if kind == "auto" else kind
     errors = validate_document(document, chosen)  # type: ignore[arg-type]
     for error in errors:

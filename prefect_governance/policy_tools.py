@@ -31,8 +31,8 @@ import yaml
 from prefect_governance.decision import decide, settle
 from prefect_governance.engines.base import EngineError, PolicyEngine
 from prefect_governance.engines.embedded import clean_error
-from prefect_governance.models import DEFAULT_POLICY_PATH, Decision
-from prefect_governance.schema import validate_document
+from prefect_governance.models import DEFAULT_POLICY_PATH, DEFAULT_TASK_POLICY_PATH, Decision
+from prefect_governance.schema import guess_kind, validate_document
 
 
 class PolicyToolError(Exception):
@@ -392,16 +392,20 @@ def read_policy_input(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
         document = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return None, [f"{path}: not a JSON document: {exc}"]
-    errors = validate_document(document, "input")
+    kind = "task_input" if guess_kind(document) == "task_input" else "input"
+    errors = validate_document(document, kind)
     if errors:
         return None, [f"{path}: {error}" for error in errors]
     return document, []
 
 
 def policy_path_for(policy_input: dict[str, Any], explicit: str | None = None) -> str:
-    """The policy path the worker would ask: the agent's ``policy_ref``, else the default."""
+    """The policy path the worker would ask: the agent's ``policy_ref``, else the default
+    (for a task input: the task policy's default path)."""
     if explicit:
         return explicit
+    if guess_kind(policy_input) == "task_input":
+        return DEFAULT_TASK_POLICY_PATH
     return (policy_input.get("agent") or {}).get("policy_ref") or DEFAULT_POLICY_PATH
 
 
@@ -432,6 +436,7 @@ DECISION_FIELDS = (
     "warn",
     "annotations",
     "reasons",
+    "grants",
     "engine",
     "policy_revision",
     "error",

@@ -65,7 +65,8 @@ current_task: ContextVar[TaskScope | None] = ContextVar("governance_task", defau
 
 
 def _settings() -> GovernanceSettings:
-    return GovernanceSettings()
+    """The process's settings (read from the environment once, with its run engine)."""
+    return run_engine().settings
 
 
 def _task_ref(default_name: str) -> tuple[TaskRef, dict[str, Any]]:

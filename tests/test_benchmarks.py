@@ -60,3 +60,15 @@ def test_a_benchmark_gives_every_figure_of_the_table(name, args, tmp_path, opa_b
     for label, value in figures.items():
         if "growth" not in label:
             assert value > 0, label
+
+
+def test_the_governed_task_benchmark_gives_every_figure_of_the_table(tmp_path, opa_bin):
+    # Both engines, a few calls each: the benchmark itself fails unless every governed
+    # call's decision was reported to Prefect, allowed, with nothing missing.
+    document = _run("tasks", tmp_path, "--quick")
+    figures = _figures_of("tasks", document)
+    for label, value in figures.items():
+        if "overhead" not in label:  # a difference: a quick run's noise may make it negative
+            assert value > 0, label
+    assert document["figures"]["run_log_send_failures"] == 0
+    assert document["figures"]["embedded"]["decide"]["n"] == 50

@@ -233,6 +233,12 @@ def test_the_decision_narrows_grants_and_the_runtime_honours_them(inside, engine
     granted, narrowed = observed[(engine, "granted")], observed[(engine, "narrowed")]
     assert granted.flow_run.state.is_completed(), granted.flow_run.state
     assert granted.ran("task-write") and granted.ran("flow-write")
+    # No refusal hurried these to Prefect: sent by the run's log on its own (batch or exit).
+    assert [(e.kind, e.verdict) for e in granted.inside()] == [
+        ("task_decision", "allowed"),
+        ("capability_use", "used"),
+        ("capability_use", "used"),
+    ]
     assert narrowed.flow_run.state.is_completed(), narrowed.flow_run.state
     assert not narrowed.ran("task-write"), "a task declaring a withheld capability ran"
     assert not narrowed.ran("flow-write"), "a withheld capability was used"

@@ -244,6 +244,18 @@ def test_eval_opa_decides_every_example_as_expected(example, opa_server):
     check(result, example, "opa")
 
 
+TASK_EXAMPLES = sorted(p for p in (POLICIES / "task_examples").iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("example", TASK_EXAMPLES, ids=lambda p: p.name)
+def test_eval_decides_task_inputs_at_the_task_policy(example):
+    """A task input is recognised and decided at prefect/governance/task, grants shown."""
+    result = cli("policy", "eval", "--input", str(example / "input.json"))
+    decision = check(result, example, "embedded")
+    assert decision["annotations"]["governance.policy"] == "prefect/governance/task"
+    assert "grants" in decision
+
+
 def refused_example() -> Path:
     for example in EXAMPLES:
         expected, exit_code = expected_of(example)
