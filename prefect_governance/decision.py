@@ -105,6 +105,44 @@ def worker_refusal(reason: str, *, policy_path: str, mode: Mode, fail_mode: Fail
     )
 
 
+def _settled(
+    engine: PolicyEngine,
+    policy_path: str,
+    answer: EngineAnswer | EngineError,
+    started: float,
+    mode: Mode,
+    fail_mode: FailMode,
+) -> Decision:
+    return settle(
+        answer,
+        engine=engine.name,
+        policy_path=policy_path,
+        mode=mode,
+        fail_mode=fail_mode,
+        latency_ms=(time.perf_counter() - started) * 1000,
+    )
+
+
+def decide_sync(
+    engine: PolicyEngine,
+    policy_path: str,
+    policy_input: dict[str, Any],
+    *,
+    mode: Mode = "enforce",
+    fail_mode: FailMode = "closed",
+) -> Decision:
+    """Ask an in-process engine (one with ``evaluate_sync``) in this thread, and settle."""
+    started = time.perf_counter()
+    answer: EngineAnswer | EngineError
+    try:
+        answer = engine.evaluate_sync(policy_path, policy_input)  # type: ignore[attr-defined]
+    except EngineError as exc:
+        answer = exc
+    except Exception as exc:  # any engine bug is a failure to decide, never a pass
+        answer = EngineError("evaluation", f"{type(exc).__name__}: {exc}")
+    return _settled(engine, policy_path, answer, started, mode, fail_mode)
+
+
 async def decide(
     engine: PolicyEngine,
     policy_path: str,
@@ -120,26 +158,17 @@ async def decide(
     never yields to the event loop, so no deadline could interrupt it, and
     setting one up would cost a tenth of its decision.
     """
+    if getattr(engine, "evaluate_sync", None) is not None:
+        return decide_sync(engine, policy_path, policy_input, mode=mode, fail_mode=fail_mode)
     started = time.perf_counter()
     answer: EngineAnswer | EngineError
-    evaluate_sync = getattr(engine, "evaluate_sync", None)
     try:
-        if evaluate_sync is not None:
-            answer = evaluate_sync(policy_path, policy_input)
-        else:
-            with anyio.fail_after(deadline):
-                answer = await engine.evaluate(policy_path, policy_input)
+        with anyio.fail_after(deadline):
+            answer = await engine.evaluate(policy_path, policy_input)
     except EngineError as exc:
         answer = exc
     except TimeoutError:
         answer = EngineError("timeout", f"no decision within {deadline:g}s")
     except Exception as exc:  # any engine bug is a failure to decide, never a pass
         answer = EngineError("evaluation", f"{type(exc).__name__}: {exc}")
-    return settle(
-        answer,
-        engine=engine.name,
-        policy_path=policy_path,
-        mode=mode,
-        fail_mode=fail_mode,
-        latency_ms=(time.perf_counter() - started) * 1000,
-    )
+    return _settled(engine, policy_path, answer, started, mode, fail_mode)

@@ -1,9 +1,9 @@
 """The policy engine a governed run decides its tasks with: the worker's, named in the grant.
 
-One engine per process, always used from one thread: the embedded engine is
-bound to the thread that built it, and the OPA client to its event loop. So
-every decision of the run is made on a small portal thread, whichever thread
-(or event loop) the task runs in.
+The embedded engine is bound to the thread that built it: each thread that
+runs governed tasks builds its own (~8 ms, once) and decides in place. The
+OPA client is bound to its event loop: its decisions are made on one small
+portal thread, whichever thread (or event loop) the task runs in.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prefect_governance.decision import decide, settle
+from prefect_governance.decision import decide, decide_sync, settle
 from prefect_governance.engines import EmbeddedEngine, EngineError, OpaEngine, PolicyEngine
 from prefect_governance.models import Decision, EngineRef, Grant
 from prefect_governance.settings import GovernanceSettings
@@ -54,7 +54,8 @@ class RunEngine:
     def __init__(self, settings: GovernanceSettings | None = None):
         self.settings = settings or GovernanceSettings()
         self._loop = asyncio.new_event_loop()
-        self._engines: dict[str, PolicyEngine] = {}
+        self._engines: dict[str, PolicyEngine] = {}  # on the portal thread
+        self._local = threading.local()  # embedded engines, one per thread
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="governance-portal", daemon=True
         )
@@ -63,21 +64,45 @@ class RunEngine:
     def _submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
-    async def _decide(self, grant: Grant, policy_input: dict[str, Any]) -> Decision:
+    def _failed(self, grant: Grant, error: EngineError) -> Decision:
         ref = grant.engine
-        key = ref.model_dump_json() if ref else ""
-        engine = self._engines.get(key)
+        return settle(
+            error,
+            engine=ref.kind if ref else "none",
+            policy_path=grant.task_policy_path,
+            mode=grant.mode,
+            fail_mode=grant.fail_mode,
+        )
+
+    def _engine(self, engines: dict[str, PolicyEngine], grant: Grant) -> PolicyEngine:
+        """The engine the grant names, built once per place it is used from."""
+        key = grant.engine.model_dump_json() if grant.engine else ""
+        engine = engines.get(key)
         if engine is None:
-            try:
-                engine = self._engines[key] = build_engine(ref, self.settings)
-            except EngineError as exc:
-                return settle(
-                    exc,
-                    engine=ref.kind if ref else "none",
-                    policy_path=grant.task_policy_path,
-                    mode=grant.mode,
-                    fail_mode=grant.fail_mode,
-                )
+            engine = engines[key] = build_engine(grant.engine, self.settings)
+        return engine
+
+    def _decide_here(self, grant: Grant, policy_input: dict[str, Any]) -> Decision:
+        """An embedded decision in the calling thread, with that thread's engine."""
+        engines = self._local.__dict__.setdefault("engines", {})
+        try:
+            engine = self._engine(engines, grant)
+        except EngineError as exc:
+            return self._failed(grant, exc)
+        return decide_sync(
+            engine,
+            grant.task_policy_path,
+            policy_input,
+            mode=grant.mode,
+            fail_mode=grant.fail_mode,
+        )
+
+    async def _decide(self, grant: Grant, policy_input: dict[str, Any]) -> Decision:
+        """A decision on the portal thread (OPA, or a grant naming no usable engine)."""
+        try:
+            engine = self._engine(self._engines, grant)
+        except EngineError as exc:
+            return self._failed(grant, exc)
         return await decide(
             engine,
             grant.task_policy_path,
@@ -89,10 +114,14 @@ class RunEngine:
 
     def decide(self, grant: Grant, policy_input: dict[str, Any]) -> Decision:
         """Decide from any thread (blocking it)."""
+        if grant.engine is not None and grant.engine.kind == "embedded":
+            return self._decide_here(grant, policy_input)
         return self._submit(self._decide(grant, policy_input)).result()
 
     async def adecide(self, grant: Grant, policy_input: dict[str, Any]) -> Decision:
-        """Decide from any event loop (without blocking it)."""
+        """Decide from any event loop (without blocking it for more than an embedded decision)."""
+        if grant.engine is not None and grant.engine.kind == "embedded":
+            return self._decide_here(grant, policy_input)
         return await asyncio.wrap_future(self._submit(self._decide(grant, policy_input)))
 
     def close(self) -> None:

@@ -83,6 +83,7 @@ TEMPLATE = GovernedProcessWorker.get_default_base_job_template()
 def test_pool_defaults_read_the_template():
     assert pool_defaults(TEMPLATE) == {
         "policy_path": "prefect/governance/decision",
+        "task_policy_path": "prefect/governance/task",
         "engine": None,
         "lineage_store": None,
         "signing_key": None,
@@ -137,3 +138,11 @@ def test_secrets_are_redacted_at_any_depth():
         "items": [{"secret": REDACTED}],
     }
     assert paths == ["db_password", "conn.api_token", "items[0].secret"]
+
+
+def test_only_the_pool_sets_the_task_policy_path():
+    controls = resolve_controls(pool_defaults(TEMPLATE), {"task_policy_path": "anything/goes"})
+    assert controls.task_policy_path == "prefect/governance/task"
+    assert any(
+        "task_policy_path" in note and "only the work pool" in note for note in controls.notes
+    )
