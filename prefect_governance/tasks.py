@@ -144,30 +144,40 @@ def _refusal(ref: TaskRef, decision: Decision, policy_input: dict[str, Any]) -> 
     return refused
 
 
-def _admit(name: str, declared: tuple[str, ...]) -> TaskScope:
-    """Decide this task run (blocking); raise TaskRefused when it may not run."""
+def _question(name: str, declared: tuple[str, ...]) -> tuple[Verified, TaskRef, dict[str, Any]]:
+    """What to ask the task policy about this task run (refused at once without a grant)."""
     verified = _verified_or_refuse(name)
     ref, parameters = _task_ref(name)
     now = datetime.now(timezone.utc)
-    policy_input = task_input(verified, ref, parameters, declared, now, _settings())
-    decision = run_engine().decide(verified.grant, policy_input)
+    return verified, ref, task_input(verified, ref, parameters, declared, now, _settings())
+
+
+def _admitted(
+    verified: Verified,
+    ref: TaskRef,
+    policy_input: dict[str, Any],
+    decision: Decision,
+    declared: tuple[str, ...],
+) -> TaskScope:
+    """Record the decision; the task's scope if it may run, else raise TaskRefused."""
     _record(verified, policy_input, decision, "admit")
     if not decision.runs:
         raise _refusal(ref, decision, policy_input)
     return TaskScope(ref, declared)
+
+
+def _admit(name: str, declared: tuple[str, ...]) -> TaskScope:
+    """Decide this task run (blocking); raise TaskRefused when it may not run."""
+    verified, ref, policy_input = _question(name, declared)
+    decision = run_engine().decide(verified.grant, policy_input)
+    return _admitted(verified, ref, policy_input, decision, declared)
 
 
 async def _aadmit(name: str, declared: tuple[str, ...]) -> TaskScope:
     """Decide this task run without blocking the event loop."""
-    verified = _verified_or_refuse(name)
-    ref, parameters = _task_ref(name)
-    now = datetime.now(timezone.utc)
-    policy_input = task_input(verified, ref, parameters, declared, now, _settings())
+    verified, ref, policy_input = _question(name, declared)
     decision = await run_engine().adecide(verified.grant, policy_input)
-    _record(verified, policy_input, decision, "admit")
-    if not decision.runs:
-        raise _refusal(ref, decision, policy_input)
-    return TaskScope(ref, declared)
+    return _admitted(verified, ref, policy_input, decision, declared)
 
 
 def _governed_fn(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import shutil
 import socket
@@ -80,6 +81,8 @@ def run_governed(the_flow, parameters, hand_over, **grant_args):
     if grant_args.get("grants") is not None:
         hand_over(grant_for(str(flow_run.id), **grant_args))
     state = run_flow(the_flow, flow_run=flow_run, parameters=parameters, return_type="state")
+    if inspect.isawaitable(state):  # an async flow
+        state = asyncio.run(state)
 
     async def reports():
         async with get_client() as client:
@@ -172,6 +175,31 @@ def test_govern_governs_closure_tasks_and_a_refused_body_never_runs(
         ("allowed_step", "allowed"),
         ("forbidden_step", "refused"),
     ]
+
+
+def test_async_tasks_are_governed_alike(prefect_server, signed_env, tmp_path):
+    @task
+    async def fetch(path: str) -> int:
+        Path(path, "fetch").write_text("ran")
+        return 1
+
+    @task
+    async def forbidden_step(path: str) -> None:
+        Path(path, "forbidden").write_text("ran")
+
+    @govern
+    @flow
+    async def pipeline(path: str) -> str:
+        await fetch(path)
+        return (await forbidden_step(path, return_state=True)).message
+
+    state, events, _ = run_governed(
+        pipeline, {"path": str(tmp_path)}, signed_env, grants=[], tasks={"deny": ["forbidden_step"]}
+    )
+    assert state.is_completed(), state
+    assert (tmp_path / "fetch").exists() and not (tmp_path / "forbidden").exists()
+    assert "governance refused task 'forbidden_step'" in state.result()
+    assert [e["decision"]["verdict"] for e in events] == ["allowed", "refused"]
 
 
 def test_a_task_in_a_run_without_a_grant_is_refused(
