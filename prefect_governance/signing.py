@@ -67,6 +67,11 @@ class SigningKey:
     def public_b64(self) -> str:
         return _b64(self.private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
 
+    @property
+    def trusted_key(self) -> str:
+        """``KID=PUBLIC``: how a verifier is told to trust this key."""
+        return f"{self.key_id}={self.public_b64}"
+
 
 def sign(payload: Mapping[str, Any], key: SigningKey) -> dict[str, Any]:
     """Wrap a payload with its signature."""

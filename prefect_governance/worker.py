@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anyio.abc
 from prefect.client.schemas.actions import ArtifactCreate
 from prefect.states import Cancelled
+from prefect.utilities.processutils import command_to_string, get_sys_executable
 from prefect.workers.process import (
     ProcessJobConfiguration,
     ProcessVariables,
@@ -23,6 +24,7 @@ from prefect.workers.process import (
 from pydantic import Field, PrivateAttr
 
 from prefect_governance.controls import Controls, pool_defaults, resolve_controls
+from prefect_governance.gate import GATE_COMMAND, GATE_MODULE
 from prefect_governance.governor import Assessment, Governor, read_proposals, read_reports
 from prefect_governance.models import (
     DEFAULT_POLICY_PATH,
@@ -155,6 +157,19 @@ class GovernedProcessWorker(ProcessWorker):
     _documentation_url = "https://github.com/prefect-governance/prefect-governance"
     _logo_url = "https://raw.githubusercontent.com/open-policy-agent/opa/main/logo/logo.png"
 
+    @classmethod
+    def get_default_base_job_template(cls) -> dict[str, Any]:
+        """Prefect's process template, with every run started through the governance gate.
+
+        The command is fixed in the job configuration, not a job variable: no
+        deployment or flow run can replace it, and a stock worker that takes this
+        pool's runs starts them through the gate too (which refuses them).
+        """
+        template = super().get_default_base_job_template()
+        template["job_configuration"]["command"] = GATE_COMMAND
+        template["variables"]["properties"].pop("command", None)
+        return template
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.governor = Governor()
@@ -285,6 +300,20 @@ class GovernedProcessWorker(ProcessWorker):
         configuration.env[DECISION_ENV] = decision.id
         if assessment.envelope is not None and key is not None:
             configuration.env[ENVELOPE_ENV] = self.governor.sign(key, assessment)
+        if GATE_MODULE in (configuration.command or "") and key is not None:
+            # The gate trusts only the key named on its command line: this worker's.
+            configuration.command = command_to_string(
+                [get_sys_executable(), "-m", GATE_MODULE, "--trusted-key", key.trusted_key]
+            )
+        else:
+            logger.warning(
+                "This pool's template does not start runs through the governance gate "
+                "(%s): a stock worker on the pool could run them ungoverned. Update the "
+                "pool's base job template from `prefect work-pool get-default-base-job-"
+                "template --type %s`.",
+                GATE_MODULE,
+                self.type,
+            )
 
         try:
             result = await super().run(flow_run, configuration, task_status)

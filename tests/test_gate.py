@@ -1,0 +1,310 @@
+"""No way around the gate: a governed pool's runs cannot execute ungoverned.
+
+The governed pool's template starts every run through ``prefect_governance.gate``.
+Against a real Prefect server: Prefect's stock process worker on a governed
+pool executes nothing; a refused run forced back to Running does not execute;
+forged, expired, replayed and other runs' grants do not execute; a key put in
+the environment or the verify-key block does not stand in for the trusted one.
+Every run that must not execute is proven not to have run: the flow's marker
+file stays absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from prefect import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.states import Running
+
+from prefect_governance.blocks import GovernanceAgent, GovernanceVerifyKey
+from prefect_governance.demo import deploy_example, pool_template, wait_final
+from prefect_governance.gate import (
+    GATE_COMMAND,
+    REFUSED_EXIT,
+    GateRefusal,
+    check_grant,
+    check_run,
+    trusted_keys,
+)
+from prefect_governance.local import prefect_env, start_worker, stop
+from prefect_governance.models import Grant
+from prefect_governance.runtime import ENVELOPE_ENV, TRUSTED_KEYS_ENV
+from prefect_governance.signing import SigningKey, sign
+from prefect_governance.worker import GovernedProcessWorker
+from tests.conftest import POLICIES, ROOT
+
+KEY = SigningKey.generate("gate-test-signer")
+ROGUE = SigningKey.generate("gate-test-signer")  # the same key id, another key
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def grant(run_id: str, *, decision_id: str = "decision-1", expires_in=timedelta(minutes=10)):
+    policy_input = json.loads((POLICIES / "examples" / "allowed" / "input.json").read_text())
+    envelope = policy_input["envelope"]
+    now = datetime.now(timezone.utc)
+    envelope.update(
+        issued_at=(now - timedelta(minutes=20)).isoformat(),
+        expires_at=(now + expires_in).isoformat(),
+    )
+    envelope["flow_run"]["id"] = run_id
+    envelope["id"] = f"envelope-{run_id}-{decision_id}"
+    return Grant(
+        decision_id=decision_id,
+        verdict="allowed",
+        envelope=envelope,
+        agent=policy_input["agent"],
+        memory={},
+    )
+
+
+def signed(g: Grant, key: SigningKey = KEY) -> str:
+    return json.dumps(sign(g.model_dump(mode="json"), key))
+
+
+# --- the checks, one by one ---------------------------------------------------------
+
+
+RUN = "6f1c2d2e-0000-4000-8000-0000000000a1"
+NOW = datetime.now(timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("no key", "no trusted key on the command line"),
+        ("no envelope", "no governance envelope"),
+        ("forged", "forged"),
+        ("expired", "expired"),
+        ("other run", "replayed"),
+    ],
+)
+def test_the_gate_refuses_a_grant_without_authority(case, reason):
+    keys = {} if case == "no key" else trusted_keys([KEY.trusted_key])
+    text = {
+        "no key": signed(grant(RUN)),
+        "no envelope": None,
+        "forged": signed(grant(RUN), ROGUE),
+        "expired": signed(grant(RUN, expires_in=timedelta(minutes=-1))),
+        "other run": signed(grant("6f1c2d2e-0000-4000-8000-0000000000b2")),
+    }[case]
+    with pytest.raises(GateRefusal, match=reason):
+        check_grant(text, flow_run_id=RUN, keys=keys, now=NOW)
+
+
+def test_the_gate_accepts_a_valid_grant_and_checks_the_run_carries_it():
+    verified = check_grant(
+        signed(grant(RUN)), flow_run_id=RUN, keys=trusted_keys([KEY.trusted_key]), now=NOW
+    )
+    check_run(verified, {"governance.decision": "allowed", "governance.decision_id": "decision-1"})
+    with pytest.raises(GateRefusal, match="refused this flow run"):
+        check_run(verified, {"governance.decision": "refused", "governance.decision_id": "x"})
+    with pytest.raises(GateRefusal, match="not the grant's"):
+        check_run(verified, {"governance.decision": "allowed", "governance.decision_id": "other"})
+    with pytest.raises(GateRefusal, match="not the grant's"):
+        check_run(verified, {})  # never decided
+    with pytest.raises(GateRefusal, match="KID=PUBLIC_KEY"):
+        trusted_keys(["no-equals-sign"])
+
+
+def test_the_governed_template_fixes_the_command():
+    template = GovernedProcessWorker.get_default_base_job_template()
+    assert template["job_configuration"]["command"] == GATE_COMMAND
+    assert "command" not in template["variables"]["properties"], "a deployment could replace it"
+
+
+# --- against a real server ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gated(prefect_server, tmp_path_factory):
+    """A governed pool (the default template) and an agent; deployments made per test."""
+    tmp = tmp_path_factory.mktemp("gate")
+
+    async def setup():
+        await GovernanceAgent(
+            id="gated-agent",
+            owner="sec@example.com",
+            trust_scope=["gated"],
+            capabilities=["read:warehouse"],
+        ).asave("gated-agent", overwrite=True)
+        async with get_client() as client:
+            await client.create_work_pool(
+                WorkPoolCreate(
+                    name="gated", type="governed-process", base_job_template=pool_template()
+                )
+            )
+        return {
+            "plain": await deploy_example("gated-plain", "gated", {"agent": "gated-agent"}),
+            # A deployment that asks for Prefect's bare engine as its command.
+            "bare": await deploy_example(
+                "gated-bare",
+                "gated",
+                {"agent": "gated-agent", "command": f"{sys.executable} -m prefect.engine"},
+            ),
+            "refused": await deploy_example(
+                "gated-refused",
+                "gated",
+                {"agent": "gated-agent", "capabilities": ["delete:warehouse"]},
+            ),
+        }
+
+    return asyncio.run(setup()), tmp
+
+
+def _run(deployment_id, marker: Path, **extra):
+    async def create():
+        async with get_client() as client:
+            return await client.create_flow_run_from_deployment(
+                deployment_id, parameters={"marker": str(marker), **extra}
+            )
+
+    return asyncio.run(create())
+
+
+def _read(run_id):
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_run(run_id)
+
+    return asyncio.run(read())
+
+
+def _stock_worker(prefect_server, log: Path):
+    """Prefect's own process worker, on the governed pool (as a new user might start it)."""
+    path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # `python` is this venv's
+    return start_worker(
+        "gated",
+        prefect_server.home,
+        prefect_server.api_url,
+        log,
+        worker_type="process",
+        extra_env={"PATH": path},
+    )
+
+
+def test_a_stock_worker_on_a_governed_pool_executes_nothing(gated, prefect_server):
+    deployments, tmp = gated
+    markers = {name: tmp / f"stock-{name}" for name in ("plain", "bare")}
+    runs = {name: _run(deployments[name], marker) for name, marker in markers.items()}
+    worker = _stock_worker(prefect_server, tmp / "stock-worker.log")
+    try:
+        finals = asyncio.run(wait_final([r.id for r in runs.values()], timeout=120))
+    finally:
+        stop(worker)
+    for name, run in runs.items():
+        state = finals[run.id].state
+        assert state is not None and state.is_crashed(), (name, state)
+        assert "prefect-governance gate: refused: no trusted key" in state.message, state.message
+        assert not markers[name].exists(), f"the {name} run executed under a stock worker"
+
+
+def _gate(run_id: str, envelope: str | None, prefect_server, *keys: str, **env: str):
+    """Start the pool's command for a run by hand, as a worker would."""
+    environment = prefect_env(
+        prefect_server.home, prefect_server.api_url, PREFECT__FLOW_RUN_ID=str(run_id), **env
+    )
+    if envelope is not None:
+        environment[ENVELOPE_ENV] = envelope
+    args = [a for k in keys for a in ("--trusted-key", k)]
+    return subprocess.run(
+        [sys.executable, "-m", "prefect_governance.gate", *args],
+        env=environment,
+        cwd=ROOT / "examples",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _label(run_id, decision_id: str, verdict: str = "allowed"):
+    async def label():
+        async with get_client() as client:
+            await client.update_flow_run_labels(
+                run_id, {"governance.decision": verdict, "governance.decision_id": decision_id}
+            )
+
+    asyncio.run(label())
+
+
+def test_a_valid_grant_runs_once_and_its_replay_does_not(gated, prefect_server):
+    deployments, tmp = gated
+    marker = tmp / "once"
+    run = _run(deployments["plain"], marker)
+    _label(run.id, "decision-1")
+    envelope = signed(grant(str(run.id)))
+    first = _gate(run.id, envelope, prefect_server, KEY.trusted_key)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert _read(run.id).state.is_completed() and marker.read_text().count("loaded") == 1
+
+    async def rerun():
+        async with get_client() as client:
+            await client.set_flow_run_state(run.id, Running(), force=True)
+
+    asyncio.run(rerun())
+    again = _gate(run.id, envelope, prefect_server, KEY.trusted_key)
+    assert again.returncode == REFUSED_EXIT
+    assert "was used before" in again.stderr
+    assert marker.read_text().count("loaded") == 1, "the replayed grant ran the flow again"
+    assert "was used before" in _read(run.id).state.message
+
+
+@pytest.mark.parametrize("case", ["forged", "expired", "other run", "env key", "block key"])
+def test_a_grant_without_authority_does_not_execute(gated, prefect_server, case):
+    deployments, tmp = gated
+    marker = tmp / f"bad-{case.replace(' ', '-')}"
+    run = _run(deployments["plain"], marker)
+    _label(run.id, "decision-1")
+    env = {}
+    if case == "forged":
+        envelope = signed(grant(str(run.id)), ROGUE)
+    elif case == "expired":
+        envelope = signed(grant(str(run.id), expires_in=timedelta(minutes=-1)))
+    elif case == "other run":
+        envelope = signed(grant("6f1c2d2e-0000-4000-8000-0000000000c3"))
+    elif case == "env key":  # the run's author puts their own key in the environment
+        envelope = signed(grant(str(run.id)), ROGUE)
+        env[TRUSTED_KEYS_ENV] = json.dumps({ROGUE.key_id: ROGUE.public_b64})
+    else:  # ... or replaces the published verify-key block
+        envelope = signed(grant(str(run.id)), ROGUE)
+        GovernanceVerifyKey(public_key=ROGUE.public_b64).save(ROGUE.key_id, overwrite=True)
+    result = _gate(run.id, envelope, prefect_server, KEY.trusted_key, **env)
+    assert result.returncode == REFUSED_EXIT, result.stderr[-2000:]
+    expected = {"expired": "expired", "other run": "replayed"}.get(case, "forged")
+    assert expected in result.stderr
+    state = _read(run.id).state
+    assert state.is_crashed() and expected in state.message
+    assert not marker.exists(), f"the flow ran with a {case} grant"
+
+
+def test_a_refused_run_forced_back_to_running_does_not_execute(gated, prefect_server):
+    """The governed worker refuses the run; someone forces it to Running and starts the
+    pool's command for it with a grant minted for it: the run stays refused."""
+    deployments, tmp = gated
+    marker = tmp / "refused"
+    run = _run(deployments["refused"], marker)
+    worker = start_worker("gated", prefect_server.home, prefect_server.api_url, tmp / "gw.log")
+    try:
+        final = asyncio.run(wait_final([run.id], timeout=120))[run.id]
+    finally:
+        stop(worker)
+    assert final.state.name == "Refused", final.state
+    decision_id = final.labels["governance.decision_id"]
+
+    async def force():
+        async with get_client() as client:
+            await client.set_flow_run_state(run.id, Running(), force=True)
+
+    asyncio.run(force())
+    minted = signed(grant(str(run.id), decision_id=decision_id))  # even a valid signature
+    result = _gate(run.id, minted, prefect_server, KEY.trusted_key)
+    assert result.returncode == REFUSED_EXIT
+    assert "governance refused this flow run" in result.stderr
+    assert not marker.exists(), "a refused run executed"
