@@ -10,6 +10,10 @@ never started again, so no run executes twice or without a decision. Only runs
 of the worker's own pool are settled, and only those whose deciding worker is
 gone: neither a run this worker is still handling nor one of another online
 worker.
+
+Each pass also records, in the agent's chain, every start of the pool's runs
+that the gate refused (by whatever worker made it: a stock worker on the pool,
+a replayed grant), once per refusal.
 """
 
 from __future__ import annotations
@@ -179,3 +183,85 @@ async def _assessment_of(client: PrefectClient, event: LineageEvent) -> Assessme
         memory=MemorySnapshot(version=version),
         agent_block=block,
     )
+
+
+# --- attempts the gate refused -------------------------------------------------------
+
+GATE_PREFIX = "prefect-governance gate:"
+GATE_PAGE = 200  # the newest crashed runs of the pool looked at per pass
+
+
+def gate_refusal_event(flow_run: Any, agent_id: str | None) -> LineageEvent:
+    """The lineage record of a start the gate refused (by whatever worker made it)."""
+    labels = flow_run.labels or {}
+    state = flow_run.state
+    return LineageEvent(
+        kind="gate_refusal",
+        agent_id=agent_id,
+        flow_run_id=str(flow_run.id),
+        decision_id=labels.get("governance.decision_id"),
+        verdict="refused",
+        allow=False,
+        reasons=[state.message],
+        payload={
+            "state_id": str(state.id),
+            "state_time": state.timestamp.isoformat() if state.timestamp else None,
+            "worker": labels.get("prefect.worker.name"),
+            "worker_type": labels.get("prefect.worker.type"),
+        },
+    )
+
+
+async def _agent_of(client: PrefectClient, flow_run: Any) -> str | None:
+    """The agent a run acts as: as decided, else as its deployment names it."""
+    labels = flow_run.labels or {}
+    if labels.get("governance.agent"):
+        return labels["governance.agent"]
+    if flow_run.deployment_id is None:
+        return None
+    try:
+        deployment = await client.read_deployment(flow_run.deployment_id)
+        name = (deployment.job_variables or {}).get("agent")
+        return (await load_agent(client, name)).id if name else None
+    except (ObjectNotFound, AgentUnavailable):
+        return None
+
+
+async def record_gate_refusals(
+    client: PrefectClient, store: LineageStore, *, pool: str
+) -> list[str]:
+    """Record in the agents' chains each start of the pool's runs the gate refused, once."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    runs = await client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED]))
+        ),
+        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+        sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+        limit=GATE_PAGE,
+    )
+    recorded = []
+    for flow_run in runs:
+        state = flow_run.state
+        if state is None or not (state.message or "").startswith(GATE_PREFIX):
+            continue
+        seen = await anyio.to_thread.run_sync(
+            lambda run=flow_run: store.recent(200, flow_run_id=str(run.id))
+        )
+        if any(
+            e.kind == "gate_refusal" and e.payload.get("state_id") == str(state.id) for e in seen
+        ):
+            continue
+        event = gate_refusal_event(flow_run, await _agent_of(client, flow_run))
+        await anyio.to_thread.run_sync(store.append, event)
+        recorded.append(f"flow run {flow_run.id}: a start refused by the gate ({state.message})")
+    return recorded

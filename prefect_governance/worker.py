@@ -33,7 +33,7 @@ from prefect_governance.models import (
     Mode,
     WorkPoolRef,
 )
-from prefect_governance.reconcile import reconcile
+from prefect_governance.reconcile import reconcile, record_gate_refusals
 from prefect_governance.report import decision_markdown, refusal_message
 from prefect_governance.runtime import ENVELOPE_ENV
 from prefect_governance.settings import WORKER_SECRETS
@@ -203,6 +203,7 @@ class GovernedProcessWorker(ProcessWorker):
                 worker=self.name,
                 in_flight=self._in_flight,
             )
+            settled += await record_gate_refusals(self.client, store, pool=self._work_pool_name)
         except Exception:
             logger.exception("Reconciling unsettled runs failed; trying again next interval.")
             return

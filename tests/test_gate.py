@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from prefect_governance.gate import (
     check_run,
     trusted_keys,
 )
+from prefect_governance.lineage import LineageStore
 from prefect_governance.local import prefect_env, start_worker, stop
 from prefect_governance.models import Grant
 from prefect_governance.runtime import ENVELOPE_ENV, TRUSTED_KEYS_ENV
@@ -177,6 +179,12 @@ def _read(run_id):
     return asyncio.run(read())
 
 
+def default_lineage_url_in(home: Path) -> str:
+    """The lineage a worker in this Prefect home uses when its pool names no store."""
+    (home / "governance").mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'governance' / 'lineage.db'}"
+
+
 def _stock_worker(prefect_server, log: Path):
     """Prefect's own process worker, on the governed pool (as a new user might start it)."""
     path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # `python` is this venv's
@@ -204,6 +212,25 @@ def test_a_stock_worker_on_a_governed_pool_executes_nothing(gated, prefect_serve
         assert state is not None and state.is_crashed(), (name, state)
         assert "prefect-governance gate: refused: no trusted key" in state.message, state.message
         assert not markers[name].exists(), f"the {name} run executed under a stock worker"
+
+    # A governed worker on the pool records each refused start in the agent's chain.
+    governed = start_worker("gated", prefect_server.home, prefect_server.api_url, tmp / "gr.log")
+    store = LineageStore(default_lineage_url_in(prefect_server.home))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            refusals = {e.flow_run_id: e for e in store.recent(500) if e.kind == "gate_refusal"}
+            if {str(r.id) for r in runs.values()} <= set(refusals) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    finally:
+        stop(governed)
+    for run in runs.values():
+        event = refusals[str(run.id)]
+        assert event.agent_id == "gated-agent" and event.payload["worker_type"] == "process"
+        assert "no trusted key" in event.reasons[0]
+    assert store.verify() == []
+    store.dispose()
 
 
 def _gate(run_id: str, envelope: str | None, prefect_server, *keys: str, **env: str):
