@@ -1,21 +1,49 @@
 """prefect-governance: every Prefect flow run decided by Rego policy before it executes,
-and every governed task inside it before its body runs."""
+and every governed task inside it before its body runs.
 
-from prefect_governance.blocks import (
-    GovernanceAgent,
-    GovernanceLineageStore,
-    GovernancePolicyEngine,
-)
-from prefect_governance.capabilities import (
-    CapabilityDenied,
-    aload_block,
-    capability,
-    load_block,
-)
-from prefect_governance.runtime import current_agent, current_envelope, propose_memory
-from prefect_governance.tasks import TaskRefused, govern, governed
-from prefect_governance.worker import GovernedProcessWorker
+Names are imported on first use, so that an entry point that needs little (the
+run-side gate, ``python -m prefect_governance.gate``) does not pay for the rest.
+Prefect finds the worker type through the ``prefect.collections`` entry point,
+which names ``prefect_governance.worker``.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prefect_governance.blocks import (
+        GovernanceAgent,
+        GovernanceLineageStore,
+        GovernancePolicyEngine,
+    )
+    from prefect_governance.capabilities import (
+        CapabilityDenied,
+        aload_block,
+        capability,
+        load_block,
+    )
+    from prefect_governance.runtime import current_agent, current_envelope, propose_memory
+    from prefect_governance.tasks import TaskRefused, govern, governed
+    from prefect_governance.worker import GovernedProcessWorker
+
+_HOME = {
+    "GovernanceAgent": "blocks",
+    "GovernanceLineageStore": "blocks",
+    "GovernancePolicyEngine": "blocks",
+    "CapabilityDenied": "capabilities",
+    "aload_block": "capabilities",
+    "capability": "capabilities",
+    "load_block": "capabilities",
+    "current_agent": "runtime",
+    "current_envelope": "runtime",
+    "propose_memory": "runtime",
+    "TaskRefused": "tasks",
+    "govern": "tasks",
+    "governed": "tasks",
+    "GovernedProcessWorker": "worker",
+}
 __all__ = [
     "CapabilityDenied",
     "GovernanceAgent",
@@ -33,3 +61,11 @@ __all__ = [
     "propose_memory",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'prefect_governance' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"prefect_governance.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
