@@ -419,6 +419,72 @@ def policy_eval(
 
 
 @app.command()
+def audit(
+    since: Annotated[
+        str, typer.Option(help="Start of the range: ISO 8601 (naive: UTC) or a duration (24h, 7d).")
+    ] = "24h",
+    until: Annotated[
+        str | None,
+        typer.Option(help="End of the range: ISO 8601 or a duration ago (default: now)."),
+    ] = None,
+    pool: Annotated[
+        list[str] | None,
+        typer.Option(help="Audit this pool (repeatable; default: every governed-process pool)."),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="Lineage database URL for every pool (default: each pool's lineage-store block, "
+            "else PREFECT_GOVERNANCE_LINEAGE_URL, else SQLite in PREFECT_HOME)."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per finding; the summary on stderr.")
+    ] = False,
+) -> None:
+    """Flow runs of governed pools that executed without a decision or against it (exit 1)."""
+    from prefect_governance.audit import AuditError, findings_table, parse_when, utc_now
+    from prefect_governance.audit import audit as run_audit
+
+    now = utc_now()
+    try:
+        start = parse_when(since, now)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--since") from None
+    try:
+        end = parse_when(until, now) if until else now
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--until") from None
+    if start >= end:
+        raise typer.BadParameter("--since must be before --until", param_hint="--since")
+    try:
+        result = asyncio.run(run_audit(start, end, pools=pool or (), lineage_url=url))
+    except AuditError as exc:
+        typer.echo(f"error: the audit could not be done: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:  # Prefect or the lineage unreachable: an error, not a finding
+        from prefect.settings import PREFECT_API_URL
+
+        typer.echo(
+            f"error: the audit could not be done: {type(exc).__name__}: {exc} "
+            f"(Prefect API: {PREFECT_API_URL.value() or 'none set'})",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    if as_json:
+        for finding in result.findings:
+            typer.echo(json.dumps(finding.as_json()))
+        typer.echo(result.summary(), err=True)
+    else:
+        if result.findings:
+            typer.echo(findings_table(result.findings))
+        typer.echo(result.summary())
+    raise typer.Exit(1 if result.findings else 0)
+
+
+@app.command()
 def schema(
     policies: Annotated[Path, typer.Option(help="The policies directory to write into.")] = Path(
         "policies"
