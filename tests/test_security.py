@@ -48,7 +48,7 @@ from prefect_governance.blocks import (
     GovernanceSigningKey,
     GovernanceVerifyKey,
 )
-from prefect_governance.controls import POOL_ONLY, pool_defaults, resolve_controls
+from prefect_governance.controls import DEFAULTS, POOL_ONLY, pool_defaults, resolve_controls
 from prefect_governance.decision import decide, interpret, settle
 from prefect_governance.demo import pool_template, wait_final, wait_outcomes
 from prefect_governance.engines import EngineAnswer, EngineError, OpaEngine
@@ -612,7 +612,7 @@ def test_an_engine_failure_is_never_allowed(kind, message):
 def test_job_variables_cannot_set_a_pool_only_setting(key, pool_value):
     pool = pool_defaults(pool_template(**({key: pool_value} if pool_value else {})))
     controls = resolve_controls(pool, {"agent": "a", key: "attacker-choice"})
-    expected = pool_value if pool_value else (PATH if key == "policy_path" else None)
+    expected = pool_value if pool_value else DEFAULTS[key]
     assert getattr(controls, key) == expected
     assert any(f"job variable {key}='attacker-choice'" in n for n in controls.notes)
     assert any("only the work pool may set it" in n for n in controls.notes)
@@ -664,6 +664,7 @@ ATTACKER = {
     "lineage_store": "sec-attacker-lineage",
     "signing_key": "sec-attacker-key",
     "policy_path": "prefect/governance/allow_everything",
+    "task_policy_path": "prefect/governance/allow_everything",
 }
 ALLOW_EVERYTHING = """package prefect.governance
 
