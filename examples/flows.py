@@ -99,11 +99,13 @@ def report(summary: str, marker_dir: str) -> str:
 
 @govern
 @flow(log_prints=True)
-def governed_pipeline(marker_dir: str, api_token: str = "") -> str:
+def governed_pipeline(marker_dir: str, api_token: str = "", pause: float = 0.0) -> str:
     """Every task governed (``govern``): one refused, one capability use blocked, the rest runs.
 
     Leaves one marker file per step that ran, so a test can see what did not.
+    ``pause`` seconds pass before the first task.
     """
+    time.sleep(pause)
     rows = extract(marker_dir)
     dropped = drop_tables.submit(marker_dir)
     summary = summarize(rows, marker_dir, api_token=api_token)

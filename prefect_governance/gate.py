@@ -35,7 +35,9 @@ from prefect_governance.runtime import (
     ENVELOPE_ENV,
     TRUSTED_KEYS_ENV,
     EnvelopeError,
-    verify_grant,
+    Verified,
+    adopt,
+    verify_signed_grant,
 )
 
 GATE_MODULE = "prefect_governance.gate"
@@ -66,7 +68,7 @@ def check_grant(
     flow_run_id: str | None,
     keys: Mapping[str, str],
     now: datetime,
-) -> Grant:
+) -> Verified:
     """The grant, verified against the trusted keys only, or GateRefusal saying why."""
     if not keys:
         raise GateRefusal(
@@ -74,7 +76,9 @@ def check_grant(
             "worker (a governed pool's runs start only through governed-process workers)"
         )
     try:
-        return verify_grant(signed_text, flow_run_id=flow_run_id, now=now, public_key=keys.get)
+        return verify_signed_grant(
+            signed_text, flow_run_id=flow_run_id, now=now, public_key=keys.get
+        )
     except EnvelopeError as exc:
         raise GateRefusal(str(exc)) from None
 
@@ -111,18 +115,20 @@ def _claim(client: Any, grant: Grant) -> None:
         ) from None
 
 
-def authorize(flow_run_id: str | None, signed_text: str | None, keys: Mapping[str, str]) -> Grant:
+def authorize(
+    flow_run_id: str | None, signed_text: str | None, keys: Mapping[str, str]
+) -> Verified:
     """All three checks, against the Prefect server; GateRefusal when one fails."""
     from prefect.client.orchestration import get_client
 
-    grant = check_grant(
+    verified = check_grant(
         signed_text, flow_run_id=flow_run_id, keys=keys, now=datetime.now(timezone.utc)
     )
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
-        check_run(grant, flow_run.labels or {})
-        _claim(client, grant)
-    return grant
+        check_run(verified.grant, flow_run.labels or {})
+        _claim(client, verified.grant)
+    return verified
 
 
 def _crash(flow_run_id: str | None, reason: str) -> None:
@@ -150,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
     try:
         keys = trusted_keys(args.trusted_key)
-        authorize(flow_run_id, os.environ.get(ENVELOPE_ENV), keys)
+        verified = authorize(flow_run_id, os.environ.get(ENVELOPE_ENV), keys)
     except GateRefusal as refusal:
         print(f"prefect-governance gate: refused: {refusal}", file=sys.stderr)
         _crash(flow_run_id, f"refused: {refusal}")
@@ -162,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The flow's code verifies its grant (prefect_governance.runtime) with the keys the gate
     # trusted, not with keys a deployment could put in the environment.
     os.environ[TRUSTED_KEYS_ENV] = json.dumps(keys)
+    adopt(verified)  # the flow's tasks keep the authority checked here, for the whole run
     sys.argv = [sys.argv[0]]  # Prefect's engine reads a flow run id from argv[1] if present
     runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
     return 0

@@ -172,6 +172,15 @@ def current_verified() -> Verified:
     return verified
 
 
+def adopt(verified: Verified) -> None:
+    """Keep a grant verified at the run's start (by the gate, in this process) for the run.
+
+    The expiry bounds when a run may start: a run that started in time keeps its
+    authority, however long it takes before its first governed task.
+    """
+    _verified[verified.grant.envelope.flow_run.id] = verified
+
+
 def current_grant() -> Grant:
     """The verified grant of this flow run."""
     return current_verified().grant

@@ -37,7 +37,7 @@ from prefect_governance.gate import (
 )
 from prefect_governance.lineage import LineageStore
 from prefect_governance.local import prefect_env, start_worker, stop
-from prefect_governance.models import Grant
+from prefect_governance.models import EngineRef, Grant
 from prefect_governance.runtime import ENVELOPE_ENV, TRUSTED_KEYS_ENV
 from prefect_governance.signing import SigningKey, sign
 from prefect_governance.worker import GovernedProcessWorker
@@ -105,13 +105,14 @@ def test_the_gate_accepts_a_valid_grant_and_checks_the_run_carries_it():
     verified = check_grant(
         signed(grant(RUN)), flow_run_id=RUN, keys=trusted_keys([KEY.trusted_key]), now=NOW
     )
-    check_run(verified, {"governance.decision": "allowed", "governance.decision_id": "decision-1"})
+    granted = verified.grant
+    check_run(granted, {"governance.decision": "allowed", "governance.decision_id": "decision-1"})
     with pytest.raises(GateRefusal, match="refused this flow run"):
-        check_run(verified, {"governance.decision": "refused", "governance.decision_id": "x"})
+        check_run(granted, {"governance.decision": "refused", "governance.decision_id": "x"})
     with pytest.raises(GateRefusal, match="not the grant's"):
-        check_run(verified, {"governance.decision": "allowed", "governance.decision_id": "other"})
+        check_run(granted, {"governance.decision": "allowed", "governance.decision_id": "other"})
     with pytest.raises(GateRefusal, match="not the grant's"):
-        check_run(verified, {})  # never decided
+        check_run(granted, {})  # never decided
     with pytest.raises(GateRefusal, match="KID=PUBLIC_KEY"):
         trusted_keys(["no-equals-sign"])
 
@@ -155,6 +156,9 @@ def gated(prefect_server, tmp_path_factory):
                 "gated-refused",
                 "gated",
                 {"agent": "gated-agent", "capabilities": ["delete:warehouse"]},
+            ),
+            "pipeline": await deploy_example(
+                "gated-pipeline", "gated", {"agent": "gated-agent"}, flow_name="governed_pipeline"
             ),
         }
 
@@ -335,3 +339,30 @@ def test_a_refused_run_forced_back_to_running_does_not_execute(gated, prefect_se
     assert result.returncode == REFUSED_EXIT
     assert "governance refused this flow run" in result.stderr
     assert not marker.exists(), "a refused run executed"
+
+
+def test_a_run_keeps_the_authority_checked_at_its_start(gated, prefect_server):
+    """A grant bounds when a run may start: its tasks, decided after it expired, still run."""
+    deployments, tmp = gated
+    steps = tmp / "long-run"
+    steps.mkdir()
+
+    async def create():
+        async with get_client() as client:
+            return await client.create_flow_run_from_deployment(
+                deployments["pipeline"], parameters={"marker_dir": str(steps), "pause": 20}
+            )
+
+    run = asyncio.run(create())
+    _label(run.id, "decision-1")
+    short = grant(str(run.id), expires_in=timedelta(seconds=15)).model_copy(
+        update={
+            "grants": ["read:warehouse"],
+            "engine": EngineRef(kind="embedded", policy_dir=str(POLICIES)),
+        }
+    )
+    result = _gate(run.id, signed(short), prefect_server, KEY.trusted_key)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert datetime.now(timezone.utc) > short.envelope.expires_at, "the test ran too fast"
+    assert _read(run.id).state.is_completed()
+    assert (steps / "extract").exists() and (steps / "summarize").exists(), "tasks refused"
