@@ -28,16 +28,27 @@ def apply(
         "blocks"
     ),
 ) -> None:
-    """Create or update the blocks described by YAML documents (idempotent)."""
+    """Create or update the blocks described by YAML documents, and the server-side
+    guards (Prefect automations; see prefect_governance.automations). Idempotent."""
+    from prefect import get_client
+
     from prefect_governance.apply import DocumentError, apply_documents, load_documents
+    from prefect_governance.automations import apply_guards
 
     try:
         documents = load_documents(path)
     except DocumentError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    for change in asyncio.run(apply_documents(documents)):
-        typer.echo(f"{change.action:9}  {change.kind:13}  {change.name}  ({change.path})")
+
+    async def apply_all() -> None:
+        for change in await apply_documents(documents):
+            typer.echo(f"{change.action:9}  {change.kind:13}  {change.name}  ({change.path})")
+        async with get_client() as client:
+            for name, action in await apply_guards(client):
+                typer.echo(f"{action:9}  {'automation':13}  {name}")
+
+    asyncio.run(apply_all())
 
 
 @app.command()

@@ -26,6 +26,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from prefect_governance.apply import apply_documents, load_documents
+from prefect_governance.automations import apply_guards
 from prefect_governance.blocks import GovernanceAgent
 from prefect_governance.governor import agent_state, trust_history
 from prefect_governance.lineage import LineageStore
@@ -127,6 +128,9 @@ async def _setup(home: Path, opa_url: str | None) -> LineageStore:
     print("applying blocks/ ...")
     for change in await apply_documents(load_documents(ROOT / "blocks")):
         print(f"  {change.action:9}  {change.kind:13}  {change.name}")
+    async with get_client() as client:
+        for name, action in await apply_guards(client):
+            print(f"  {action:9}  {'automation':13}  {name}")
     engine = "opa-sidecar" if opa_url else "embedded"
     async with get_client() as client:
         await client.create_work_pool(

@@ -14,6 +14,7 @@ import pytest
 from prefect import get_client
 
 from prefect_governance.apply import DocumentError, apply_documents, load_documents
+from prefect_governance.automations import GUARDS, REFUSED_STAYS_REFUSED
 from prefect_governance.blocks import GovernanceAgent
 from prefect_governance.decision import worker_refusal
 from prefect_governance.demo import deploy_example, pool_template
@@ -85,8 +86,15 @@ def test_apply_is_idempotent_and_reports_changes(prefect_server, tmp_path, monke
     )
     assert second.returncode == 0, second.stderr
     documents = len(load_documents(ROOT / "blocks"))
-    assert [line.split()[0] for line in second.stdout.splitlines()] == ["unchanged"] * documents
+    guards = len(GUARDS)  # the server-side guards (automations) are applied too
+    assert [line.split()[0] for line in second.stdout.splitlines()] == ["unchanged"] * (
+        documents + guards
+    )
     assert "etl-agent" in first.stdout
+    assert re.search(
+        rf"(created|updated|unchanged) +automation +{REFUSED_STAYS_REFUSED}", first.stdout
+    )
+    asyncio.run(remove_guards())  # other tests' runs are not to meet the guard
 
     edited = tmp_path / "etl.yaml"
     text = (ROOT / "blocks" / "agents" / "etl-agent.yaml").read_text()
@@ -95,6 +103,12 @@ def test_apply_is_idempotent_and_reports_changes(prefect_server, tmp_path, monke
     assert third.stdout.split()[0] == "updated"
     agent = asyncio.run(GovernanceAgent.aload("etl-agent"))
     assert agent.version == 2
+
+
+async def remove_guards() -> None:
+    async with get_client() as client:
+        for automation in await client.read_automations_by_name(REFUSED_STAYS_REFUSED):
+            await client.delete_automation(automation.id)
 
 
 @pytest.mark.parametrize(

@@ -21,10 +21,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from prefect import get_client
+from prefect import flow, get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.states import Running
+from prefect.states import Cancelled, Running
 
+from prefect_governance.automations import REFUSED_AGAIN, REFUSED_STAYS_REFUSED, apply_guards
 from prefect_governance.blocks import GovernanceAgent, GovernanceVerifyKey
 from prefect_governance.demo import deploy_example, pool_template, wait_final
 from prefect_governance.gate import (
@@ -366,3 +367,54 @@ def test_a_run_keeps_the_authority_checked_at_its_start(gated, prefect_server):
     assert datetime.now(timezone.utc) > short.envelope.expires_at, "the test ran too fast"
     assert _read(run.id).state.is_completed()
     assert (steps / "extract").exists() and (steps / "summarize").exists(), "tasks refused"
+
+
+# --- the server-side guard ------------------------------------------------------------
+
+
+@pytest.fixture
+def guard(prefect_server):
+    """The guards `prefect-governance apply` ships, on the server for one test."""
+
+    async def apply():
+        async with get_client() as client:
+            return await apply_guards(client)
+
+    async def remove():
+        async with get_client() as client:
+            for automation in await client.read_automations_by_name(REFUSED_STAYS_REFUSED):
+                await client.delete_automation(automation.id)
+
+    yield asyncio.run(apply())
+    asyncio.run(remove())
+
+
+def test_a_refused_run_moved_back_to_running_is_refused_again_by_the_server(guard):
+    assert guard == [(REFUSED_STAYS_REFUSED, "created")]
+
+    @flow
+    def held() -> None: ...
+
+    async def scenario():
+        async with get_client() as client:
+            refused = await client.create_flow_run(held)
+            control = await client.create_flow_run(held)
+            await client.set_flow_run_state(
+                refused.id, Cancelled(name="Refused", message="refused by policy"), force=True
+            )
+            await asyncio.sleep(2)  # the refusal reaches the server's event triggers first
+            for run in (refused, control):
+                await client.set_flow_run_state(run.id, Running(), force=True)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                again = await client.read_flow_run(refused.id)
+                if again.state.type.value == "CANCELLED":
+                    break
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(3)  # time enough for the guard to fire on the control, wrongly
+            return again, await client.read_flow_run(control.id)
+
+    again, control = asyncio.run(scenario())
+    assert (again.state.type.value, again.state.name) == ("CANCELLED", "Refused"), again.state
+    assert again.state.message == REFUSED_AGAIN
+    assert control.state.type.value == "RUNNING", "the guard touched a run never refused"
