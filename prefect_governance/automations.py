@@ -57,7 +57,10 @@ def _definition(automation: object) -> dict:
     """What an automation does (ids and bookkeeping left out), to compare two."""
     core = AutomationCore.model_validate(automation, from_attributes=True)
     dumped = core.model_dump(mode="json")
-    dumped["trigger"].pop("id", None)
+    trigger = dumped["trigger"]
+    trigger.pop("id", None)
+    for key in ("after", "expect", "for_each"):  # sets: their order is per process
+        trigger[key] = sorted(trigger.get(key) or [])
     return {key: dumped.get(key) for key in _COMPARED}
 
 

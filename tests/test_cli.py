@@ -72,6 +72,13 @@ def test_prefect_creates_a_pool_of_our_type_from_the_entry_point(prefect_server)
 
 
 def test_apply_is_idempotent_and_reports_changes(prefect_server, tmp_path, monkeypatch):
+    try:
+        _apply_twice_and_edit(prefect_server, tmp_path, monkeypatch)
+    finally:
+        asyncio.run(remove_guards())  # other tests' runs are not to meet the guard
+
+
+def _apply_twice_and_edit(prefect_server, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_GOVERNANCE_LINEAGE_URL", f"sqlite:///{tmp_path / 'l.db'}")
     first = run(
         [*CLI, "apply", str(ROOT / "blocks")],
@@ -89,12 +96,11 @@ def test_apply_is_idempotent_and_reports_changes(prefect_server, tmp_path, monke
     guards = len(GUARDS)  # the server-side guards (automations) are applied too
     assert [line.split()[0] for line in second.stdout.splitlines()] == ["unchanged"] * (
         documents + guards
-    )
+    ), second.stdout
     assert "etl-agent" in first.stdout
     assert re.search(
         rf"(created|updated|unchanged) +automation +{REFUSED_STAYS_REFUSED}", first.stdout
     )
-    asyncio.run(remove_guards())  # other tests' runs are not to meet the guard
 
     edited = tmp_path / "etl.yaml"
     text = (ROOT / "blocks" / "agents" / "etl-agent.yaml").read_text()

@@ -25,7 +25,13 @@ from prefect import flow, get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.states import Cancelled, Running
 
-from prefect_governance.automations import REFUSED_AGAIN, REFUSED_STAYS_REFUSED, apply_guards
+from prefect_governance.automations import (
+    REFUSED_AGAIN,
+    REFUSED_STAYS_REFUSED,
+    _definition,
+    apply_guards,
+    refused_stays_refused,
+)
 from prefect_governance.blocks import GovernanceAgent, GovernanceVerifyKey
 from prefect_governance.demo import deploy_example, pool_template, wait_final
 from prefect_governance.gate import (
@@ -76,7 +82,6 @@ def signed(g: Grant, key: SigningKey = KEY) -> str:
 
 
 RUN = "6f1c2d2e-0000-4000-8000-0000000000a1"
-NOW = datetime.now(timezone.utc)
 
 
 @pytest.mark.parametrize(
@@ -99,12 +104,15 @@ def test_the_gate_refuses_a_grant_without_authority(case, reason):
         "other run": signed(grant("6f1c2d2e-0000-4000-8000-0000000000b2")),
     }[case]
     with pytest.raises(GateRefusal, match=reason):
-        check_grant(text, flow_run_id=RUN, keys=keys, now=NOW)
+        check_grant(text, flow_run_id=RUN, keys=keys, now=datetime.now(timezone.utc))
 
 
 def test_the_gate_accepts_a_valid_grant_and_checks_the_run_carries_it():
     verified = check_grant(
-        signed(grant(RUN)), flow_run_id=RUN, keys=trusted_keys([KEY.trusted_key]), now=NOW
+        signed(grant(RUN)),
+        flow_run_id=RUN,
+        keys=trusted_keys([KEY.trusted_key]),
+        now=datetime.now(timezone.utc),
     )
     granted = verified.grant
     check_run(granted, {"governance.decision": "allowed", "governance.decision_id": "decision-1"})
@@ -385,12 +393,15 @@ def guard(prefect_server):
             for automation in await client.read_automations_by_name(REFUSED_STAYS_REFUSED):
                 await client.delete_automation(automation.id)
 
-    yield asyncio.run(apply())
-    asyncio.run(remove())
+    asyncio.run(remove())  # from a clean server: the guard is created
+    try:
+        yield asyncio.run(apply()), asyncio.run(apply())
+    finally:
+        asyncio.run(remove())
 
 
 def test_a_refused_run_moved_back_to_running_is_refused_again_by_the_server(guard):
-    assert guard == [(REFUSED_STAYS_REFUSED, "created")]
+    assert guard == ([(REFUSED_STAYS_REFUSED, "created")], [(REFUSED_STAYS_REFUSED, "unchanged")])
 
     @flow
     def held() -> None: ...
@@ -418,3 +429,15 @@ def test_a_refused_run_moved_back_to_running_is_refused_again_by_the_server(guar
     assert (again.state.type.value, again.state.name) == ("CANCELLED", "Refused"), again.state
     assert again.state.message == REFUSED_AGAIN
     assert control.state.type.value == "RUNNING", "the guard touched a run never refused"
+
+
+def test_a_guard_reads_the_same_whatever_the_order_of_its_sets():
+    """Its event sets come back from the server in the creating process's order."""
+    wanted = refused_stays_refused()
+    stored = wanted.model_copy(deep=True)
+    stored.trigger.expect = list(reversed(sorted(wanted.trigger.expect)))  # as JSON hands it back
+    stored.trigger.after = list(reversed(sorted(wanted.trigger.after)))
+    assert _definition(stored) == _definition(wanted)
+    changed = wanted.model_copy(deep=True)
+    changed.trigger.expect = {"prefect.flow-run.Running"}
+    assert _definition(changed) != _definition(wanted), "a real change must show"
