@@ -228,9 +228,13 @@ async def _agent_of(client: PrefectClient, flow_run: Any) -> str | None:
 
 
 async def record_gate_refusals(
-    client: PrefectClient, store: LineageStore, *, pool: str
+    client: PrefectClient, store: LineageStore, *, pool: str, known: set[str]
 ) -> list[str]:
-    """Record in the agents' chains each start of the pool's runs the gate refused, once."""
+    """Record in the agents' chains each start of the pool's runs the gate refused, once.
+
+    ``known`` holds the refusals (Prefect state ids) this worker already found in the
+    lineage: later passes skip them without asking the lineage again.
+    """
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterState,
@@ -254,14 +258,18 @@ async def record_gate_refusals(
         state = flow_run.state
         if state is None or not (state.message or "").startswith(GATE_PREFIX):
             continue
+        if str(state.id) in known:
+            continue
         seen = await anyio.to_thread.run_sync(
             lambda run=flow_run: store.recent(200, flow_run_id=str(run.id))
         )
-        if any(
+        if not any(
             e.kind == "gate_refusal" and e.payload.get("state_id") == str(state.id) for e in seen
         ):
-            continue
-        event = gate_refusal_event(flow_run, await _agent_of(client, flow_run))
-        await anyio.to_thread.run_sync(store.append, event)
-        recorded.append(f"flow run {flow_run.id}: a start refused by the gate ({state.message})")
+            event = gate_refusal_event(flow_run, await _agent_of(client, flow_run))
+            await anyio.to_thread.run_sync(store.append, event)
+            recorded.append(
+                f"flow run {flow_run.id}: a start refused by the gate ({state.message})"
+            )
+        known.add(str(state.id))
     return recorded

@@ -175,6 +175,7 @@ class GovernedProcessWorker(ProcessWorker):
         self.governor = Governor()
         self._reconciled_at: float | None = None
         self._in_flight: set[str] = set()  # flow runs this worker is handling
+        self._gate_refusals: set[str] = set()  # refused starts known to be in the lineage
         # Prefect's worker labels of each run, written with its governance labels.
         self._worker_labels: dict[str, dict[str, Any]] = {}
 
@@ -203,7 +204,9 @@ class GovernedProcessWorker(ProcessWorker):
                 worker=self.name,
                 in_flight=self._in_flight,
             )
-            settled += await record_gate_refusals(self.client, store, pool=self._work_pool_name)
+            settled += await record_gate_refusals(
+                self.client, store, pool=self._work_pool_name, known=self._gate_refusals
+            )
         except Exception:
             logger.exception("Reconciling unsettled runs failed; trying again next interval.")
             return

@@ -13,7 +13,7 @@ import json
 import sqlite3
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import pytest
 from prefect import get_client
@@ -29,9 +29,9 @@ from prefect_governance.demo import deploy_example, pool_template, run_in_order
 from prefect_governance.lineage import LineageStore
 from prefect_governance.local import prefect_env, start_worker, stop
 from prefect_governance.memory import MemoryStore
-from prefect_governance.models import Grant
 from prefect_governance.signing import SigningKey, sign
-from tests.conftest import POLICIES, ROOT
+from tests.conftest import ROOT
+from tests.grants import example_grant
 from tests.test_openlineage import check_event, openlineage_registry
 
 pytestmark = pytest.mark.e2e
@@ -224,21 +224,7 @@ def _execute_with(prefect_server, deployment_id, tmp_path, make_envelope):
 
 
 def _grant(run_id, *, expires_in=timedelta(minutes=10)):
-    policy_input = json.loads((POLICIES / "examples" / "allowed" / "input.json").read_text())
-    envelope = policy_input["envelope"]
-    now = datetime.now(timezone.utc)
-    envelope.update(
-        issued_at=(now - timedelta(minutes=20)).isoformat(),
-        expires_at=(now + expires_in).isoformat(),
-    )
-    envelope["flow_run"]["id"] = run_id
-    return Grant(
-        decision_id="d",
-        verdict="allowed",
-        envelope=envelope,
-        agent=policy_input["agent"],
-        memory={},
-    ).model_dump(mode="json")
+    return example_grant(run_id, decision_id="d", expires_in=expires_in).model_dump(mode="json")
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,7 @@ from prefect_governance.runtime import ENVELOPE_ENV, TRUSTED_KEYS_ENV
 from prefect_governance.signing import SigningKey, sign
 from prefect_governance.worker import GovernedProcessWorker
 from tests.conftest import POLICIES, ROOT
+from tests.grants import example_grant
 
 KEY = SigningKey.generate("gate-test-signer")
 ROGUE = SigningKey.generate("gate-test-signer")  # the same key id, another key
@@ -56,22 +57,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 
 def grant(run_id: str, *, decision_id: str = "decision-1", expires_in=timedelta(minutes=10)):
-    policy_input = json.loads((POLICIES / "examples" / "allowed" / "input.json").read_text())
-    envelope = policy_input["envelope"]
-    now = datetime.now(timezone.utc)
-    envelope.update(
-        issued_at=(now - timedelta(minutes=20)).isoformat(),
-        expires_at=(now + expires_in).isoformat(),
-    )
-    envelope["flow_run"]["id"] = run_id
-    envelope["id"] = f"envelope-{run_id}-{decision_id}"
-    return Grant(
-        decision_id=decision_id,
-        verdict="allowed",
-        envelope=envelope,
-        agent=policy_input["agent"],
-        memory={},
-    )
+    return example_grant(run_id, decision_id=decision_id, expires_in=expires_in)
 
 
 def signed(g: Grant, key: SigningKey = KEY) -> str:

@@ -16,7 +16,6 @@ import shutil
 import socket
 import threading
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +37,16 @@ from prefect_governance.runtime import ENVELOPE_ENV, TRUSTED_KEYS_ENV
 from prefect_governance.signing import SigningKey, sign
 from prefect_governance.tasks import TaskRefused, TaskScope, _admit, _retry_condition
 from tests.conftest import POLICIES
+from tests.grants import example_grant
 
 KEY = SigningKey.generate("tasks-test-signer")
 
 
 def grant_for(flow_run_id: str, *, grants: list[str], policy_dir: Path = POLICIES, **agent: Any):
-    policy_input = json.loads((POLICIES / "examples" / "allowed" / "input.json").read_text())
-    envelope = policy_input["envelope"]
-    now = datetime.now(timezone.utc)
-    envelope.update(issued_at=now.isoformat(), expires_at=(now + timedelta(minutes=10)).isoformat())
-    envelope["flow_run"]["id"] = flow_run_id
-    policy_input["agent"]["constraints"].update(agent)
-    return Grant(
+    return example_grant(
+        flow_run_id,
         decision_id="flow-decision",
-        verdict="allowed",
-        envelope=envelope,
-        agent=policy_input["agent"],
-        memory={},
+        constraints=agent,
         grants=grants,
         engine=EngineRef(kind="embedded", policy_dir=str(policy_dir)),
     )
