@@ -4,7 +4,10 @@ A refused run stays refused: Prefect's server lets anyone with API access move
 a CANCELLED run back to PENDING or RUNNING. The automation below answers a flow
 run that enters either after it was refused (state name ``Refused``, an event
 ``prefect.flow-run.Refused``) by putting it back to CANCELLED/Refused, within a
-second or so, whatever worker or client moved it. The run-side gate already
+second or so, whatever worker or client moved it, for as long as the trigger's
+window (a year; Prefect sweeps an armed trigger's bucket once its window has
+passed, about a minute after the refusal for a window of zero). Each time it
+fires, the run's new Refused state arms it again. The run-side gate already
 stops its code from running; this puts the record right and makes the attempt
 visible in Prefect's event feed.
 
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
 
 REFUSED_STAYS_REFUSED = "prefect-governance-refused-stays-refused"
 REFUSED_AGAIN = "prefect-governance: this flow run was refused by governance and may not run"
+REFUSED_GUARD_WINDOW = timedelta(days=365)
 
 
 def refused_stays_refused() -> AutomationCore:
@@ -41,7 +45,7 @@ def refused_stays_refused() -> AutomationCore:
             for_each={"prefect.resource.id"},
             posture=Posture.Reactive,
             threshold=1,
-            within=timedelta(0),
+            within=REFUSED_GUARD_WINDOW,
         ),
         actions=[
             ChangeFlowRunState(state=StateType.CANCELLED, name="Refused", message=REFUSED_AGAIN)

@@ -13,7 +13,14 @@ from typing import Any
 from prefect_governance.models import DEFAULT_POLICY_PATH, DEFAULT_TASK_POLICY_PATH, FailMode, Mode
 
 # Settings only the work pool (its base job template) may set.
-POOL_ONLY = ("policy_path", "task_policy_path", "engine", "lineage_store", "signing_key")
+POOL_ONLY = (
+    "policy_path",
+    "task_policy_path",
+    "engine",
+    "lineage_store",
+    "signing_key",
+    "env_allow",
+)
 # Settings a deployment may change only in the stricter direction.
 STRICTER = {"mode": "enforce", "fail_mode": "closed"}
 DEFAULTS: dict[str, Any] = {
@@ -22,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "engine": None,
     "lineage_store": None,
     "signing_key": None,
+    "env_allow": [],
     "mode": "enforce",
     "fail_mode": "closed",
 }
@@ -38,6 +46,8 @@ class Controls:
     engine: str | None = None
     lineage_store: str | None = None
     signing_key: str | None = None
+    # Patterns of environment variables a job may set though they change what starts.
+    env_allow: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 

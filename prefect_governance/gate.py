@@ -1,9 +1,18 @@
 """The run-side gate: a governed pool's flow runs start here, not in Prefect's bare engine.
 
-A governed pool's base job template starts every flow run with
-``python -m prefect_governance.gate`` as a fixed command (not a job variable,
-so no deployment can change it). Before Prefect's engine loads any flow code,
-the gate checks that this very flow run holds authority to run:
+A governed pool's base job template fixes the command (not a job variable, so
+no deployment can change it) to ``/dev/null/governed-worker-python -I -m
+prefect_governance.gate``. No process can start from that path, so a stock
+worker that takes the pool's runs starts nothing, whatever the job's
+environment or working directory. The governed worker replaces the path with
+its own interpreter's and names its key. It starts the gate hermetically:
+Python's isolated mode (no ``PYTHON*`` variables, no user site, no working
+directory on ``sys.path``), a fresh empty working directory and an environment
+of the worker's own (the run's environment and working directory travel in
+``PREFECT_GOVERNANCE_FLOW_ENV`` / ``..._FLOW_CWD``, applied only after the checks).
+
+Before any flow code loads, the gate checks that this very flow run holds
+authority to run:
 
 1. a grant (``PREFECT_GOVERNANCE_ENVELOPE``) signed by a key this process was
    told to trust on its command line (``--trusted-key KID=PUBLIC``; the governed
@@ -11,12 +20,15 @@ the gate checks that this very flow run holds authority to run:
    none, so a run started by any other worker has no trusted key), issued for
    this flow run and not expired;
 2. the flow run, as the Prefect server holds it, carries that grant's decision
-   (``governance.decision_id``) and was not refused;
+   (``governance.decision_id``) and was never refused (no ``Refused`` state in its
+   history: refused is final);
 3. the grant was not used before: its envelope id is claimed once, atomically,
    as a Prefect variable (``governance-envelope-<id>``).
 
-Then it hands over to Prefect's engine in this process. Otherwise it marks the
-flow run Crashed with the reason and exits 3; the flow's code never loads.
+Then it enters the run's working directory and replaces itself (``execve``) with
+Prefect's engine under the run's own environment, exactly as Prefect's process
+worker would have started it. Otherwise it marks the flow run Crashed with the
+reason and exits 3; the flow's code never loads.
 """
 
 from __future__ import annotations
@@ -24,24 +36,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import runpy
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 from prefect_governance.models import Grant
 from prefect_governance.runtime import (
     ENVELOPE_ENV,
+    STARTED_AT_ENV,
     TRUSTED_KEYS_ENV,
     EnvelopeError,
     Verified,
-    adopt,
     verify_signed_grant,
 )
 
 GATE_MODULE = "prefect_governance.gate"
-GATE_COMMAND = f"python -m {GATE_MODULE}"
+# No process starts from a path under /dev/null (not a directory), whatever PATH,
+# the working directory or a preloaded library say: only the governed worker,
+# which puts its own interpreter here, starts the gate.
+UNSTARTABLE_PYTHON = "/dev/null/governed-worker-python"
+ISOLATED = "-I"  # Python's isolated mode: no PYTHON* variables, user site or cwd on sys.path
+GATE_COMMAND = f"{UNSTARTABLE_PYTHON} {ISOLATED} -m {GATE_MODULE}"
+# Set by the governed worker: the run's own environment (JSON) and working directory.
+FLOW_ENV = "PREFECT_GOVERNANCE_FLOW_ENV"
+FLOW_CWD = "PREFECT_GOVERNANCE_FLOW_CWD"
+REFUSED_STATE = "Refused"
 REFUSED_EXIT = 3
 NONCE_PREFIX = "governance-envelope-"
 RUNNABLE = ("allowed", "audited", "ungoverned")
@@ -81,6 +101,40 @@ def check_grant(
         )
     except EnvelopeError as exc:
         raise GateRefusal(str(exc)) from None
+
+
+def prior_refusal(
+    state_names: Iterable[str | None],
+    label_verdict: str | None = None,
+    lineage_decision_id: str | None = None,
+) -> str | None:
+    """Why a run counts as refused before, if it does (pure).
+
+    Refused is final: a run refused once never runs; trying again is a new run,
+    decided afresh. Any one witness suffices: a ``Refused`` state in the run's
+    history (which the API cannot remove), its decision label, or a refused
+    decision of it in the lineage.
+    """
+    witnesses = []
+    if lineage_decision_id:
+        witnesses.append(f"the lineage holds refused decision {lineage_decision_id}")
+    if REFUSED_STATE in state_names:
+        witnesses.append("a Refused state is in its history")
+    if label_verdict == "refused":
+        witnesses.append("its governance.decision label is refused")
+    if not witnesses:
+        return None
+    return (
+        f"governance refused this flow run before ({'; '.join(witnesses)}): a refused run "
+        "never runs; start a new run to have it decided again"
+    )
+
+
+def check_history(state_names: Iterable[str | None]) -> None:
+    """GateRefusal when the run's state history holds a refusal."""
+    reason = prior_refusal(state_names)
+    if reason:
+        raise GateRefusal(reason)
 
 
 def check_run(grant: Grant, labels: Mapping[str, Any]) -> None:
@@ -127,6 +181,7 @@ def authorize(
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
         check_run(verified.grant, flow_run.labels or {})
+        check_history(state.name for state in client.read_flow_run_states(flow_run_id))
         _claim(client, verified.grant)
     return verified
 
@@ -156,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
     try:
         keys = trusted_keys(args.trusted_key)
-        verified = authorize(flow_run_id, os.environ.get(ENVELOPE_ENV), keys)
+        authorize(flow_run_id, os.environ.get(ENVELOPE_ENV), keys)
     except GateRefusal as refusal:
         print(f"prefect-governance gate: refused: {refusal}", file=sys.stderr)
         _crash(flow_run_id, f"refused: {refusal}")
@@ -165,13 +220,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"prefect-governance gate: could not check this run: {exc!r}", file=sys.stderr)
         _crash(flow_run_id, f"could not check this run: {exc!r}")
         return REFUSED_EXIT
-    # The flow's code verifies its grant (prefect_governance.runtime) with the keys the gate
-    # trusted, not with keys a deployment could put in the environment.
-    os.environ[TRUSTED_KEYS_ENV] = json.dumps(keys)
-    adopt(verified)  # the flow's tasks keep the authority checked here, for the whole run
-    sys.argv = [sys.argv[0]]  # Prefect's engine reads a flow run id from argv[1] if present
-    runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
-    return 0
+    environment, cwd = flow_environment(os.environ, keys, datetime.now(timezone.utc))
+    if cwd:
+        os.chdir(cwd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "prefect.engine"], environment)
+    return 0  # not reached
+
+
+def flow_environment(
+    gate_env: Mapping[str, str], keys: Mapping[str, str], started_at: datetime
+) -> tuple[dict[str, str], str | None]:
+    """The environment and working directory Prefect's engine starts in, after the checks.
+
+    The run's own environment (as Prefect's process worker would have given it; the
+    gate's own when the governed worker sent none), with the Prefect variables of the
+    gate's environment on top (the worker's settings and its runner's ``PREFECT__*``,
+    which also win over a job's under the stock worker).
+    The flow's code verifies its grant (prefect_governance.runtime) with the keys the
+    gate trusted and against the time it started, not with anything a deployment put
+    in the environment.
+    """
+    try:
+        declared = json.loads(gate_env[FLOW_ENV]) if FLOW_ENV in gate_env else dict(gate_env)
+    except json.JSONDecodeError:
+        declared = {}
+    environment = {str(k): str(v) for k, v in dict(declared).items() if v is not None}
+    environment.update(
+        (key, value)
+        for key, value in gate_env.items()
+        if key.startswith("PREFECT") and key not in (FLOW_ENV, FLOW_CWD)
+    )
+    environment[TRUSTED_KEYS_ENV] = json.dumps(keys)
+    environment[STARTED_AT_ENV] = started_at.isoformat()
+    return environment, gate_env.get(FLOW_CWD) or None
 
 
 if __name__ == "__main__":

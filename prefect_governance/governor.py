@@ -84,6 +84,7 @@ class Assessment:
     engine: PolicyEngine | None = None  # the engine that decided (and decides the tasks)
     task_policy_path: str = DEFAULT_TASK_POLICY_PATH
     signature: str | None = None  # of the grant the run received
+    costs_trust: bool = True  # whether a refusal charges the agent
 
     def grant(self) -> Grant:
         """What an allowed run receives (to be signed)."""
@@ -117,6 +118,14 @@ class Assessment:
                 fail_mode=controls.fail_mode,
             )
         )
+
+
+@dataclass(frozen=True)
+class Preemption:
+    """A refusal the worker knows is due before any policy is asked."""
+
+    reason: str
+    costs_trust: bool = True  # False when it is not a new attempt of the agent's
 
 
 class AgentUnavailable(Exception):
@@ -244,8 +253,12 @@ class Governor:
         controls: Controls,
         worker_name: str,
         store: LineageStore,
+        preempt: Preemption | None = None,
     ) -> Assessment:
-        """Decide one run. Never raises for bad input: that is a refusal."""
+        """Decide one run. Never raises for bad input: that is a refusal.
+
+        A ``preempt`` refuses the run as the agent's without asking the policy.
+        """
 
         def refuse(reason: str) -> Assessment:
             return Assessment.refusal(controls, reason)
@@ -259,6 +272,14 @@ class Governor:
             agent = await load_agent(client, controls.agent)
         except AgentUnavailable as exc:
             return refuse(str(exc))
+        if preempt is not None:
+            return Assessment(
+                refuse(preempt.reason).decision,
+                agent=agent,
+                agent_block=controls.agent,
+                worker=worker_name,
+                costs_trust=preempt.costs_trust,
+            )
 
         policy_path = agent.policy_ref or controls.policy_path
         mode = "audit" if agent.mode == "audit" else controls.mode
@@ -343,7 +364,8 @@ class Governor:
         ]
         # A refusal costs the agent trust; an engine that could not answer is not its doing.
         decision = assessment.decision
-        if not decision.runs and assessment.agent is not None and decision.error is None:
+        charged = assessment.costs_trust and decision.error is None
+        if not decision.runs and assessment.agent is not None and charged:
             trust = await anyio.to_thread.run_sync(
                 _trust_event, store, assessment, flow_run_id, ["refused"]
             )

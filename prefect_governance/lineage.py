@@ -669,6 +669,21 @@ class LineageStore:
         with Session(self.engine) as session:
             return session.exec(query).all()
 
+    def refusal_of(self, flow_run_id: str) -> LineageEvent | None:
+        """The newest refused decision recorded for a flow run, if any."""
+        query = (
+            select(LineageEvent)
+            .where(
+                LineageEvent.flow_run_id == flow_run_id,
+                LineageEvent.kind == "decision",
+                LineageEvent.verdict == "refused",
+            )
+            .order_by(LineageEvent.id.desc())
+            .limit(1)
+        )
+        with Session(self.engine) as session:
+            return session.exec(query).first()
+
     def chain(self, chain: str) -> list[LineageEvent]:
         """All records of one chain, by seq."""
         query = select(LineageEvent).where(LineageEvent.chain == chain).order_by(LineageEvent.seq)

@@ -191,6 +191,24 @@ GATE_PREFIX = "prefect-governance gate:"
 GATE_PAGE = 200  # the newest crashed runs of the pool looked at per pass
 
 
+def foreign_start(flow_run: Any, governed_type: str) -> str | None:
+    """Why a crashed run of a governed pool was a start by another kind of worker (pure).
+
+    Such a worker cannot start the pool's command (see prefect_governance.gate), so
+    Prefect records only that the run could not start; this says why.
+    """
+    labels = flow_run.labels or {}
+    worker_type = labels.get("prefect.worker.type")
+    if not worker_type or worker_type == governed_type or labels.get("governance.decision"):
+        return None
+    return (
+        f"{GATE_PREFIX} refused: a worker of type {worker_type!r} "
+        f"({labels.get('prefect.worker.name')}) took this run of a governed pool; its runs "
+        f"start only through a {governed_type} worker (the pool's command cannot start "
+        "elsewhere), so nothing ran"
+    )
+
+
 def gate_refusal_event(flow_run: Any, agent_id: str | None) -> LineageEvent:
     """The lineage record of a start the gate refused (by whatever worker made it)."""
     labels = flow_run.labels or {}
@@ -228,10 +246,17 @@ async def _agent_of(client: PrefectClient, flow_run: Any) -> str | None:
 
 
 async def record_gate_refusals(
-    client: PrefectClient, store: LineageStore, *, pool: str, known: set[str]
+    client: PrefectClient,
+    store: LineageStore,
+    *,
+    pool: str,
+    known: set[str],
+    governed_type: str = "governed-process",
 ) -> list[str]:
     """Record in the agents' chains each start of the pool's runs the gate refused, once.
 
+    A start by another kind of worker (which cannot start the pool's command) is
+    first restated as the gate's refusal, so the run's state says why.
     ``known`` holds the refusals (Prefect state ids) this worker already found in the
     lineage: later passes skip them without asking the lineage again.
     """
@@ -256,8 +281,17 @@ async def record_gate_refusals(
     recorded = []
     for flow_run in runs:
         state = flow_run.state
-        if state is None or not (state.message or "").startswith(GATE_PREFIX):
+        if state is None:
             continue
+        if not (state.message or "").startswith(GATE_PREFIX):
+            reason = foreign_start(flow_run, governed_type)
+            if reason is None:
+                continue
+            await client.set_flow_run_state(flow_run.id, Crashed(message=reason), force=True)
+            flow_run = await client.read_flow_run(flow_run.id)
+            state = flow_run.state
+            if state is None:
+                continue
         if str(state.id) in known:
             continue
         seen = await anyio.to_thread.run_sync(

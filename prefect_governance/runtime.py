@@ -29,6 +29,8 @@ from prefect_governance.signing import SignatureError, verify
 
 ENVELOPE_ENV = "PREFECT_GOVERNANCE_ENVELOPE"
 TRUSTED_KEYS_ENV = "PREFECT_GOVERNANCE_TRUSTED_KEYS"
+# When the gate checked the grant and started the run (ISO time, set by the gate).
+STARTED_AT_ENV = "PREFECT_GOVERNANCE_STARTED_AT"
 PROPOSAL_KEY = "governance-memory-proposal"
 
 
@@ -154,10 +156,23 @@ def _flow_run_id() -> str | None:
     return flow_run.id
 
 
+def _started_at() -> datetime:
+    """When the gate started this run (its grant's expiry bounds that), else now."""
+    raw = os.environ.get(STARTED_AT_ENV)
+    try:
+        started = datetime.fromisoformat(raw) if raw else None
+    except ValueError:
+        started = None
+    if started is None or started.tzinfo is None:
+        return datetime.now(timezone.utc)
+    return min(started, datetime.now(timezone.utc))
+
+
 def current_verified() -> Verified:
     """This flow run's verified grant and signature (verified once per run, then cached).
 
-    The expiry bounds when a run may start; a run already verified keeps its grant.
+    The expiry bounds when a run may start: a run the gate started in time keeps its
+    authority, however long it takes before its first governed task.
     """
     run_id = _flow_run_id()
     if run_id and run_id in _verified:
@@ -165,20 +180,11 @@ def current_verified() -> Verified:
     verified = verify_signed_grant(
         os.environ.get(ENVELOPE_ENV),
         flow_run_id=run_id,
-        now=datetime.now(timezone.utc),
+        now=_started_at(),
         public_key=_public_key,
     )
     _verified[str(run_id)] = verified
     return verified
-
-
-def adopt(verified: Verified) -> None:
-    """Keep a grant verified at the run's start (by the gate, in this process) for the run.
-
-    The expiry bounds when a run may start: a run that started in time keeps its
-    authority, however long it takes before its first governed task.
-    """
-    _verified[verified.grant.envelope.flow_run.id] = verified
 
 
 def current_grant() -> Grant:

@@ -8,6 +8,7 @@ process worker; its outcome is written to the lineage.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +25,22 @@ from prefect.workers.process import (
 from pydantic import Field, PrivateAttr
 
 from prefect_governance.controls import Controls, pool_defaults, resolve_controls
-from prefect_governance.gate import GATE_COMMAND, GATE_MODULE
-from prefect_governance.governor import Assessment, Governor, read_proposals, read_reports
+from prefect_governance.gate import GATE_COMMAND, prior_refusal
+from prefect_governance.governor import (
+    Assessment,
+    Governor,
+    Preemption,
+    read_proposals,
+    read_reports,
+)
+from prefect_governance.launch import (
+    gate_argv,
+    gate_environment,
+    is_current_gate,
+    unsafe_env,
+    unsafe_env_reason,
+    uses_gate,
+)
 from prefect_governance.models import (
     DEFAULT_POLICY_PATH,
     DEFAULT_TASK_POLICY_PATH,
@@ -58,6 +73,7 @@ GOVERNED_FIELDS = (
     "engine",
     "lineage_store",
     "signing_key",
+    "env_allow",
 )
 
 
@@ -71,6 +87,7 @@ class GovernedProcessJobConfiguration(ProcessJobConfiguration):
     engine: str | None = Field(default=None)
     lineage_store: str | None = Field(default=None)
     signing_key: str | None = Field(default=None)
+    env_allow: list[str] = Field(default_factory=list)
     # The flow and deployment Prefect read to build this configuration, reused by the decision.
     _flow: Flow | None = PrivateAttr(default=None)
     _deployment: DeploymentResponse | None = PrivateAttr(default=None)
@@ -137,6 +154,12 @@ class GovernedProcessVariables(ProcessVariables):
         title="Signing key block",
         description="Name of a governance-signing-key block (default: the "
         "PREFECT_GOVERNANCE_SIGNING_KEY seed, else a key generated per worker process).",
+    )
+    env_allow: list[str] = Field(
+        default_factory=list,
+        title="Environment variables allowed",
+        description="Names or patterns (e.g. `PYTHONPATH`, `LD_*`) of variables that change "
+        "what a run's process starts or loads and that jobs may still set (set on the pool).",
     )
 
 
@@ -205,7 +228,11 @@ class GovernedProcessWorker(ProcessWorker):
                 in_flight=self._in_flight,
             )
             settled += await record_gate_refusals(
-                self.client, store, pool=self._work_pool_name, known=self._gate_refusals
+                self.client,
+                store,
+                pool=self._work_pool_name,
+                known=self._gate_refusals,
+                governed_type=self.type,
             )
         except Exception:
             logger.exception("Reconciling unsettled runs failed; trying again next interval.")
@@ -272,7 +299,8 @@ class GovernedProcessWorker(ProcessWorker):
         else:
             try:
                 key = await self.governor.signing_key(controls.signing_key, self.client)
-                assessment = await self._assess(flow_run, configuration, controls, store)
+                preempt = await self._preempt(flow_run, configuration, controls, store)
+                assessment = await self._assess(flow_run, configuration, controls, store, preempt)
             except Exception as exc:
                 logger.exception("Governance could not decide this run; refusing it.")
                 assessment = Assessment.refusal(controls, f"governance failed: {exc!r}")
@@ -299,23 +327,35 @@ class GovernedProcessWorker(ProcessWorker):
             logger.warning("Governance warning: %s", warning)
         if decision.verdict == "audited":
             logger.warning("Audit mode: this run would be refused: %s", "; ".join(decision.deny))
-        for secret in WORKER_SECRETS:  # the worker's credentials never reach the run:
-            configuration.env[secret] = None  # None unsets (Prefect merges os.environ again)
-        configuration.env[DECISION_ENV] = decision.id
+        current_gate = is_current_gate(configuration.command)
+        add = {DECISION_ENV: decision.id}
         if assessment.envelope is not None and key is not None:
-            configuration.env[ENVELOPE_ENV] = self.governor.sign(key, assessment)
-        if GATE_MODULE in (configuration.command or "") and key is not None:
-            # The gate trusts only the key named on its command line: this worker's.
+            add[ENVELOPE_ENV] = self.governor.sign(key, assessment)
+        if uses_gate(configuration.command) and key is not None:
+            # The gate, hermetic, trusting only this worker's key; the run's environment and
+            # working directory reach Prefect's engine only after the gate's checks.
             configuration.command = command_to_string(
-                [get_sys_executable(), "-m", GATE_MODULE, "--trusted-key", key.trusted_key]
+                gate_argv(get_sys_executable(), key.trusted_key)
             )
+            configuration.env = gate_environment(
+                configuration.env,
+                os.environ,
+                secrets=WORKER_SECRETS,
+                add=add,
+                working_dir=str(configuration.working_dir) if configuration.working_dir else None,
+            )
+            configuration.working_dir = None  # the gate starts in a fresh, empty directory
         else:
+            for secret in WORKER_SECRETS:  # the worker's credentials never reach the run:
+                configuration.env[secret] = None  # None unsets (Prefect merges os.environ)
+            configuration.env.update(add)
+        if not current_gate:
             logger.warning(
-                "This pool's template does not start runs through the governance gate "
+                "This pool's template does not start runs through today's governance gate "
                 "(%s): a stock worker on the pool could run them ungoverned. Update the "
                 "pool's base job template from `prefect work-pool get-default-base-job-"
                 "template --type %s`.",
-                GATE_MODULE,
+                GATE_COMMAND,
                 self.type,
             )
 
@@ -330,6 +370,30 @@ class GovernedProcessWorker(ProcessWorker):
 
     # --- steps --------------------------------------------------------------
 
+    async def _preempt(
+        self,
+        flow_run: FlowRun,
+        configuration: GovernedProcessJobConfiguration,
+        controls: Controls,
+        store: LineageStore,
+    ) -> Preemption | None:
+        """A refusal due before any policy is asked: a run refused before (refused is
+        final: the state history, the labels or the lineage say so), or a job environment
+        that changes what the run's process starts or loads."""
+        earlier = await anyio.to_thread.run_sync(store.refusal_of, str(flow_run.id))
+        states = await self.client.read_flow_run_states(flow_run.id)
+        reason = prior_refusal(
+            [state.name for state in states],
+            (flow_run.labels or {}).get("governance.decision"),
+            earlier.decision_id if earlier else None,
+        )
+        if reason:  # someone moved it back: no new attempt of the agent's, no trust cost
+            return Preemption(reason, costs_trust=False)
+        unsafe = unsafe_env(configuration.env, os.environ, controls.env_allow)
+        if unsafe:
+            return Preemption(unsafe_env_reason(unsafe))
+        return None
+
     def _controls(self, configuration: GovernedProcessJobConfiguration) -> Controls:
         requested = {name: getattr(configuration, name) for name in GOVERNED_FIELDS}
         template = self.work_pool.base_job_template if self.work_pool else None
@@ -341,6 +405,7 @@ class GovernedProcessWorker(ProcessWorker):
         configuration: GovernedProcessJobConfiguration,
         controls: Controls,
         store: LineageStore,
+        preempt: Preemption | None,
     ) -> Assessment:
         # The flow and deployment Prefect read moments ago for this run's job
         # configuration (the one the controls come from); read only if it lacks them.
@@ -361,6 +426,7 @@ class GovernedProcessWorker(ProcessWorker):
             controls=controls,
             worker_name=self.name,
             store=store,
+            preempt=preempt,
         )
 
     async def _refuse(self, flow_run: FlowRun, assessment: Assessment) -> None:

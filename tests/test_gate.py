@@ -209,7 +209,6 @@ def test_a_stock_worker_on_a_governed_pool_executes_nothing(gated, prefect_serve
     for name, run in runs.items():
         state = finals[run.id].state
         assert state is not None and state.is_crashed(), (name, state)
-        assert "prefect-governance gate: refused: no trusted key" in state.message, state.message
         assert not markers[name].exists(), f"the {name} run executed under a stock worker"
 
     # A governed worker on the pool records each refused start in the agent's chain.
@@ -227,7 +226,9 @@ def test_a_stock_worker_on_a_governed_pool_executes_nothing(gated, prefect_serve
     for run in runs.values():
         event = refusals[str(run.id)]
         assert event.agent_id == "gated-agent" and event.payload["worker_type"] == "process"
-        assert "no trusted key" in event.reasons[0]
+        assert "a worker of type 'process'" in event.reasons[0], event.reasons
+        state = _read(run.id).state  # the run's state now says why nothing ran
+        assert state.is_crashed() and "prefect-governance gate: refused" in state.message
     assert store.verify() == []
     store.dispose()
 
