@@ -63,6 +63,15 @@ FLOW_ENV = "PREFECT_GOVERNANCE_FLOW_ENV"
 FLOW_CWD = "PREFECT_GOVERNANCE_FLOW_CWD"
 REFUSED_STATE = "Refused"
 REFUSED_EXIT = 3
+# How the gate starts Prefect's engine after its checks: as `python -m prefect.engine`
+# would, but with no working directory on sys.path and this package imported first, so
+# nothing in the run's working directory shadows Prefect or the governance runtime
+# (Prefect adds the working directory itself while it imports the flow's module).
+ENGINE_BOOT = (
+    "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+    "import prefect_governance, runpy; "
+    "runpy.run_module('prefect.engine', run_name='__main__', alter_sys=True)"
+)
 NONCE_PREFIX = "governance-envelope-"
 RUNNABLE = ("allowed", "audited", "ungoverned")
 
@@ -225,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.chdir(cwd)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "prefect.engine"], environment)
+    os.execve(sys.executable, [sys.executable, "-c", ENGINE_BOOT], environment)
     return 0  # not reached
 
 

@@ -665,6 +665,7 @@ ATTACKER = {
     "signing_key": "sec-attacker-key",
     "policy_path": "prefect/governance/allow_everything",
     "task_policy_path": "prefect/governance/allow_everything",
+    "env_allow": ["*"],
 }
 ALLOW_EVERYTHING = """package prefect.governance
 

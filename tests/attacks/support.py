@@ -1,0 +1,13 @@
+"""What the attack tests share: the lineage a governed worker keeps in a Prefect home."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect_governance.lineage import LineageStore
+
+
+def home_lineage(home: Path) -> LineageStore:
+    """The lineage a worker in this Prefect home uses when its pool names no store."""
+    (home / "governance").mkdir(parents=True, exist_ok=True)
+    return LineageStore(f"sqlite:///{home / 'governance' / 'lineage.db'}")
