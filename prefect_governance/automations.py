@@ -11,6 +11,15 @@ fires, the run's new Refused state arms it again. The run-side gate already
 stops its code from running; this puts the record right and makes the attempt
 visible in Prefect's event feed.
 
+A run of a governed pool taken by another kind of worker starts nothing (the
+pool's command cannot start outside a governed worker, see
+``prefect_governance.gate``); the second automation answers the worker's
+``prefect.worker.submitted-flow-run`` event, when the worker's type is not a
+governed one and the related work pool is one of the governed pools that existed
+when the guards were applied (Prefect's events name a work pool, not its type), by
+marking the run Crashed with why. The governed worker's reconciler does the same
+for pools created since, within a minute.
+
 (Prefect 3.8's flow-run events carry no flow-run labels, so an automation cannot
 tell a run without a ``governance.decision`` label apart; ``prefect-governance
 audit`` finds those.)
@@ -28,12 +37,21 @@ from prefect.events.schemas.automations import AutomationCore, EventTrigger, Pos
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
 
+GOVERNED_TYPES = ("governed-process",)
 REFUSED_STAYS_REFUSED = "prefect-governance-refused-stays-refused"
 REFUSED_AGAIN = "prefect-governance: this flow run was refused by governance and may not run"
 REFUSED_GUARD_WINDOW = timedelta(days=365)
 
 
-def refused_stays_refused() -> AutomationCore:
+FOREIGN_WORKERS_START_NOTHING = "prefect-governance-foreign-workers-start-nothing"
+FOREIGN_WORKER = (
+    "prefect-governance gate: refused: a worker that is not a governed worker took this run "
+    "of a governed pool; its runs start only through a governed worker (the pool's command "
+    "cannot start elsewhere), so nothing ran"
+)
+
+
+def refused_stays_refused(pools: list[str]) -> AutomationCore:
     """A refused run that enters Pending or Running is put back to CANCELLED/Refused."""
     return AutomationCore(
         name=REFUSED_STAYS_REFUSED,
@@ -53,7 +71,26 @@ def refused_stays_refused() -> AutomationCore:
     )
 
 
-GUARDS = (refused_stays_refused,)
+def foreign_workers_start_nothing(pools: list[str]) -> AutomationCore:
+    """A run of these governed pools submitted by a worker of another type: Crashed, why."""
+    return AutomationCore(
+        name=FOREIGN_WORKERS_START_NOTHING,
+        description="prefect-governance: only a governed worker starts a governed pool's runs "
+        f"(pools: {', '.join(pools) or 'none yet'}).",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.worker.*", "prefect.worker-type": "!governed-*"},
+            match_related={"prefect.resource.role": "work-pool", "prefect.resource.name": pools},
+            expect={"prefect.worker.submitted-flow-run"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Reactive,
+            threshold=1,
+            within=timedelta(0),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=FOREIGN_WORKER)],
+    )
+
+
+GUARDS = (refused_stays_refused, foreign_workers_start_nothing)
 _COMPARED = ("name", "description", "enabled", "trigger", "actions")
 
 
@@ -68,11 +105,22 @@ def _definition(automation: object) -> dict:
     return {key: dumped.get(key) for key in _COMPARED}
 
 
+async def governed_pools(client: PrefectClient) -> list[str]:
+    """The names of the governed work pools on the server, sorted."""
+    from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterType
+
+    pools = await client.read_work_pools(
+        work_pool_filter=WorkPoolFilter(type=WorkPoolFilterType(any_=list(GOVERNED_TYPES)))
+    )
+    return sorted(pool.name for pool in pools)
+
+
 async def apply_guards(client: PrefectClient) -> list[tuple[str, str]]:
     """Create each guard, or replace one whose definition differs; (name, action) for each."""
     applied = []
+    pools = await governed_pools(client)
     for build in GUARDS:
-        wanted = build()
+        wanted = build(pools)
         existing = await client.read_automations_by_name(wanted.name)
         same = [a for a in existing if _definition(a) == _definition(wanted)]
         if same and len(existing) == 1:
@@ -83,3 +131,13 @@ async def apply_guards(client: PrefectClient) -> list[tuple[str, str]]:
         await client.create_automation(wanted)
         applied.append((wanted.name, "updated" if existing else "created"))
     return applied
+
+
+async def remove_guards(client: PrefectClient) -> int:
+    """Delete every guard this module ships; how many automations were deleted."""
+    removed = 0
+    for name in (REFUSED_STAYS_REFUSED, FOREIGN_WORKERS_START_NOTHING):
+        for automation in await client.read_automations_by_name(name):
+            await client.delete_automation(automation.id)
+            removed += 1
+    return removed

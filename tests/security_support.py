@@ -251,6 +251,7 @@ def probe_flow(
     engine: str | None = None,
     policy_path: str | None = None,
     task_policy_path: str | None = None,
+    env_allow: list[str] | None = None,
 ) -> None:
     """Parameters named like the pool-only settings; leaves a marker of its governance env."""
     Path(marker).write_text(json.dumps(_governance_env()))

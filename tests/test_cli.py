@@ -15,6 +15,7 @@ from prefect import get_client
 
 from prefect_governance.apply import DocumentError, apply_documents, load_documents
 from prefect_governance.automations import GUARDS, REFUSED_STAYS_REFUSED
+from prefect_governance.automations import remove_guards as guards_removed
 from prefect_governance.blocks import GovernanceAgent
 from prefect_governance.decision import worker_refusal
 from prefect_governance.demo import deploy_example, pool_template
@@ -113,8 +114,7 @@ def _apply_twice_and_edit(prefect_server, tmp_path, monkeypatch):
 
 async def remove_guards() -> None:
     async with get_client() as client:
-        for automation in await client.read_automations_by_name(REFUSED_STAYS_REFUSED):
-            await client.delete_automation(automation.id)
+        await guards_removed(client)
 
 
 @pytest.mark.parametrize(

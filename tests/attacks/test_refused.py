@@ -27,7 +27,7 @@ from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.states import Running, Scheduled
 
-from prefect_governance.automations import REFUSED_AGAIN, REFUSED_STAYS_REFUSED, apply_guards
+from prefect_governance.automations import REFUSED_AGAIN, apply_guards, remove_guards
 from prefect_governance.blocks import GovernanceAgent
 from prefect_governance.demo import deploy_example, pool_template, wait_final
 from prefect_governance.gate import REFUSED_EXIT
@@ -171,5 +171,4 @@ def test_a_refused_run_stays_refused_long_after(prefect_server, tmp_path):
 
 async def _remove_guard():
     async with get_client() as client:
-        for automation in await client.read_automations_by_name(REFUSED_STAYS_REFUSED):
-            await client.delete_automation(automation.id)
+        await remove_guards(client)

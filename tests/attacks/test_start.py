@@ -31,6 +31,7 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 
+from prefect_governance.automations import FOREIGN_WORKER, apply_guards, remove_guards
 from prefect_governance.blocks import GovernanceAgent
 from prefect_governance.demo import deploy_example, pool_template, wait_final
 from prefect_governance.local import start_worker, stop
@@ -126,9 +127,15 @@ def kit(prefect_server, tmp_path_factory):
                     base_job_template=pool_template(env_allow=["PYTHONPATH", "LD_PRELOAD"]),
                 )
             )
+            await apply_guards(client)  # as `prefect-governance apply` does, pools known
+
+    async def remove():
+        async with get_client() as client:
+            await remove_guards(client)
 
     asyncio.run(pools())
-    return {"tmp": tmp, "fake": fake, "library": library}
+    yield {"tmp": tmp, "fake": fake, "library": library}
+    asyncio.run(remove())
 
 
 def _attacker_env(kit, name: str) -> dict[str, str]:
@@ -213,6 +220,14 @@ def test_a_stock_worker_starts_nothing_whatever_the_job_variables(kit, prefect_s
         assert state is not None and state.is_crashed(), (name, state)
         assert not marker.exists(), f"{name}: the run executed under a stock worker"
         _no_attacker_code_ran(name, traces)
+    # The server's guard, with no governed worker running, says why on each run.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        messages = {name: _read(r[0]).state.message for name, r in runs.items()}
+        if all(m == FOREIGN_WORKER for m in messages.values()):
+            break
+        time.sleep(1)
+    assert all(m == FOREIGN_WORKER for m in messages.values()), messages
 
     # The governed worker finds each attempt: the run's state says why, the lineage keeps it.
     governed = start_worker(POOL, prefect_server.home, prefect_server.api_url, kit["tmp"] / "g.log")
@@ -230,9 +245,9 @@ def test_a_stock_worker_starts_nothing_whatever_the_job_variables(kit, prefect_s
     for name, (run_id, marker, _) in runs.items():
         event = found.get(str(run_id))
         assert event is not None, f"{name}: the attempt is not in the lineage"
-        assert event.agent_id == AGENT and "a worker of type 'process'" in event.reasons[0]
+        assert event.agent_id == AGENT and "start only through a governed" in event.reasons[0]
         state = _read(run_id).state
-        assert state.is_crashed() and "only through a governed-process worker" in state.message
+        assert state.is_crashed() and "start only through a governed" in state.message
         assert not marker.exists()
     assert store.verify() == []
     store.dispose()
