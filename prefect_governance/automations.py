@@ -17,8 +17,9 @@ pool's command cannot start outside a governed worker, see
 ``prefect.worker.submitted-flow-run`` event, when the worker's type is not a
 governed one and the related work pool is one of the governed pools that existed
 when the guards were applied (Prefect's events name a work pool, not its type), by
-marking the run Crashed with why. The governed worker's reconciler does the same
-for pools created since, within a minute.
+marking the run Crashed with why, within a second or so (the worker's own report
+of the failed start may land after it: the run's history holds both). The governed
+worker's reconciler restates such runs, also of pools created since, each pass.
 
 (Prefect 3.8's flow-run events carry no flow-run labels, so an automation cannot
 tell a run without a ``governance.decision`` label apart; ``prefect-governance

@@ -56,13 +56,13 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
 
 
 def unsafe_env(
-    env: Mapping[str, str | None], worker_env: Mapping[str, str], allowed: Sequence[str]
+    job_env: Mapping[str, str | None], worker_env: Mapping[str, str], allowed: Sequence[str]
 ) -> list[str]:
-    """The variables the job sets (a value other than the worker's own) that change what
-    starts or loads, and that the pool does not allow; sorted."""
+    """The variables the job's environment sets (to a value other than the worker's own)
+    that change what starts or loads, and that the pool does not allow; sorted."""
     return sorted(
         key
-        for key, value in env.items()
+        for key, value in job_env.items()
         if value is not None
         and value != worker_env.get(key)
         and _matches(key, UNSAFE_ENV)

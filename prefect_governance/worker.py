@@ -91,6 +91,9 @@ class GovernedProcessJobConfiguration(ProcessJobConfiguration):
     # The flow and deployment Prefect read to build this configuration, reused by the decision.
     _flow: Flow | None = PrivateAttr(default=None)
     _deployment: DeploymentResponse | None = PrivateAttr(default=None)
+    # The environment the job variables ask for (pool, deployment, run), before Prefect
+    # merges the worker's own into it.
+    _job_env: dict[str, str | None] = PrivateAttr(default_factory=dict)
 
     def prepare_for_flow_run(
         self,
@@ -101,7 +104,9 @@ class GovernedProcessJobConfiguration(ProcessJobConfiguration):
         worker_name: str | None = None,
         worker_id: UUID | None = None,
     ) -> None:
-        """Prefect's preparation; keeps the flow and deployment it was given."""
+        """Prefect's preparation; keeps the flow and deployment it was given, and the job's
+        own environment."""
+        self._job_env = dict(self.env)
         super().prepare_for_flow_run(
             flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
         )
@@ -389,7 +394,7 @@ class GovernedProcessWorker(ProcessWorker):
         )
         if reason:  # someone moved it back: no new attempt of the agent's, no trust cost
             return Preemption(reason, costs_trust=False)
-        unsafe = unsafe_env(configuration.env, os.environ, controls.env_allow)
+        unsafe = unsafe_env(configuration._job_env, os.environ, controls.env_allow)
         if unsafe:
             return Preemption(unsafe_env_reason(unsafe))
         return None
