@@ -152,6 +152,21 @@ ATTACKS = {
     "dotted env key": lambda kit: {"env.PYTHONPATH": str(kit["fake"])},
     "working_dir": lambda kit: {"working_dir": str(kit["fake"])},
     "ld_preload": lambda kit: {"env": {"LD_PRELOAD": str(kit["library"])}},
+    # The run's own verification, told the grant was checked long ago (so an expired
+    # grant would still count), and a logging configuration Prefect would load at start.
+    "governance variable": lambda kit: {
+        "env": {"PREFECT_GOVERNANCE_STARTED_AT": "2020-01-01T00:00:00+00:00"}
+    },
+    "logging config": lambda kit: {
+        "env": {"PREFECT_LOGGING_SETTINGS_PATH": str(kit["tmp"] / "logging.yml")}
+    },
+}
+REFUSED_KEY = {
+    "pythonpath": "PYTHONPATH",
+    "dotted env key": "PYTHONPATH",
+    "ld_preload": "LD_PRELOAD",
+    "governance variable": "PREFECT_GOVERNANCE_STARTED_AT",
+    "logging config": "PREFECT_LOGGING_SETTINGS_PATH",
 }
 
 
@@ -273,14 +288,14 @@ def governed_worker(kit, prefect_server):
         stop(worker)
 
 
-@pytest.mark.parametrize("name", ["pythonpath", "dotted env key", "ld_preload"])
+@pytest.mark.parametrize("name", sorted(REFUSED_KEY))
 def test_the_governed_worker_refuses_a_job_that_changes_what_starts(
     kit, prefect_server, governed_worker, name
 ):
     run_id, marker, traces = _deploy_and_run(kit, POOL, f"governed-{name}", ATTACKS[name](kit))
     final = asyncio.run(wait_final([run_id], timeout=120))[run_id]
     assert final.state.name == "Refused", final.state
-    key = "LD_PRELOAD" if name == "ld_preload" else "PYTHONPATH"
+    key = REFUSED_KEY[name]
     assert f"the job sets {key}" in final.state.message and "env_allow" in final.state.message
     assert not marker.exists(), f"{name}: a refused run executed"
     _no_attacker_code_ran(name, traces)
