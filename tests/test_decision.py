@@ -87,6 +87,7 @@ def test_pool_defaults_read_the_template():
         "engine": None,
         "lineage_store": None,
         "signing_key": None,
+        "env_allow": [],
         "mode": "enforce",
         "fail_mode": "closed",
     }
@@ -104,6 +105,7 @@ def test_a_deployment_cannot_relax_governance():
             "policy_path": "allow/all",
             "lineage_store": "elsewhere",
             "signing_key": "my-own-key",
+            "env_allow": ["*"],
         },
     )
     assert (
@@ -113,8 +115,8 @@ def test_a_deployment_cannot_relax_governance():
         controls.policy_path,
         controls.lineage_store,
     ) == ("enforce", "closed", None, "prefect/governance/decision", None)
-    assert controls.signing_key is None
-    assert len(controls.notes) == 6
+    assert controls.signing_key is None and controls.env_allow == []
+    assert len(controls.notes) == 7
 
 
 def test_a_deployment_may_tighten_governance():
