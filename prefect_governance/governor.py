@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -18,6 +19,7 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
+from prefect_governance.attestation import AttestationError, binds, verify_agent
 from prefect_governance.blocks import (
     GovernanceAgent,
     GovernanceLineageStore,
@@ -46,6 +48,7 @@ from prefect_governance.models import (
     Grant,
     MemoryAccess,
     MemorySnapshot,
+    Mode,
     MutationEnvelope,
     PolicyContext,
     PolicyInput,
@@ -123,8 +126,9 @@ class AgentUnavailable(Exception):
     """A governance-agent block that does not exist or does not validate."""
 
 
-async def load_agent(client: PrefectClient, name: str) -> GovernanceAgent:
-    """The governance-agent block of this name, or AgentUnavailable saying why not."""
+async def load_agent(client: PrefectClient, name: str, keys: Mapping[str, str]) -> GovernanceAgent:
+    """The governance-agent block of this name as the pool owner signed it (verified with
+    the pinned ``keys``), or AgentUnavailable saying why not."""
     try:
         document = await client.read_block_document_by_name(
             name, block_type_slug=GovernanceAgent.get_block_type_slug()
@@ -132,11 +136,16 @@ async def load_agent(client: PrefectClient, name: str) -> GovernanceAgent:
     except ObjectNotFound:
         raise AgentUnavailable(f"agent block {name!r} does not exist (governance-agent)") from None
     try:
-        return GovernanceAgent.model_validate(document.data)
+        agent = GovernanceAgent.model_validate(document.data)
     except ValidationError as exc:
         raise AgentUnavailable(
             f"agent block {name!r} is invalid: {describe_validation(exc)}"
         ) from None
+    try:
+        verify_agent(name, agent, keys)
+    except AttestationError as exc:
+        raise AgentUnavailable(str(exc)) from None
+    return agent
 
 
 async def read_proposals(client: PrefectClient, flow_run_id: Any) -> list[dict[str, Any]]:
@@ -256,12 +265,24 @@ class Governor:
                 "of a governance-agent block"
             )
         try:
-            agent = await load_agent(client, controls.agent)
+            agent = await load_agent(client, controls.agent, self.settings.agent_keys)
         except AgentUnavailable as exc:
             return refuse(str(exc))
+        if not binds(
+            agent.deployments,
+            flow_name=flow.name,
+            deployment_name=deployment.name if deployment else None,
+            deployment_id=deployment.id if deployment else None,
+        ):
+            # Not the agent's doing: whoever asked for it is not one it acts for (no trust cost).
+            who = f"deployment {flow.name}/{deployment.name}" if deployment else "an ad-hoc run"
+            return refuse(
+                f"{who} may not act as agent block {controls.agent!r}: the agent's signed "
+                f"`deployments` do not name it ({', '.join(agent.deployments) or 'none'})"
+            )
 
         policy_path = agent.policy_ref or controls.policy_path
-        mode = "audit" if agent.mode == "audit" else controls.mode
+        mode = effective_mode(controls.mode, agent.mode)
         trust, memory = await anyio.to_thread.run_sync(
             agent_state, store, self.memory(store), agent
         )
@@ -619,6 +640,11 @@ async def _publish(key: SigningKey, client: PrefectClient) -> None:
         )
     if existing is None:
         await GovernanceVerifyKey(public_key=key.public_b64).asave(key.key_id, client=client)
+
+
+def effective_mode(pool_mode: Mode, agent_mode: Mode | None) -> Mode:
+    """The run's mode: the pool's, which an agent can only make stricter (``enforce``)."""
+    return "enforce" if agent_mode == "enforce" else pool_mode
 
 
 def _failed_engine(exc: Exception, controls: Controls, policy_path: str, mode: Any) -> Decision:

@@ -205,7 +205,11 @@ class GovernedProcessWorker(ProcessWorker):
                 in_flight=self._in_flight,
             )
             settled += await record_gate_refusals(
-                self.client, store, pool=self._work_pool_name, known=self._gate_refusals
+                self.client,
+                store,
+                pool=self._work_pool_name,
+                known=self._gate_refusals,
+                agent_keys=self.governor.settings.agent_keys,
             )
         except Exception:
             logger.exception("Reconciling unsettled runs failed; trying again next interval.")

@@ -25,6 +25,7 @@ from prefect_governance.lineage import LineageStore, decision_event, outcome_eve
 from prefect_governance.local import prefect_env, spawn, start_worker, stop
 from prefect_governance.models import Decision
 from prefect_governance.reconcile import NEVER_STARTED, is_orphan, settle_action
+from tests.agents import asave_agent
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
 GRACE = timedelta(seconds=60)
@@ -122,12 +123,15 @@ async def _setup(tmp: Path) -> dict[str, tuple]:
     await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave(
         "reconcile-lineage", overwrite=True
     )
-    await GovernanceAgent(
-        id="reconcile-agent",
-        owner="data@example.com",
-        trust_scope=[POOL],
-        capabilities=["read:warehouse"],
-    ).asave("reconcile-agent", overwrite=True)
+    await asave_agent(
+        GovernanceAgent(
+            id="reconcile-agent",
+            owner="data@example.com",
+            trust_scope=[POOL],
+            capabilities=["read:warehouse"],
+        ),
+        "reconcile-agent",
+    )
     async with get_client() as client:
         await client.create_work_pool(
             WorkPoolCreate(

@@ -78,6 +78,7 @@ from prefect_governance.settings import WORKER_SECRETS, GovernanceSettings
 from prefect_governance.signing import SigningKey
 from prefect_governance.trust import TrustWeights
 from tests import security_support
+from tests.agents import asave_agent
 from tests.conftest import POLICIES
 from tests.security_support import Pki, SecuredOpa, make_pki
 
@@ -701,13 +702,16 @@ async def _deploy(name: str, flow_name: str, job_variables: dict[str, Any]) -> A
 
 async def _setup(tmp: Path, opa_url: str, lineage_url: str, pool_key: SigningKey, runs):
     still = TrustWeights(completed=0, failed=0, crashed=0, refused=0, warned=0, memory_rejected=0)
-    await GovernanceAgent(
-        id="sec-agent",
-        owner="sec@example.com",
-        trust_scope=["sec-pool"],
-        capabilities=["read:warehouse"],
-        trust_weights=still,
-    ).asave("sec-agent", overwrite=True)
+    await asave_agent(
+        GovernanceAgent(
+            id="sec-agent",
+            owner="sec@example.com",
+            trust_scope=["sec-pool"],
+            capabilities=["read:warehouse"],
+            trust_weights=still,
+        ),
+        "sec-agent",
+    )
     await GovernanceLineageStore(url=lineage_url).asave("sec-lineage", overwrite=True)
     await GovernancePolicyEngine(kind="opa", opa_url=opa_url).asave("sec-opa", overwrite=True)
     await GovernanceSigningKey(key_id="sec-pool-key", private_key=pool_key.seed_b64).asave(
