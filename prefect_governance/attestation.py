@@ -34,6 +34,9 @@ KEYS_ENV = "PREFECT_GOVERNANCE_AGENT_KEYS"
 SIGNING_KEY_ENV = "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY"
 SIGNING_KEY_ID_ENV = "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY_ID"
 DEFAULT_KEY_ID = "pool-owner"
+# Not the agent's: the signature itself, and the marker Prefect's serializer adds to a
+# block's dump (read back, it lands among the extra fields).
+_UNSIGNED = (FIELD, "block_type_slug")
 
 
 class AttestationError(ValueError):
@@ -45,7 +48,7 @@ def agent_fields(agent: GovernanceAgent) -> dict[str, Any]:
     a field the block gained after signing breaks the signature)."""
     dumped = agent.model_dump(mode="json")
     names = [*type(agent).model_fields, *(agent.model_extra or {})]
-    return {name: dumped.get(name) for name in names if name != FIELD}
+    return {name: dumped.get(name) for name in names if name not in _UNSIGNED}
 
 
 def agent_payload(name: str, agent: GovernanceAgent) -> dict[str, Any]:
