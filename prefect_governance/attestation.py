@@ -94,6 +94,23 @@ def verify_agent(name: str, agent: GovernanceAgent, keys: Mapping[str, str]) -> 
         ) from None
 
 
+def rollback_reason(name: str, version: int, last_decided: int | None) -> str | None:
+    """Why an agent block is refused as a rollback, or None.
+
+    Every version the pool owner signed verifies forever, so an API client could save an
+    older signed version (more capabilities, a wider scope) over the current one. The worker
+    refuses an agent whose version is below the one it last decided a run of that agent
+    with (recorded in the lineage): the pool owner raises ``version`` with every change.
+    """
+    if last_decided is None or version >= last_decided:
+        return None
+    return (
+        f"agent block {name!r} is version {version}, older than version {last_decided} "
+        "this agent's last run was decided with (a signed older version saved again?); "
+        "the pool owner applies a version above it"
+    )
+
+
 def binds(
     patterns: Sequence[str],
     *,

@@ -19,7 +19,12 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
-from prefect_governance.attestation import AttestationError, binds, verify_agent
+from prefect_governance.attestation import (
+    AttestationError,
+    binds,
+    rollback_reason,
+    verify_agent,
+)
 from prefect_governance.blocks import (
     GovernanceAgent,
     GovernanceLineageStore,
@@ -281,6 +286,11 @@ class Governor:
                 f"`deployments` do not name it ({', '.join(agent.deployments) or 'none'})"
             )
 
+        last_version = await anyio.to_thread.run_sync(last_decided_version, store, agent.id)
+        rolled_back = rollback_reason(controls.agent, agent.version, last_version)
+        if rolled_back:
+            return refuse(rolled_back)
+
         policy_path = agent.policy_ref or controls.policy_path
         mode = effective_mode(controls.mode, agent.mode)
         trust, memory = await anyio.to_thread.run_sync(
@@ -360,6 +370,7 @@ class Governor:
                 envelope=envelope,
                 agent_block=assessment.agent_block,
                 worker=assessment.worker,
+                agent_version=assessment.agent.version if assessment.agent else None,
             )
         ]
         # A refusal costs the agent trust; an engine that could not answer is not its doing.
@@ -613,6 +624,19 @@ def agent_state(
         k=agent.trust_window,
     )
     return trust, memory.latest(agent.id)
+
+
+def last_decided_version(store: LineageStore, agent_id: str) -> int | None:
+    """The agent version the agent's latest decision was made with (None: none recorded)."""
+    with Session(store.engine) as session:
+        row = session.exec(
+            select(LineageEvent)  # the chain's (chain, seq) index: one row
+            .where(LineageEvent.chain == chain_of(agent_id), LineageEvent.kind == "decision")
+            .order_by(LineageEvent.seq.desc())
+            .limit(1)
+        ).first()
+    version = (row.payload or {}).get("agent_version") if row is not None else None
+    return int(version) if isinstance(version, int) else None
 
 
 def trust_history(store: LineageStore, agent_id: str, k: int) -> list[float]:

@@ -18,11 +18,14 @@ from prefect_governance.attestation import (
     AttestationError,
     agent_payload,
     binds,
+    rollback_reason,
     signed,
     verify_agent,
 )
 from prefect_governance.blocks import GovernanceAgent
-from prefect_governance.governor import effective_mode
+from prefect_governance.decision import worker_refusal
+from prefect_governance.governor import effective_mode, last_decided_version
+from prefect_governance.lineage import LineageStore, decision_event
 from prefect_governance.models import Constraints
 from prefect_governance.settings import GovernanceSettings
 from prefect_governance.signing import SigningKey
@@ -228,3 +231,29 @@ def test_the_worker_pins_agent_keys_from_the_environment(monkeypatch):
         GovernanceSettings()
     monkeypatch.delenv("PREFECT_GOVERNANCE_AGENT_KEYS")
     assert GovernanceSettings().agent_keys == {}
+
+
+@pytest.mark.parametrize(
+    "version, last, refused",
+    [(1, None, False), (2, 2, False), (3, 2, False), (1, 2, True)],
+)
+def test_an_agent_older_than_its_last_decided_version_is_a_rollback(version, last, refused):
+    reason = rollback_reason("etl-agent", version, last)
+    assert (reason is not None) is refused
+    if refused:
+        assert f"is version {version}, older than version {last}" in reason
+
+
+def test_the_last_decided_version_is_the_latest_decisions(tmp_path: Path):
+    store = LineageStore(f"sqlite:///{tmp_path / 'l.db'}")
+    assert last_decided_version(store, "etl") is None
+    decision = worker_refusal("x", policy_path="p", mode="enforce", fail_mode="closed")
+    for run, version in (("r1", 3), ("r2", None), ("r3", 2)):  # None: a record from before
+        store.append(
+            decision_event(
+                decision, agent_id="etl", flow_run_id=run, envelope=None, agent_version=version
+            )
+        )
+    assert last_decided_version(store, "etl") == 2  # the latest, not the highest
+    assert last_decided_version(store, "another") is None
+    store.dispose()

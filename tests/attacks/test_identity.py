@@ -120,6 +120,16 @@ ATTACKS = [
     ),
 ]
 ALLOWED = "allowed"  # the positive control: id-etl, bound, within its capabilities
+# A rollback: the pool owner's version 2 runs; then an API client saves the signed
+# version 1 (which granted delete:warehouse) over it again, and a run asks for delete.
+ROLLBACK = Attack(
+    "rollback",
+    {"agent": "id-rollback", "capabilities": ["delete:warehouse"]},
+    "agent block 'id-rollback' is version 1, older than version 2",
+)
+BEFORE_ROLLBACK = Attack("before-rollback", {"agent": "id-rollback"}, "")
+ROLLBACK_V1 = _agent("id-rollback", version=1, capabilities=["read:warehouse", "delete:warehouse"])
+ROLLBACK_V2 = _agent("id-rollback", version=2)
 
 
 async def _agents() -> None:
@@ -153,6 +163,8 @@ async def _agents() -> None:
     )
     stranger = signed("id-stranger", _agent("id-stranger", deployments=["*"]), STRANGER)
     await stranger.asave("id-stranger", overwrite=True)
+    # the owner signed version 1 once (the attacker kept a copy), and applies version 2 now
+    await asave_agent(ROLLBACK_V2, "id-rollback")
 
 
 async def _setup(tmp: Path) -> dict[str, tuple[UUID, Path]]:
@@ -160,7 +172,6 @@ async def _setup(tmp: Path) -> dict[str, tuple[UUID, Path]]:
         "identity-lineage", overwrite=True
     )
     await _agents()
-    runs: dict[str, tuple[UUID, Path]] = {}
     async with get_client() as client:
         await client.create_work_pool(
             WorkPoolCreate(
@@ -169,7 +180,18 @@ async def _setup(tmp: Path) -> dict[str, tuple[UUID, Path]]:
                 base_job_template=pool_template(lineage_store="identity-lineage"),
             )
         )
-        plan = [*ATTACKS, Attack(ALLOWED, {"agent": "id-etl"}, "")]
+    return await _start(tmp, [*ATTACKS, Attack(ALLOWED, {"agent": "id-etl"}, ""), BEFORE_ROLLBACK])
+
+
+async def _roll_back(tmp: Path) -> dict[str, tuple[UUID, Path]]:
+    """After version 2 ran: the signed version 1 saved over it, and a run that needs it."""
+    await asave_agent(ROLLBACK_V1, "id-rollback")
+    return await _start(tmp, [ROLLBACK])
+
+
+async def _start(tmp: Path, plan: list[Attack]) -> dict[str, tuple[UUID, Path]]:
+    runs: dict[str, tuple[UUID, Path]] = {}
+    async with get_client() as client:
         for attack in plan:
             marker = tmp / "markers" / attack.name
             parameters = {"rows": 10, "marker": str(marker)}
@@ -212,6 +234,9 @@ def attacked(prefect_server, tmp_path_factory):
     worker = start_worker(POOL, prefect_server.home, prefect_server.api_url, tmp / "worker.log")
     try:
         final = asyncio.run(wait_final([run_id for run_id, _ in runs.values()], timeout=180))
+        later = asyncio.run(_roll_back(tmp))
+        final.update(asyncio.run(wait_final([run_id for run_id, _ in later.values()], 120)))
+        runs.update(later)
     finally:
         stop(worker)
     store = LineageStore(f"sqlite:///{tmp / 'lineage.db'}")
@@ -251,10 +276,17 @@ def test_an_audit_mode_agent_does_not_relax_an_enforcing_pool(attacked):
 
 
 @pytest.mark.parametrize(
-    "attack", [a for a in ATTACKS if a.name != "audit-agent"], ids=lambda a: a.name
+    "attack", [a for a in ATTACKS if a.name != "audit-agent"] + [ROLLBACK], ids=lambda a: a.name
 )
 def test_the_attack_is_refused_and_nothing_runs(attacked, attack):
     _assert_refused(attacked[attack.name], attack.why)
+
+
+def test_the_current_version_ran_before_the_rollback(attacked):
+    """The rollback's control: version 2 of the same agent, the same worker, executed."""
+    observed = attacked[BEFORE_ROLLBACK.name]
+    assert observed.executed and observed.flow_run.state.is_completed()
+    assert observed.decision().payload["agent_version"] == 2
 
 
 def test_a_refusal_for_an_unverified_agent_charges_no_agent(attacked):
