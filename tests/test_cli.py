@@ -303,6 +303,15 @@ def test_decide_prints_the_decision_and_the_input_without_running(prefect_server
         )
         assert refused.returncode == 1, refused.stderr
         assert reason in json.loads(refused.stdout)["decision"]["deny"][0]
+    # no key pinned: even the pool owner's agent is refused, saying what to set
+    unpinned = run(
+        [*CLI, "decide", "load-warehouse/nightly-load", "-p", "rows=10"],
+        prefect_server,
+        PREFECT_GOVERNANCE_LINEAGE_URL=lineage,
+        PREFECT_GOVERNANCE_AGENT_KEYS="{}",
+    )
+    assert unpinned.returncode == 1, unpinned.stderr
+    assert "set PREFECT_GOVERNANCE_AGENT_KEYS" in json.loads(unpinned.stdout)["decision"]["deny"][0]
     # decide records nothing: it only asks
     assert LineageStore(lineage).recent(10) == []
 
