@@ -257,3 +257,27 @@ def test_the_last_decided_version_is_the_latest_decisions(tmp_path: Path):
     assert last_decided_version(store, "etl") == 2  # the latest, not the highest
     assert last_decided_version(store, "another") is None
     store.dispose()
+
+
+def test_the_test_helpers_save_agents_a_worker_accepts(prefect_server):
+    """tests/agents.py: signed with the pinned test key, bound to every deployment when the
+    agent names none (the product's default binds nothing)."""
+    import asyncio
+
+    from prefect import get_client
+
+    from prefect_governance.governor import load_agent
+    from tests.agents import asave_agent, save_agent
+
+    keys = GovernanceSettings().agent_keys  # what tests/conftest.py pinned
+    save_agent(_agent(id="helper-sync", deployments=[]), "helper-sync")
+
+    async def saved() -> list[GovernanceAgent]:
+        await asave_agent(_agent(id="helper-async"), "helper-async")
+        async with get_client() as client:
+            return [await load_agent(client, n, keys) for n in ("helper-sync", "helper-async")]
+
+    sync, async_ = asyncio.run(saved())
+    assert sync.deployments == ["*"]  # the tests' convenience
+    assert async_.deployments == ["load-warehouse/nightly"]  # kept when given
+    assert keys == {TEST_AGENT_KEY.key_id: TEST_AGENT_KEY.public_b64}
