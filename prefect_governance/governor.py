@@ -128,7 +128,8 @@ class Assessment:
 
 
 class AgentUnavailable(Exception):
-    """A governance-agent block that does not exist or does not validate."""
+    """A governance-agent block that does not exist, does not validate, or does not carry
+    the pool owner's signature for it as it reads now."""
 
 
 async def load_agent(client: PrefectClient, name: str, keys: Mapping[str, str]) -> GovernanceAgent:
