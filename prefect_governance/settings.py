@@ -14,6 +14,9 @@ WORKER_SECRETS = (
     "PREFECT_GOVERNANCE_SIGNING_KEY",
     "PREFECT_GOVERNANCE_LINEAGE_URL",
     "PREFECT_GOVERNANCE_OPA_TOKEN",
+    # The pool owner's agent signing seed belongs with `apply`, not on a worker's host;
+    # if it is there anyway, a run's code must not get it (and sign its own agents).
+    "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY",
 )
 
 

@@ -822,6 +822,7 @@ def _planted() -> dict[str, str]:
         "signing_seed": SigningKey.generate("sec-pool-key").seed_b64,
         "env_lineage_password": unique("envpw"),
         "env_signing_seed": SigningKey.generate("env").seed_b64,
+        "env_agent_signing_seed": SigningKey.generate("pool-owner").seed_b64,
     }
 
 
@@ -863,6 +864,8 @@ def secured(prefect_server, opa_server, postgres, tmp_path_factory) -> Secured:
         "PREFECT_GOVERNANCE_LINEAGE_URL": "postgresql+psycopg://governance:"
         f"{planted['env_lineage_password']}@127.0.0.1:{postgres.port}/postgres",
         "PREFECT_GOVERNANCE_SIGNING_KEY": planted["env_signing_seed"],
+        # the pool owner's agent key, were it (wrongly) on the worker's host
+        "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY": planted["env_agent_signing_seed"],
         "PREFECT_GOVERNANCE_MAX_PARAMETER_BYTES": str(WORKER_MAX_BYTES),
     }
     worker_log = tmp / "worker.log"
@@ -936,6 +939,9 @@ def test_worker_credentials_do_not_reach_the_run_environment(secured):
     seen = secured.marker("secrets")
     assert "PREFECT_GOVERNANCE_ENVELOPE" in seen["variables"]
     assert not set(WORKER_SECRETS) & set(seen["variables"]), seen["variables"]
+    # each credential planted in the worker's environment, by name (not only those listed)
+    planted = {"PREFECT_GOVERNANCE_SIGNING_KEY", "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY"}
+    assert not planted & set(seen["variables"]), seen["variables"]
     assert seen["kid"] == "sec-pool-key"
 
 
