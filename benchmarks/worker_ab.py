@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import shutil
@@ -52,13 +53,17 @@ from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect.workers.process import ProcessWorker
 
 from prefect_governance.apply import apply_documents, parse_document
+from prefect_governance.attestation import KEYS_ENV
 from prefect_governance.demo import deploy_example, pool_template, wait_outcomes
 from prefect_governance.lineage import LineageEvent, LineageStore, as_utc
 from prefect_governance.local import PrefectServer, prefect_env, start_worker, stop
 from prefect_governance.report import format_table
+from prefect_governance.signing import SigningKey
 from prefect_governance.worker import GovernedProcessWorker
 
 AGENT = "bench-agent"
+# The pool owner's key for this run: the agent is applied signed with it, the workers pin it.
+OWNER_KEY = SigningKey.generate("bench-pool-owner")
 CAPABILITIES = ["read:warehouse"]
 GOAL_WALL_RATIO = 1.05
 
@@ -150,6 +155,7 @@ async def setup(home: Path, opa_url: str, variants: list[Variant]) -> None:
                 "owner": "bench@example.com",
                 "trust_scope": [v.pool for v in governed],
                 "capabilities": CAPABILITIES,
+                "deployments": ["noop/noop-*"],
             },
         }
     ]
@@ -160,7 +166,9 @@ async def setup(home: Path, opa_url: str, variants: list[Variant]) -> None:
             engine["opa_url"] = opa_url
         raws.append({"kind": "policy-engine", "name": v.pool, "spec": engine})
         raws.append({"kind": "lineage-store", "name": v.pool, "spec": {"url": v.lineage_url}})
-    await apply_documents([parse_document(raw, Path(__file__)) for raw in raws])
+    await apply_documents(
+        [parse_document(raw, Path(__file__)) for raw in raws], agent_key=OWNER_KEY
+    )
 
     async with get_client() as client:
         for v in variants:
@@ -385,6 +393,7 @@ async def measure(
             server.api_url,
             home / f"worker-{v.name}.log",
             worker_type=GovernedProcessWorker.type if v.governed else ProcessWorker.type,
+            extra_env={KEYS_ENV: json.dumps({OWNER_KEY.key_id: OWNER_KEY.public_b64})},
         )
         for v in variants
     }

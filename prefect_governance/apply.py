@@ -8,12 +8,16 @@ A document (one or more per YAML file) reads::
 
 String values may use ``${VAR}`` or ``${VAR:-default}`` to read the environment,
 so secrets (a database URL, an OPA token) stay out of the files.
+
+Agents are signed with the pool owner's key as they are saved (see
+prefect_governance.attestation); without a key they are not applied.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +26,19 @@ import yaml
 from prefect.blocks.core import Block
 from pydantic import ValidationError
 
+from prefect_governance.attestation import (
+    DEFAULT_KEY_ID,
+    FIELD,
+    SIGNING_KEY_ENV,
+    SIGNING_KEY_ID_ENV,
+    signed,
+)
 from prefect_governance.blocks import (
     GovernanceAgent,
     GovernanceLineageStore,
     GovernancePolicyEngine,
 )
+from prefect_governance.signing import SigningKey
 
 KINDS: dict[str, type[Block]] = {
     "agent": GovernanceAgent,
@@ -34,6 +46,7 @@ KINDS: dict[str, type[Block]] = {
     "lineage-store": GovernanceLineageStore,
 }
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+KEY_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -57,8 +70,9 @@ class Document:
 class Change:
     kind: str
     name: str
-    action: str  # created | updated | unchanged
+    action: str  # created | updated | unchanged | skipped
     path: Path
+    reason: str | None = None  # why it was skipped
 
 
 def _expand(value: Any, path: Path, where: str) -> Any:
@@ -98,6 +112,10 @@ def parse_document(raw: Any, path: Path) -> Document:
     spec = raw.get("spec")
     if not isinstance(spec, dict):
         raise DocumentError(path, "spec", "must be a mapping of the block's fields")
+    if kind == "agent" and FIELD in spec:
+        raise DocumentError(
+            path, f"spec.{FIELD}", "is written by apply (the pool owner's signature), not by hand"
+        )
     spec = _expand(spec, path, "spec")
     try:
         block = KINDS[kind].model_validate(spec)
@@ -142,10 +160,61 @@ def _fields(block: Block) -> dict[str, Any]:
     return {name: getattr(block, name) for name in type(block).model_fields}
 
 
-async def apply_documents(documents: list[Document]) -> list[Change]:
-    """Create or update each block; report what changed."""
+class SigningKeyError(ValueError):
+    """The pool owner's agent signing key cannot be read."""
+
+
+def agent_signing_key(
+    path: Path | None, key_id: str | None, environ: Mapping[str, str]
+) -> SigningKey | None:
+    """The pool owner's key agents are signed with: the seed in ``path``, else in
+    PREFECT_GOVERNANCE_AGENT_SIGNING_KEY; its id ``key_id``, else
+    PREFECT_GOVERNANCE_AGENT_SIGNING_KEY_ID, else ``pool-owner``. None if neither is given."""
+    kid = key_id or environ.get(SIGNING_KEY_ID_ENV) or DEFAULT_KEY_ID
+    if not KEY_ID_PATTERN.match(kid):
+        raise SigningKeyError(f"key id must be lowercase letters, digits and dashes, got {kid!r}")
+    if path is not None:
+        try:
+            seed = path.read_text()
+        except OSError as exc:
+            raise SigningKeyError(f"cannot read the signing key {path}: {exc.strerror}") from None
+        where = str(path)
+    elif environ.get(SIGNING_KEY_ENV):
+        seed, where = environ[SIGNING_KEY_ENV], SIGNING_KEY_ENV
+    else:
+        return None
+    try:
+        return SigningKey.from_seed(kid, seed)
+    except ValueError as exc:
+        raise SigningKeyError(f"{where}: not an Ed25519 seed: {exc}") from None
+
+
+NO_KEY = (
+    "not applied: an agent is signed with the pool owner's key, and none was given "
+    f"(--signing-key FILE or {SIGNING_KEY_ENV}; make one with `prefect-governance keygen`)"
+)
+
+
+async def apply_documents(
+    documents: list[Document], *, agent_key: SigningKey | None = None
+) -> list[Change]:
+    """Create or update each block (agents signed with ``agent_key``); report what changed.
+
+    Agents are skipped when there is no key; the other documents still apply."""
     changes = []
     for document in documents:
+        if document.kind == "agent":
+            if agent_key is None:
+                changes.append(
+                    Change(document.kind, document.name, "skipped", document.path, NO_KEY)
+                )
+                continue
+            document = Document(
+                document.path,
+                document.kind,
+                document.name,
+                signed(document.name, document.block, agent_key),  # type: ignore[arg-type]
+            )
         cls = type(document.block)
         try:
             existing = await cls.aload(document.name)

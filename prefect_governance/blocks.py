@@ -48,12 +48,27 @@ class GovernanceAgent(Block):
         None, description=f"OPA path of its policy (default: the pool's, {DEFAULT_POLICY_PATH})."
     )
     constraints: Constraints = Field(default_factory=Constraints)
-    mode: Mode | None = Field(None, description="`audit` records denies without enforcing them.")
+    mode: Mode | None = Field(
+        None,
+        description="`enforce` makes the agent's runs enforced even in an audit pool; "
+        "`audit` is ignored (only the work pool may relax enforcement).",
+    )
+    deployments: list[str] = Field(
+        default_factory=list,
+        description="Who may act as this agent: `flow-name/deployment-name`, fnmatch globs "
+        "over that name, or deployment UUIDs. Empty: no deployment may.",
+    )
     trust_baseline: float = Field(1.0, ge=0.0, le=1.0, description="Trust before any history.")
     trust_weights: TrustWeights = Field(
         default_factory=TrustWeights, description="How much each kind of event moves trust."
     )
     trust_window: int = Field(3, ge=2, le=100, description="Runs the trust slope is taken over.")
+    attestation: dict[str, Any] | None = Field(
+        None,
+        description="The pool owner's signature over this block's name and every other field "
+        "(written by `prefect-governance apply --signing-key`; see "
+        "prefect_governance.attestation).",
+    )
 
     @property
     def memory_schema_hash(self) -> str:

@@ -27,28 +27,93 @@ def apply(
     path: Annotated[Path, typer.Argument(help="A YAML file or a directory of them.")] = Path(
         "blocks"
     ),
+    signing_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--signing-key",
+            help="File holding the pool owner's Ed25519 seed agents are signed with "
+            "(default: PREFECT_GOVERNANCE_AGENT_SIGNING_KEY; see `keygen`).",
+        ),
+    ] = None,
+    key_id: Annotated[
+        str | None,
+        typer.Option(
+            "--key-id",
+            help="That key's id (default: PREFECT_GOVERNANCE_AGENT_SIGNING_KEY_ID, else "
+            "pool-owner).",
+        ),
+    ] = None,
 ) -> None:
     """Create or update the blocks described by YAML documents, and the server-side
-    guards (Prefect automations; see prefect_governance.automations). Idempotent."""
+    guards (Prefect automations; see prefect_governance.automations). Idempotent.
+    Agents are signed with the pool owner's key; without one they are not applied (exit 1)."""
+    import os
+
     from prefect import get_client
 
-    from prefect_governance.apply import DocumentError, apply_documents, load_documents
+    from prefect_governance.apply import (
+        DocumentError,
+        SigningKeyError,
+        agent_signing_key,
+        apply_documents,
+        load_documents,
+    )
     from prefect_governance.automations import apply_guards
 
     try:
         documents = load_documents(path)
-    except DocumentError as exc:
+        agent_key = agent_signing_key(signing_key, key_id, os.environ)
+    except (DocumentError, SigningKeyError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 
-    async def apply_all() -> None:
-        for change in await apply_documents(documents):
+    async def apply_all() -> bool:
+        skipped = False
+        for change in await apply_documents(documents, agent_key=agent_key):
             typer.echo(f"{change.action:9}  {change.kind:13}  {change.name}  ({change.path})")
+            if change.reason:
+                skipped = True
+                typer.echo(f"error: {change.kind} {change.name}: {change.reason}", err=True)
         async with get_client() as client:
             for name, action in await apply_guards(client):
                 typer.echo(f"{action:9}  {'automation':13}  {name}")
+        return not skipped
 
-    asyncio.run(apply_all())
+    raise typer.Exit(0 if asyncio.run(apply_all()) else 1)
+
+
+@app.command()
+def keygen(
+    output: Annotated[Path, typer.Argument(help="File to write the new seed to (mode 0600).")],
+    key_id: Annotated[
+        str, typer.Option("--key-id", help="The id the workers pin the key under.")
+    ] = "pool-owner",
+    force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Make the pool owner's Ed25519 key for signing agents; print the KID=PUBLIC line the
+    workers pin (PREFECT_GOVERNANCE_AGENT_KEYS)."""
+    import os
+
+    from prefect_governance.apply import KEY_ID_PATTERN
+    from prefect_governance.attestation import KEYS_ENV
+    from prefect_governance.signing import SigningKey
+
+    if not KEY_ID_PATTERN.match(key_id):
+        raise typer.BadParameter("lowercase letters, digits and dashes", param_hint="--key-id")
+    if output.exists() and not force:
+        typer.echo(f"error: {output} exists (--force replaces it)", err=True)
+        raise typer.Exit(2)
+    key = SigningKey.generate(key_id)
+    output.unlink(missing_ok=True)
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key.seed_b64 + "\n")
+    typer.echo(key.trusted_key)
+    typer.echo(
+        f"wrote the seed to {output}; pin the public key on every governed worker: "
+        f"{KEYS_ENV}='{json.dumps({key.key_id: key.public_b64})}'",
+        err=True,
+    )
 
 
 @app.command()

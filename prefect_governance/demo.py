@@ -1,8 +1,10 @@
 """``prefect-governance demo``: the whole product on this machine, in about a minute.
 
-A local Prefect server (SQLite, temporary home), the blocks in ``blocks/``, a
-governed work pool, the example flow deployed four ways, a governed worker,
-and four runs: allowed, refused, allowed with a warning, denied under audit.
+A local Prefect server (SQLite, temporary home), a pool-owner key, the blocks in
+``blocks/`` (agents signed with that key), two governed work pools (``governed``,
+enforcing, and ``governed-shadow``, whose owner set audit mode), the example flow
+deployed four ways, a governed worker per pool pinning the key, and four runs:
+allowed, refused, allowed with a warning, denied under audit.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from prefect_governance.apply import apply_documents, load_documents
+from prefect_governance.attestation import DEFAULT_KEY_ID, KEYS_ENV
 from prefect_governance.automations import apply_guards
 from prefect_governance.blocks import GovernanceAgent
 from prefect_governance.governor import agent_state, trust_history
@@ -33,10 +36,12 @@ from prefect_governance.lineage import LineageStore
 from prefect_governance.local import PrefectServer, start_worker, stop
 from prefect_governance.memory import MemoryStore
 from prefect_governance.report import agent_report, format_table, lineage_table, verify_report
+from prefect_governance.signing import SigningKey
 from prefect_governance.worker import GovernedProcessWorker
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "governed"
+SHADOW_POOL = "governed-shadow"  # audit mode, set by the pool owner in its template
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Scenario:
     capabilities: list[str]
     parameters: dict[str, Any]
     expect: str
+    pool: str = POOL
     flow_run_id: UUID | None = None
     marker: Path | None = None
     result: dict[str, Any] = field(default_factory=dict)
@@ -61,7 +67,14 @@ SCENARIOS = [
     Scenario(
         "probation-report", "probation-agent", ["read:warehouse"], {"rows": 20}, "allowed, warned"
     ),
-    Scenario("shadow-backfill", "shadow-agent", ["write:warehouse"], {"rows": 100}, "audited"),
+    Scenario(
+        "shadow-backfill",
+        "shadow-agent",
+        ["write:warehouse"],
+        {"rows": 100},
+        "audited",
+        pool=SHADOW_POOL,
+    ),
 ]
 
 
@@ -120,27 +133,35 @@ async def wait_outcomes(store: LineageStore, flow_run_ids: list[UUID], timeout: 
         await asyncio.sleep(0.5)
 
 
-async def _setup(home: Path, opa_url: str | None) -> LineageStore:
-    """Blocks, the governed pool, the lineage store the demo reads."""
+async def _setup(home: Path, opa_url: str | None, owner: SigningKey) -> LineageStore:
+    """Blocks (agents signed by the pool owner), the governed pools, the lineage store the
+    demo reads."""
     os.environ["PREFECT_GOVERNANCE_LINEAGE_URL"] = f"sqlite:///{home / 'lineage.db'}"
     if opa_url:
         os.environ["PREFECT_GOVERNANCE_OPA_URL"] = opa_url
-    print("applying blocks/ ...")
-    for change in await apply_documents(load_documents(ROOT / "blocks")):
+    print(f"generated the pool owner's key; the workers pin {owner.trusted_key}")
+    print("applying blocks/ (agents signed with the pool owner's key) ...")
+    for change in await apply_documents(load_documents(ROOT / "blocks"), agent_key=owner):
         print(f"  {change.action:9}  {change.kind:13}  {change.name}")
     async with get_client() as client:
         for name, action in await apply_guards(client):
             print(f"  {action:9}  {'automation':13}  {name}")
     engine = "opa-sidecar" if opa_url else "embedded"
     async with get_client() as client:
-        await client.create_work_pool(
-            WorkPoolCreate(
-                name=POOL,
-                type=GovernedProcessWorker.type,
-                base_job_template=pool_template(engine=engine, lineage_store="default"),
+        for name, mode in ((POOL, "enforce"), (SHADOW_POOL, "audit")):
+            await client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type=GovernedProcessWorker.type,
+                    base_job_template=pool_template(
+                        engine=engine, lineage_store="default", mode=mode
+                    ),
+                )
             )
-        )
-    print(f"created work pool {POOL!r} (type {GovernedProcessWorker.type}, engine {engine})")
+            print(
+                f"created work pool {name!r} (type {GovernedProcessWorker.type}, "
+                f"engine {engine}, mode {mode})"
+            )
     return LineageStore(os.environ["PREFECT_GOVERNANCE_LINEAGE_URL"])
 
 
@@ -150,7 +171,7 @@ async def _four_runs(markers: Path, store: LineageStore) -> bool:
         for scenario in SCENARIOS:
             deployment_id = await deploy_example(
                 scenario.name,
-                POOL,
+                scenario.pool,
                 {"agent": scenario.agent, "capabilities": scenario.capabilities},
             )
             scenario.marker = markers / scenario.name
@@ -163,7 +184,8 @@ async def _four_runs(markers: Path, store: LineageStore) -> bool:
     executed = [i for i, r in runs.items() if r.state and r.state.name != "Refused"]
     await wait_outcomes(store, executed, timeout=30)
 
-    rows = [("deployment", "agent", "expected", "decision", "final state", "executed", "reasons")]
+    header = ("deployment", "pool", "agent", "expected", "decision", "final state", "executed")
+    rows = [(*header, "reasons")]
     ok = True
     for scenario in SCENARIOS:
         run = runs[scenario.flow_run_id]
@@ -174,6 +196,7 @@ async def _four_runs(markers: Path, store: LineageStore) -> bool:
         rows.append(
             (
                 scenario.name,
+                scenario.pool,
                 scenario.agent,
                 scenario.expect,
                 verdict,
@@ -319,16 +342,22 @@ def _state(run: Any) -> str:
 
 
 async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
-    store = await _setup(home, opa_url)
+    owner = SigningKey.generate(DEFAULT_KEY_ID)
+    store = await _setup(home, opa_url, owner)
     markers = home / "markers"
     markers.mkdir()
-    worker = start_worker(POOL, home, api_url, home / "worker.log", limit=4)
+    pinned = {KEYS_ENV: json.dumps({owner.key_id: owner.public_b64})}
+    workers = [
+        start_worker(POOL, home, api_url, home / "worker.log", limit=4, extra_env=pinned),
+        start_worker(SHADOW_POOL, home, api_url, home / "worker-shadow.log", extra_env=pinned),
+    ]
     try:
         ok = await _four_runs(markers, store)
         ok &= await _learning(markers, store)
         ok &= await _inside(markers, store)
     finally:
-        stop(worker)
+        for worker in workers:
+            stop(worker)
 
     print("\n$ prefect-governance agent show learner-agent")
     agent = await GovernanceAgent.aload("learner-agent")
@@ -342,7 +371,7 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
     ok &= not problems
     store.dispose()
     if not ok:
-        print(f"\nthe demo did not go as expected; worker log: {home / 'worker.log'}")
+        print(f"\nthe demo did not go as expected; worker logs: {home}/worker*.log")
     return 0 if ok else 1
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -18,6 +19,12 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
+from prefect_governance.attestation import (
+    AttestationError,
+    binds,
+    rollback_reason,
+    verify_agent,
+)
 from prefect_governance.blocks import (
     GovernanceAgent,
     GovernanceLineageStore,
@@ -46,6 +53,7 @@ from prefect_governance.models import (
     Grant,
     MemoryAccess,
     MemorySnapshot,
+    Mode,
     MutationEnvelope,
     PolicyContext,
     PolicyInput,
@@ -129,11 +137,13 @@ class Preemption:
 
 
 class AgentUnavailable(Exception):
-    """A governance-agent block that does not exist or does not validate."""
+    """A governance-agent block that does not exist, does not validate, or does not carry
+    the pool owner's signature for it as it reads now."""
 
 
-async def load_agent(client: PrefectClient, name: str) -> GovernanceAgent:
-    """The governance-agent block of this name, or AgentUnavailable saying why not."""
+async def load_agent(client: PrefectClient, name: str, keys: Mapping[str, str]) -> GovernanceAgent:
+    """The governance-agent block of this name as the pool owner signed it (verified with
+    the pinned ``keys``), or AgentUnavailable saying why not."""
     try:
         document = await client.read_block_document_by_name(
             name, block_type_slug=GovernanceAgent.get_block_type_slug()
@@ -141,11 +151,16 @@ async def load_agent(client: PrefectClient, name: str) -> GovernanceAgent:
     except ObjectNotFound:
         raise AgentUnavailable(f"agent block {name!r} does not exist (governance-agent)") from None
     try:
-        return GovernanceAgent.model_validate(document.data)
+        agent = GovernanceAgent.model_validate(document.data)
     except ValidationError as exc:
         raise AgentUnavailable(
             f"agent block {name!r} is invalid: {describe_validation(exc)}"
         ) from None
+    try:
+        verify_agent(name, agent, keys)
+    except AttestationError as exc:
+        raise AgentUnavailable(str(exc)) from None
+    return agent
 
 
 async def read_proposals(client: PrefectClient, flow_run_id: Any) -> list[dict[str, Any]]:
@@ -269,9 +284,26 @@ class Governor:
                 "of a governance-agent block"
             )
         try:
-            agent = await load_agent(client, controls.agent)
+            agent = await load_agent(client, controls.agent, self.settings.agent_keys)
         except AgentUnavailable as exc:
             return refuse(str(exc))
+        if not binds(
+            agent.deployments,
+            flow_name=flow.name,
+            deployment_name=deployment.name if deployment else None,
+            deployment_id=deployment.id if deployment else None,
+        ):
+            # Not the agent's doing: whoever asked for it is not one it acts for (no trust cost).
+            who = f"deployment {flow.name}/{deployment.name}" if deployment else "an ad-hoc run"
+            return refuse(
+                f"{who} may not act as agent block {controls.agent!r}: the agent's signed "
+                f"`deployments` do not name it ({', '.join(agent.deployments) or 'none'})"
+            )
+
+        last_version = await anyio.to_thread.run_sync(last_decided_version, store, agent.id)
+        rolled_back = rollback_reason(controls.agent, agent.version, last_version)
+        if rolled_back:
+            return refuse(rolled_back)
         if preempt is not None:
             return Assessment(
                 refuse(preempt.reason).decision,
@@ -282,7 +314,7 @@ class Governor:
             )
 
         policy_path = agent.policy_ref or controls.policy_path
-        mode = "audit" if agent.mode == "audit" else controls.mode
+        mode = effective_mode(controls.mode, agent.mode)
         trust, memory = await anyio.to_thread.run_sync(
             agent_state, store, self.memory(store), agent
         )
@@ -360,6 +392,7 @@ class Governor:
                 envelope=envelope,
                 agent_block=assessment.agent_block,
                 worker=assessment.worker,
+                agent_version=assessment.agent.version if assessment.agent else None,
             )
         ]
         # A refusal costs the agent trust; an engine that could not answer is not its doing.
@@ -616,6 +649,19 @@ def agent_state(
     return trust, memory.latest(agent.id)
 
 
+def last_decided_version(store: LineageStore, agent_id: str) -> int | None:
+    """The agent version the agent's latest decision was made with (None: none recorded)."""
+    with Session(store.engine) as session:
+        row = session.exec(
+            select(LineageEvent)  # the chain's (chain, seq) index: one row
+            .where(LineageEvent.chain == chain_of(agent_id), LineageEvent.kind == "decision")
+            .order_by(LineageEvent.seq.desc())
+            .limit(1)
+        ).first()
+    version = (row.payload or {}).get("agent_version") if row is not None else None
+    return int(version) if isinstance(version, int) else None
+
+
 def trust_history(store: LineageStore, agent_id: str, k: int) -> list[float]:
     """The agent's last k trust scores, oldest first."""
     with Session(store.engine) as session:
@@ -641,6 +687,11 @@ async def _publish(key: SigningKey, client: PrefectClient) -> None:
         )
     if existing is None:
         await GovernanceVerifyKey(public_key=key.public_b64).asave(key.key_id, client=client)
+
+
+def effective_mode(pool_mode: Mode, agent_mode: Mode | None) -> Mode:
+    """The run's mode: the pool's, which an agent can only make stricter (``enforce``)."""
+    return "enforce" if agent_mode == "enforce" else pool_mode
 
 
 def _failed_engine(exc: Exception, controls: Controls, policy_path: str, mode: Any) -> Decision:

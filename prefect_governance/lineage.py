@@ -272,8 +272,10 @@ def decision_event(
     envelope: dict[str, Any] | None,
     agent_block: str | None = None,
     worker: str | None = None,
+    agent_version: int | None = None,
 ) -> LineageEvent:
-    """The lineage record of a decision (with the envelope it was about)."""
+    """The lineage record of a decision (with the envelope it was about, and the version of
+    the signed agent it was made for)."""
     return LineageEvent(
         kind="decision",
         agent_id=agent_id,
@@ -292,6 +294,7 @@ def decision_event(
         payload={
             "envelope": envelope,
             "agent_block": agent_block,
+            "agent_version": agent_version,
             "worker": worker,
             "annotations": decision.annotations,
             "rules": [reason.model_dump() for reason in decision.reasons],

@@ -18,6 +18,7 @@ a replayed grant), once per refusal.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -145,7 +146,7 @@ async def _settle(
             state, message = "CRASHED", NEVER_STARTED
         else:
             state, message = current.type.value, current.message  # type: ignore[union-attr]
-    assessment = await _assessment_of(client, event)
+    assessment = await _assessment_of(client, event, governor.settings.agent_keys)
     proposals = (
         await read_proposals(client, flow_run.id)
         if flow_run is not None and assessment.agent
@@ -164,16 +165,20 @@ async def _settle(
     return f"flow run {flow_run_id}: {state} ({message})" if recorded else None
 
 
-async def _assessment_of(client: PrefectClient, event: LineageEvent) -> Assessment:
-    """The decision as recorded, with the agent (as its block reads now) and memory base."""
+async def _assessment_of(
+    client: PrefectClient, event: LineageEvent, keys: Mapping[str, str]
+) -> Assessment:
+    """The decision as recorded, with the agent (as its block reads now, verified against
+    the pinned keys like the worker's) and memory base."""
     payload = event.payload or {}
     block = payload.get("agent_block")
     agent = None
     if block:
         try:
-            agent = await load_agent(client, block)
+            agent = await load_agent(client, block, keys)
         except AgentUnavailable:
-            agent = None  # the outcome is still recorded, without memory or trust
+            agent = None  # unusable or unsigned: the outcome is still recorded, without
+            # memory or trust
     if agent is not None and agent.id != event.agent_id:
         agent = None  # the block now holds another agent: do not charge it
     version = ((payload.get("envelope") or {}).get("memory") or {}).get("version", 0)
@@ -230,7 +235,7 @@ def gate_refusal_event(flow_run: Any, agent_id: str | None) -> LineageEvent:
     )
 
 
-async def _agent_of(client: PrefectClient, flow_run: Any) -> str | None:
+async def _agent_of(client: PrefectClient, flow_run: Any, keys: Mapping[str, str]) -> str | None:
     """The agent a run acts as: as decided, else as its deployment names it."""
     labels = flow_run.labels or {}
     if labels.get("governance.agent"):
@@ -240,7 +245,7 @@ async def _agent_of(client: PrefectClient, flow_run: Any) -> str | None:
     try:
         deployment = await client.read_deployment(flow_run.deployment_id)
         name = (deployment.job_variables or {}).get("agent")
-        return (await load_agent(client, name)).id if name else None
+        return (await load_agent(client, name, keys)).id if name else None
     except (ObjectNotFound, AgentUnavailable):
         return None
 
@@ -252,6 +257,7 @@ async def record_gate_refusals(
     pool: str,
     known: set[str],
     governed_type: str = "governed-process",
+    agent_keys: Mapping[str, str],
 ) -> list[str]:
     """Record in the agents' chains each start of the pool's runs the gate refused, once.
 
@@ -300,7 +306,7 @@ async def record_gate_refusals(
         if not any(
             e.kind == "gate_refusal" and e.payload.get("state_id") == str(state.id) for e in seen
         ):
-            event = gate_refusal_event(flow_run, await _agent_of(client, flow_run))
+            event = gate_refusal_event(flow_run, await _agent_of(client, flow_run, agent_keys))
             await anyio.to_thread.run_sync(store.append, event)
             recorded.append(
                 f"flow run {flow_run.id}: a start refused by the gate ({state.message})"

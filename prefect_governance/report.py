@@ -119,6 +119,19 @@ def sparkline(scores: Sequence[float]) -> str:
     return "".join(_BARS[min(len(_BARS) - 1, int(score * len(_BARS)))] for score in scores)
 
 
+# What an agent's mode means for its runs: only the pool may relax enforcement.
+_MODE_SHOWN = {
+    None: "as the pool says",
+    "enforce": "enforce, even in an audit pool",
+    "audit": "as the pool says (an agent's audit is ignored)",
+}
+
+
+def _kid(attestation: Any) -> str:
+    kid = attestation.get("kid") if isinstance(attestation, dict) else None
+    return f"by key {kid!r} (workers verify it)" if kid else "none (workers refuse it)"
+
+
 def agent_report(
     agent: GovernanceAgent,
     memory: MemorySnapshot,
@@ -130,8 +143,9 @@ def agent_report(
         f"agent      {agent.id} (version {agent.version}, owner {agent.owner})",
         f"scope      pools {', '.join(agent.trust_scope) or '-'}; "
         f"capabilities {', '.join(agent.capabilities) or '-'}",
-        f"mode       {agent.mode or 'as the pool says'}; "
-        f"policy {agent.policy_ref or 'the pool default'}",
+        f"mode       {_MODE_SHOWN[agent.mode]}; policy {agent.policy_ref or 'the pool default'}",
+        f"acts for   {', '.join(agent.deployments) or 'no deployment'}; "
+        f"attestation {_kid(agent.attestation)}",
         f"memory     version {memory.version} {memory.content_hash or ''}".rstrip(),
     ]
     content = json.dumps(memory.content, indent=2, sort_keys=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefect_governance.envelope import MAX_PARAMETER_BYTES, MAX_PARAMETER_DEPTH
@@ -14,6 +14,9 @@ WORKER_SECRETS = (
     "PREFECT_GOVERNANCE_SIGNING_KEY",
     "PREFECT_GOVERNANCE_LINEAGE_URL",
     "PREFECT_GOVERNANCE_OPA_TOKEN",
+    # The pool owner's agent signing seed belongs with `apply`, not on a worker's host;
+    # if it is there anyway, a run's code must not get it (and sign its own agents).
+    "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY",
 )
 
 
@@ -44,6 +47,12 @@ class GovernanceSettings(BaseSettings):
         None, description="Ed25519 seed (URL-safe base64) the worker signs envelopes with."
     )
     signing_key_id: str = Field("governance-worker", description="Id of that key's public half.")
+    agent_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="The pool owner's public keys agent blocks must be signed with, as JSON "
+        '{"KID": "PUBLIC"} (URL-safe base64). Never read from blocks; none pinned: every run '
+        "is refused.",
+    )
     envelope_ttl: float = Field(600.0, gt=0, description="Seconds an envelope stays valid.")
     max_parameter_bytes: int = Field(
         MAX_PARAMETER_BYTES,
@@ -80,6 +89,26 @@ class GovernanceSettings(BaseSettings):
         ],
         description="Parameter names containing any of these (case-insensitive) are redacted.",
     )
+
+    @field_validator("agent_keys")
+    @classmethod
+    def _public_keys(cls, keys: dict[str, str]) -> dict[str, str]:
+        for kid, public in keys.items():
+            check_public_key(kid, public)
+        return keys
+
+
+def check_public_key(kid: str, public: str) -> None:
+    """A pinned agent key must be a 32-byte Ed25519 public key in URL-safe base64."""
+    import base64
+    import binascii
+
+    try:
+        raw = base64.urlsafe_b64decode(public + "=" * (-len(public) % 4))
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError(f"agent key {kid!r} is not an Ed25519 public key (32 bytes, base64)")
 
 
 def worker_policy_dir(settings: GovernanceSettings) -> Path:

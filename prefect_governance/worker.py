@@ -238,6 +238,7 @@ class GovernedProcessWorker(ProcessWorker):
                 pool=self._work_pool_name,
                 known=self._gate_refusals,
                 governed_type=self.type,
+                agent_keys=self.governor.settings.agent_keys,
             )
         except Exception:
             logger.exception("Reconciling unsettled runs failed; trying again next interval.")

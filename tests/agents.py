@@ -1,13 +1,45 @@
-"""Saving agent blocks in tests (stub; replaced by the signed-agent helpers)."""
+"""Agents for the tests, signed by a fixed test pool-owner key that the tests pin.
+
+``tests/conftest.py`` puts ``PREFECT_GOVERNANCE_AGENT_KEYS`` for ``TEST_AGENT_KEY`` into
+the environment at import, so in-process governors and spawned workers verify with it.
+An agent saved here without ``deployments`` is bound to every deployment (``["*"]``):
+a convenience of the tests only; the product's default binds nothing.
+"""
 
 from __future__ import annotations
 
+import json
+
+from prefect_governance.attestation import signed
 from prefect_governance.blocks import GovernanceAgent
+from prefect_governance.signing import SigningKey
+
+TEST_AGENT_KEY = SigningKey.from_seed(
+    "test-pool-owner", "dGVzdC1wb29sLW93bmVyLWFnZW50LWtleS0wMDAwMDA"
+)
+# What a governed worker in the tests pins: {"test-pool-owner": "<public>"}.
+TEST_AGENT_KEYS = json.dumps({TEST_AGENT_KEY.key_id: TEST_AGENT_KEY.public_b64})
 
 
-def save_agent(agent: GovernanceAgent, name: str) -> None:
+def signed_agent(
+    agent: GovernanceAgent, name: str, key: SigningKey = TEST_AGENT_KEY
+) -> GovernanceAgent:
+    """The agent as the pool owner applies it under this block name (bound to every
+    deployment when it names none)."""
+    if not agent.deployments:
+        agent = agent.model_copy(update={"deployments": ["*"]})
+    return signed(name, agent, key)
+
+
+def save_agent(agent: GovernanceAgent, name: str) -> GovernanceAgent:
+    """Sign the agent with the test pool-owner key and save it (replacing the block)."""
+    agent = signed_agent(agent, name)
     agent.save(name, overwrite=True)
+    return agent
 
 
-async def asave_agent(agent: GovernanceAgent, name: str) -> None:
+async def asave_agent(agent: GovernanceAgent, name: str) -> GovernanceAgent:
+    """``save_agent`` from async code."""
+    agent = signed_agent(agent, name)
     await agent.asave(name, overwrite=True)
+    return agent

@@ -18,6 +18,11 @@ from pathlib import Path
 import pytest
 
 from prefect_governance.local import PrefectServer, free_port, spawn, stop, wait_http
+from tests.agents import TEST_AGENT_KEYS
+
+# Every governor in this process and every worker it spawns pins the test pool-owner key
+# (agents are saved signed with it: tests/agents.py).
+os.environ["PREFECT_GOVERNANCE_AGENT_KEYS"] = TEST_AGENT_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"

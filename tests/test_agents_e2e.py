@@ -30,6 +30,7 @@ from prefect_governance.lineage import LineageStore
 from prefect_governance.local import prefect_env, start_worker, stop
 from prefect_governance.memory import MemoryStore
 from prefect_governance.signing import SigningKey, sign
+from tests.agents import asave_agent
 from tests.conftest import ROOT
 from tests.grants import example_grant
 from tests.test_openlineage import check_event, openlineage_registry
@@ -63,14 +64,17 @@ async def _setup(tmp, opa_url):
     async with get_client() as client:
         for engine in ("embedded", "opa"):
             pool = f"learn-{engine}"
-            await GovernanceAgent(
-                id=f"learner-{engine}",
-                owner="ml@example.com",
-                trust_scope=[pool],
-                capabilities=["read:warehouse"],
-                memory_schema=MEMORY_SCHEMA,
-                trust_baseline=0.8,
-            ).asave(f"learner-{engine}", overwrite=True)
+            await asave_agent(
+                GovernanceAgent(
+                    id=f"learner-{engine}",
+                    owner="ml@example.com",
+                    trust_scope=[pool],
+                    capabilities=["read:warehouse"],
+                    memory_schema=MEMORY_SCHEMA,
+                    trust_baseline=0.8,
+                ),
+                f"learner-{engine}",
+            )
             await client.create_work_pool(
                 WorkPoolCreate(
                     name=pool,
@@ -350,7 +354,7 @@ def test_a_memory_schema_change_is_shown_to_the_policy(learned, prefect_server):
         agent = await GovernanceAgent.aload("learner-embedded")
         old = agent.memory_schema_hash
         agent.memory_schema = {**MEMORY_SCHEMA, "required": ["total_rows"]}
-        await agent.asave("learner-embedded", overwrite=True)
+        await asave_agent(agent, "learner-embedded")  # the pool owner re-applies it
         return old, agent.memory_schema_hash
 
     old, new = asyncio.run(change_schema())

@@ -40,6 +40,7 @@ from prefect_governance.demo import deploy_example, pool_template, wait_final, w
 from prefect_governance.lineage import LineageEvent, LineageStore
 from prefect_governance.local import free_port, prefect_env, start_worker, stop
 from prefect_governance.trust import TrustWeights
+from tests.agents import asave_agent
 
 CLI = [sys.executable, "-m", "prefect_governance.cli"]
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
@@ -366,13 +367,16 @@ async def _setup(tmp: Path) -> tuple[dict[str, UUID], dict[str, Path]]:
     lineage_url = f"sqlite:///{tmp / 'lineage.db'}"
     await GovernanceLineageStore(url=lineage_url).asave("audit-lineage", overwrite=True)
     still = TrustWeights(completed=0, failed=0, crashed=0, refused=0, warned=0, memory_rejected=0)
-    await GovernanceAgent(
-        id="audit-etl",
-        trust_weights=still,
-        owner="data@example.com",
-        trust_scope=[CLEAN, FORCED, BYPASS, MANY],
-        capabilities=["read:warehouse"],
-    ).asave("audit-etl", overwrite=True)
+    await asave_agent(
+        GovernanceAgent(
+            id="audit-etl",
+            trust_weights=still,
+            owner="data@example.com",
+            trust_scope=[CLEAN, FORCED, BYPASS, MANY],
+            capabilities=["read:warehouse"],
+        ),
+        "audit-etl",
+    )
     pools = {
         CLEAN: pool_template(lineage_store="audit-lineage"),
         FORCED: pool_template(lineage_store="audit-lineage"),

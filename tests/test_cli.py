@@ -14,6 +14,7 @@ import pytest
 from prefect import get_client
 
 from prefect_governance.apply import DocumentError, apply_documents, load_documents
+from prefect_governance.attestation import verify_agent
 from prefect_governance.automations import GUARDS, REFUSED_STAYS_REFUSED
 from prefect_governance.automations import remove_guards as guards_removed
 from prefect_governance.blocks import GovernanceAgent
@@ -21,10 +22,25 @@ from prefect_governance.decision import worker_refusal
 from prefect_governance.demo import deploy_example, pool_template
 from prefect_governance.lineage import LineageStore, decision_event
 from prefect_governance.local import prefect_env
+from prefect_governance.signing import SigningKey
+from tests.agents import TEST_AGENT_KEY
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 CLI = [sys.executable, "-m", "prefect_governance.cli"]
+
+
+# How the tests' pool owner applies agents: apply --signing-key FILE, or the environment.
+OWNER_ENV = {
+    "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY": TEST_AGENT_KEY.seed_b64,
+    "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY_ID": TEST_AGENT_KEY.key_id,
+}
+
+
+def owner_key_file(tmp_path: Path) -> list[str]:
+    path = tmp_path / "owner.key"
+    path.write_text(TEST_AGENT_KEY.seed_b64 + "\n")
+    return ["--signing-key", str(path), "--key-id", TEST_AGENT_KEY.key_id]
 
 
 def run(args, server, **env):
@@ -82,13 +98,13 @@ def test_apply_is_idempotent_and_reports_changes(prefect_server, tmp_path, monke
 def _apply_twice_and_edit(prefect_server, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_GOVERNANCE_LINEAGE_URL", f"sqlite:///{tmp_path / 'l.db'}")
     first = run(
-        [*CLI, "apply", str(ROOT / "blocks")],
+        [*CLI, "apply", str(ROOT / "blocks"), *owner_key_file(tmp_path)],
         prefect_server,
         PREFECT_GOVERNANCE_LINEAGE_URL=f"sqlite:///{tmp_path / 'l.db'}",
     )
     assert first.returncode == 0, first.stderr
     second = run(
-        [*CLI, "apply", str(ROOT / "blocks")],
+        [*CLI, "apply", str(ROOT / "blocks"), *owner_key_file(tmp_path)],
         prefect_server,
         PREFECT_GOVERNANCE_LINEAGE_URL=f"sqlite:///{tmp_path / 'l.db'}",
     )
@@ -106,10 +122,71 @@ def _apply_twice_and_edit(prefect_server, tmp_path, monkeypatch):
     edited = tmp_path / "etl.yaml"
     text = (ROOT / "blocks" / "agents" / "etl-agent.yaml").read_text()
     edited.write_text(text.replace("version: 1", "version: 2"))
-    third = run([*CLI, "apply", str(edited)], prefect_server)
+    third = run([*CLI, "apply", str(edited)], prefect_server, **OWNER_ENV)
     assert third.stdout.split()[0] == "updated"
     agent = asyncio.run(GovernanceAgent.aload("etl-agent"))
     assert agent.version == 2
+    # what was saved is signed, for this block name, with the owner's key, as it reads now
+    verify_agent("etl-agent", agent, {TEST_AGENT_KEY.key_id: TEST_AGENT_KEY.public_b64})
+    assert agent.attestation["kid"] == TEST_AGENT_KEY.key_id
+    # another key signs it otherwise: the block is updated, not left as it was
+    other = SigningKey.generate("other-owner")
+    fourth = run(
+        [*CLI, "apply", str(edited)],
+        prefect_server,
+        PREFECT_GOVERNANCE_AGENT_SIGNING_KEY=other.seed_b64,
+        PREFECT_GOVERNANCE_AGENT_SIGNING_KEY_ID=other.key_id,
+    )
+    assert fourth.stdout.split()[0] == "updated", fourth.stdout + fourth.stderr
+    assert asyncio.run(GovernanceAgent.aload("etl-agent")).attestation["kid"] == "other-owner"
+
+
+def test_apply_without_a_key_applies_the_rest_but_no_agent(prefect_server, tmp_path):
+    path = tmp_path / "mixed.yaml"
+    path.write_text(
+        "kind: agent\nname: keyless-agent\nspec: {id: keyless-agent, owner: o, trust_scope: [p]}\n"
+        "---\nkind: lineage-store\nname: keyless-lineage\nspec: {url: 'sqlite:///x.db'}\n"
+    )
+    env = {**prefect_env(prefect_server.home, prefect_server.api_url)}
+    env.pop("PREFECT_GOVERNANCE_AGENT_SIGNING_KEY", None)
+    result = subprocess.run(
+        [*CLI, "apply", str(path)], capture_output=True, text=True, timeout=120, env=env
+    )
+    try:
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert re.search(r"skipped +agent +keyless-agent", result.stdout)
+        assert re.search(r"created +lineage-store +keyless-lineage", result.stdout)
+        assert "error: agent keyless-agent: not applied" in result.stderr
+        assert "--signing-key" in result.stderr and "keygen" in result.stderr
+        with pytest.raises(ValueError):
+            asyncio.run(GovernanceAgent.aload("keyless-agent"))
+    finally:
+        asyncio.run(remove_guards())
+
+
+def test_an_agent_document_cannot_carry_its_own_attestation(tmp_path):
+    path = tmp_path / "forged.yaml"
+    path.write_text(
+        "kind: agent\nname: a\nspec: {id: a, owner: o, trust_scope: [p], "
+        "attestation: {kid: pool-owner, alg: Ed25519, signature: x}}\n"
+    )
+    with pytest.raises(DocumentError, match=r"spec\.attestation: is written by apply"):
+        load_documents(path)
+
+
+def test_keygen_writes_a_private_seed_and_prints_the_pin(tmp_path):
+    path = tmp_path / "owner.key"
+    made = subprocess.run(
+        [*CLI, "keygen", str(path), "--key-id", "team-a"], capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    key = SigningKey.from_seed("team-a", path.read_text())
+    assert made.stdout.strip() == key.trusted_key  # KID=PUBLIC
+    assert json.dumps({"team-a": key.public_b64}) in made.stderr  # the worker's setting
+    again = subprocess.run([*CLI, "keygen", str(path)], capture_output=True, text=True)
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert SigningKey.from_seed("team-a", path.read_text()).public_b64 == key.public_b64
 
 
 async def remove_guards() -> None:
@@ -164,7 +241,11 @@ def test_decide_prints_the_decision_and_the_input_without_running(prefect_server
     lineage = f"sqlite:///{tmp_path / 'decide.db'}"
 
     async def setup():
-        await apply_documents(load_documents(ROOT / "blocks" / "agents"))
+        await apply_documents(load_documents(ROOT / "blocks" / "agents"), agent_key=TEST_AGENT_KEY)
+        # An agent any API client saved itself, unsigned.
+        await GovernanceAgent(
+            id="self-made", owner="o", trust_scope=["governed"], deployments=["*"]
+        ).asave("self-made", overwrite=True)
         async with get_client() as client:
             from prefect.client.schemas.actions import WorkPoolCreate
 
@@ -174,12 +255,14 @@ def test_decide_prints_the_decision_and_the_input_without_running(prefect_server
                 )
             )
         await deploy_example(
-            "decide-me", "governed", {"agent": "etl-agent", "capabilities": ["write:warehouse"]}
+            "nightly-load", "governed", {"agent": "etl-agent", "capabilities": ["write:warehouse"]}
         )
+        await deploy_example("decide-unsigned", "governed", {"agent": "self-made"})
+        await deploy_example("decide-unbound", "governed", {"agent": "etl-agent"})
 
     asyncio.run(setup())
     allowed = run(
-        [*CLI, "decide", "load-warehouse/decide-me", "-p", "rows=10"],
+        [*CLI, "decide", "load-warehouse/nightly-load", "-p", "rows=10"],
         prefect_server,
         PREFECT_GOVERNANCE_LINEAGE_URL=lineage,
     )
@@ -194,7 +277,7 @@ def test_decide_prints_the_decision_and_the_input_without_running(prefect_server
         [
             *CLI,
             "decide",
-            "load-warehouse/decide-me",
+            "load-warehouse/nightly-load",
             "-p",
             "rows=5000",
             "-p",
@@ -208,6 +291,27 @@ def test_decide_prints_the_decision_and_the_input_without_running(prefect_server
     assert out["decision"]["deny"] == ['parameter "rows" is 5000, above the maximum 1000']
     assert "hunter2" not in refused.stdout
     assert out["input"]["envelope"]["redacted"] == ["db_password"]
+    # decide verifies the agent as the worker does: unsigned, or not bound to the deployment
+    for deployment, reason in (
+        ("decide-unsigned", "agent block 'self-made' is not signed by the pool owner"),
+        ("decide-unbound", "deployment load-warehouse/decide-unbound may not act as agent"),
+    ):
+        refused = run(
+            [*CLI, "decide", f"load-warehouse/{deployment}", "-p", "rows=10"],
+            prefect_server,
+            PREFECT_GOVERNANCE_LINEAGE_URL=lineage,
+        )
+        assert refused.returncode == 1, refused.stderr
+        assert reason in json.loads(refused.stdout)["decision"]["deny"][0]
+    # no key pinned: even the pool owner's agent is refused, saying what to set
+    unpinned = run(
+        [*CLI, "decide", "load-warehouse/nightly-load", "-p", "rows=10"],
+        prefect_server,
+        PREFECT_GOVERNANCE_LINEAGE_URL=lineage,
+        PREFECT_GOVERNANCE_AGENT_KEYS="{}",
+    )
+    assert unpinned.returncode == 1, unpinned.stderr
+    assert "set PREFECT_GOVERNANCE_AGENT_KEYS" in json.loads(unpinned.stdout)["decision"]["deny"][0]
     # decide records nothing: it only asks
     assert LineageStore(lineage).recent(10) == []
 

@@ -45,6 +45,7 @@ from prefect_governance.memory import MemoryStore
 from prefect_governance.migrations import VERSION_TABLE, heads
 from prefect_governance.migrations import config as migrations_config
 from prefect_governance.trust import TrustWeights
+from tests.agents import asave_agent
 from tests.concurrency_support import MEMORY_SCHEMA
 from tests.pg_support import scratch_database
 
@@ -101,14 +102,17 @@ async def _setup(lineage_url: str, markers: Path) -> dict[str, tuple[str, Path]]
     await GovernancePolicyEngine(kind="embedded").asave("crowd-embedded", overwrite=True)
     deployments = {}
     for i in range(AGENTS):
-        await GovernanceAgent(
-            id=_agent(i),
-            owner="ops@example.com",
-            trust_scope=[POOL],
-            capabilities=["read:warehouse"],
-            memory_schema=MEMORY_SCHEMA,
-            trust_weights=STILL,  # many runs of one agent: keep trust (and the policy) still
-        ).asave(_agent(i), overwrite=True)
+        await asave_agent(
+            GovernanceAgent(
+                id=_agent(i),
+                owner="ops@example.com",
+                trust_scope=[POOL],
+                capabilities=["read:warehouse"],
+                memory_schema=MEMORY_SCHEMA,
+                trust_weights=STILL,  # many runs of one agent: keep trust (and the policy) still
+            ),
+            _agent(i),
+        )
     async with get_client() as client:
         await client.create_work_pool(
             WorkPoolCreate(

@@ -31,6 +31,7 @@ from prefect_governance.engines.breaker import Breaker
 from prefect_governance.engines.opa import OpaEngine
 from prefect_governance.local import free_port, start_worker, stop
 from prefect_governance.models import DEFAULT_POLICY_PATH, Decision
+from tests.agents import asave_agent
 from tests.conftest import POLICIES, OpaServer
 from tests.faults_support import ALLOW, FAULTS, FaultyOpa, start_opa
 
@@ -434,14 +435,17 @@ def test_a_worker_refuses_while_opa_is_down_and_runs_once_it_is_back(
         await GovernanceLineageStore(url=f"sqlite:///{tmp_path / 'lineage.db'}").asave(
             "faults-lineage", overwrite=True
         )
-        await GovernanceAgent(
-            id="faults-etl",
-            owner="data@example.com",
-            trust_scope=[pool],
-            capabilities=["read:warehouse"],
-            # Default trust weights: refusals for an engine outage must not cost the agent
-            # trust, or after three of them the trust rule would refuse it once OPA is back.
-        ).asave("faults-etl", overwrite=True)
+        await asave_agent(
+            GovernanceAgent(
+                id="faults-etl",
+                owner="data@example.com",
+                trust_scope=[pool],
+                capabilities=["read:warehouse"],
+                # Default trust weights: refusals for an engine outage must not cost the agent
+                # trust, or after three of them the trust rule would refuse it once OPA is back.
+            ),
+            "faults-etl",
+        )
         await GovernancePolicyEngine(
             kind="opa",
             opa_url=faulty.url,

@@ -49,6 +49,7 @@ from prefect_governance.models import EngineRef, Grant
 from prefect_governance.runtime import ENVELOPE_ENV, TRUSTED_KEYS_ENV
 from prefect_governance.signing import SigningKey, sign
 from prefect_governance.worker import GovernedProcessWorker
+from tests.agents import asave_agent
 from tests.conftest import POLICIES, ROOT
 from tests.grants import example_grant
 
@@ -128,12 +129,15 @@ def gated(prefect_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gate")
 
     async def setup():
-        await GovernanceAgent(
-            id="gated-agent",
-            owner="sec@example.com",
-            trust_scope=["gated"],
-            capabilities=["read:warehouse"],
-        ).asave("gated-agent", overwrite=True)
+        await asave_agent(
+            GovernanceAgent(
+                id="gated-agent",
+                owner="sec@example.com",
+                trust_scope=["gated"],
+                capabilities=["read:warehouse"],
+            ),
+            "gated-agent",
+        )
         async with get_client() as client:
             await client.create_work_pool(
                 WorkPoolCreate(

@@ -35,6 +35,7 @@ from prefect_governance.blocks import (
 from prefect_governance.demo import deploy_example, pool_template, wait_final, wait_outcomes
 from prefect_governance.lineage import LineageEvent, LineageStore
 from prefect_governance.local import prefect_env, start_worker, stop
+from tests.agents import asave_agent
 
 pytestmark = pytest.mark.e2e
 
@@ -75,17 +76,18 @@ async def _setup(tmp: Path, opa_url: str) -> dict[str, dict[str, Any]]:
                 "capabilities": CAPABILITIES,
                 "constraints": {"tasks": {"deny": ["drop_tables"]}},
             }
-            await GovernanceAgent(id=f"tasker-{engine}", **common).asave(
-                f"tasker-{engine}", overwrite=True
+            await asave_agent(GovernanceAgent(id=f"tasker-{engine}", **common), f"tasker-{engine}")
+            await asave_agent(
+                GovernanceAgent(
+                    id=f"probation-{engine}",
+                    trust_baseline=0.6,
+                    **{
+                        **common,
+                        "constraints": {"capability_trust": {"write:warehouse": 0.9}},
+                    },
+                ),
+                f"probation-{engine}",
             )
-            await GovernanceAgent(
-                id=f"probation-{engine}",
-                trust_baseline=0.6,
-                **{
-                    **common,
-                    "constraints": {"capability_trust": {"write:warehouse": 0.9}},
-                },
-            ).asave(f"probation-{engine}", overwrite=True)
             await client.create_work_pool(
                 WorkPoolCreate(
                     name=pool,

@@ -18,6 +18,7 @@ from prefect_governance.blocks import GovernanceAgent, GovernanceLineageStore
 from prefect_governance.demo import deploy_example, pool_template, wait_final
 from prefect_governance.lineage import LineageStore
 from prefect_governance.local import start_worker, stop
+from tests.agents import asave_agent
 from tests.conftest import own_postgres
 
 pytestmark = pytest.mark.e2e
@@ -25,12 +26,15 @@ pytestmark = pytest.mark.e2e
 
 async def _pool(name: str, lineage_url: str) -> object:
     await GovernanceLineageStore(url=lineage_url).asave(f"{name}-lineage", overwrite=True)
-    await GovernanceAgent(
-        id=f"{name}-agent",
-        owner="data@example.com",
-        trust_scope=[name],
-        capabilities=["read:warehouse"],
-    ).asave(f"{name}-agent", overwrite=True)
+    await asave_agent(
+        GovernanceAgent(
+            id=f"{name}-agent",
+            owner="data@example.com",
+            trust_scope=[name],
+            capabilities=["read:warehouse"],
+        ),
+        f"{name}-agent",
+    )
     async with get_client() as client:
         await client.create_work_pool(
             WorkPoolCreate(

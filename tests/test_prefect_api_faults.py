@@ -21,6 +21,7 @@ from prefect_governance.blocks import GovernanceAgent, GovernanceLineageStore
 from prefect_governance.demo import deploy_example, pool_template, wait_final
 from prefect_governance.lineage import LineageStore
 from prefect_governance.worker import GovernedProcessWorker
+from tests.agents import asave_agent
 
 pytestmark = pytest.mark.e2e
 
@@ -36,9 +37,12 @@ def deployment(prefect_server, tmp_path_factory):
         await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave(
             "api-faults-lineage", overwrite=True
         )
-        await GovernanceAgent(
-            id=AGENT, owner="data@example.com", trust_scope=[POOL], capabilities=[]
-        ).asave(AGENT, overwrite=True)
+        await asave_agent(
+            GovernanceAgent(
+                id=AGENT, owner="data@example.com", trust_scope=[POOL], capabilities=[]
+            ),
+            AGENT,
+        )
         async with get_client() as client:
             await client.create_work_pool(
                 WorkPoolCreate(

@@ -25,6 +25,7 @@ from prefect_governance.lineage import LineageStore, decision_event, outcome_eve
 from prefect_governance.local import prefect_env, spawn, start_worker, stop
 from prefect_governance.models import Decision
 from prefect_governance.reconcile import NEVER_STARTED, is_orphan, settle_action
+from tests.agents import asave_agent
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
 GRACE = timedelta(seconds=60)
@@ -122,12 +123,15 @@ async def _setup(tmp: Path) -> dict[str, tuple]:
     await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave(
         "reconcile-lineage", overwrite=True
     )
-    await GovernanceAgent(
-        id="reconcile-agent",
-        owner="data@example.com",
-        trust_scope=[POOL],
-        capabilities=["read:warehouse"],
-    ).asave("reconcile-agent", overwrite=True)
+    await asave_agent(
+        GovernanceAgent(
+            id="reconcile-agent",
+            owner="data@example.com",
+            trust_scope=[POOL],
+            capabilities=["read:warehouse"],
+        ),
+        "reconcile-agent",
+    )
     async with get_client() as client:
         await client.create_work_pool(
             WorkPoolCreate(
@@ -271,3 +275,35 @@ def test_a_run_whose_worker_died_during_the_run_executes_once_and_is_reconciled(
 def test_reconciled_chains_stay_intact(killed):
     assert killed["store"].verify() == []
     assert killed["store"].unsettled() == []
+
+
+def test_the_reconciler_verifies_the_agent_like_the_worker(prefect_server):
+    """An agent block that no longer verifies is settled without an agent (no memory, no
+    trust), as a deleted one is; a signed one is charged."""
+    from prefect_governance.decision import worker_refusal
+    from prefect_governance.reconcile import _assessment_of
+    from tests.agents import TEST_AGENT_KEY
+
+    keys = {TEST_AGENT_KEY.key_id: TEST_AGENT_KEY.public_b64}
+    decision = worker_refusal("x", policy_path="p", mode="enforce", fail_mode="closed")
+
+    async def agents_found() -> dict[str, object]:
+        await asave_agent(
+            GovernanceAgent(id="rec-signed", owner="o", trust_scope=["p"]), "rec-signed"
+        )
+        unsigned = GovernanceAgent(id="rec-unsigned", owner="o", trust_scope=["p"])
+        await unsigned.model_copy(update={"deployments": ["*"]}).asave(
+            "rec-unsigned", overwrite=True
+        )
+        found = {}
+        async with get_client() as client:
+            for block in ("rec-signed", "rec-unsigned"):
+                event = decision_event(
+                    decision, agent_id=block, flow_run_id="r", envelope=None, agent_block=block
+                )
+                found[block] = (await _assessment_of(client, event, keys)).agent
+        return found
+
+    found = asyncio.run(agents_found())
+    assert found["rec-signed"] is not None and found["rec-signed"].id == "rec-signed"
+    assert found["rec-unsigned"] is None

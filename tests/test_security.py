@@ -78,6 +78,7 @@ from prefect_governance.settings import WORKER_SECRETS, GovernanceSettings
 from prefect_governance.signing import SigningKey
 from prefect_governance.trust import TrustWeights
 from tests import security_support
+from tests.agents import asave_agent
 from tests.conftest import POLICIES
 from tests.security_support import Pki, SecuredOpa, make_pki
 
@@ -702,13 +703,16 @@ async def _deploy(name: str, flow_name: str, job_variables: dict[str, Any]) -> A
 
 async def _setup(tmp: Path, opa_url: str, lineage_url: str, pool_key: SigningKey, runs):
     still = TrustWeights(completed=0, failed=0, crashed=0, refused=0, warned=0, memory_rejected=0)
-    await GovernanceAgent(
-        id="sec-agent",
-        owner="sec@example.com",
-        trust_scope=["sec-pool"],
-        capabilities=["read:warehouse"],
-        trust_weights=still,
-    ).asave("sec-agent", overwrite=True)
+    await asave_agent(
+        GovernanceAgent(
+            id="sec-agent",
+            owner="sec@example.com",
+            trust_scope=["sec-pool"],
+            capabilities=["read:warehouse"],
+            trust_weights=still,
+        ),
+        "sec-agent",
+    )
     await GovernanceLineageStore(url=lineage_url).asave("sec-lineage", overwrite=True)
     await GovernancePolicyEngine(kind="opa", opa_url=opa_url).asave("sec-opa", overwrite=True)
     await GovernanceSigningKey(key_id="sec-pool-key", private_key=pool_key.seed_b64).asave(
@@ -819,6 +823,7 @@ def _planted() -> dict[str, str]:
         "signing_seed": SigningKey.generate("sec-pool-key").seed_b64,
         "env_lineage_password": unique("envpw"),
         "env_signing_seed": SigningKey.generate("env").seed_b64,
+        "env_agent_signing_seed": SigningKey.generate("pool-owner").seed_b64,
     }
 
 
@@ -860,6 +865,8 @@ def secured(prefect_server, opa_server, postgres, tmp_path_factory) -> Secured:
         "PREFECT_GOVERNANCE_LINEAGE_URL": "postgresql+psycopg://governance:"
         f"{planted['env_lineage_password']}@127.0.0.1:{postgres.port}/postgres",
         "PREFECT_GOVERNANCE_SIGNING_KEY": planted["env_signing_seed"],
+        # the pool owner's agent key, were it (wrongly) on the worker's host
+        "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY": planted["env_agent_signing_seed"],
         "PREFECT_GOVERNANCE_MAX_PARAMETER_BYTES": str(WORKER_MAX_BYTES),
     }
     worker_log = tmp / "worker.log"
@@ -933,6 +940,9 @@ def test_worker_credentials_do_not_reach_the_run_environment(secured):
     seen = secured.marker("secrets")
     assert "PREFECT_GOVERNANCE_ENVELOPE" in seen["variables"]
     assert not set(WORKER_SECRETS) & set(seen["variables"]), seen["variables"]
+    # each credential planted in the worker's environment, by name (not only those listed)
+    planted = {"PREFECT_GOVERNANCE_SIGNING_KEY", "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY"}
+    assert not planted & set(seen["variables"]), seen["variables"]
     assert seen["kid"] == "sec-pool-key"
 
 

@@ -28,12 +28,21 @@ from prefect_governance.demo import deploy_example, pool_template, wait_final, w
 from prefect_governance.lineage import LineageStore
 from prefect_governance.local import start_worker, stop
 from prefect_governance.trust import TrustWeights
+from tests.agents import asave_agent
 from tests.conftest import OpaServer
 
 pytestmark = pytest.mark.e2e
 
 ENGINE_POOLS = {"embedded": "gov-embedded", "opa": "gov-opa"}
-ALL_POOLS = [*ENGINE_POOLS.values(), "gov-down", "gov-down-open", "gov-no-lineage"]
+# Audit mode is the pool owner's: the audited scenario runs in these pools (mode: audit).
+AUDIT_POOLS = {"embedded": "gov-audit-embedded", "opa": "gov-audit-opa"}
+ALL_POOLS = [
+    *ENGINE_POOLS.values(),
+    *AUDIT_POOLS.values(),
+    "gov-down",
+    "gov-down-open",
+    "gov-no-lineage",
+]
 
 
 @dataclass
@@ -41,6 +50,7 @@ class Scenario:
     name: str
     job_variables: dict[str, Any]
     parameters: dict[str, Any] = field(default_factory=lambda: {"rows": 10})
+    pools: dict[str, str] = field(default_factory=lambda: ENGINE_POOLS)
 
 
 SCENARIOS = [
@@ -48,7 +58,9 @@ SCENARIOS = [
     Scenario("refused", {"agent": "e2e-etl", "capabilities": ["delete:warehouse"]}),
     Scenario("fails", {"agent": "e2e-etl"}, {"rows": 10, "fail": True}),
     Scenario("warned", {"agent": "e2e-probation", "capabilities": ["read:warehouse"]}),
-    Scenario("audited", {"agent": "e2e-shadow", "capabilities": ["write:warehouse"]}),
+    Scenario(
+        "audited", {"agent": "e2e-shadow", "capabilities": ["write:warehouse"]}, pools=AUDIT_POOLS
+    ),
     Scenario("no-agent", {"capabilities": ["read:warehouse"]}),
     Scenario("unknown-agent", {"agent": "nobody-by-that-name"}),
     Scenario("invalid-agent", {"agent": "e2e-broken"}),
@@ -101,30 +113,38 @@ async def _setup(
     )
     # These tests are about the gate, and many runs share each agent: keep trust still.
     still = TrustWeights(completed=0, failed=0, crashed=0, refused=0, warned=0, memory_rejected=0)
-    await GovernanceAgent(
-        id="e2e-etl",
-        trust_weights=still,
-        owner="data@example.com",
-        trust_scope=scope,
-        capabilities=["read:warehouse", "write:warehouse"],
-        constraints={"parameters": {"rows": {"type": "integer", "maximum": 1000}}},
-    ).asave("e2e-etl", overwrite=True)
-    await GovernanceAgent(
-        id="e2e-probation",
-        trust_weights=still,
-        owner="ml@example.com",
-        trust_scope=scope,
-        capabilities=["read:warehouse"],
-        trust_baseline=0.3,
-    ).asave("e2e-probation", overwrite=True)
-    await GovernanceAgent(
-        id="e2e-shadow",
-        trust_weights=still,
-        owner="sec@example.com",
-        trust_scope=scope,
-        capabilities=["read:warehouse"],
-        mode="audit",
-    ).asave("e2e-shadow", overwrite=True)
+    await asave_agent(
+        GovernanceAgent(
+            id="e2e-etl",
+            trust_weights=still,
+            owner="data@example.com",
+            trust_scope=scope,
+            capabilities=["read:warehouse", "write:warehouse"],
+            constraints={"parameters": {"rows": {"type": "integer", "maximum": 1000}}},
+        ),
+        "e2e-etl",
+    )
+    await asave_agent(
+        GovernanceAgent(
+            id="e2e-probation",
+            trust_weights=still,
+            owner="ml@example.com",
+            trust_scope=scope,
+            capabilities=["read:warehouse"],
+            trust_baseline=0.3,
+        ),
+        "e2e-probation",
+    )
+    await asave_agent(
+        GovernanceAgent(
+            id="e2e-shadow",
+            trust_weights=still,
+            owner="sec@example.com",
+            trust_scope=scope,
+            capabilities=["read:warehouse"],
+        ),
+        "e2e-shadow",
+    )
     await GovernancePolicyEngine(kind="embedded").asave("e2e-embedded", overwrite=True)
     await GovernancePolicyEngine(kind="opa", opa_url=opa_url).asave("e2e-opa", overwrite=True)
     await GovernancePolicyEngine(kind="opa", opa_url=down_url, retries=0).asave(
@@ -146,6 +166,12 @@ async def _setup(
         pools = {
             "gov-embedded": pool_template(engine="e2e-embedded", lineage_store="e2e-lineage"),
             "gov-opa": pool_template(engine="e2e-opa", lineage_store="e2e-lineage"),
+            "gov-audit-embedded": pool_template(
+                engine="e2e-embedded", lineage_store="e2e-lineage", mode="audit"
+            ),
+            "gov-audit-opa": pool_template(
+                engine="e2e-opa", lineage_store="e2e-lineage", mode="audit"
+            ),
             "gov-down": pool_template(engine="e2e-down", lineage_store="e2e-lineage"),
             "gov-down-open": pool_template(
                 engine="e2e-down", lineage_store="e2e-lineage", fail_mode="open"
@@ -158,7 +184,7 @@ async def _setup(
             )
 
     runs: dict[tuple[str, str], tuple[UUID, Path]] = {}
-    plan = [(pool, s) for pool in ENGINE_POOLS.values() for s in SCENARIOS]
+    plan = [(pool, s) for s in SCENARIOS for pool in s.pools.values()]
     plan += [(pool, SCENARIOS[0]) for pool in ("gov-down", "gov-down-open", "gov-no-lineage")]
     async with get_client() as client:
         for pool, scenario in plan:
@@ -221,7 +247,8 @@ ENGINES = pytest.mark.parametrize("engine", list(ENGINE_POOLS))
 
 
 def _get(governed, engine_or_pool: str, scenario: str) -> Observed:
-    pool = ENGINE_POOLS.get(engine_or_pool, engine_or_pool)
+    pools = next((s.pools for s in SCENARIOS if s.name == scenario), ENGINE_POOLS)
+    pool = pools.get(engine_or_pool, engine_or_pool)
     return governed[(pool, scenario)]
 
 
