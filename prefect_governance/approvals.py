@@ -315,12 +315,16 @@ async def approvals_for_run(
     )
 
 
-async def binding_for_flow_run(client: PrefectClient, flow_run_id: str) -> FlowRunBinding:
-    """The binding to one flow run and the parameters it holds now."""
+async def binding_for_flow_run(
+    client: PrefectClient, flow_run_id: str
+) -> tuple[FlowRunBinding, str | None]:
+    """The binding to one flow run and the parameters it holds now, and the name of the
+    run's state (an approval counts only when it is stored before the run is decided)."""
     run = await client.read_flow_run(uuid.UUID(flow_run_id))
-    return FlowRunBinding(
+    binding = FlowRunBinding(
         flow_run_id=str(run.id), parameters_sha256=parameters_sha256(run.parameters or {})
     )
+    return binding, run.state.type.value if run.state else None
 
 
 async def binding_for_deployment(
