@@ -115,8 +115,9 @@ class ApprovalConstraint(_Contract):
             legacy = [name for name in LEGACY_APPROVAL_FIELDS if name in data]
             if legacy:
                 raise ValueError(
-                    f"{' and '.join(legacy)} no longer approve a run (any API client can set "
-                    "them): remove them; approvals are signed with `prefect-governance approve`"
+                    f"{' and '.join(legacy)}: a label or a parameter approves nothing (any API "
+                    "client sets them); remove it, approvals are signed with "
+                    "`prefect-governance approve`"
                 )
         return data
 
