@@ -406,3 +406,39 @@ def test_an_approval_fits_prefect_variables_and_is_read_back_by_its_run(prefect_
     assert create("upper-Case", 1) == 422
     assert create("v-4999", "x" * 4997) == 201  # 4999 characters as JSON
     assert create("v-5001", "x" * 4999) == 422
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        ([], "give either --flow-run or --deployment"),
+        (["--flow-run", RUN, "--deployment", "f/d"], "give either --flow-run or --deployment"),
+        (["--flow-run", RUN, "--parameters", "{}"], "--parameters goes with --deployment"),
+        (["--deployment", "f/d", "--parameters", "[1]"], "a JSON object"),
+        (["--deployment", "f/d", "--parameters", "{"], "not JSON"),
+        (["--flow-run", RUN, "--expires", "forever"], "expected a duration"),
+    ],
+)
+def test_the_approve_command_refuses_what_it_cannot_sign(tmp_path, args, why):
+    from typer.testing import CliRunner
+
+    from prefect_governance.cli import app
+
+    key = tmp_path / "alice.key"
+    key.write_text(ALICE.seed_b64)
+    result = CliRunner().invoke(app, ["approve", "--key", str(key), "--approver", "alice", *args])
+    assert result.exit_code == 2 and why in result.output, result.output
+
+
+def test_the_approve_command_needs_a_seed_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from prefect_governance.cli import app
+
+    key = tmp_path / "alice.key"
+    key.write_text("c2hvcnQ")  # 5 bytes
+    args = ["approve", "--key", str(key), "--approver", "alice", "--flow-run", RUN]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "32 bytes" in result.output, result.output
+    missing = CliRunner().invoke(app, [*args[:2], str(tmp_path / "none"), *args[3:]])
+    assert missing.exit_code == 2 and "No such file" in missing.output, missing.output
