@@ -245,6 +245,8 @@ def check_approvals(
             )
         except ApprovalRejected as exc:
             rejected.append(f"{where}: {exc}")
+        except Exception as exc:  # a hostile document rejects itself, not the others
+            rejected.append(f"{where}: unreadable ({type(exc).__name__})")
         else:
             verified.setdefault(approval.id, approval)
     return sorted(verified.values(), key=lambda a: (a.approver, a.id)), rejected

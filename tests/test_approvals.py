@@ -282,6 +282,24 @@ def test_check_approvals_keeps_the_verified_once_and_says_why_for_the_others():
     assert rejected == ["v-forged: the signature does not verify with key 'alice'"]
 
 
+def test_a_document_that_breaks_the_verifier_rejects_only_itself():
+    deep: list = []
+    for _ in range(5000):  # deeper than the JSON encoder's recursion allows
+        deep = [deep]
+    hostile = {**sign_statement(statement(), ALICE), "payload": {"nested": deep}}
+    good = sign_statement(statement(), ALICE)
+    verified, rejected = check_approvals(
+        {"v-hostile": hostile, "v-good": good},
+        keys=PINNED,
+        flow_run_id=RUN,
+        deployment_id=DEPLOYMENT,
+        parameters_hash=HASH,
+        now=NOW,
+    )
+    assert [a.id for a in verified] == [good["payload"]["id"]]
+    assert rejected == ["v-hostile: unreadable (RecursionError)"]
+
+
 def test_no_pinned_keys_no_approvals():
     verified, rejected = check_approvals(
         {"v": sign_statement(statement(), ALICE)},
