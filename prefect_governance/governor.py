@@ -121,6 +121,11 @@ class Assessment:
         )
 
 
+NO_APPROVER_KEYS = (
+    "the worker pins no approver keys (PREFECT_GOVERNANCE_APPROVER_KEYS), so no approval can verify"
+)
+
+
 class AgentUnavailable(Exception):
     """A governance-agent block that does not exist or does not validate."""
 
@@ -294,7 +299,9 @@ class Governor:
             )
         except ParameterLimitError as exc:  # refused as the agent's run: it costs trust
             return Assessment(refuse(str(exc)).decision, agent=agent, agent_block=controls.agent)
-        envelope.approvals, rejected_approvals = await self._approvals(client, flow_run, now)
+        envelope.approvals, rejected_approvals = await self._approvals(
+            client, flow_run, now, needed=agent.constraints.approval is not None
+        )
         policy_input = PolicyInput(
             agent=agent.to_agent_object(policy_path, trust),
             envelope=envelope,
@@ -331,10 +338,13 @@ class Governor:
         )
 
     async def _approvals(
-        self, client: PrefectClient, flow_run: FlowRun, now: datetime
+        self, client: PrefectClient, flow_run: FlowRun, now: datetime, *, needed: bool
     ) -> tuple[list[Approval], list[str]]:
         """The run's approvals that verify against the pinned approver keys, and why the
-        others (or all, when they cannot be read) approve nothing."""
+        others (or all, when they cannot be read) approve nothing. Without pinned keys
+        nothing can verify: nothing is read (``needed``: say so for an agent that needs one)."""
+        if not self.settings.approver_keys:
+            return [], [NO_APPROVER_KEYS] if needed else []
         try:
             return await approvals_for_run(
                 client,

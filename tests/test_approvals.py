@@ -460,3 +460,14 @@ def test_the_approve_command_needs_a_seed_file(tmp_path):
     assert result.exit_code == 2 and "32 bytes" in result.output, result.output
     missing = CliRunner().invoke(app, [*args[:2], str(tmp_path / "none"), *args[3:]])
     assert missing.exit_code == 2 and "No such file" in missing.output, missing.output
+
+
+@pytest.mark.parametrize("needed", [True, False])
+def test_a_worker_that_pins_no_approver_keys_reads_no_approvals_and_says_so(needed):
+    import asyncio
+
+    from prefect_governance.governor import NO_APPROVER_KEYS, Governor
+
+    governor = Governor(GovernanceSettings(approver_keys={}))
+    found = asyncio.run(governor._approvals(None, None, NOW, needed=needed))  # no I/O at all
+    assert found == ([], [NO_APPROVER_KEYS] if needed else [])
