@@ -147,6 +147,99 @@ def decide(
     raise typer.Exit(0 if assessment.decision.runs else 1)
 
 
+@app.command()
+def approve(
+    key: Annotated[
+        Path,
+        typer.Option(help="File with the approver's Ed25519 seed (URL-safe base64, 32 bytes)."),
+    ],
+    approver: Annotated[
+        str, typer.Option(help="Your approver name: the key id the worker pins your key under.")
+    ],
+    flow_run: Annotated[
+        str | None, typer.Option("--flow-run", help="Approve this flow run (with its parameters).")
+    ] = None,
+    deployment: Annotated[
+        str | None,
+        typer.Option(help="Approve new runs of this deployment (FLOW/NAME or id) ..."),
+    ] = None,
+    parameters: Annotated[
+        str | None,
+        typer.Option(
+            help="... with exactly these parameters (a JSON object; the deployment's "
+            "defaults fill in the rest)."
+        ),
+    ] = None,
+    expires: Annotated[
+        str, typer.Option(help="How long the approval is valid: 30m, 1h, 2d.")
+    ] = "1h",
+    reason: Annotated[str | None, typer.Option(help="Why (recorded with the approval).")] = None,
+) -> None:
+    """Sign an approval and store it where the governed worker finds it (a Prefect variable).
+
+    Approve before the run is decided: a flow run while it is Scheduled, or a deployment's
+    parameters before the run is created. A run is approved only if the worker pins your
+    public key under your approver name (PREFECT_GOVERNANCE_APPROVER_KEYS)."""
+    from datetime import datetime, timezone
+
+    from prefect import get_client
+
+    from prefect_governance.approvals import (
+        binding_for_deployment,
+        binding_for_flow_run,
+        new_statement,
+        parse_duration,
+        sign_statement,
+        store_approval,
+    )
+    from prefect_governance.signing import SigningKey
+
+    if (flow_run is None) == (deployment is None):
+        raise typer.BadParameter("give either --flow-run or --deployment", param_hint="--flow-run")
+    if parameters is not None and deployment is None:
+        raise typer.BadParameter("--parameters goes with --deployment", param_hint="--parameters")
+    try:
+        given = json.loads(parameters) if parameters is not None else {}
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint="--parameters") from None
+    if not isinstance(given, dict):
+        raise typer.BadParameter("a JSON object", param_hint="--parameters")
+    try:
+        ttl = parse_duration(expires)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--expires") from None
+    try:
+        signing_key = SigningKey.from_seed(approver, key.read_text())
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(f"{key}: {exc}", param_hint="--key") from None
+
+    async def sign_and_store() -> dict[str, object]:
+        async with get_client() as client:
+            state = None
+            if flow_run is not None:
+                binding, state = await binding_for_flow_run(client, flow_run)
+            else:
+                assert deployment is not None
+                binding = await binding_for_deployment(client, deployment, given)
+            statement = new_statement(
+                approver=approver,
+                binding=binding,
+                now=datetime.now(timezone.utc),
+                ttl=ttl,
+                reason=reason,
+            )
+            name = await store_approval(client, sign_statement(statement, signing_key))
+        if state is not None and state != "SCHEDULED":
+            typer.echo(
+                f"warning: the flow run is {state}; an approval counts only for a run not "
+                "decided yet",
+                err=True,
+            )
+        return {"variable": name, **statement.model_dump(mode="json")}
+
+    typer.echo(json.dumps(asyncio.run(sign_and_store()), indent=2))
+
+
 lineage_app = typer.Typer(
     help="The lineage: list, show, verify and export events.", no_args_is_help=True
 )

@@ -9,6 +9,7 @@ from typing import Any
 from prefect import get_client
 from prefect.client.schemas.objects import FlowRun
 
+from prefect_governance.approvals import run_parameters
 from prefect_governance.controls import pool_defaults, resolve_controls
 from prefect_governance.governor import Assessment, Governor
 from prefect_governance.models import WorkPoolRef
@@ -32,7 +33,7 @@ async def decide_deployment(name: str, parameters: dict[str, Any]) -> Assessment
                 name="decide-dry-run",
                 flow_id=flow.id,
                 deployment_id=deployment.id,
-                parameters={**(deployment.parameters or {}), **parameters},
+                parameters=run_parameters(deployment.parameters or {}, parameters),
                 tags=list(deployment.tags or []),
             )
             store = await governor.lineage(controls.lineage_store, client)

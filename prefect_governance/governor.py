@@ -19,6 +19,7 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
+from prefect_governance.approvals import approvals_for_run
 from prefect_governance.attestation import (
     AttestationError,
     binds,
@@ -49,6 +50,7 @@ from prefect_governance.lineage import (
 from prefect_governance.memory import CommitResult, MemoryStore
 from prefect_governance.models import (
     DEFAULT_TASK_POLICY_PATH,
+    Approval,
     Decision,
     Grant,
     MemoryAccess,
@@ -134,6 +136,11 @@ class Preemption:
 
     reason: str
     costs_trust: bool = True  # False when it is not a new attempt of the agent's
+
+
+NO_APPROVER_KEYS = (
+    "the worker pins no approver keys (PREFECT_GOVERNANCE_APPROVER_KEYS), so no approval can verify"
+)
 
 
 class AgentUnavailable(Exception):
@@ -345,6 +352,9 @@ class Governor:
             )
         except ParameterLimitError as exc:  # refused as the agent's run: it costs trust
             return Assessment(refuse(str(exc)).decision, agent=agent, agent_block=controls.agent)
+        envelope.approvals, rejected_approvals = await self._approvals(
+            client, flow_run, now, needed=agent.constraints.approval is not None
+        )
         policy_input = PolicyInput(
             agent=agent.to_agent_object(policy_path, trust),
             envelope=envelope,
@@ -367,6 +377,7 @@ class Governor:
             )
         if controls.notes:
             decision.warn.extend(controls.notes)
+        decision.rejected_approvals = rejected_approvals
         return Assessment(
             decision,
             agent=agent,
@@ -378,6 +389,26 @@ class Governor:
             engine=engine,
             task_policy_path=controls.task_policy_path,
         )
+
+    async def _approvals(
+        self, client: PrefectClient, flow_run: FlowRun, now: datetime, *, needed: bool
+    ) -> tuple[list[Approval], list[str]]:
+        """The run's approvals that verify against the pinned approver keys, and why the
+        others (or all, when they cannot be read) approve nothing. Without pinned keys
+        nothing can verify: nothing is read (``needed``: say so for an agent that needs one)."""
+        if not self.settings.approver_keys:
+            return [], [NO_APPROVER_KEYS] if needed else []
+        try:
+            return await approvals_for_run(
+                client,
+                flow_run_id=str(flow_run.id),
+                deployment_id=str(flow_run.deployment_id) if flow_run.deployment_id else None,
+                parameters=flow_run.parameters or {},
+                keys=self.settings.approver_keys,
+                now=now,
+            )
+        except Exception as exc:  # no approval is read: a run that needs one is refused
+            return [], [f"the approvals could not be read ({type(exc).__name__}: {exc})"]
 
     async def record_decision(
         self, store: LineageStore, assessment: Assessment, flow_run_id: str

@@ -300,6 +300,7 @@ def decision_event(
             "rules": [reason.model_dump() for reason in decision.reasons],
             "fail_mode": decision.fail_mode,
             "error": decision.error,
+            "rejected_approvals": decision.rejected_approvals,
         },
     )
 
@@ -322,6 +323,7 @@ def decision_from_event(event: LineageEvent) -> Decision:
         mode=event.mode or "enforce",  # type: ignore[arg-type]
         fail_mode=payload.get("fail_mode") or "closed",
         error=payload.get("error"),
+        rejected_approvals=payload.get("rejected_approvals") or [],
     )
 
 

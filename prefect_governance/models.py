@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_POLICY_PATH = "prefect/governance/decision"
 DEFAULT_TASK_POLICY_PATH = "prefect/governance/task"
@@ -94,12 +94,32 @@ class Freeze(_Contract):
     reason: str = ""
 
 
-class ApprovalConstraint(_Contract):
-    """A named approver must have approved the run (a flow-run label or a parameter)."""
+# Fields of the approval constraint that named where a requester could write an approval.
+LEGACY_APPROVAL_FIELDS = ("label", "parameter")
 
-    approvers: list[str]
-    label: str = "governance.approved_by"
-    parameter: str | None = None
+
+class ApprovalConstraint(_Contract):
+    """One of these approvers must have approved the run with a signed approval that the
+    worker verified against the key it pins for that approver (``envelope.approvals``)."""
+
+    approvers: list[str] = Field(
+        description="Approver names: the key ids in the worker's PREFECT_GOVERNANCE_APPROVER_KEYS."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_requester_approvals(cls, data: Any) -> Any:
+        """An agent document of an older release (``label``/``parameter``) is invalid: a
+        label or a parameter is written by whoever creates the run, and approves nothing."""
+        if isinstance(data, dict):
+            legacy = [name for name in LEGACY_APPROVAL_FIELDS if name in data]
+            if legacy:
+                raise ValueError(
+                    f"{' and '.join(legacy)}: a label or a parameter approves nothing (any API "
+                    "client sets them); remove it, approvals are signed with "
+                    "`prefect-governance approve`"
+                )
+        return data
 
 
 class TrustThresholds(_Contract):
@@ -191,6 +211,20 @@ class WorkPoolRef(_Contract):
     type: str
 
 
+class Approval(_Contract):
+    """A signed approval of this run that the worker verified: signed by the key it pins for
+    the approver, bound to this flow run or to its deployment and parameters, not expired."""
+
+    id: str
+    approver: str = Field(description="Who signed it (the id of the pinned key).")
+    binding: Literal["flow_run", "deployment"] = Field(
+        description="flow_run: this flow run (and its parameters); deployment: any run of "
+        "the run's deployment with these exact parameters."
+    )
+    issued_at: datetime
+    expires_at: datetime
+
+
 class MemoryAccess(_Contract):
     reads: list[str] = Field(default_factory=list)
     writes: list[str] = Field(default_factory=list)
@@ -224,6 +258,11 @@ class MutationEnvelope(_Contract):
     )
     capabilities: list[str] = Field(default_factory=list)
     memory: MemoryAccess = Field(default_factory=MemoryAccess)
+    approvals: list[Approval] = Field(
+        default_factory=list,
+        description="Approvals the worker verified for this run (labels and parameters "
+        "approve nothing).",
+    )
 
 
 # --- input and result ------------------------------------------------------
@@ -394,6 +433,11 @@ class Decision(BaseModel):
     )
     grants: list[str] | None = Field(
         None, description="The policy's grants, if it narrowed the capabilities."
+    )
+    rejected_approvals: list[str] = Field(
+        default_factory=list,
+        description="Approval statements found for the run that did not verify, and why "
+        "(never shown to the policy as approvals).",
     )
 
     @property

@@ -42,10 +42,13 @@ def deny_reasons(decision: Decision) -> str:
 
 def refusal_message(decision: Decision) -> str:
     """The message of a Refused state: reasons (with their rules) and decision id, on one line."""
-    return (
+    message = (
         f"Refused by governance policy {decision.policy_path} "
         f"(decision {decision.id}, engine {decision.engine}): {deny_reasons(decision)}"
     )
+    if decision.rejected_approvals:
+        message += "; approvals not accepted: " + "; ".join(decision.rejected_approvals)
+    return message
 
 
 def decision_markdown(decision: Decision, agent_id: str | None) -> str:
@@ -71,6 +74,10 @@ def decision_markdown(decision: Decision, agent_id: str | None) -> str:
             lines += ["", f"## {title}", "", "| message | rule |", "| --- | --- |"] + [
                 f"| {_cell(item)} | `{rule_of(decision, item, kind) or '-'}` |" for item in items
             ]
+    if decision.rejected_approvals:
+        lines += ["", "## Approvals not accepted", ""] + [
+            f"- {_cell(item)}" for item in decision.rejected_approvals
+        ]
     if decision.annotations:
         lines += ["", "## Annotations", ""] + [
             f"- `{key}`: {value}" for key, value in sorted(decision.annotations.items())

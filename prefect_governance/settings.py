@@ -54,6 +54,12 @@ class GovernanceSettings(BaseSettings):
         "is refused.",
     )
     envelope_ttl: float = Field(600.0, gt=0, description="Seconds an envelope stays valid.")
+    approver_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="Approvers the worker trusts, as JSON {approver: Ed25519 public key "
+        "(URL-safe base64)}: a signed approval counts only when it verifies with the key "
+        "pinned here for the approver it names.",
+    )
     max_parameter_bytes: int = Field(
         MAX_PARAMETER_BYTES,
         gt=0,

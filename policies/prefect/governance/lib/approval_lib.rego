@@ -1,12 +1,18 @@
 # Helpers of rules/approval.rego.
 package prefect.governance.lib.approval
 
-# Who approved the run, or null.
-approved_by(approval) := object.get(input.envelope.parameters, approval.parameter, null) if {
-	is_string(approval.parameter)
-} else := object.get(input.envelope.flow_run.labels, approval.label, null)
+# Who approved the run: the approvers of the approvals the worker verified.
+approved_by contains approval.approver if {
+	some approval in object.get(input.envelope, "approvals", [])
+}
 
-# Where the approval is looked for.
-where(approval) := sprintf("parameter %q", [approval.parameter]) if is_string(approval.parameter)
+# Whether one of the approvers approved the run.
+approved(approvers) if {
+	some approver in approvers
+	approver in approved_by
+}
 
-else := sprintf("label %q", [approval.label])
+# What was found instead.
+found := "no verified approval" if count(approved_by) == 0
+
+else := sprintf("verified approvals only by %v, who are not approvers", [sort(approved_by)])

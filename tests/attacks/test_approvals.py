@@ -1,0 +1,327 @@
+"""Approvals the requester cannot forge, against a real Prefect server and the governed worker.
+
+Every case is an agent that needs alice's approval (``constraints.approval.approvers:
+[alice]``). The worker pins alice's and bob's keys (PREFECT_GOVERNANCE_APPROVER_KEYS);
+the requester, mallory, can do what any API client can: create runs with any labels and
+parameters, write any Prefect variable (including copies of alice's real approvals, edited
+or not), update a run's parameters, and sign with a key of her own. None of that executes
+the flow: its marker file stays absent, the run ends Cancelled/"Refused" with a message
+that says why, and the lineage holds the refused decision. Alice's own approvals, made
+with ``prefect-governance approve`` before the run is decided, do execute it.
+
+Each case has its own agent and deployment, so one case's refusals do not move another
+case's trust.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect import get_client
+from prefect.client.schemas.actions import VariableCreate, WorkPoolCreate
+from prefect.states import Scheduled
+
+from prefect_governance.approvals import (
+    DeploymentBinding,
+    FlowRunBinding,
+    binding_key,
+    new_statement,
+    parameters_sha256,
+    sign_statement,
+    store_approval,
+)
+from prefect_governance.blocks import GovernanceAgent, GovernanceLineageStore
+from prefect_governance.demo import deploy_example, pool_template, wait_final
+from prefect_governance.lineage import LineageStore
+from prefect_governance.local import prefect_env, start_worker, stop
+from prefect_governance.signing import SigningKey
+from tests.agents import asave_agent
+from tests.approvers import ALICE, BOB, MALLORY_AS_ALICE, approver_keys_env
+
+pytestmark = pytest.mark.e2e
+
+POOL = "approvals"
+CLI = [sys.executable, "-m", "prefect_governance.cli"]
+NEEDS = 'needs a signed approval by one of ["alice"]'
+
+# case -> what the refusal must say (the policy's reason, and why a statement was rejected)
+REFUSED = {
+    "label": [f"{NEEDS} (no verified approval)"],
+    "parameter": [f"{NEEDS} (no verified approval)"],
+    "own key as alice": [
+        f"{NEEDS} (no verified approval)",
+        "the signature does not verify with key 'alice'",
+    ],
+    "pinned non-approver": [f'{NEEDS} (verified approvals only by ["bob"], who are not approvers)'],
+    "another flow run": [f"{NEEDS} (no verified approval)", "bound to another flow run"],
+    "other parameters": [f"{NEEDS} (no verified approval)", "bound to other parameters"],
+    "expired": [f"{NEEDS} (no verified approval)", "expired at"],
+    "altered": [
+        f"{NEEDS} (no verified approval)",
+        "the signature does not verify with key 'alice'",
+    ],
+    "parameters changed after approval": [
+        f"{NEEDS} (no verified approval)",
+        "bound to other parameters",
+    ],
+}
+ALLOWED = ["deployment approval", "flow-run approval"]
+
+
+def _slug(case: str) -> str:
+    return case.replace(" ", "-")
+
+
+def _approve_cli(server, key_file: Path, *args: str) -> dict[str, Any]:
+    """``prefect-governance approve ... --key FILE --approver alice``, as alice would."""
+    result = subprocess.run(
+        [*CLI, "approve", "--key", str(key_file), "--approver", "alice", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=prefect_env(server.home, server.api_url),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+async def _store_as(client, name: str, document: dict[str, Any]) -> None:
+    """Mallory writes a variable of her choosing (any API client may)."""
+    await client.create_variable(VariableCreate(name=name, value=document))
+
+
+def _statement(binding, *, approver="alice", issued=None, ttl=timedelta(hours=1)):
+    return new_statement(
+        approver=approver,
+        binding=binding,
+        now=issued or datetime.now(timezone.utc),
+        ttl=ttl,
+        reason="test",
+    )
+
+
+async def _setup(tmp: Path, server) -> dict[str, Any]:
+    """Agents, deployments and runs of every case, with what the requester (and alice) did;
+    no worker polls the pool yet, so every run is still Scheduled."""
+    await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave(
+        "approvals-lineage", overwrite=True
+    )
+    key_file = tmp / "alice.key"
+    key_file.write_text(ALICE.seed_b64 + "\n")
+    runs: dict[str, Any] = {}
+    async with get_client() as client:
+        await client.create_work_pool(
+            WorkPoolCreate(
+                name=POOL,
+                type="governed-process",
+                base_job_template=pool_template(lineage_store="approvals-lineage"),
+            ),
+            overwrite=True,
+        )
+        for case in [*REFUSED, *ALLOWED]:
+            slug = _slug(case)
+            await asave_agent(
+                GovernanceAgent(
+                    id=f"approved-{slug}",
+                    owner="sec@example.com",
+                    trust_scope=[POOL],
+                    capabilities=["read:warehouse"],
+                    constraints={"approval": {"approvers": ["alice"]}},
+                ),
+                f"approved-{slug}",
+            )
+            deployment_id = await deploy_example(
+                f"approvals-{slug}", POOL, {"agent": f"approved-{slug}"}
+            )
+            marker = tmp / f"marker-{slug}"
+            parameters: dict[str, Any] = {"marker": str(marker), "rows": 5}
+            dep_binding = DeploymentBinding(
+                deployment_id=str(deployment_id), parameters_sha256=parameters_sha256(parameters)
+            )
+            create: dict[str, Any] = {"parameters": parameters}
+            if case == "label":
+                create["labels"] = {"governance.approved_by": "alice"}
+            elif case == "parameter":
+                create["parameters"] = {**parameters, "approved_by": "alice"}
+            elif case == "own key as alice":  # mallory's key, alice's name: stored normally
+                await store_approval(
+                    client, sign_statement(_statement(dep_binding), MALLORY_AS_ALICE)
+                )
+            elif case == "pinned non-approver":  # bob's key is pinned; bob is no approver
+                await store_approval(
+                    client, sign_statement(_statement(dep_binding, approver="bob"), BOB)
+                )
+            elif case == "other parameters":  # alice approved rows=5; mallory runs rows=500
+                await store_approval(client, sign_statement(_statement(dep_binding), ALICE))
+                create["parameters"] = {**parameters, "rows": 500}
+            elif case == "deployment approval":
+                approved = _approve_cli(
+                    server,
+                    key_file,
+                    "--deployment",
+                    f"load-warehouse/approvals-{slug}",
+                    "--parameters",
+                    json.dumps(parameters),
+                    "--reason",
+                    "change 42",
+                )
+            if case == "flow-run approval":  # a run scheduled for later, approved meanwhile
+                create["state"] = Scheduled(
+                    scheduled_time=datetime.now(timezone.utc) + timedelta(seconds=20)
+                )
+            run = await client.create_flow_run_from_deployment(deployment_id, **create)
+            run_binding = FlowRunBinding(
+                flow_run_id=str(run.id),
+                parameters_sha256=parameters_sha256(run.parameters),
+            )
+            if case == "other parameters":  # ... and copies alice's approval to her hash
+                document = sign_statement(_statement(dep_binding), ALICE)
+                mine = DeploymentBinding(
+                    deployment_id=str(deployment_id),
+                    parameters_sha256=parameters_sha256(run.parameters),
+                )
+                await _store_as(
+                    client,
+                    f"governance-approval-{binding_key(mine)}-{document['payload']['id']}",
+                    document,
+                )
+            elif case == "another flow run":  # alice approved another run; mallory copies it
+                other = FlowRunBinding(
+                    flow_run_id=str(uuid.uuid4()), parameters_sha256=run_binding.parameters_sha256
+                )
+                document = sign_statement(_statement(other), ALICE)
+                await _store_as(
+                    client,
+                    f"governance-approval-{binding_key(run_binding)}-{document['payload']['id']}",
+                    document,
+                )
+            elif case == "altered":  # ... and edits its binding to name her run
+                other = FlowRunBinding(
+                    flow_run_id=str(uuid.uuid4()), parameters_sha256=run_binding.parameters_sha256
+                )
+                document = sign_statement(_statement(other), ALICE)
+                document["payload"]["binding"]["flow_run_id"] = str(run.id)
+                await _store_as(
+                    client,
+                    f"governance-approval-{binding_key(run_binding)}-{document['payload']['id']}",
+                    document,
+                )
+            elif case == "expired":
+                issued = datetime.now(timezone.utc) - timedelta(hours=2)
+                await store_approval(
+                    client, sign_statement(_statement(run_binding, issued=issued), ALICE)
+                )
+            elif case in ("flow-run approval", "parameters changed after approval"):
+                approved = _approve_cli(server, key_file, "--flow-run", str(run.id))
+                if case == "parameters changed after approval":  # alice saw rows=5
+                    await client.update_flow_run(run.id, parameters={**parameters, "rows": 500})
+            runs[case] = {
+                "id": run.id,
+                "marker": marker,
+                "approval": approved if case in ALLOWED else None,
+            }
+    return runs
+
+
+@pytest.fixture(scope="module")
+def decided(prefect_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("approvals")
+    runs = asyncio.run(_setup(tmp, prefect_server))
+    worker = start_worker(
+        POOL,
+        prefect_server.home,
+        prefect_server.api_url,
+        tmp / "worker.log",
+        extra_env=approver_keys_env(),
+    )
+    try:
+        finals = asyncio.run(wait_final([r["id"] for r in runs.values()], timeout=240))
+    finally:
+        stop(worker)
+    store = LineageStore(f"sqlite:///{tmp / 'lineage.db'}")
+    decisions = {
+        e.flow_run_id: e for e in store.recent(1000) if e.kind == "decision" and e.flow_run_id
+    }
+    yield {
+        case: {**run, "final": finals[run["id"]], "decision": decisions.get(str(run["id"]))}
+        for case, run in runs.items()
+    }
+    assert store.verify() == []
+    store.dispose()
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_a_forged_or_misbound_approval_does_not_execute_the_run(decided, case):
+    run = decided[case]
+    state = run["final"].state
+    assert not run["marker"].exists(), f"the run executed ({case})"
+    assert state.is_cancelled() and state.name == "Refused", state
+    for why in REFUSED[case]:
+        assert why in state.message, state.message
+    decision = run["decision"]
+    assert decision is not None, "the lineage holds no decision for the refused run"
+    assert decision.verdict == "refused" and not decision.allow
+    assert any(REFUSED[case][0] in reason for reason in decision.reasons), decision.reasons
+    for why in REFUSED[case][1:]:
+        assert any(why in r for r in decision.payload["rejected_approvals"]), decision.payload
+    approvals = decision.payload["envelope"]["approvals"]
+    if case == "pinned non-approver":  # bob's approval verifies; it is just not alice's
+        assert [a["approver"] for a in approvals] == ["bob"]
+    else:
+        assert approvals == [], approvals
+
+
+@pytest.mark.parametrize("case", ALLOWED)
+def test_alices_approval_made_before_the_decision_executes_the_run(decided, case):
+    run = decided[case]
+    state = run["final"].state
+    assert state.is_completed(), state
+    assert run["marker"].read_text().count("loaded") == 1
+    decision = run["decision"]
+    assert decision.verdict == "allowed" and decision.allow
+    approval = run["approval"]
+    recorded = decision.payload["envelope"]["approvals"]
+    binding = "deployment" if case == "deployment approval" else "flow_run"
+    assert recorded == [
+        {
+            "id": approval["id"],
+            "approver": "alice",
+            "binding": binding,
+            "issued_at": recorded[0]["issued_at"],
+            "expires_at": recorded[0]["expires_at"],
+        }
+    ]
+    assert datetime.fromisoformat(recorded[0]["expires_at"]) == datetime.fromisoformat(
+        approval["expires_at"]
+    )
+    assert approval["variable"].startswith("governance-approval-")
+    assert decision.payload["rejected_approvals"] == []
+
+
+def test_the_requester_can_write_approval_variables_but_not_alices_key(prefect_server):
+    """The premise of the cases above, on the real server: any API client can create a
+    variable under an approval's name; only the key makes it count."""
+    name = f"governance-approval-run-{uuid.uuid4()}-{uuid.uuid4().hex}"
+
+    async def write_and_read():
+        async with get_client() as client:
+            forged = sign_statement(
+                _statement(
+                    FlowRunBinding(
+                        flow_run_id=str(uuid.uuid4()), parameters_sha256=parameters_sha256({})
+                    )
+                ),
+                SigningKey.generate("alice"),
+            )
+            await _store_as(client, name, forged)
+            return await client.read_variable_by_name(name)
+
+    assert asyncio.run(write_and_read()).value["kid"] == "alice"
