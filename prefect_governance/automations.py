@@ -38,7 +38,6 @@ from prefect.events.schemas.automations import AutomationCore, EventTrigger, Pos
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
 
-GOVERNED_TYPES = ("governed-process",)
 REFUSED_STAYS_REFUSED = "prefect-governance-refused-stays-refused"
 REFUSED_AGAIN = "prefect-governance: this flow run was refused by governance and may not run"
 REFUSED_GUARD_WINDOW = timedelta(days=365)
@@ -110,8 +109,10 @@ async def governed_pools(client: PrefectClient) -> list[str]:
     """The names of the governed work pools on the server, sorted."""
     from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterType
 
+    from prefect_governance.audit import GOVERNED_POOL_TYPE
+
     pools = await client.read_work_pools(
-        work_pool_filter=WorkPoolFilter(type=WorkPoolFilterType(any_=list(GOVERNED_TYPES)))
+        work_pool_filter=WorkPoolFilter(type=WorkPoolFilterType(any_=[GOVERNED_POOL_TYPE]))
     )
     return sorted(pool.name for pool in pools)
 

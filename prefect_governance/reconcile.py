@@ -256,7 +256,7 @@ async def record_gate_refusals(
     *,
     pool: str,
     known: set[str],
-    governed_type: str = "governed-process",
+    governed_type: str,
     agent_keys: Mapping[str, str],
 ) -> list[str]:
     """Record in the agents' chains each start of the pool's runs the gate refused, once.
