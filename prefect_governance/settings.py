@@ -17,6 +17,7 @@ WORKER_SECRETS = (
     # The pool owner's agent signing seed belongs with `apply`, not on a worker's host;
     # if it is there anyway, a run's code must not get it (and sign its own agents).
     "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY",
+    "PREFECT_GOVERNANCE_LINEAGE_KEY",
 )
 
 
@@ -52,6 +53,19 @@ class GovernanceSettings(BaseSettings):
         description="The pool owner's public keys agent blocks must be signed with, as JSON "
         '{"KID": "PUBLIC"} (URL-safe base64). Never read from blocks; none pinned: every run '
         "is refused.",
+    )
+    lineage_key: SecretStr | None = Field(
+        None,
+        description="Ed25519 seed (URL-safe base64) the worker signs lineage records with, and "
+        "derives each run's report secret from. Only the worker holds it (never a block); "
+        "unset: a key for this worker process only, which no verifier pins.",
+    )
+    lineage_key_id: str = Field("governance-lineage", description="Id of the lineage key.")
+    lineage_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="Public keys lineage records must be signed with, as JSON "
+        '{"KID": "PUBLIC"} (URL-safe base64): what `lineage verify`, `audit` and the worker '
+        "accept. Never read from blocks.",
     )
     envelope_ttl: float = Field(600.0, gt=0, description="Seconds an envelope stays valid.")
     approver_keys: dict[str, str] = Field(
@@ -96,7 +110,7 @@ class GovernanceSettings(BaseSettings):
         description="Parameter names containing any of these (case-insensitive) are redacted.",
     )
 
-    @field_validator("agent_keys")
+    @field_validator("agent_keys", "lineage_keys")
     @classmethod
     def _public_keys(cls, keys: dict[str, str]) -> dict[str, str]:
         for kid, public in keys.items():
