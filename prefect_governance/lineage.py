@@ -8,18 +8,22 @@ agent id, ``"-"`` for events without one): ``seq`` numbers the chain from 1,
 record of a chain. Every chain has a head row (``ChainHead``): its newest record and
 its decision counts, kept in the same transaction as the records, so appending and
 counting take constant time however long the history, and deleting the newest
-records of a chain is detected against it.
+records of a chain is detected against it. Records are signed by the worker and count
+only when a pinned key vouches for them (``lineage_auth``): ``verify`` checks the
+chains, ``unvouched`` names the records nobody pinned vouches for, and every read the
+governance relies on (trust, counts, refusals, decisions) skips them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -39,8 +43,17 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select, text
 
 from prefect_governance.canonical import canonical_json, sha256_of
-from prefect_governance.migrations import migrate
+from prefect_governance.lineage_auth import (
+    UNVOUCHED,
+    Vouch,
+    record_signature,
+    unvouched_marker,
+    unvouched_ranges,
+    vouch_of,
+)
+from prefect_governance.migrations import MEMORY_TABLE, migrate
 from prefect_governance.models import Decision
+from prefect_governance.signing import SigningKey
 
 EventKind = Literal["decision", "outcome"]
 ProblemKind = Literal["altered", "deleted", "reordered"]
@@ -49,7 +62,8 @@ NO_AGENT_CHAIN = "-"
 APPEND_ATTEMPTS = 20
 VERIFY_PAGE = 2000
 _CHAIN_SEQ_CONSTRAINT = "uq_governance_event_chain_seq"
-_NOT_HASHED = frozenset({"id", "hash"})
+_NOT_HASHED = frozenset({"id", "hash", "signature"})
+_GOOD_CACHE = 200_000  # vouched hashes a store remembers
 _JSON_COLUMNS = ("reasons", "warnings", "payload")
 
 
@@ -106,6 +120,9 @@ class LineageEvent(SQLModel, table=True):
     seq: int | None = Field(default=None, nullable=False, description="1-based position in chain.")
     prev_hash: str | None = Field(default=None, description="hash of the previous record.")
     hash: str | None = Field(default=None, nullable=False, description="sha256 of canonical().")
+    signature: str | None = Field(
+        default=None, description="The worker's signature of hash (lineage_auth), if any."
+    )
 
 
 class ChainHead(SQLModel, table=True):
@@ -244,7 +261,8 @@ def stored_hash(row: Any) -> str:
     otherwise (an older release wrote it with spaces) is decoded and hashed as usual.
     """
     record = dict(zip(_NAMES, row, strict=True))
-    del record["id"], record["hash"]
+    for name in _NOT_HASHED:
+        del record[name]
     created_at = record["created_at"]  # SQLite gives the stored text, and 0/1 for booleans
     if isinstance(created_at, str):
         created_at = datetime.fromisoformat(created_at)
@@ -460,15 +478,25 @@ def _by_chain(events: Iterable[LineageEvent]) -> list[LineageEvent]:
 
 
 def _retryable(exc: DBAPIError) -> bool:
-    """A lost race for a chain position or a new chain's head, a lock that timed out
-    (SQLite), or a connection the database dropped (it is replaced on the retry)."""
+    """A lost race for a chain position, a new chain's head or its memory version, a lock
+    that timed out (SQLite), or a connection the database dropped (it is replaced on the
+    retry)."""
     message = str(exc.orig).lower()
     if isinstance(exc, IntegrityError):
         return any(
             name in message
-            for name in (_CHAIN_SEQ_CONSTRAINT, "governance_event.chain", _HEADS.name)
+            for name in (_CHAIN_SEQ_CONSTRAINT, "governance_event.chain", _HEADS.name, MEMORY_TABLE)
         )
     return exc.connection_invalidated or "locked" in message
+
+
+# Computes more events inside an append's transaction, under its chains' locks, from what
+# that transaction reads (the newest trust score, the memory it commits): see append.
+Derive = Callable[[Connection], Sequence["LineageEvent"]]
+
+
+def _agent_of_chain(chain: str) -> str | None:
+    return None if chain == NO_AGENT_CHAIN else chain
 
 
 @dataclass
@@ -581,11 +609,33 @@ class LineageStore:
     """Append and read lineage events at one database URL.
 
     Opening a store migrates its database to the current schema (see ``migrations``).
+    ``signer`` signs every appended record; ``keys`` (key id to public key) are the keys
+    whose signatures this store believes, with the signer's own. Both default to the
+    settings (``PREFECT_GOVERNANCE_LINEAGE_KEY`` and ``..._LINEAGE_KEYS``).
     """
 
-    def __init__(self, url: str, *, append_timeout: float = 15.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        append_timeout: float = 15.0,
+        signer: SigningKey | None = None,
+        keys: Mapping[str, str] | None = None,
+    ):
         self.url = url
         self.append_timeout = append_timeout  # seconds an append may keep retrying
+        if signer is None or keys is None:
+            from prefect_governance.settings import GovernanceSettings, lineage_signer
+
+            settings = GovernanceSettings()
+            signer = signer or lineage_signer(settings, ephemeral=False)
+            keys = settings.lineage_keys if keys is None else keys
+        self.signer = signer
+        self.keys: dict[str, str] = dict(keys)
+        if signer is not None:
+            self.keys[signer.key_id] = signer.public_b64
+        self._good: dict[str, Vouch] = {}  # hashes of records whose signature verified
+        self._heads_vouched: dict[str, tuple[int, str | None, int, int]] = {}
         # JSON is stored in canonical form, so verify can hash the stored text as it is.
         self.engine: Engine = create_engine(url, pool_pre_ping=True, json_serializer=_json_text)
         # Appends retry a connection the database dropped themselves, so their pool does
@@ -600,15 +650,22 @@ class LineageStore:
             self.dispose()
             raise
 
-    def append(self, *events: LineageEvent, once_per_decision: str | None = None) -> bool:
-        """Chain and commit events durably, in one transaction; raise if that fails.
+    def append(
+        self,
+        *events: LineageEvent,
+        once_per_decision: str | None = None,
+        derive: Derive | None = None,
+    ) -> bool:
+        """Chain, sign and commit events durably, in one transaction; raise if that fails.
 
         Each event gets the next seq of its agent's chain; a lost race with another
         appender (unique chain/seq) is rolled back and retried from the new head,
         for at most ``append_timeout`` seconds (then the error is raised). With
         ``once_per_decision`` (an event kind), nothing is appended when the decision
         of the (first) event of that kind already has a record of that kind (checked
-        under the chain's lock): returns whether the events were appended.
+        under the chain's lock): returns whether the events were appended. ``derive``
+        runs in the transaction, under the chains' locks, after that check; the events
+        it returns (on the same chains) are appended after ``events``.
         """
         if not events:
             return False
@@ -626,16 +683,23 @@ class LineageStore:
         deadline = time.monotonic() + self.append_timeout
         for attempt in range(1, APPEND_ATTEMPTS + 1):
             try:
-                return self._append_once(ordered, once)
+                return self._append_once(ordered, once, derive)
             except (IntegrityError, OperationalError) as exc:
                 last = attempt == APPEND_ATTEMPTS or time.monotonic() >= deadline
                 if last or not _retryable(exc):
                     raise
             for e, given in zip(ordered, given_ids, strict=True):
                 e.id = given
+            for e in ordered:  # a record written around the store may hold the next seq
+                self._heads_vouched.pop(e.chain, None)
             time.sleep(random.uniform(0.001, 0.005 * attempt))
 
-    def _append_once(self, events: list[LineageEvent], once: tuple[str, str | None] | None) -> bool:
+    def _append_once(
+        self,
+        events: list[LineageEvent],
+        once: tuple[str, str | None] | None,
+        derive: Derive | None,
+    ) -> bool:
         with self._appender.connect() as connection:
             if connection.dialect.name == "sqlite":
                 connection.exec_driver_sql("BEGIN IMMEDIATE")  # the database's write lock
@@ -643,17 +707,129 @@ class LineageStore:
             if once is not None and self._has(connection, *once):
                 connection.rollback()
                 return False
-            for e in events:
+            markers: list[LineageEvent] = []
+            for chain, head in heads.items():
+                marker = self._vouch_head(connection, chain, head)
+                if marker is not None:
+                    markers.append(marker)
+            derived = list(derive(connection)) if derive is not None else []
+            for e in derived:
+                _normalise(e)
+                if e.chain not in heads:
+                    raise ValueError(f"a derived event is on chain {e.chain}, which is not locked")
+            for e in _by_chain([*markers, *events, *derived]):
                 head = heads[e.chain]
                 e.seq, e.prev_hash = head.seq + 1, head.hash
                 e.hash = event_hash(e)
+                head.advance(e)  # one at a time: ids rise with seq
+                if self.signer is not None:
+                    e.signature = record_signature(
+                        self.signer, e.hash, head.decisions, head.refusals
+                    )
                 row = {name: getattr(e, name) for name in _INSERTED}
                 e.id = connection.execute(_INSERT_EVENT, row).inserted_primary_key[0]
-                head.advance(e)  # one at a time: ids rise with seq
             for chain, head in heads.items():
                 _write_head(connection, chain, head)
             connection.commit()
+        if self.signer is not None:
+            for chain, head in heads.items():
+                self._heads_vouched[chain] = (head.seq, head.hash, head.decisions, head.refusals)
         return True
+
+    # --- who wrote a record ---------------------------------------------------
+
+    def vouched(self, row: Any) -> Vouch | None:
+        """What a pinned key vouches for a record (an event or a row with its columns):
+        None unless its content hashes to its hash and its signature verifies."""
+        record_hash = getattr(row, "hash", None)
+        if record_hash in self._good:
+            return self._good[record_hash]
+        vouch = vouch_of(record_hash, getattr(row, "signature", None), self.keys)
+        if vouch is None or event_hash(row) != record_hash:
+            return None
+        if len(self._good) >= _GOOD_CACHE:
+            self._good.clear()
+        self._good[str(record_hash)] = vouch
+        return vouch
+
+    def authentic(self, rows: Iterable[Any]) -> list[Any]:
+        """The rows a pinned key vouches for, in order."""
+        return [row for row in rows if self.vouched(row) is not None]
+
+    def _last_vouched(self, connection: Connection, chain: str, below: int | None = None) -> Any:
+        """The newest record of a chain a pinned key vouches for (below a seq), or None."""
+        query = select(_EVENTS).where(_EVENTS.c.chain == chain, _EVENTS.c.signature.is_not(None))
+        if below is not None:
+            query = query.where(_EVENTS.c.seq < below)
+        rows = connection.execution_options(yield_per=100).execute(
+            query.order_by(_EVENTS.c.seq.desc())
+        )
+        try:
+            return next((row for row in rows if self.vouched(row) is not None), None)
+        finally:
+            rows.close()
+
+    def _vouched_head(self, connection: Connection, chain: str, head: _Head) -> int | None:
+        """Set a chain's head from its newest record and its counts from the newest
+        vouched record; return the seq of that vouched record when it is not the newest
+        (0: none is), or None when the head is vouched for."""
+        cached = self._heads_vouched.get(chain)
+        if cached is not None and cached[:2] == (head.seq, head.hash):
+            head.decisions, head.refusals = cached[2:]
+            return None
+        last = connection.execute(
+            select(_EVENTS).where(_EVENTS.c.chain == chain).order_by(_EVENTS.c.seq.desc()).limit(1)
+        ).first()
+        if last is None:
+            head.seq, head.hash, head.decisions, head.refusals = 0, None, 0, 0
+            return None
+        head.seq, head.hash = last.seq, last.hash
+        vouch = self.vouched(last)
+        base = 0
+        if vouch is None:
+            found = self._last_vouched(connection, chain, below=last.seq)
+            vouch = self.vouched(found) if found is not None else None
+            base = found.seq if found is not None else 0
+        head.decisions, head.refusals = (vouch.decisions, vouch.refusals) if vouch else (0, 0)
+        return None if base == 0 and vouch is not None else base
+
+    def _vouch_head(self, connection: Connection, chain: str, head: _Head) -> LineageEvent | None:
+        """Before a signed append: the ``unvouched`` record naming the records on top of a
+        chain that no pinned key vouches for, if there are any."""
+        if self.signer is None:
+            return None
+        base = self._vouched_head(connection, chain, head)
+        if base is None:
+            return None
+        marker = LineageEvent(
+            kind=UNVOUCHED,
+            agent_id=_agent_of_chain(chain),
+            reasons=[f"records {base + 1}..{head.seq} were not written by a governed worker"],
+            payload=unvouched_marker(base + 1, head.seq, "no signature by a pinned key"),
+        )
+        _normalise(marker)
+        return marker
+
+    def unvouched(self, chain: str) -> list[tuple[int, int]]:
+        """The seq ranges of a chain's records no pinned key vouches for (see lineage_auth);
+        trustworthy once ``verify_chain`` finds the chain intact."""
+        with self.engine.connect() as connection:
+            last_seq = connection.execute(
+                select(func.max(_EVENTS.c.seq)).where(_EVENTS.c.chain == chain)
+            ).scalar()
+            if last_seq is None:
+                return []
+            newest = self._last_vouched(connection, chain)
+            if newest is None:
+                return [(1, int(last_seq))]
+            markers = connection.execute(
+                select(_EVENTS.c.payload).where(
+                    _EVENTS.c.chain == chain,
+                    _EVENTS.c.kind == UNVOUCHED,
+                    _EVENTS.c.seq <= newest.seq,
+                )
+            ).scalars()
+            return unvouched_ranges(newest.seq, int(last_seq), list(markers))
 
     @staticmethod
     def _has(connection: Connection, kind: str, decision_id: str | None) -> bool:
@@ -675,7 +851,7 @@ class LineageStore:
             return session.exec(query).all()
 
     def refusal_of(self, flow_run_id: str) -> LineageEvent | None:
-        """The newest refused decision recorded for a flow run, if any."""
+        """The newest vouched refused decision recorded for a flow run, if any."""
         query = (
             select(LineageEvent)
             .where(
@@ -684,10 +860,30 @@ class LineageStore:
                 LineageEvent.verdict == "refused",
             )
             .order_by(LineageEvent.id.desc())
-            .limit(1)
         )
         with Session(self.engine) as session:
-            return session.exec(query).first()
+            return next(iter(self.authentic(session.exec(query).all())), None)
+
+    def scores(self, agent_id: str, k: int, *, connection: Connection | None = None) -> list[float]:
+        """The agent's last k vouched trust scores, oldest first (inside ``connection``'s
+        transaction when given)."""
+        query = (
+            select(_EVENTS)  # the chain's (chain, seq) index, newest first
+            .where(_EVENTS.c.chain == chain_of(agent_id), _EVENTS.c.kind == "trust")
+            .order_by(_EVENTS.c.seq.desc())
+        )
+        found: list[float] = []
+        with contextlib.ExitStack() as stack:
+            if connection is None:
+                connection = stack.enter_context(self.engine.connect())
+            rows = connection.execution_options(yield_per=max(k, 1)).execute(query)
+            stack.callback(rows.close)
+            for row in rows:
+                if len(found) >= k:
+                    break
+                if self.vouched(row) is not None:
+                    found.append(float(row.payload["score"]))
+        return found[::-1]
 
     def chain(self, chain: str) -> list[LineageEvent]:
         """All records of one chain, by seq."""
@@ -744,16 +940,19 @@ class LineageStore:
             return {chain: count for chain, count in connection.execute(query).all()}
 
     def decision_counts(self, agent_id: str) -> tuple[int, int]:
-        """How many runs of an agent were decided, and how many of them refused."""
+        """How many runs of an agent were decided, and how many of them refused, as the
+        newest vouched record of its chain counts them."""
         with self.engine.connect() as connection:
             chain = chain_of(agent_id)
             head = _heads(connection, [chain])[chain]
+            self._vouched_head(connection, chain, head)
         return head.decisions, head.refusals
 
     def unsettled(
         self, verdicts: Iterable[str] = ("allowed", "audited", "ungoverned")
     ) -> list[LineageEvent]:
-        """Decisions that let a run go ahead and have no outcome record yet, oldest first."""
+        """Vouched decisions that let a run go ahead and have no outcome record yet, oldest
+        first."""
         outcomes = select(LineageEvent.decision_id).where(
             LineageEvent.kind == "outcome", LineageEvent.decision_id.is_not(None)
         )
@@ -767,7 +966,7 @@ class LineageStore:
             .order_by(LineageEvent.id)
         )
         with Session(self.engine) as session:
-            return list(session.exec(query).all())
+            return self.authentic(session.exec(query).all())
 
     def dispose(self) -> None:
         self.engine.dispose()

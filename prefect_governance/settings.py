@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefect_governance.envelope import MAX_PARAMETER_BYTES, MAX_PARAMETER_DEPTH
+from prefect_governance.signing import SigningKey
 
 # Worker credentials that must never reach a flow run's environment.
 WORKER_SECRETS = (
@@ -129,6 +130,20 @@ def check_public_key(kid: str, public: str) -> None:
         raw = b""
     if len(raw) != 32:
         raise ValueError(f"agent key {kid!r} is not an Ed25519 public key (32 bytes, base64)")
+
+
+def lineage_signer(settings: GovernanceSettings, *, ephemeral: bool) -> SigningKey | None:
+    """The key lineage records are signed with: the configured one; else, with
+    ``ephemeral``, a new key for this process only (which no verifier pins)."""
+    if settings.lineage_key is not None:
+        return SigningKey.from_seed(
+            settings.lineage_key_id, settings.lineage_key.get_secret_value()
+        )
+    if ephemeral:
+        import uuid
+
+        return SigningKey.generate(f"lineage-{uuid.uuid4().hex[:12]}")
+    return None
 
 
 def worker_policy_dir(settings: GovernanceSettings) -> Path:

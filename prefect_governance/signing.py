@@ -8,6 +8,7 @@ Ed25519 keys in URL-safe base64.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,13 +74,31 @@ class SigningKey:
         return f"{self.key_id}={self.public_b64}"
 
 
+def sign_bytes(message: bytes, key: SigningKey) -> str:
+    """The signature of some bytes, in URL-safe base64."""
+    return _b64(key.private.sign(message))
+
+
+@functools.lru_cache(maxsize=256)
+def _public(public_b64: str) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(_unb64(public_b64))
+
+
+def verify_bytes(message: bytes, signature: str, public_b64: str) -> None:
+    """Raise SignatureError unless ``signature`` is the key's signature of ``message``."""
+    try:
+        _public(public_b64).verify(_unb64(signature), message)
+    except (InvalidSignature, ValueError, TypeError) as exc:
+        raise SignatureError("the signature does not verify") from exc
+
+
 def sign(payload: Mapping[str, Any], key: SigningKey) -> dict[str, Any]:
     """Wrap a payload with its signature."""
     return {
         "kid": key.key_id,
         "alg": ALGORITHM,
         "payload": dict(payload),
-        "signature": _b64(key.private.sign(canonical_json(payload))),
+        "signature": sign_bytes(canonical_json(payload), key),
     }
 
 
@@ -93,8 +112,7 @@ def verify(signed: Any, public_keys: Mapping[str, str]) -> dict[str, Any]:
     if kid not in public_keys:
         raise SignatureError(f"signed with an unknown key {kid!r}")
     try:
-        public = Ed25519PublicKey.from_public_bytes(_unb64(public_keys[kid]))
-        public.verify(_unb64(signed["signature"]), canonical_json(signed["payload"]))
-    except (InvalidSignature, ValueError, TypeError) as exc:
+        verify_bytes(canonical_json(signed["payload"]), signed["signature"], public_keys[kid])
+    except SignatureError as exc:
         raise SignatureError(f"the signature does not verify with key {kid!r}") from exc
     return signed["payload"]
