@@ -349,7 +349,8 @@ async def pool_runs(
 def read_decisions(
     store: LineageStore, flow_run_ids: Iterable[str]
 ) -> dict[str, list[DecisionFact]]:
-    """The decisions the lineage holds for each of these flow runs."""
+    """The decisions the lineage holds for each of these flow runs (those a pinned lineage
+    key vouches for: any other record counts as absent)."""
     from sqlmodel import Session, select
 
     from prefect_governance.lineage import LineageEvent
@@ -362,7 +363,7 @@ def read_decisions(
                 LineageEvent.kind == "decision",
                 LineageEvent.flow_run_id.in_(ids[start : start + _ID_CHUNK]),  # type: ignore[union-attr]
             )
-            for event in session.exec(query).all():
+            for event in store.authentic(session.exec(query).all()):  # forged: absent
                 found.setdefault(str(event.flow_run_id), []).extend(decision_facts([event]))
     return found
 

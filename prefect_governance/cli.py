@@ -86,18 +86,27 @@ def apply(
 def keygen(
     output: Annotated[Path, typer.Argument(help="File to write the new seed to (mode 0600).")],
     key_id: Annotated[
-        str, typer.Option("--key-id", help="The id the workers pin the key under.")
-    ] = "pool-owner",
+        str | None,
+        typer.Option(
+            "--key-id",
+            help="The id the key is pinned under (default: pool-owner; governance-lineage).",
+        ),
+    ] = None,
+    lineage: Annotated[
+        bool, typer.Option("--lineage", help="A worker's lineage key instead of an agent key.")
+    ] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
-    """Make the pool owner's Ed25519 key for signing agents; print the KID=PUBLIC line the
-    workers pin (PREFECT_GOVERNANCE_AGENT_KEYS)."""
+    """Make an Ed25519 key: the pool owner's for signing agents (workers pin it in
+    PREFECT_GOVERNANCE_AGENT_KEYS), or with --lineage a worker's for signing lineage records
+    (workers and verifiers pin it in PREFECT_GOVERNANCE_LINEAGE_KEYS). Print KID=PUBLIC."""
     import os
 
     from prefect_governance.apply import KEY_ID_PATTERN
     from prefect_governance.attestation import KEYS_ENV
     from prefect_governance.signing import SigningKey
 
+    key_id = key_id or ("governance-lineage" if lineage else "pool-owner")
     if not KEY_ID_PATTERN.match(key_id):
         raise typer.BadParameter("lowercase letters, digits and dashes", param_hint="--key-id")
     if output.exists() and not force:
@@ -109,9 +118,19 @@ def keygen(
     with os.fdopen(fd, "w") as handle:
         handle.write(key.seed_b64 + "\n")
     typer.echo(key.trusted_key)
+    pinned = json.dumps({key.key_id: key.public_b64})
+    if lineage:
+        typer.echo(
+            f"wrote the seed to {output}; give it to the worker only "
+            f"(PREFECT_GOVERNANCE_LINEAGE_KEY=<seed>, PREFECT_GOVERNANCE_LINEAGE_KEY_ID="
+            f"{key.key_id}), and pin the public key on every worker and verifier: "
+            f"PREFECT_GOVERNANCE_LINEAGE_KEYS='{pinned}'",
+            err=True,
+        )
+        return
     typer.echo(
         f"wrote the seed to {output}; pin the public key on every governed worker: "
-        f"{KEYS_ENV}='{json.dumps({key.key_id: key.public_b64})}'",
+        f"{KEYS_ENV}='{pinned}'",
         err=True,
     )
 
@@ -310,14 +329,16 @@ def lineage_show(
 
 @lineage_app.command("verify")
 def lineage_verify(url: UrlOption = None) -> None:
-    """Recompute every chain; name the first altered, deleted or reordered record (exit 1)."""
+    """Recompute every chain; name the first altered, deleted or reordered record, and the
+    records no key pinned in PREFECT_GOVERNANCE_LINEAGE_KEYS vouches for (exit 1)."""
     from prefect_governance.report import verify_report
 
     store = _store(url)
     problems = store.verify()
-    typer.echo(verify_report(store.lengths(), problems))
+    unvouched = store.unvouched_chains()
+    typer.echo(verify_report(store.lengths(), problems, unvouched, pinned=sorted(store.keys)))
     store.dispose()
-    raise typer.Exit(1 if problems else 0)
+    raise typer.Exit(1 if problems or unvouched else 0)
 
 
 @lineage_app.command("upgrade")

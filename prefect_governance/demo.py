@@ -140,6 +140,13 @@ async def _setup(home: Path, opa_url: str | None, owner: SigningKey) -> LineageS
     if opa_url:
         os.environ["PREFECT_GOVERNANCE_OPA_URL"] = opa_url
     print(f"generated the pool owner's key; the workers pin {owner.trusted_key}")
+    lineage_key = SigningKey.generate("demo-lineage")  # the workers' only; pinned to verify
+    os.environ["PREFECT_GOVERNANCE_LINEAGE_KEY"] = lineage_key.seed_b64
+    os.environ["PREFECT_GOVERNANCE_LINEAGE_KEY_ID"] = lineage_key.key_id
+    os.environ["PREFECT_GOVERNANCE_LINEAGE_KEYS"] = json.dumps(
+        {lineage_key.key_id: lineage_key.public_b64}
+    )
+    print(f"generated the workers' lineage key; verifiers pin {lineage_key.trusted_key}")
     print("applying blocks/ (agents signed with the pool owner's key) ...")
     for change in await apply_documents(load_documents(ROOT / "blocks"), agent_key=owner):
         print(f"  {change.action:9}  {change.kind:13}  {change.name}")
@@ -367,8 +374,9 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
     print(lineage_table(store.recent(60)))
     print("\n$ prefect-governance lineage verify")
     problems = store.verify()
-    print(verify_report(store.lengths(), problems))
-    ok &= not problems
+    unvouched = store.unvouched_chains()
+    print(verify_report(store.lengths(), problems, unvouched, pinned=sorted(store.keys)))
+    ok &= not problems and not unvouched
     store.dispose()
     if not ok:
         print(f"\nthe demo did not go as expected; worker logs: {home}/worker*.log")

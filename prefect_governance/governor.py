@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
 from prefect_governance.approvals import approvals_for_run
@@ -47,7 +48,7 @@ from prefect_governance.lineage import (
     report_problem_event,
     task_decision_event,
 )
-from prefect_governance.memory import CommitResult, MemoryStore
+from prefect_governance.memory import CommitResult, MemoryStore, commit_in
 from prefect_governance.models import (
     DEFAULT_TASK_POLICY_PATH,
     Approval,
@@ -69,6 +70,7 @@ from prefect_governance.runtime import PROPOSAL_KEY
 from prefect_governance.settings import (
     GovernanceSettings,
     default_lineage_url,
+    lineage_signer,
     worker_policy_dir,
 )
 from prefect_governance.signing import SigningKey, sign
@@ -196,6 +198,11 @@ class Governor:
         self._memories: dict[str, MemoryStore] = {}
         self._keys: dict[str | None, SigningKey] = {}
         self._lock = anyio.Lock()
+        # The key this worker signs lineage records with: configured, or this process's own.
+        signer = lineage_signer(self.settings, ephemeral=True)
+        assert signer is not None
+        self.lineage_signer: SigningKey = signer
+        self.lineage_key_is_ephemeral = self.settings.lineage_key is None
 
     # --- the parts, built once and reused -----------------------------------
 
@@ -228,9 +235,14 @@ class Governor:
                     url = self.settings.lineage_url.get_secret_value()
                 else:
                     url = default_lineage_url()
-                timeout = self.settings.lineage_append_timeout
                 self._stores[block_name] = await anyio.to_thread.run_sync(
-                    partial(LineageStore, url, append_timeout=timeout)
+                    partial(
+                        LineageStore,
+                        url,
+                        append_timeout=self.settings.lineage_append_timeout,
+                        signer=self.lineage_signer,
+                        keys=self.settings.lineage_keys,
+                    )
                 )
             return self._stores[block_name]
 
@@ -429,12 +441,13 @@ class Governor:
         # A refusal costs the agent trust; an engine that could not answer is not its doing.
         decision = assessment.decision
         charged = assessment.costs_trust and decision.error is None
+        derive = None
         if not decision.runs and assessment.agent is not None and charged:
-            trust = await anyio.to_thread.run_sync(
-                _trust_event, store, assessment, flow_run_id, ["refused"]
-            )
-            events.append(trust)
-        await anyio.to_thread.run_sync(store.append, *events)
+
+            def derive(connection: Connection) -> list[LineageEvent]:
+                return [_trust_event(store, connection, assessment, flow_run_id, ["refused"])]
+
+        await anyio.to_thread.run_sync(partial(store.append, *events, derive=derive))
 
     def sign(self, key: SigningKey, assessment: Assessment) -> str:
         """The signed grant, as the JSON the run's environment carries."""
@@ -474,27 +487,32 @@ class Governor:
                 status_code=status_code,
             )
         )
-        agent = assessment.agent
-        rejected = False
-        if agent is not None and proposals:
-            memory_event, rejected = await anyio.to_thread.run_sync(
-                self._settle_memory, store, assessment, flow_run_id, state, proposals
-            )
-            events.append(memory_event)
-        if agent is not None and assessment.decision.verdict != "ungoverned":
-            trust_events = run_events(
-                verdict=assessment.decision.verdict,
-                state=state,
-                warned=bool(assessment.decision.warn),
-                memory_rejected=rejected,
-            )
-            events.append(
-                await anyio.to_thread.run_sync(
-                    _trust_event, store, assessment, flow_run_id, trust_events
+
+        def derive(connection: Connection) -> list[LineageEvent]:
+            """Memory and trust, settled in the transaction that records the outcome (once
+            per decision, under the agent's chain lock)."""
+            derived, rejected = [], False
+            if assessment.agent is None:
+                return derived
+            if proposals:
+                memory_event, rejected = _settle_memory(
+                    connection, assessment, flow_run_id, state, proposals
                 )
-            )
+                derived.append(memory_event)
+            if assessment.decision.verdict != "ungoverned":
+                trust_events = run_events(
+                    verdict=assessment.decision.verdict,
+                    state=state,
+                    warned=bool(assessment.decision.warn),
+                    memory_rejected=rejected,
+                )
+                derived.append(
+                    _trust_event(store, connection, assessment, flow_run_id, trust_events)
+                )
+            return derived
+
         return await anyio.to_thread.run_sync(
-            partial(store.append, *events, once_per_decision="outcome")
+            partial(store.append, *events, once_per_decision="outcome", derive=derive)
         )
 
     async def _inside_events(
@@ -569,65 +587,67 @@ class Governor:
             "worker_deny": again.deny,
         }
 
-    def _settle_memory(
-        self,
-        store: LineageStore,
-        assessment: Assessment,
-        flow_run_id: str,
-        state: str,
-        proposals: list[dict[str, Any]],
-    ) -> tuple[LineageEvent, bool]:
-        """Commit the run's memory proposals, or reject them; return the event and rejected."""
-        agent = assessment.agent
-        assert agent is not None
-        base = assessment.memory.version if assessment.memory else 0
-        common = {
-            "agent_id": agent.id,
-            "flow_run_id": flow_run_id,
-            "decision_id": assessment.decision.id,
-        }
-        patches, problems = _proposal_patches(proposals, assessment.decision.id)
-        if state != "COMPLETED":
-            return LineageEvent(
-                kind="memory_discarded",
-                **common,
-                payload={
-                    "base_version": base,
-                    "reason": f"the run ended {state}, not COMPLETED",
-                },
-            ), False
-        result: CommitResult | None = None
-        if not problems:
-            result = self.memory(store).commit(
-                agent.id,
-                patches,
-                base_version=base,
-                schema=agent.memory_schema,
-                decision_id=assessment.decision.id,
-                flow_run_id=flow_run_id,
-            )
-            problems = list(result.errors)
-        if problems or result is None or not result.committed:
-            return LineageEvent(
-                kind="memory_rejected",
-                **common,
-                reasons=problems,
-                payload={
-                    "base_version": base,
-                    "errors": problems,
-                },
-            ), True
+
+def _settle_memory(
+    connection: Connection,
+    assessment: Assessment,
+    flow_run_id: str,
+    state: str,
+    proposals: list[dict[str, Any]],
+) -> tuple[LineageEvent, bool]:
+    """Commit the run's memory proposals inside ``connection``'s transaction, or reject
+    them; return the event and whether they were rejected."""
+    agent = assessment.agent
+    assert agent is not None
+    base = assessment.memory.version if assessment.memory else 0
+    common = {
+        "agent_id": agent.id,
+        "flow_run_id": flow_run_id,
+        "decision_id": assessment.decision.id,
+    }
+    patches, problems = _proposal_patches(proposals, assessment.decision.id)
+    if state != "COMPLETED":
         return LineageEvent(
-            kind="memory_commit",
+            kind="memory_discarded",
             **common,
             payload={
-                "version": result.version,
-                "content_hash": result.content_hash,
-                "schema_hash": agent.memory_schema_hash,
                 "base_version": base,
-                "rebased": result.rebased,
+                "reason": f"the run ended {state}, not COMPLETED",
             },
         ), False
+    result: CommitResult | None = None
+    if not problems:
+        result = commit_in(
+            connection,
+            agent.id,
+            patches,
+            base_version=base,
+            schema=agent.memory_schema,
+            decision_id=assessment.decision.id,
+            flow_run_id=flow_run_id,
+        )
+        problems = list(result.errors)
+    if problems or result is None or not result.committed:
+        return LineageEvent(
+            kind="memory_rejected",
+            **common,
+            reasons=problems,
+            payload={
+                "base_version": base,
+                "errors": problems,
+            },
+        ), True
+    return LineageEvent(
+        kind="memory_commit",
+        **common,
+        payload={
+            "version": result.version,
+            "content_hash": result.content_hash,
+            "schema_hash": agent.memory_schema_hash,
+            "base_version": base,
+            "rebased": result.rebased,
+        },
+    ), False
 
 
 def _proposal_patches(
@@ -647,13 +667,18 @@ def _proposal_patches(
 
 
 def _trust_event(
-    store: LineageStore, assessment: Assessment, flow_run_id: str, events: list[str]
+    store: LineageStore,
+    connection: Connection,
+    assessment: Assessment,
+    flow_run_id: str,
+    events: list[str],
 ) -> LineageEvent:
-    """The trust update of one run, from the agent's latest score (not the decision-time one,
-    which another run of the same agent may have moved since)."""
+    """The trust update of one run, from the agent's latest vouched score as the append's
+    transaction reads it under the chain's lock (not the decision-time one, which another
+    run of the same agent may have moved since)."""
     agent = assessment.agent
     assert agent is not None
-    latest = trust_history(store, agent.id, 1)
+    latest = store.scores(agent.id, 1, connection=connection)
     before = latest[-1] if latest else agent.trust_baseline
     after = next_score(before, events, agent.trust_weights)  # type: ignore[arg-type]
     return LineageEvent(
@@ -681,28 +706,22 @@ def agent_state(
 
 
 def last_decided_version(store: LineageStore, agent_id: str) -> int | None:
-    """The agent version the agent's latest decision was made with (None: none recorded)."""
+    """The agent version the agent's latest vouched decision was made with (None: none)."""
     with Session(store.engine) as session:
-        row = session.exec(
-            select(LineageEvent)  # the chain's (chain, seq) index: one row
+        rows = session.exec(
+            select(LineageEvent)  # the chain's (chain, seq) index, newest first
             .where(LineageEvent.chain == chain_of(agent_id), LineageEvent.kind == "decision")
             .order_by(LineageEvent.seq.desc())
-            .limit(1)
-        ).first()
+            .limit(50)
+        )
+        row = next((r for r in rows if store.vouched(r) is not None), None)
     version = (row.payload or {}).get("agent_version") if row is not None else None
     return int(version) if isinstance(version, int) else None
 
 
 def trust_history(store: LineageStore, agent_id: str, k: int) -> list[float]:
-    """The agent's last k trust scores, oldest first."""
-    with Session(store.engine) as session:
-        rows = session.exec(
-            select(LineageEvent)  # the chain's (chain, seq) index: k rows, however long the chain
-            .where(LineageEvent.chain == chain_of(agent_id), LineageEvent.kind == "trust")
-            .order_by(LineageEvent.seq.desc())
-            .limit(k)
-        ).all()
-    return [float(row.payload["score"]) for row in reversed(rows)]
+    """The agent's last k vouched trust scores, oldest first."""
+    return store.scores(agent_id, k)
 
 
 async def _publish(key: SigningKey, client: PrefectClient) -> None:

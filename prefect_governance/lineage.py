@@ -761,8 +761,8 @@ class LineageStore:
         query = select(_EVENTS).where(_EVENTS.c.chain == chain, _EVENTS.c.signature.is_not(None))
         if below is not None:
             query = query.where(_EVENTS.c.seq < below)
-        rows = connection.execution_options(yield_per=100).execute(
-            query.order_by(_EVENTS.c.seq.desc())
+        rows = connection.execute(
+            query.order_by(_EVENTS.c.seq.desc()).execution_options(yield_per=100)
         )
         try:
             return next((row for row in rows if self.vouched(row) is not None), None)
@@ -809,6 +809,10 @@ class LineageStore:
         )
         _normalise(marker)
         return marker
+
+    def unvouched_chains(self) -> dict[str, list[tuple[int, int]]]:
+        """Every chain that has records no pinned key vouches for, and their seq ranges."""
+        return {chain: ranges for chain in self.chains() if (ranges := self.unvouched(chain))}
 
     def unvouched(self, chain: str) -> list[tuple[int, int]]:
         """The seq ranges of a chain's records no pinned key vouches for (see lineage_auth);
@@ -876,7 +880,7 @@ class LineageStore:
         with contextlib.ExitStack() as stack:
             if connection is None:
                 connection = stack.enter_context(self.engine.connect())
-            rows = connection.execution_options(yield_per=max(k, 1)).execute(query)
+            rows = connection.execute(query.execution_options(yield_per=max(k, 1)))
             stack.callback(rows.close)
             for row in rows:
                 if len(found) >= k:

@@ -1,10 +1,10 @@
 """Agent memory: a JSON document per agent, versioned, under the agent's JSON Schema.
 
 Runs propose JSON merge patches (RFC 7386). A proposal is validated against
-the schema and committed as the next version; commits are optimistic, so two
-runs that commit at once never lose an update: a commit that finds its base
-version stale is re-based on the latest version (the patch is applied again
-and validated again), never written over it.
+the schema and committed as the next version, never over another: a commit applies
+the patches to the latest version (re-basing a proposal whose base went stale: applied
+and validated again). The governor commits inside the lineage append that records the
+commit (``commit_in``), under the agent's chain lock.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, UniqueConstraint, insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, select
 
@@ -81,7 +82,8 @@ class CommitResult:
     errors: tuple[str, ...] = ()
 
 
-def snapshot(row: AgentMemory | None) -> MemorySnapshot:
+def snapshot(row: Any) -> MemorySnapshot:
+    """A memory version (a row of the table) as a snapshot; None: no version yet."""
     if row is None:
         return MemorySnapshot()
     return MemorySnapshot(
@@ -128,44 +130,68 @@ class MemoryStore:
         flow_run_id: str | None,
         attempts: int = 20,
     ) -> CommitResult:
-        """Apply the patches on the latest version, validate, insert the next version."""
-        schema_hash = sha256_of(schema)
+        """Apply the patches on the latest version, validate, insert the next version (in a
+        transaction of its own, re-based when another commit took that version first)."""
         for _ in range(attempts):
-            with Session(self.engine, expire_on_commit=False) as session:
-                latest = self._latest(session, agent_id)
-                current = snapshot(latest)
-                content: Any = current.content
-                for patch in patches:
-                    content = merge_patch(content, patch)
-                errors = schema_errors(content, schema)
-                if errors:
-                    return CommitResult(
-                        False,
+            try:
+                with self.engine.begin() as connection:
+                    return commit_in(
+                        connection,
+                        agent_id,
+                        patches,
                         base_version=base_version,
-                        errors=tuple(errors),
-                        rebased=current.version != base_version,
+                        schema=schema,
+                        decision_id=decision_id,
+                        flow_run_id=flow_run_id,
                     )
-                row = AgentMemory(
-                    agent_id=agent_id,
-                    version=current.version + 1,
-                    content=content,
-                    content_hash=sha256_of(content),
-                    schema_hash=schema_hash,
-                    decision_id=decision_id,
-                    flow_run_id=flow_run_id,
-                )
-                session.add(row)
-                try:
-                    session.commit()
-                except IntegrityError:
-                    session.rollback()
-                    time.sleep(random.uniform(0.001, 0.02))
-                    continue  # someone committed that version first: re-base
-                return CommitResult(
-                    True,
-                    version=row.version,
-                    content_hash=row.content_hash,
-                    base_version=base_version,
-                    rebased=current.version != base_version,
-                )
+            except IntegrityError:
+                time.sleep(random.uniform(0.001, 0.02))  # that version was taken: re-base
         raise RuntimeError(f"memory of agent {agent_id!r}: no commit after {attempts} attempts")
+
+
+_MEMORY = AgentMemory.__table__
+
+
+def commit_in(
+    connection: Connection,
+    agent_id: str,
+    patches: list[dict[str, Any]],
+    *,
+    base_version: int,
+    schema: dict[str, Any],
+    decision_id: str | None,
+    flow_run_id: str | None,
+) -> CommitResult:
+    """Apply the patches on the latest version, validate, insert the next version, inside
+    the caller's transaction (the lineage append that records the commit, under the
+    agent's chain lock: so a run's memory is committed once, with its record)."""
+    latest = connection.execute(
+        select(_MEMORY)
+        .where(_MEMORY.c.agent_id == agent_id)
+        .order_by(_MEMORY.c.version.desc())
+        .limit(1)
+    ).first()
+    current = snapshot(latest)
+    content: Any = current.content
+    for patch in patches:
+        content = merge_patch(content, patch)
+    rebased = current.version != base_version
+    errors = schema_errors(content, schema)
+    if errors:
+        return CommitResult(False, base_version=base_version, errors=tuple(errors), rebased=rebased)
+    version, content_hash = current.version + 1, sha256_of(content)
+    connection.execute(
+        insert(_MEMORY).values(
+            agent_id=agent_id,
+            version=version,
+            content=content,
+            content_hash=content_hash,
+            schema_hash=sha256_of(schema),
+            decision_id=decision_id,
+            flow_run_id=flow_run_id,
+            created_at=_now(),
+        )
+    )
+    return CommitResult(
+        True, version=version, content_hash=content_hash, base_version=base_version, rebased=rebased
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prefect_governance.lineage import ChainProblem, LineageEvent
@@ -166,21 +166,44 @@ def agent_report(
     return "\n".join(lines)
 
 
-def verify_report(chain_sizes: dict[str, int], problems: Sequence[ChainProblem]) -> str:
-    """What `prefect-governance lineage verify` prints."""
+def _ranges(ranges: Sequence[tuple[int, int]]) -> str:
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in ranges)
+
+
+def verify_report(
+    chain_sizes: dict[str, int],
+    problems: Sequence[ChainProblem],
+    unvouched: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    *,
+    pinned: Sequence[str] = (),
+) -> str:
+    """What `prefect-governance lineage verify` prints: each chain intact or broken, and the
+    records of it no pinned key vouches for (which count as absent)."""
     bad = {p.chain: p for p in problems}
+    unvouched = unvouched or {}
+
+    def status(chain: str) -> str:
+        if chain in bad:
+            return f"BROKEN: {bad[chain].message}"
+        if chain in unvouched:
+            return f"intact; NOT VOUCHED FOR (ignored): records {_ranges(unvouched[chain])}"
+        return "intact, vouched for"
+
     lines = [
-        f"{chain:24} {size:6} records  "
-        + (f"BROKEN: {bad[chain].message}" if chain in bad else "intact")
+        f"{chain:24} {size:6} records  {status(chain)}"
         for chain, size in sorted(chain_sizes.items())
     ]
     total = sum(chain_sizes.values())
-    verdict = (
-        f"{len(problems)} of {len(chain_sizes)} chains broken"
-        if problems
-        else f"all {len(chain_sizes)} chains intact ({total} records)"
-    )
-    return "\n".join([*lines, verdict])
+    verdicts = []
+    if problems:
+        verdicts.append(f"{len(problems)} of {len(chain_sizes)} chains broken")
+    if unvouched:
+        count = sum(b - a + 1 for ranges in unvouched.values() for a, b in ranges)
+        keys = ", ".join(pinned) or "none: set PREFECT_GOVERNANCE_LINEAGE_KEYS"
+        verdicts.append(f"{count} records not vouched for by a pinned key (pinned: {keys})")
+    if not verdicts:
+        verdicts.append(f"all {len(chain_sizes)} chains intact and vouched for ({total} records)")
+    return "\n".join([*lines, *verdicts])
 
 
 def chain_table(events: Sequence[LineageEvent]) -> str:

@@ -8,7 +8,9 @@ process worker; its outcome is written to the lineage.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -168,6 +170,18 @@ class GovernedProcessVariables(ProcessVariables):
     )
 
 
+def _not_dumpable() -> None:
+    """Keep other processes of this OS user (a flow run's code among them) out of the
+    worker's memory and environment, where its keys are: Linux's PR_SET_DUMPABLE 0 makes
+    /proc/PID/{mem,environ} and ptrace root's only (root itself is not kept out)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+
+
 class RunRefused(Exception):
     """Handed to the worker's task status so the slot is released and no PID is set."""
 
@@ -201,6 +215,14 @@ class GovernedProcessWorker(ProcessWorker):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.governor = Governor()
+        _not_dumpable()
+        if self.governor.lineage_key_is_ephemeral:
+            self._logger.warning(
+                "No PREFECT_GOVERNANCE_LINEAGE_KEY: lineage records are signed with key %r, "
+                "made for this worker process only, which no verifier pins (`prefect-governance "
+                "keygen` makes one to set here and pin in PREFECT_GOVERNANCE_LINEAGE_KEYS)",
+                self.governor.lineage_signer.key_id,
+            )
         self._reconciled_at: float | None = None
         self._in_flight: set[str] = set()  # flow runs this worker is handling
         self._gate_refusals: set[str] = set()  # refused starts known to be in the lineage

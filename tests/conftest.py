@@ -19,10 +19,13 @@ import pytest
 
 from prefect_governance.local import PrefectServer, free_port, spawn, stop, wait_http
 from tests.agents import TEST_AGENT_KEYS
+from tests.lineage_keys import LINEAGE_ENV
 
 # Every governor in this process and every worker it spawns pins the test pool-owner key
 # (agents are saved signed with it: tests/agents.py).
 os.environ["PREFECT_GOVERNANCE_AGENT_KEYS"] = TEST_AGENT_KEYS
+# ... and signs the lineage with the test lineage key, which every store here believes.
+os.environ.update(LINEAGE_ENV)
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"
