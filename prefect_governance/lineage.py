@@ -605,13 +605,20 @@ def _check_head(chain: str, last: Any, stored: Any) -> ChainProblem | None:
     return None
 
 
+class _FromSettings:
+    """The default of a store's signer: the configured lineage key, if any."""
+
+
+FROM_SETTINGS = _FromSettings()
+
+
 class LineageStore:
     """Append and read lineage events at one database URL.
 
     Opening a store migrates its database to the current schema (see ``migrations``).
-    ``signer`` signs every appended record; ``keys`` (key id to public key) are the keys
-    whose signatures this store believes, with the signer's own. Both default to the
-    settings (``PREFECT_GOVERNANCE_LINEAGE_KEY`` and ``..._LINEAGE_KEYS``).
+    ``signer`` signs every appended record (None: signs nothing); ``keys`` (key id to
+    public key) are the keys whose signatures this store believes, with the signer's own.
+    Both default to the settings (``PREFECT_GOVERNANCE_LINEAGE_KEY``, ``..._KEYS``).
     """
 
     def __init__(
@@ -619,16 +626,17 @@ class LineageStore:
         url: str,
         *,
         append_timeout: float = 15.0,
-        signer: SigningKey | None = None,
+        signer: SigningKey | _FromSettings | None = FROM_SETTINGS,
         keys: Mapping[str, str] | None = None,
     ):
         self.url = url
         self.append_timeout = append_timeout  # seconds an append may keep retrying
-        if signer is None or keys is None:
+        if isinstance(signer, _FromSettings) or keys is None:
             from prefect_governance.settings import GovernanceSettings, lineage_signer
 
             settings = GovernanceSettings()
-            signer = signer or lineage_signer(settings, ephemeral=False)
+            if isinstance(signer, _FromSettings):
+                signer = lineage_signer(settings, ephemeral=False)
             keys = settings.lineage_keys if keys is None else keys
         self.signer = signer
         self.keys: dict[str, str] = dict(keys)

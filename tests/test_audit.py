@@ -610,3 +610,47 @@ def test_usage_and_connection_errors_exit_2(prefect_server, world):
     assert offline.returncode == 2, offline.stdout + offline.stderr
     assert "the audit could not be done" in offline.stderr
     assert time.monotonic() - started < 110
+
+
+@pytest.mark.e2e
+def test_a_planted_decision_does_not_hide_a_run_that_executed_without_one(prefect_server, world):
+    """Attack (issue 15, 2): whoever can write the lineage database (the flow's own code,
+    under the worker's OS user) plants an allowed decision for the bypassed run, with
+    the labels to match. Not signed by the worker's lineage key, it counts as absent."""
+    run_id = str(world.runs["bypass"])
+    forger = LineageStore(world.lineage_url, signer=None)  # no lineage key: signs nothing
+    try:
+        planted = LineageEvent(
+            kind="decision",
+            agent_id="audit-etl",
+            flow_run_id=run_id,
+            decision_id="planted-decision",
+            verdict="allowed",
+            allow=True,
+        )
+        forger.append(planted)
+        forger.append(
+            LineageEvent(
+                kind="outcome",
+                agent_id="audit-etl",
+                flow_run_id=run_id,
+                decision_id="planted-decision",
+                state="COMPLETED",
+            )
+        )
+        assert forger.unvouched("audit-etl"), "the planted records are not vouched for"
+    finally:
+        forger.dispose()
+
+    async def relabel():
+        async with get_client() as client:
+            await client.update_flow_run_labels(
+                world.runs["bypass"],
+                {"governance.decision": "allowed", "governance.decision_id": "planted-decision"},
+            )
+
+    asyncio.run(relabel())
+    as_json = _cli(prefect_server, "--pool", BYPASS, "--json")
+    assert as_json.returncode == 1, as_json.stdout + as_json.stderr
+    [finding] = _findings(as_json)
+    assert (finding["kind"], finding["flow_run_id"]) == ("executed_without_decision", run_id)
