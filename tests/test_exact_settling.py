@@ -11,6 +11,7 @@ agent chain's lock, after the once-per-decision check.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import Iterator
 
@@ -83,7 +84,7 @@ def test_concurrent_refusals_charge_trust_once_each(url):
         trust = [e for e in store.chain(agent.id) if e.kind == "trust"]
         assert len(trust) == REFUSALS
         assert trust[0].payload["previous"] == agent.trust_baseline
-        for before, after in zip(trust, trust[1:], strict=False):
+        for before, after in itertools.pairwise(trust):
             assert after.payload["previous"] == before.payload["score"], "an update was lost"
         assert trust[-1].payload["score"] == pytest.approx(1.0 - REFUSALS * 0.04)
         assert trust_history(store, agent.id, 100)[-1] == trust[-1].payload["score"]
