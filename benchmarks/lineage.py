@@ -4,7 +4,9 @@ Appends: each writer is its own process (as each worker is) with its own agent
 chain, appending one decision event per transaction (chained, hashed and
 committed durably: SQLite in WAL with synchronous=FULL, PostgreSQL with fsync and
 synchronous_commit on), on SQLite and on PostgreSQL, with 1 and 4 writers.
-Verification: ``LineageStore.verify()`` over a chain of 100,000 events.
+Every record is signed with a lineage key, as a governed worker signs it.
+Verification: ``LineageStore.verify()`` and ``unvouched`` (what ``lineage verify``
+runs) over a chain of 100,000 events.
 Writes benchmarks/results/lineage.json.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common import write_result
-from workload import decision_record, history
+from workload import KEY, decision_record, history
 
 from prefect_governance.lineage import LineageStore
 
@@ -28,7 +30,7 @@ WRITERS = (1, 4)
 
 
 def _writer(url: str, chain: str, count: int, barrier: Any, out: Any) -> None:
-    store = LineageStore(url)
+    store = LineageStore(url, signer=KEY)
     barrier.wait()
     started = time.monotonic()
     for i in range(count):
@@ -59,7 +61,7 @@ def append_rate(url: str, writers: int, per_writer: int) -> float:
 
 def verify_rate(url: str, events: int) -> tuple[float, float]:
     """Events verified per second on one chain of ``events`` records (and seed rate)."""
-    store = LineageStore(url)
+    store = LineageStore(url, signer=KEY)
     started = time.monotonic()
     seeded = 0
     for batch in history("verify-agent", events, batch=1000):
@@ -68,10 +70,13 @@ def verify_rate(url: str, events: int) -> tuple[float, float]:
     seed_rate = seeded / (time.monotonic() - started)
     started = time.monotonic()
     problems = store.verify()
+    unvouched = store.unvouched_chains()
     elapsed = time.monotonic() - started
     store.dispose()
     if problems:
         raise RuntimeError(f"the seeded chain does not verify: {problems[0].message}")
+    if unvouched:
+        raise RuntimeError(f"the seeded chain is not vouched for: {unvouched}")
     return seeded / elapsed, seed_rate
 
 

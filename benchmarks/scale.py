@@ -28,7 +28,7 @@ from typing import Any
 
 from common import ROOT, percentiles, write_result
 from sqlalchemy import insert
-from workload import decision_record, history, policy_input
+from workload import KEY, decision_record, history, policy_input
 
 from prefect_governance.blocks import GovernanceAgent
 from prefect_governance.canonical import sha256_of
@@ -84,7 +84,7 @@ class History:
 
     def __init__(self, url: str, events: int):
         self.events = events
-        self.store = LineageStore(url)
+        self.store = LineageStore(url, signer=KEY)  # as a governed worker signs
         seed(self.store, events)
         self.engine, self.agent = EmbeddedEngine(ROOT / "policies"), agent()
         self.memory, self.input = MemoryStore(self.store.engine), policy_input()

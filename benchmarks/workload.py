@@ -15,6 +15,7 @@ from common import ROOT
 
 from prefect_governance.lineage import LineageEvent, decision_event, outcome_event
 from prefect_governance.models import Decision
+from prefect_governance.signing import SigningKey
 
 EXAMPLE = ROOT / "policies/examples/allowed/input.json"
 
@@ -29,6 +30,10 @@ def policy_input(parameters: int = 20) -> dict[str, Any]:
 
 
 _ENVELOPE = policy_input()["envelope"]
+
+
+# The lineage key the benchmarks sign with, as a governed worker does.
+KEY = SigningKey.from_seed("bench-lineage", "YmVuY2gtbGluZWFnZS1rZXktc2VlZC0wMDAwMDAwMDA")
 
 
 def decision_record(agent_id: str, run: int) -> LineageEvent:

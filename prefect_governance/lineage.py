@@ -881,7 +881,11 @@ class LineageStore:
         transaction when given)."""
         query = (
             select(_EVENTS)  # the chain's (chain, seq) index, newest first
-            .where(_EVENTS.c.chain == chain_of(agent_id), _EVENTS.c.kind == "trust")
+            .where(
+                _EVENTS.c.chain == chain_of(agent_id),
+                _EVENTS.c.kind == "trust",
+                _EVENTS.c.signature.is_not(None),
+            )
             .order_by(_EVENTS.c.seq.desc())
         )
         found: list[float] = []
