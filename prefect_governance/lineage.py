@@ -63,7 +63,7 @@ APPEND_ATTEMPTS = 20
 VERIFY_PAGE = 2000
 _CHAIN_SEQ_CONSTRAINT = "uq_governance_event_chain_seq"
 _NOT_HASHED = frozenset({"id", "hash", "signature"})
-_GOOD_CACHE = 200_000  # vouched hashes a store remembers
+_GOOD_CACHE = 200_000  # verified signatures a store remembers
 _JSON_COLUMNS = ("reasons", "warnings", "payload")
 
 
@@ -642,7 +642,7 @@ class LineageStore:
         self.keys: dict[str, str] = dict(keys)
         if signer is not None:
             self.keys[signer.key_id] = signer.public_b64
-        self._good: dict[str, Vouch] = {}  # hashes of records whose signature verified
+        self._good: dict[tuple[str, str | None], Vouch] = {}  # signatures that verified
         self._heads_vouched: dict[str, tuple[int, str | None, int, int]] = {}
         # JSON is stored in canonical form, so verify can hash the stored text as it is.
         self.engine: Engine = create_engine(url, pool_pre_ping=True, json_serializer=_json_text)
@@ -749,15 +749,17 @@ class LineageStore:
     def vouched(self, row: Any) -> Vouch | None:
         """What a pinned key vouches for a record (an event or a row with its columns):
         None unless its content hashes to its hash and its signature verifies."""
-        record_hash = getattr(row, "hash", None)
-        if record_hash in self._good:
-            return self._good[record_hash]
-        vouch = vouch_of(record_hash, getattr(row, "signature", None), self.keys)
-        if vouch is None or event_hash(row) != record_hash:
+        record_hash, signature = getattr(row, "hash", None), getattr(row, "signature", None)
+        if not record_hash or event_hash(row) != record_hash:
             return None
-        if len(self._good) >= _GOOD_CACHE:
-            self._good.clear()
-        self._good[str(record_hash)] = vouch
+        known = (record_hash, signature)  # a signature verifies once per store
+        if known in self._good:
+            return self._good[known]
+        vouch = vouch_of(record_hash, signature, self.keys)
+        if vouch is not None:
+            if len(self._good) >= _GOOD_CACHE:
+                self._good.clear()
+            self._good[known] = vouch
         return vouch
 
     def authentic(self, rows: Iterable[Any]) -> list[Any]:

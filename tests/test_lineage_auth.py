@@ -98,12 +98,25 @@ def test_reads_skip_what_no_pinned_key_vouches_for(url):
                     "WHERE seq = (SELECT MAX(seq) FROM governance_event)"
                 )
             )
+        assert reader.scores("agent", 10) == [0.5]  # the reader has verified record 2
+        # A perfect score wearing record 2's hash and signature, as the newest record.
+        with forger.engine.begin() as connection:
+            payload = "CAST(:payload AS JSON)" if "postgresql" in url else ":payload"
+            connection.execute(
+                text(
+                    "INSERT INTO governance_event (event_id, created_at, kind, agent_id, "
+                    "reasons, warnings, payload, chain, seq, prev_hash, hash, signature) "
+                    f"SELECT 'copied', created_at, kind, agent_id, reasons, warnings, {payload}, "
+                    "chain, 99, prev_hash, hash, signature FROM governance_event WHERE seq = 2"
+                ),
+                {"payload": '{"score": 1.0}'},
+            )
         for store in (reader, LineageStore(url, signer=None, keys=PINNED)):  # cached, cold
             assert store.scores("agent", 10) == [0.5]
             assert store.refusal_of("r2") is None
             assert [e.flow_run_id for e in store.unsettled()] == ["r1"]
             assert store.decision_counts("agent") == (1, 0)
-            assert store.unvouched("agent")[0] == (3, 5)
+            assert store.unvouched("agent") == [(3, 5), (7, 99)]
         markers = [e for e in reader.chain("agent") if e.kind == UNVOUCHED]
         assert [(m.payload["from_seq"], m.payload["to_seq"]) for m in markers] == [(3, 5)]
         assert reader.verify()[0].kind == "altered", "the changed record breaks the chain"
