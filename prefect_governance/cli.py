@@ -374,7 +374,8 @@ def lineage_export(
     agent: Annotated[str | None, typer.Option(help="Only this agent's runs.")] = None,
     url: UrlOption = None,
 ) -> None:
-    """Write governed runs as OpenLineage run events, one JSON object per line."""
+    """Write governed runs as OpenLineage run events, one JSON object per line (only the
+    records a pinned lineage key vouches for)."""
     import sys
 
     from prefect_governance.openlineage import to_openlineage, write_jsonl
@@ -383,7 +384,7 @@ def lineage_export(
         raise typer.BadParameter("only `openlineage` is supported", param_hint="--format")
     store = _store(url)
     chains = [agent] if agent else store.chains()
-    events = to_openlineage(row for chain in chains for row in store.chain(chain))
+    events = to_openlineage(row for chain in chains for row in store.authentic(store.chain(chain)))
     store.dispose()
     write_jsonl(events, output if output else sys.stdout)
 

@@ -554,3 +554,31 @@ def test_lineage_export_has_task_runs_under_their_flow_run(tmp_path):
     assert shell[1]["job"]["name"] == "unknown.run_shell"
     flow = [e for e in events if e["run"]["runId"] == flow_run]
     assert [e["eventType"] for e in flow] == ["START"]  # no outcome yet: uses wait for it
+
+
+def test_lineage_export_and_verify_leave_out_what_no_pinned_key_vouches_for(tmp_path):
+    """A decision written into the database by someone without the lineage key is named by
+    `lineage verify` and not exported as a governed run."""
+    url, flow_run, _ = _inside_run_store(tmp_path)
+    forger = LineageStore(url, signer=None)
+    planted = worker_refusal("planted", policy_path="p", mode="enforce", fail_mode="closed")
+    forger.append(
+        decision_event(planted, agent_id="a-in", flow_run_id="planted-run", envelope=None)
+    )
+    forger.dispose()
+    out = tmp_path / "events.jsonl"
+    export = subprocess.run(
+        [*CLI, "lineage", "export", "--url", url, "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
+    assert export.returncode == 0, export.stderr
+    runs = {json.loads(line)["run"]["runId"] for line in out.read_text().splitlines()}
+    assert flow_run in runs and "planted-run" not in runs
+    verify = subprocess.run(
+        [*CLI, "lineage", "verify", "--url", url], capture_output=True, text=True, env=os.environ
+    )
+    assert verify.returncode == 1, verify.stdout
+    assert "NOT VOUCHED FOR (ignored): records" in verify.stdout
+    assert "1 records not vouched for by a pinned key (pinned: test-lineage)" in verify.stdout
