@@ -149,6 +149,13 @@ async def _edit_schema(deployment_id: Any) -> dict[str, Any]:
         return (await client.read_deployment(deployment_id)).parameter_openapi_schema
 
 
+def _wait_decided(store: Any, run_id: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(e.kind == "decision" for e in store.recent(5, flow_run_id=str(run_id))):
+        assert time.monotonic() < deadline, "the worker did not decide the first run"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def attacked(prefect_server, opa_server, tmp_path_factory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("secrets")
@@ -163,8 +170,9 @@ def attacked(prefect_server, opa_server, tmp_path_factory) -> dict[str, Any]:
     worker = start_worker(POOL, prefect_server.home, prefect_server.api_url, worker_log)
     store = home_lineage(prefect_server.home)
     try:
-        asyncio.run(wait_final(list(runs.values()), timeout=180))
-        # Now the schema is edited, and a run carries a real secret.
+        # Once the worker has decided a run of it (and so remembered its schema), the
+        # schema is edited, and a run carries a real secret.
+        _wait_decided(store, runs["edited-before"], timeout=180)
         edited_schema = asyncio.run(_edit_schema(deployments["edited"]))
         runs["edited"] = asyncio.run(
             _start(deployments["edited"], tmp, "edited", {"unlock": planted["edited"]})
