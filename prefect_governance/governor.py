@@ -65,6 +65,7 @@ from prefect_governance.models import (
     WorkerRef,
     WorkPoolRef,
 )
+from prefect_governance.parameter_schemas import remembered_schema
 from prefect_governance.run_log import RUN_EVENTS_KEY, read_artifact_data, reported_events
 from prefect_governance.runtime import PROPOSAL_KEY
 from prefect_governance.settings import (
@@ -343,6 +344,20 @@ class Governor:
         if flow_run.parent_task_run_id:
             parent = await client.read_task_run(flow_run.parent_task_run_id)
             parent_flow_run_id = str(parent.flow_run_id) if parent.flow_run_id else None
+        reference_schema = None
+        if deployment is not None:  # the schema first seen for it: an edit unredacts nothing
+            try:
+                reference_schema = await anyio.to_thread.run_sync(
+                    remembered_schema,
+                    store.engine,
+                    str(deployment.id),
+                    deployment.parameter_openapi_schema,
+                )
+            except Exception as exc:
+                return refuse(
+                    "the deployment's reference parameter schema could not be read or "
+                    f"stored ({type(exc).__name__}); secrets could not be told apart"
+                )
         try:
             envelope = build_envelope(
                 flow_run=flow_run,
@@ -359,6 +374,7 @@ class Governor:
                 issued_at=now,
                 ttl=timedelta(seconds=self.settings.envelope_ttl),
                 redact_patterns=self.settings.redact_patterns,
+                reference_schema=reference_schema,
                 max_parameter_bytes=self.settings.max_parameter_bytes,
                 max_parameter_depth=self.settings.max_parameter_depth,
             )

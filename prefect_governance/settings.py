@@ -106,9 +106,22 @@ class GovernanceSettings(BaseSettings):
             "api_key",
             "apikey",
             "credential",
-            "private_key",
+            "private",
+            "auth",
+            "bearer",
+            "dsn",
+            "cookie",
+            "session",
+            "passphrase",
+            "pwd",
+            "access_key",
+            "signature",
+            "conn_str",
+            "connection_string",
         ],
-        description="Parameter names containing any of these (case-insensitive) are redacted.",
+        description="Parameter names (and member names at any depth) containing any of these "
+        "(case-insensitive) are redacted. `auth` covers authorization/authentication/oauth, "
+        "`credential` credentials, `private` private_key.",
     )
 
     @field_validator("agent_keys", "lineage_keys")

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prefect import flow
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 from prefect_governance.local import free_port, spawn, stop
 
@@ -255,3 +255,49 @@ def probe_flow(
 ) -> None:
     """Parameters named like the pool-only settings; leaves a marker of its governance env."""
     Path(marker).write_text(json.dumps(_governance_env()))
+
+
+# --- flows of the secrets attack suite (tests/attacks/test_secrets.py) -------------------
+# Parameter names here match no redaction pattern: only the schema or the value's shape
+# can tell that they are secrets.
+
+
+class Vault(BaseModel):
+    name: str
+    unlock: SecretStr
+
+
+class Estate(BaseModel):
+    vaults: list[Vault]
+    extra: dict[str, Vault] = {}
+
+
+@flow
+def tuple_flow(marker: str, pair: tuple[str, SecretStr]) -> None:
+    """A tuple whose second item is a SecretStr (its schema: ``prefixItems``)."""
+    Path(marker).write_text("ran")
+
+
+@flow
+def model_flow(marker: str, estate: Estate) -> None:
+    """A SecretStr inside models inside a list and a dict (``$ref``, ``items``,
+    ``additionalProperties``)."""
+    Path(marker).write_text("ran")
+
+
+@flow
+def edited_flow(marker: str, unlock: SecretStr | None = None) -> None:
+    """A SecretStr whose deployment schema an API client edits afterwards."""
+    Path(marker).write_text("ran")
+
+
+@flow
+def values_flow(
+    marker: str,
+    target: str = "",
+    note: str = "",
+    blob: str = "",
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Plain strings that hold secrets: only their shape (or a header's name) says so."""
+    Path(marker).write_text("ran")

@@ -686,14 +686,16 @@ def _lineage_database(postgres, password: str) -> str:
     return f"postgresql+psycopg://governance:{password}@127.0.0.1:{postgres.port}/{name}"
 
 
-async def _deploy(name: str, flow_name: str, job_variables: dict[str, Any]) -> Any:
+async def _deploy(
+    name: str, flow_name: str, job_variables: dict[str, Any], pool: str = "sec-pool"
+) -> Any:
     source = await prefect_flow.from_source(
         source=str(ROOT / "tests"), entrypoint=f"security_support.py:{flow_name}"
     )
     with contextlib.redirect_stdout(io.StringIO()):
         return await source.deploy(
             name=name,
-            work_pool_name="sec-pool",
+            work_pool_name=pool,
             job_variables=job_variables,
             build=False,
             push=False,

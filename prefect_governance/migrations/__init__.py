@@ -44,6 +44,7 @@ VERSION_TABLE = "governance_alembic_version"
 BASELINE = "0001"
 EVENT_TABLE = "governance_event"
 MEMORY_TABLE = "governance_agent_memory"
+PARAMETER_SCHEMA_TABLE = "governance_parameter_schema"
 BASELINE_TABLES = frozenset({EVENT_TABLE, MEMORY_TABLE})
 _LOCK_KEY = "prefect_governance:migrate"
 

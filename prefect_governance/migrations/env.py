@@ -17,9 +17,11 @@ def _target_metadata() -> MetaData:
     """The tables the models declare (for ``alembic revision --autogenerate``)."""
     from prefect_governance.lineage import LineageEvent
     from prefect_governance.memory import AgentMemory
+    from prefect_governance.parameter_schemas import DeploymentParameterSchema
 
     metadata = MetaData()
-    for table in (LineageEvent.__table__, AgentMemory.__table__):
+    tables = (LineageEvent.__table__, AgentMemory.__table__, DeploymentParameterSchema.__table__)
+    for table in tables:
         table.to_metadata(metadata)
     return metadata
 
