@@ -395,11 +395,11 @@ def test_lineage_upgrade_migrates_once_then_reports_up_to_date(tmp_path):
         [*CLI, "lineage", "upgrade", "--url", url], capture_output=True, text=True
     )
     assert first.returncode == 0, first.stderr
-    assert "lineage schema: none -> 0003" in first.stdout
+    assert "lineage schema: none -> 0004" in first.stdout
     again = subprocess.run(
         [*CLI, "lineage", "upgrade", "--url", url], capture_output=True, text=True
     )
-    assert "lineage schema: 0003, up to date" in again.stdout
+    assert "lineage schema: 0004, up to date" in again.stdout
 
 
 def _inside_run_store(tmp_path):

@@ -37,7 +37,7 @@ from tests.pg_support import scratch_database
 HEAD = heads(config())
 T0 = datetime(2025, 5, 1, 12, 0, tzinfo=timezone.utc)
 MODELS = (LineageEvent.__table__, AgentMemory.__table__)
-LATER_COLUMNS = {"governance_event": ("signature",)}  # 0003
+LATER_COLUMNS = {"governance_event": ("signature",)}  # 0004
 
 # A revision after the packaged head, as a later release would ship it. Changing a
 # column's type makes SQLite's batch mode copy the whole table (ids included).
