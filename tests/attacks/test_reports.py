@@ -220,6 +220,9 @@ def attacked(prefect_server, tmp_path_factory):
         "forged": forged,
         "memory": MemoryStore(store.engine).latest(AGENT),
         "store": store,
+        "ids": (victim, patcher),
+        "decisions": (victim_decision, patcher_decision),
+        "worker_log": tmp / "worker.log",
     }
     store.dispose()
 
@@ -298,3 +301,23 @@ def test_a_legitimate_runs_reports_and_memory_still_count(attacked):
     ]
     assert [u.verdict for u in reads] == ["used"]
     assert attacked["store"].verify() == []
+
+
+def test_the_report_secret_never_travels_through_the_api_or_the_logs(attacked):
+    root = report_root(GovernanceSettings(lineage_key=LINEAGE_SEED))
+    secrets = [report_secret(root, d) for d in attacked["decisions"]]
+
+    async def visible():
+        async with get_client() as client:
+            seen = []
+            for run_id in attacked["ids"]:
+                seen.append((await client.read_flow_run(run_id)).model_dump_json())
+                for key in (RUN_EVENTS_KEY, PROPOSAL_KEY, "governance-decision"):
+                    seen.append(repr(await read_artifacts(client, run_id, key)))
+            return "\n".join(seen)
+
+    api = asyncio.run(visible())
+    lineage = "\n".join(e.model_dump_json() for e in attacked["store"].chain(AGENT))
+    log = attacked["worker_log"].read_text()
+    for secret in secrets:
+        assert secret not in api and secret not in lineage and secret not in log
