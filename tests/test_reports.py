@@ -210,3 +210,34 @@ def test_the_runs_side_holds_no_credentials_or_storage():
         "typing",
         "prefect_governance.canonical",
     }, imported
+
+
+def test_the_worker_records_a_use_its_grant_lacks_as_flagged_with_a_report_problem():
+    import asyncio
+
+    from prefect_governance.governor import Assessment
+    from prefect_governance.models import Decision
+    from tests.grants import example_grant
+
+    grant = example_grant(RUN, decision_id=DECISION)
+    assert "delete:warehouse" not in grant.envelope.capabilities
+    assessment = Assessment(
+        Decision(id=DECISION, verdict="allowed", allow=True, engine="embedded", policy_path="p"),
+        envelope=grant.envelope,
+        policy_input={"agent": grant.agent.model_dump(mode="json")},
+    )
+    uses = [
+        {**_use(grant.envelope.capabilities[0], run_id=None), "seq": 1},
+        {**_use("delete:warehouse", run_id=None), "seq": 2},
+    ]
+    events = asyncio.run(
+        Governor(GovernanceSettings())._inside_events(
+            assessment, RUN, [{"decision_id": DECISION, "events": uses}]
+        )
+    )
+    assert [(e.kind, e.verdict) for e in events] == [
+        ("capability_use", "used"),
+        ("capability_use", "flagged"),
+        ("report_problem", None),
+    ]
+    assert "seq 2 ('delete:warehouse') flagged" in events[2].reasons[0]
