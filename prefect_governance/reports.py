@@ -158,6 +158,9 @@ def complete_proposals(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Authenticated memory proposals in their order, or none when some are missing
     (a deleted proposal would change what the others mean: nothing is committed)."""
+    odd = [p["seq"] for p in proposals if not isinstance(p["seq"], int)]
+    if odd:
+        return [], [f"memory proposals not numbered one by one (seq {odd}): none is used"]
     ordered = sorted(proposals, key=lambda p: p["seq"])
     numbers = [p["seq"] for p in ordered]
     if numbers != list(range(1, len(numbers) + 1)):

@@ -117,6 +117,8 @@ def test_proposals_are_used_in_order_and_none_when_one_is_missing():
     assert [p["seq"] for p in ordered] == [1, 2] and problems == []
     ordered, problems = complete_proposals([{"seq": 1}, {"seq": 3}])
     assert ordered == [] and "seq [2]" in problems[0]
+    ordered, problems = complete_proposals([{"seq": 1}, {"seq": [2, 3]}])
+    assert ordered == [] and "not numbered one by one" in problems[0]
 
 
 def test_rejections_reach_the_one_report_problem_list():
