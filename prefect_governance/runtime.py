@@ -227,17 +227,16 @@ def propose_memory(patch: dict[str, Any]) -> None:
     from prefect_governance.run_log import sealed
 
     run_id = grant.envelope.flow_run.id
-    with _proposals_lock:
-        seq = _proposals[run_id] = _proposals.get(run_id, 0) + 1
-    data = sealed(
-        os.environ.get(REPORT_SECRET_ENV),
-        run_id,
-        grant.decision_id,
-        PROPOSAL_KEY,
-        {"seq": seq, "patch": patch, "base_version": grant.memory.version},
-    )
-
-    with get_client(sync_client=True) as client:
+    # Numbered once sent: a proposal Prefect did not take leaves no gap for the next one.
+    with _proposals_lock, get_client(sync_client=True) as client:
+        seq = _proposals.get(run_id, 0) + 1
+        data = sealed(
+            os.environ.get(REPORT_SECRET_ENV),
+            run_id,
+            grant.decision_id,
+            PROPOSAL_KEY,
+            {"seq": seq, "patch": patch, "base_version": grant.memory.version},
+        )
         client.create_artifact(
             ArtifactCreate(
                 key=PROPOSAL_KEY,
@@ -247,3 +246,4 @@ def propose_memory(patch: dict[str, Any]) -> None:
                 flow_run_id=run_id,
             )
         )
+        _proposals[run_id] = seq
