@@ -114,6 +114,9 @@ class RunLog:
             self.flush()  # one more try before the process ends
 
 
+_unsealed_said: list[bool] = []
+
+
 def sealed(
     secret: str | None, flow_run_id: str, decision_id: str, key: str, body: dict[str, Any]
 ) -> dict[str, Any]:
@@ -121,10 +124,12 @@ def sealed(
     is, and the worker will not believe it)."""
     body = {"decision_id": decision_id, **body}
     if not secret:
-        logger.warning(
-            "This run has no report secret (%s): the worker will not believe its reports",
-            REPORT_SECRET_ENV,
-        )
+        if not _unsealed_said:  # once per process (not a failed send: the send goes on)
+            _unsealed_said.append(True)
+            logging.getLogger("prefect_governance.reports").warning(
+                "This run has no report secret (%s): the worker will not believe its reports",
+                REPORT_SECRET_ENV,
+            )
         return body
     return seal(secret, flow_run_id=flow_run_id, kind=key, body=body)
 
