@@ -6,7 +6,10 @@ Used by the worker (before any infrastructure starts) and by the
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,7 +69,19 @@ from prefect_governance.models import (
     WorkPoolRef,
 )
 from prefect_governance.parameter_schemas import remembered_schema
-from prefect_governance.run_log import RUN_EVENTS_KEY, read_artifact_data, reported_events
+from prefect_governance.reports import (
+    accepted,
+    admitted_declarations,
+    complete_proposals,
+    report_secret,
+    use_check,
+)
+from prefect_governance.run_log import (
+    RUN_EVENTS_KEY,
+    read_artifact_data,
+    read_artifacts,
+    reported_events,
+)
 from prefect_governance.runtime import PROPOSAL_KEY
 from prefect_governance.settings import (
     GovernanceSettings,
@@ -174,13 +189,30 @@ async def load_agent(client: PrefectClient, name: str, keys: Mapping[str, str]) 
 
 
 async def read_proposals(client: PrefectClient, flow_run_id: Any) -> list[dict[str, Any]]:
-    """The memory proposals a run left as artifacts, oldest first."""
+    """The memory proposals artifacts of a run hold, oldest first, as any API client left
+    them (not authenticated: the worker uses ``Governor.run_reports``)."""
     return await read_artifact_data(client, flow_run_id, PROPOSAL_KEY)
 
 
 async def read_reports(client: PrefectClient, flow_run_id: Any) -> list[dict[str, Any]]:
-    """The batches of governance events (task decisions, capability uses) a run reported."""
+    """The batches of governance events artifacts of a run hold, as any API client left
+    them (not authenticated: the worker uses ``Governor.run_reports``)."""
     return await read_artifact_data(client, flow_run_id, RUN_EVENTS_KEY)
+
+
+NO_REPORT_SECRET = (
+    "no lineage key is set (PREFECT_GOVERNANCE_LINEAGE_KEY) and another worker process "
+    "started this run: its report secret lived only in that process, so none of its "
+    "reports can be authenticated"
+)
+
+
+def signed_grants(assessment: Assessment) -> list[str] | None:
+    """The capabilities the worker granted the run (its own record, never the run's word);
+    None when the settling worker does not hold them (a reconciled run's narrowing)."""
+    if assessment.envelope is None or assessment.policy_input is None:
+        return None
+    return assessment.decision.granted(assessment.envelope.capabilities)
 
 
 def describe_validation(error: ValidationError) -> str:
@@ -204,6 +236,54 @@ class Governor:
         assert signer is not None
         self.lineage_signer: SigningKey = signer
         self.lineage_key_is_ephemeral = self.settings.lineage_key is None
+        # The root of the runs' report secrets: the lineage key's seed, else this process's.
+        self._report_root = report_root(self.settings)
+        self._issued: set[str] = set()  # decisions this process handed a report secret
+
+    # --- the runs' report secrets ---------------------------------------------
+
+    def report_secret(self, decision_id: str) -> str:
+        """The report secret of a run this worker starts (for its environment only)."""
+        self._issued.add(decision_id)
+        return report_secret(self._report_root, decision_id)
+
+    def _secret_to_check(self, decision_id: str) -> tuple[str | None, str | None]:
+        """The run's report secret as derived again, or why it cannot be."""
+        if self.settings.lineage_key is not None or decision_id in self._issued:
+            return report_secret(self._report_root, decision_id), None
+        return None, NO_REPORT_SECRET
+
+    async def run_reports(
+        self, client: PrefectClient, flow_run_id: Any, assessment: Assessment
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """What a run reported, as ``record_run_end`` takes it: the memory proposals and
+        the batches of events whose MAC verifies for this run's secret; every other
+        artifact is left out and named (with why) in a ``rejected`` item of the batches."""
+        decision_id = assessment.decision.id
+        secret, cannot = self._secret_to_check(decision_id)
+        check = partial(
+            accepted,
+            secret=secret,
+            flow_run_id=str(flow_run_id),
+            decision_id=decision_id,
+            cannot=cannot,
+        )
+        problems: list[str] = []
+        proposals: list[dict[str, Any]] = []
+        if assessment.agent is not None:
+            found = await read_artifacts(client, flow_run_id, PROPOSAL_KEY)
+            proposals, rejected = check(found, kind=PROPOSAL_KEY)
+            proposals, missing = complete_proposals(proposals)
+            problems += rejected + missing
+        found = await read_artifacts(client, flow_run_id, RUN_EVENTS_KEY)
+        batches, rejected = check(found, kind=RUN_EVENTS_KEY)
+        problems += rejected
+        reported: list[dict[str, Any]] = [
+            {"decision_id": b.get("decision_id"), "events": b.get("events")} for b in batches
+        ]
+        if problems:
+            reported.append({"rejected": problems})
+        return proposals, reported
 
     # --- the parts, built once and reused -----------------------------------
 
@@ -539,15 +619,28 @@ class Governor:
         parent = assessment.decision.id
         common = {"agent_id": assessment.agent_id, "flow_run_id": flow_run_id}
         reported, problems = reported_events(batches, parent)
+        grants = signed_grants(assessment)
+        admitted: dict[str, dict[str, Any]] = {}  # task run id -> its admission, as checked
         events = []
         for item in reported:
             if item["kind"] == "capability_use":
-                events.append(capability_use_event(item, parent_decision_id=parent, **common))
+                use = use_check(item, grants=grants, admitted=admitted)
+                events.append(
+                    capability_use_event(item, parent_decision_id=parent, check=use, **common)
+                )
+                if use is not None and use["verified"] is False:
+                    problems.append(
+                        f"capability use seq {item.get('seq')} ({item.get('capability')!r}) "
+                        f"flagged: {use['why']}"
+                    )
             else:
                 check = await self._check_task_decision(assessment, item)
                 events.append(
                     task_decision_event(item, parent_decision_id=parent, check=check, **common)
                 )
+                run_id, admission = admitted_declarations(item, check)
+                if admission["runs"] or run_id not in admitted:
+                    admitted[run_id] = admission
         if problems:
             events.append(report_problem_event(problems, parent_decision_id=parent, **common))
         return events
@@ -570,6 +663,8 @@ class Governor:
             if assessment.signature is not None and parent.get("signature") != assessment.signature:
                 return {"verified": False, "why": "it names another grant than the run's"}
             parent["envelope"] = envelope.model_dump(mode="json")
+            # The grants are the worker's own, never what the run's runtime says it holds.
+            parent["grants"] = signed_grants(assessment) or []
             policy_input = TaskPolicyInput.model_validate(
                 {
                     "agent": assessment.policy_input["agent"],
@@ -680,6 +775,18 @@ def _proposal_patches(
         else:
             patches.append(patch)
     return patches, problems
+
+
+def report_root(settings: GovernanceSettings) -> bytes:
+    """The root the runs' report secrets derive from: the worker's lineage key's seed,
+    else a random root for this worker process only."""
+    if settings.lineage_key is None:
+        return secrets.token_bytes(32)
+    text = settings.lineage_key.get_secret_value().strip()
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return text.encode()
 
 
 def _trust_event(

@@ -412,25 +412,44 @@ def task_decision_event(
 
 
 def capability_use_event(
-    reported: dict[str, Any], *, agent_id: str | None, flow_run_id: str, parent_decision_id: str
+    reported: dict[str, Any],
+    *,
+    agent_id: str | None,
+    flow_run_id: str,
+    parent_decision_id: str,
+    check: dict[str, Any] | None = None,
 ) -> LineageEvent:
-    """The lineage record of one use of a capability inside a run (allowed or blocked)."""
+    """The lineage record of one use of a capability inside a run (allowed or blocked).
+
+    ``check``: whether the worker found the use covered by the run's signed grant and its
+    task's declarations; a use it found not covered is ``flagged``, never ``used``.
+    """
     granted = reported.get("granted") is True
+    flagged = granted and check is not None and check.get("verified") is False
+    if flagged:
+        verdict, reasons = "flagged", [str(check.get("why"))]  # type: ignore[union-attr]
+    elif granted:
+        verdict, reasons = "used", []
+    else:
+        verdict, reasons = "blocked", [str(reported.get("reason"))]
+    payload = {
+        "seq": reported.get("seq"),
+        "time": reported.get("time"),
+        "capability": reported.get("capability"),
+        "use": reported.get("use"),
+        "task": reported.get("task"),
+    }
+    if check is not None:
+        payload["check"] = check
     return LineageEvent(
         kind="capability_use",
         agent_id=agent_id,
         flow_run_id=flow_run_id,
         decision_id=parent_decision_id,
-        verdict="used" if granted else "blocked",
-        allow=granted,
-        reasons=[] if granted else [str(reported.get("reason"))],
-        payload={
-            "seq": reported.get("seq"),
-            "time": reported.get("time"),
-            "capability": reported.get("capability"),
-            "use": reported.get("use"),
-            "task": reported.get("task"),
-        },
+        verdict=verdict,
+        allow=granted and not flagged,
+        reasons=reasons,
+        payload=payload,
     )
 
 

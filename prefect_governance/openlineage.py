@@ -128,7 +128,7 @@ def governance_facet_schema(producer: str = DEFAULT_PRODUCER) -> dict[str, Any]:
         "type": "object",
         "properties": {
             "capability": {"type": "string"},
-            "verdict": {"enum": ["used", "blocked"]},
+            "verdict": {"enum": ["used", "blocked", "flagged"]},
             "task": optional_string,
             "taskRunId": optional_string,
             "use": optional_string,
@@ -566,10 +566,10 @@ def _capability_use(row: LineageEvent) -> dict[str, Any]:
     """One use of a capability, as listed in the flow run's ``governance`` facet."""
     payload = _dict(row.payload)
     task = _dict(payload.get("task"))
-    blocked = row.verdict != "used"
+    blocked = row.verdict != "used"  # blocked, or flagged: a use the worker's record lacks
     return {
         "capability": _text(payload.get("capability")) or "",
-        "verdict": "blocked" if blocked else "used",
+        "verdict": row.verdict if row.verdict in ("used", "flagged") else "blocked",
         "task": _text(task.get("name")),
         "taskRunId": _text(task.get("run_id")),
         "use": _text(payload.get("use")),

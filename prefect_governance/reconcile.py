@@ -31,8 +31,6 @@ from prefect_governance.governor import (
     AgentUnavailable,
     Assessment,
     load_agent,
-    read_proposals,
-    read_reports,
 )
 from prefect_governance.lineage import LineageEvent, as_utc, decision_from_event
 from prefect_governance.models import MemorySnapshot
@@ -147,12 +145,10 @@ async def _settle(
         else:
             state, message = current.type.value, current.message  # type: ignore[union-attr]
     assessment = await _assessment_of(client, event, governor.settings.agent_keys)
-    proposals = (
-        await read_proposals(client, flow_run.id)
-        if flow_run is not None and assessment.agent
-        else []
-    )
-    reported = await read_reports(client, flow_run.id) if flow_run is not None else []
+    proposals: list[dict[str, Any]] = []
+    reported: list[dict[str, Any]] = []
+    if flow_run is not None:  # only what verifies with the run's report secret
+        proposals, reported = await governor.run_reports(client, flow_run.id, assessment)
     recorded = await governor.record_run_end(
         store,
         assessment,

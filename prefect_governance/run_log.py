@@ -6,6 +6,10 @@ artifacts of the flow run (like memory proposals); after the run the worker
 reads them, checks them and appends them to the agent's chain, between the
 run's decision and its outcome.
 
+Each batch is authenticated with the run's report secret (see
+``prefect_governance.reports``): the worker believes only batches whose MAC
+verifies for this run, decision, kind and sequence numbers.
+
 Events are sent in batches (a refusal or a blocked use at once; otherwise
 every ``batch`` events or ``interval`` seconds, and when the flow or the
 process ends), so a governed task does not pay for an API call.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -27,6 +32,8 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 from prefect.context import SettingsContext
+
+from prefect_governance.reports import REPORT_SECRET_ENV, seal
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -107,9 +114,39 @@ class RunLog:
             self.flush()  # one more try before the process ends
 
 
+_unsealed_said: list[bool] = []
+
+
+def sealed(
+    secret: str | None, flow_run_id: str, decision_id: str, key: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """A report's data as sent: authenticated with the run's secret (without one, as it
+    is, and the worker will not believe it)."""
+    body = {"decision_id": decision_id, **body}
+    if not secret:
+        if not _unsealed_said:  # once per process (not a failed send: the send goes on)
+            _unsealed_said.append(True)
+            logging.getLogger("prefect_governance.reports").warning(
+                "This run has no report secret (%s): the worker will not believe its reports",
+                REPORT_SECRET_ENV,
+            )
+        return body
+    return seal(secret, flow_run_id=flow_run_id, kind=key, body=body)
+
+
+def events_report(
+    secret: str | None, flow_run_id: str, decision_id: str, events: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One batch of events as sent: its decision, the range of its numbers, the events."""
+    body = {"seq": [events[0]["seq"], events[-1]["seq"]], "events": events}
+    return sealed(secret, flow_run_id, decision_id, RUN_EVENTS_KEY, body)
+
+
 def _send(flow_run_id: str, decision_id: str, events: list[dict[str, Any]]) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import ArtifactCreate
+
+    data = events_report(os.environ.get(REPORT_SECRET_ENV), flow_run_id, decision_id, events)
 
     with get_client(sync_client=True) as client:
         client.create_artifact(
@@ -118,7 +155,7 @@ def _send(flow_run_id: str, decision_id: str, events: list[dict[str, Any]]) -> N
                 type="json",
                 description=f"Governance events {events[0]['seq']}-{events[-1]['seq']} "
                 f"of decision {decision_id}",
-                data={"decision_id": decision_id, "events": events},
+                data=data,
                 flow_run_id=flow_run_id,
             )
         )
@@ -148,10 +185,10 @@ def flush_run_log(flow_run_id: str | None) -> None:
 # --- the worker's side -------------------------------------------------------
 
 
-async def read_artifact_data(
+async def read_artifacts(
     client: PrefectClient, flow_run_id: Any, key: str
-) -> list[dict[str, Any]]:
-    """The JSON data of a run's artifacts with this key, oldest first (all pages)."""
+) -> list[tuple[str, dict[str, Any]]]:
+    """(artifact id, JSON data) of a run's artifacts with this key, oldest first (all pages)."""
     import json
 
     artifacts: list[Any] = []
@@ -173,17 +210,33 @@ async def read_artifact_data(
                 value = json.loads(value)
             except json.JSONDecodeError:
                 value = None
-        data.append(value if isinstance(value, dict) else {})
+        data.append((str(artifact.id), value if isinstance(value, dict) else {}))
     return data
+
+
+async def read_artifact_data(
+    client: PrefectClient, flow_run_id: Any, key: str
+) -> list[dict[str, Any]]:
+    """The JSON data of a run's artifacts with this key, oldest first (all pages), as any
+    API client left them: not authenticated (the worker reads them through
+    ``Governor.run_reports``)."""
+    return [data for _, data in await read_artifacts(client, flow_run_id, key)]
 
 
 def reported_events(
     batches: Iterable[dict[str, Any]], decision_id: str
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """The run's events in order (each once), and what is wrong with what was reported."""
+    """The run's events in order (each once), and what is wrong with what was reported.
+
+    A ``{"rejected": [...]}`` item carries what the worker rejected before (artifacts
+    whose MAC did not verify: see ``Governor.run_reports``), reported with the rest.
+    """
     by_seq: dict[int, dict[str, Any]] = {}
     problems: list[str] = []
     for batch in batches:
+        if "rejected" in batch:
+            problems.extend(str(p) for p in batch["rejected"] or [])
+            continue
         if batch.get("decision_id") != decision_id:
             problems.append(
                 f"a batch of events names another decision ({batch.get('decision_id')!r})"

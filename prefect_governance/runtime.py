@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -203,10 +204,15 @@ def current_agent() -> CurrentAgent:
     return CurrentAgent(agent=grant.agent, memory=grant.memory, decision_id=grant.decision_id)
 
 
+_proposals: dict[str, int] = {}  # proposals numbered per flow run, in order
+_proposals_lock = threading.Lock()
+
+
 def propose_memory(patch: dict[str, Any]) -> None:
     """Propose a change to the agent's memory (a JSON merge patch, RFC 7386).
 
-    The proposal travels back to the worker as an artifact of this run; after
+    The proposal travels back to the worker as an artifact of this run, numbered and
+    authenticated with the run's report secret (``prefect_governance.reports``); after
     the run completes, the worker validates it against the agent's memory
     schema and commits it, or rejects it.
     """
@@ -217,17 +223,27 @@ def propose_memory(patch: dict[str, Any]) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import ArtifactCreate
 
-    with get_client(sync_client=True) as client:
+    from prefect_governance.reports import REPORT_SECRET_ENV
+    from prefect_governance.run_log import sealed
+
+    run_id = grant.envelope.flow_run.id
+    # Numbered once sent: a proposal Prefect did not take leaves no gap for the next one.
+    with _proposals_lock, get_client(sync_client=True) as client:
+        seq = _proposals.get(run_id, 0) + 1
+        data = sealed(
+            os.environ.get(REPORT_SECRET_ENV),
+            run_id,
+            grant.decision_id,
+            PROPOSAL_KEY,
+            {"seq": seq, "patch": patch, "base_version": grant.memory.version},
+        )
         client.create_artifact(
             ArtifactCreate(
                 key=PROPOSAL_KEY,
                 type="json",
                 description=f"Memory proposal for agent {grant.agent.id}",
-                data={
-                    "patch": patch,
-                    "base_version": grant.memory.version,
-                    "decision_id": grant.decision_id,
-                },
-                flow_run_id=grant.envelope.flow_run.id,
+                data=data,
+                flow_run_id=run_id,
             )
         )
+        _proposals[run_id] = seq

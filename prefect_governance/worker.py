@@ -32,8 +32,6 @@ from prefect_governance.governor import (
     Assessment,
     Governor,
     Preemption,
-    read_proposals,
-    read_reports,
 )
 from prefect_governance.launch import (
     gate_argv,
@@ -52,6 +50,7 @@ from prefect_governance.models import (
 )
 from prefect_governance.reconcile import reconcile, record_gate_refusals
 from prefect_governance.report import decision_markdown, refusal_message
+from prefect_governance.reports import REPORT_SECRET_ENV
 from prefect_governance.runtime import ENVELOPE_ENV
 from prefect_governance.settings import WORKER_SECRETS
 
@@ -357,6 +356,8 @@ class GovernedProcessWorker(ProcessWorker):
             logger.warning("Audit mode: this run would be refused: %s", "; ".join(decision.deny))
         current_gate = is_current_gate(configuration.command)
         add = {DECISION_ENV: decision.id}
+        # The run's report secret: in its environment only (never the API, never the grant).
+        add[REPORT_SECRET_ENV] = self.governor.report_secret(decision.id)
         if assessment.envelope is not None and key is not None:
             add[ENVELOPE_ENV] = self.governor.sign(key, assessment)
         if uses_gate(configuration.command) and key is not None:
@@ -524,6 +525,7 @@ class GovernedProcessWorker(ProcessWorker):
             message = f"the worker stopped watching the run while it was {seen}"
             if error is not None:
                 message += f" ({type(error).__name__})"
+        proposals, reported = await self.governor.run_reports(self.client, flow_run.id, assessment)
         await self.governor.record_run_end(
             store,
             assessment,
@@ -531,6 +533,6 @@ class GovernedProcessWorker(ProcessWorker):
             name,
             message=message,
             status_code=status_code,
-            proposals=await read_proposals(self.client, flow_run.id) if assessment.agent else [],
-            reported=await read_reports(self.client, flow_run.id),
+            proposals=proposals,
+            reported=reported,
         )
