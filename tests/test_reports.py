@@ -106,7 +106,8 @@ def test_the_governor_derives_secrets_from_the_lineage_key_or_only_for_its_own_r
     keyed = GovernanceSettings(lineage_key="bGluZWFnZS1rZXktc2VlZC0wMDAwMDAwMDAwMDAwMDA")
     first, restarted = Governor(keyed), Governor(keyed)
     assert first.report_secret("d") == restarted._secret_to_check("d")[0]
-    bare, other_process = Governor(GovernanceSettings()), Governor(GovernanceSettings())
+    bare = Governor(GovernanceSettings(lineage_key=None))  # the tests pin a key: none here
+    other_process = Governor(GovernanceSettings(lineage_key=None))
     issued = bare.report_secret("d")
     assert bare._secret_to_check("d") == (issued, None)
     assert other_process._secret_to_check("d") == (None, NO_REPORT_SECRET)
