@@ -214,6 +214,18 @@ def postgres() -> Iterator[Postgres]:
         yield server
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def lineage_url(request, tmp_path) -> Iterator[str]:
+    """A new, empty lineage database: a SQLite file, or one on the test PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'lineage.db'}"
+        return
+    from tests.pg_support import scratch_database
+
+    with scratch_database(request.getfixturevalue("postgres").url, "lineage") as made:
+        yield made
+
+
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -24,19 +23,9 @@ from prefect_governance.memory import MemoryStore
 from prefect_governance.models import Decision, MemorySnapshot
 from prefect_governance.settings import GovernanceSettings
 from prefect_governance.trust import TrustWeights
-from tests.pg_support import scratch_database
 
 REFUSALS = 10
 WORKERS = 2  # governors, each with its own store (connection pool, caches), as workers
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'lineage.db'}"
-        return
-    with scratch_database(request.getfixturevalue("postgres").url, "settling") as made:
-        yield made
 
 
 def _agent() -> GovernanceAgent:
@@ -58,7 +47,8 @@ async def _stores(governors: list[Governor]):
     return [await g.lineage(None, client=None) for g in governors]  # type: ignore[arg-type]
 
 
-def test_concurrent_refusals_charge_trust_once_each(url):
+def test_concurrent_refusals_charge_trust_once_each(lineage_url):
+    url = lineage_url
     agent = _agent()
     governors = _governors(url)
 
@@ -95,7 +85,8 @@ def test_concurrent_refusals_charge_trust_once_each(url):
             asyncio.run(g.aclose())
 
 
-def test_a_worker_and_a_reconciler_settling_one_run_commit_its_memory_once(url):
+def test_a_worker_and_a_reconciler_settling_one_run_commit_its_memory_once(lineage_url):
+    url = lineage_url
     agent = _agent()
     governors = _governors(url)
     decision = Decision(

@@ -3,9 +3,6 @@ governance relies on (issue 15, 2), against a real SQLite and PostgreSQL databas
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from sqlalchemy import text
 
 from prefect_governance.lineage import LineageEvent, LineageStore, decision_event
@@ -17,7 +14,6 @@ from prefect_governance.lineage_auth import (
 )
 from prefect_governance.models import Decision
 from prefect_governance.signing import SigningKey
-from tests.pg_support import scratch_database
 
 WORKER = SigningKey.generate("worker-lineage")
 OTHER = SigningKey.generate("someone-else")
@@ -53,15 +49,6 @@ def test_unvouched_ranges():
     assert unvouched_ranges(10, 11, markers) == [(4, 5), (11, 11)], "a marker past it: ignored"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'lineage.db'}"
-        return
-    with scratch_database(request.getfixturevalue("postgres").url, "auth") as made:
-        yield made
-
-
 def _decision(verdict: str, run: str) -> LineageEvent:
     decision = Decision(
         id=f"d-{run}",
@@ -78,7 +65,8 @@ def _trust(score: float) -> LineageEvent:
     return LineageEvent(kind="trust", agent_id="agent", payload={"score": score})
 
 
-def test_reads_skip_what_no_pinned_key_vouches_for(url):
+def test_reads_skip_what_no_pinned_key_vouches_for(lineage_url):
+    url = lineage_url
     worker = LineageStore(url, signer=WORKER, keys={})
     forger = LineageStore(url, signer=None, keys={})  # writes the database, holds no key
     reader = LineageStore(url, signer=None, keys=PINNED)
