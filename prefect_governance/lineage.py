@@ -141,7 +141,8 @@ _EVENTS = LineageEvent.__table__
 _HEADS = ChainHead.__table__
 _HASHED = tuple(c.name for c in _EVENTS.columns if c.name not in _NOT_HASHED)
 _INSERTED = tuple(c.name for c in _EVENTS.columns if c.name != "id")
-_NAMES = tuple(c.name for c in _EVENTS.columns)
+# What verify reads of a record: every column but the signature (checked apart, once).
+_NAMES = tuple(c.name for c in _EVENTS.columns if c.name != "signature")
 _BOOLEANS = tuple(c.name for c in _EVENTS.columns if isinstance(c.type, Boolean))
 # One chain's records as stored: JSON columns as their text, and every value as the driver
 # gives it (a text query: no per-value processing by SQLAlchemy). See stored_hash.
@@ -261,8 +262,7 @@ def stored_hash(row: Any) -> str:
     otherwise (an older release wrote it with spaces) is decoded and hashed as usual.
     """
     record = dict(zip(_NAMES, row, strict=True))
-    for name in _NOT_HASHED:
-        del record[name]
+    del record["id"], record["hash"]
     created_at = record["created_at"]  # SQLite gives the stored text, and 0/1 for booleans
     if isinstance(created_at, str):
         created_at = datetime.fromisoformat(created_at)
