@@ -6,10 +6,7 @@ Used by the worker (before any infrastructure starts) and by the
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -237,7 +234,7 @@ class Governor:
         self.lineage_signer: SigningKey = signer
         self.lineage_key_is_ephemeral = self.settings.lineage_key is None
         # The root of the runs' report secrets: the lineage key's seed, else this process's.
-        self._report_root = report_root(self.settings)
+        self._report_root = report_root(self.lineage_signer)
         self._issued: set[str] = set()  # decisions this process handed a report secret
 
     # --- the runs' report secrets ---------------------------------------------
@@ -249,7 +246,7 @@ class Governor:
 
     def _secret_to_check(self, decision_id: str) -> tuple[str | None, str | None]:
         """The run's report secret as derived again, or why it cannot be."""
-        if self.settings.lineage_key is not None or decision_id in self._issued:
+        if not self.lineage_key_is_ephemeral or decision_id in self._issued:
             return report_secret(self._report_root, decision_id), None
         return None, NO_REPORT_SECRET
 
@@ -777,16 +774,10 @@ def _proposal_patches(
     return patches, problems
 
 
-def report_root(settings: GovernanceSettings) -> bytes:
-    """The root the runs' report secrets derive from: the worker's lineage key's seed,
-    else a random root for this worker process only."""
-    if settings.lineage_key is None:
-        return secrets.token_bytes(32)
-    text = settings.lineage_key.get_secret_value().strip()
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        return text.encode()
+def report_root(lineage_key: SigningKey) -> bytes:
+    """The root the runs' report secrets derive from: the worker's lineage key's seed (a
+    worker without a configured key has one for its process only, and so a root too)."""
+    return lineage_key.seed
 
 
 def _trust_event(

@@ -61,8 +61,12 @@ class SigningKey:
         return cls(key_id, Ed25519PrivateKey.from_private_bytes(seed))
 
     @property
+    def seed(self) -> bytes:
+        return self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+    @property
     def seed_b64(self) -> str:
-        return _b64(self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
+        return _b64(self.seed)
 
     @property
     def public_b64(self) -> str:

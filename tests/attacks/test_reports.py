@@ -34,7 +34,7 @@ from prefect_governance.memory import MemoryStore
 from prefect_governance.reports import report_secret
 from prefect_governance.run_log import RUN_EVENTS_KEY, read_artifacts, sealed
 from prefect_governance.runtime import PROPOSAL_KEY
-from prefect_governance.settings import GovernanceSettings
+from prefect_governance.signing import SigningKey
 from tests.agents import asave_agent
 from tests.attacks.support import home_lineage
 
@@ -98,7 +98,7 @@ def _forged_use(seq: int) -> dict:
 async def _forge(victim, victim_decision: str, other_decision: str, other_run) -> dict[str, str]:
     """Another API client's artifacts on the victim's run; their ids by what they try."""
     other_secret = report_secret(
-        report_root(GovernanceSettings(lineage_key=LINEAGE_SEED)), other_decision
+        report_root(SigningKey.from_seed("lineage", LINEAGE_SEED)), other_decision
     )
     run = str(victim)
     forgeries = {
@@ -304,7 +304,7 @@ def test_a_legitimate_runs_reports_and_memory_still_count(attacked):
 
 
 def test_the_report_secret_never_travels_through_the_api_or_the_logs(attacked):
-    root = report_root(GovernanceSettings(lineage_key=LINEAGE_SEED))
+    root = report_root(SigningKey.from_seed("lineage", LINEAGE_SEED))
     secrets = [report_secret(root, d) for d in attacked["decisions"]]
 
     async def visible():
