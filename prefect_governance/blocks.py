@@ -106,7 +106,9 @@ class GovernancePolicyEngine(Block):
     ca_cert: str | None = Field(None, description="OPA: CA bundle that signed OPA's certificate.")
     client_cert: str | None = Field(None, description="OPA: client certificate (mutual TLS).")
     client_key: str | None = Field(None, description="OPA: client key (mutual TLS).")
-    timeout_seconds: float = Field(2.0, gt=0, description="OPA: timeout per request.")
+    timeout_seconds: float = Field(
+        2.0, gt=0, description="Seconds one evaluation may take (OPA: per request)."
+    )
     retries: int = Field(
         1, ge=0, le=5, description="OPA: retries on connection errors, timeouts and 5xx."
     )
@@ -133,7 +135,10 @@ class GovernancePolicyEngine(Block):
                 breaker_failures=self.breaker_failures,
                 breaker_reset_seconds=self.breaker_reset_seconds,
             )
-        return EmbeddedEngine(Path(self.policy_dir) if self.policy_dir else packaged_policy_dir())
+        return EmbeddedEngine(
+            Path(self.policy_dir) if self.policy_dir else packaged_policy_dir(),
+            timeout=self.timeout_seconds,
+        )
 
 
 class GovernanceLineageStore(Block):

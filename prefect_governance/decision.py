@@ -12,6 +12,9 @@ from pydantic import ValidationError
 from prefect_governance.engines.base import EngineAnswer, EngineError, PolicyEngine
 from prefect_governance.models import Decision, FailMode, Mode, PolicyResult
 
+# What an engine call lets through: a real interrupt, or the process ending.
+INTERRUPTS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
 
 def interpret(result: Any) -> PolicyResult:
     """Read a raw result document as a PolicyResult, or raise EngineError."""
@@ -138,7 +141,9 @@ def decide_sync(
         answer = engine.evaluate_sync(policy_path, policy_input)  # type: ignore[attr-defined]
     except EngineError as exc:
         answer = exc
-    except Exception as exc:  # any engine bug is a failure to decide, never a pass
+    except INTERRUPTS:
+        raise
+    except BaseException as exc:  # any engine bug is a failure to decide, never a pass
         answer = EngineError("evaluation", f"{type(exc).__name__}: {exc}")
     return _settled(engine, policy_path, answer, started, mode, fail_mode)
 
@@ -169,6 +174,8 @@ async def decide(
         answer = exc
     except TimeoutError:
         answer = EngineError("timeout", f"no decision within {deadline:g}s")
-    except Exception as exc:  # any engine bug is a failure to decide, never a pass
+    except (*INTERRUPTS, anyio.get_cancelled_exc_class()):
+        raise
+    except BaseException as exc:  # any engine bug is a failure to decide, never a pass
         answer = EngineError("evaluation", f"{type(exc).__name__}: {exc}")
     return _settled(engine, policy_path, answer, started, mode, fail_mode)

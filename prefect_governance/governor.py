@@ -299,7 +299,9 @@ class Governor:
                         breaker_reset_seconds=self.settings.opa_breaker_reset_seconds,
                     )
                 else:
-                    built = EmbeddedEngine(worker_policy_dir(self.settings))
+                    built = EmbeddedEngine(
+                        worker_policy_dir(self.settings), timeout=self.settings.decision_timeout
+                    )
                 self._engines[block_name] = built
             return self._engines[block_name]
 

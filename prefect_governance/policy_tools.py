@@ -1,9 +1,9 @@
 """Policy authoring tools: run Rego unit tests in both engines, evaluate one input.
 
 ``policy test`` runs the ``test_*`` rules of a policy directory through the
-embedded engine (regorus) and through ``opa test``, and reports every test whose
-outcome differs, so a policy that passes under OPA but not in-process (a
-builtin regorus lacks, say) is caught before a worker refuses runs with it.
+embedded engine (OPA's evaluator, in-process) and through ``opa test``, and
+reports every test whose outcome differs: the sidecar's OPA may be another
+version than the one the worker embeds.
 
 ``policy eval`` decides one policy input exactly as the worker would (through
 :func:`prefect_governance.decision.decide`, fail closed) and explains why.
@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import regorus
 import yaml
 
 from prefect_governance.decision import decide, settle
 from prefect_governance.engines.base import EngineError, PolicyEngine
-from prefect_governance.engines.embedded import clean_error
+from prefect_governance.engines.embedded import first_value
+from prefect_governance.engines.native import NativeError, Policy
 from prefect_governance.models import DEFAULT_POLICY_PATH, DEFAULT_TASK_POLICY_PATH, Decision
 from prefect_governance.schema import guess_kind, validate_document
 
@@ -145,6 +145,8 @@ def load_data_documents(policy_dir: Path) -> dict[str, Any]:
 
 # --- running tests ----------------------------------------------------------------
 
+TEST_TIMEOUT = 30.0  # seconds one test rule may take, as a runaway guard
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -155,13 +157,12 @@ class Outcome:
 
 
 def brief(message: str) -> str:
-    """regorus's multi-line error (location, source excerpt, ``error: ...``) on one line."""
+    """A multi-line error (OPA's count line, source excerpt) on one line."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    where = next((line[3:].strip() for line in lines if line.startswith("-->")), None)
-    what = next((line for line in reversed(lines) if line.startswith("error:")), None)
-    if what is None:
-        return " ".join(lines)
-    return f"{where}: {what}" if where else what
+    if lines and re.fullmatch(r"\d+ errors? occurred:?.*", lines[0]) and len(lines) > 1:
+        first = lines[0].split(":", 1)[1].strip()
+        lines = [first, *lines[1:]] if first else lines[1:]
+    return " ".join(lines)
 
 
 def _rego_sources(policy_dir: Path) -> dict[Path, str]:
@@ -169,12 +170,8 @@ def _rego_sources(policy_dir: Path) -> dict[Path, str]:
     return {path.relative_to(root): path.read_text() for path in sorted(root.rglob("*.rego"))}
 
 
-def _engine(sources: dict[Path, str], data: dict[str, Any]) -> regorus.Engine:
-    engine = regorus.Engine()
-    for path, source in sources.items():
-        engine.add_policy(path.as_posix(), source)
-    engine.add_data_json(json.dumps(data))
-    return engine
+def _engine(sources: dict[Path, str], data: dict[str, Any]) -> Policy:
+    return Policy(((path.as_posix(), source) for path, source in sources.items()), data)
 
 
 def _isolate(sources: dict[Path, str], test: RegoTest, siblings: list[RegoTest]) -> dict[Path, str]:
@@ -189,15 +186,13 @@ def _isolate(sources: dict[Path, str], test: RegoTest, siblings: list[RegoTest])
     return edited
 
 
-def _run_one(engine: regorus.Engine, test: RegoTest) -> Outcome:
+def _run_one(engine: Policy, test: RegoTest) -> Outcome:
     query = f"data.{test.package}.{test.rule}"
     try:
-        raw = json.loads(engine.eval_query_as_json(query))
-    except RuntimeError as exc:
-        return Outcome(False, clean_error(exc))
-    try:
-        value = raw["result"][0]["expressions"][0]["value"]
-    except (KeyError, IndexError, TypeError):
+        value = first_value(engine.query(query, None, timeout=TEST_TIMEOUT))
+    except NativeError as exc:
+        return Outcome(False, exc.message)
+    if value is None:
         return Outcome(False, "undefined")
     if value is True:
         return Outcome(True)
@@ -205,10 +200,10 @@ def _run_one(engine: regorus.Engine, test: RegoTest) -> Outcome:
 
 
 def run_embedded_tests(policy_dir: Path, tests: list[RegoTest] | None = None) -> dict[str, Outcome]:
-    """Run the tests in one regorus engine holding every ``.rego`` and data file of DIR.
+    """Run the tests in one embedded engine holding every ``.rego`` and data file of DIR.
 
     No input is set, as in ``opa test``. A test passes iff its rule is ``true``; an
-    error (a builtin regorus lacks, a conflict...) fails it with the error's message.
+    error (a builtin error, a conflict...) fails it with the error's message.
     A rule with several definitions is run once per definition, each on its own.
     """
     root = Path(policy_dir)
@@ -225,8 +220,8 @@ def run_embedded_tests(policy_dir: Path, tests: list[RegoTest] | None = None) ->
     outcomes: dict[str, Outcome] = {}
     try:
         shared = _engine(sources, data)
-    except RuntimeError as exc:
-        failed = Outcome(False, f"cannot load the policies: {clean_error(exc)}")
+    except NativeError as exc:
+        failed = Outcome(False, f"cannot load the policies: {exc.message}")
         return {test.ref: failed for test in tests}
     for test in tests:
         siblings = by_rule[(test.package, test.rule)]
@@ -235,8 +230,8 @@ def run_embedded_tests(policy_dir: Path, tests: list[RegoTest] | None = None) ->
             continue
         try:
             engine = _engine(_isolate(sources, test, siblings), data)
-        except RuntimeError as exc:
-            outcomes[test.ref] = Outcome(False, clean_error(exc))
+        except NativeError as exc:
+            outcomes[test.ref] = Outcome(False, exc.message)
         else:
             outcomes[test.ref] = _run_one(engine, test)
     return outcomes

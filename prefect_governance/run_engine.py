@@ -1,9 +1,8 @@
 """The policy engine a governed run decides its tasks with: the worker's, named in the grant.
 
-The embedded engine is bound to the thread that built it: each thread that
-runs governed tasks builds its own (~8 ms, once) and decides in place. The
-OPA client is bound to its event loop: its decisions are made on one small
-portal thread, whichever thread (or event loop) the task runs in.
+The embedded engine is built once and decides in the calling thread, from any
+thread. The OPA client is bound to its event loop: its decisions are made on
+one small portal thread, whichever thread (or event loop) the task runs in.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ def build_engine(ref: EngineRef | None, settings: GovernanceSettings) -> PolicyE
         if ref.kind == "embedded":
             if not ref.policy_dir:
                 raise EngineError("unreachable", "the grant's embedded engine has no policy dir")
-            return EmbeddedEngine(Path(ref.policy_dir))
+            return EmbeddedEngine(Path(ref.policy_dir), timeout=settings.decision_timeout)
         if not ref.url:
             raise EngineError("unreachable", "the grant's OPA engine has no URL")
         return OpaEngine(
@@ -54,8 +53,8 @@ class RunEngine:
     def __init__(self, settings: GovernanceSettings | None = None):
         self.settings = settings or GovernanceSettings()
         self._loop = asyncio.new_event_loop()
-        self._engines: dict[str, PolicyEngine] = {}  # on the portal thread
-        self._local = threading.local()  # embedded engines, one per thread
+        self._engines: dict[str, PolicyEngine] = {}
+        self._build_lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="governance-portal", daemon=True
         )
@@ -74,19 +73,19 @@ class RunEngine:
             fail_mode=grant.fail_mode,
         )
 
-    def _engine(self, engines: dict[str, PolicyEngine], grant: Grant) -> PolicyEngine:
-        """The engine the grant names, built once per place it is used from."""
+    def _engine(self, grant: Grant) -> PolicyEngine:
+        """The engine the grant names, built once."""
         key = grant.engine.model_dump_json() if grant.engine else ""
-        engine = engines.get(key)
-        if engine is None:
-            engine = engines[key] = build_engine(grant.engine, self.settings)
+        with self._build_lock:
+            engine = self._engines.get(key)
+            if engine is None:
+                engine = self._engines[key] = build_engine(grant.engine, self.settings)
         return engine
 
     def _decide_here(self, grant: Grant, policy_input: dict[str, Any]) -> Decision:
-        """An embedded decision in the calling thread, with that thread's engine."""
-        engines = self._local.__dict__.setdefault("engines", {})
+        """An embedded decision in the calling thread."""
         try:
-            engine = self._engine(engines, grant)
+            engine = self._engine(grant)
         except EngineError as exc:
             return self._failed(grant, exc)
         return decide_sync(
@@ -100,7 +99,7 @@ class RunEngine:
     async def _decide(self, grant: Grant, policy_input: dict[str, Any]) -> Decision:
         """A decision on the portal thread (OPA, or a grant naming no usable engine)."""
         try:
-            engine = self._engine(self._engines, grant)
+            engine = self._engine(grant)
         except EngineError as exc:
             return self._failed(grant, exc)
         return await decide(

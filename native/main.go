@@ -1,0 +1,251 @@
+// Package main is the embedded policy engine: OPA's own Go SDK, built as a C
+// shared library (go build -buildmode=c-shared) and called from Python through
+// ctypes (prefect_governance/engines/native.py).
+//
+// A handle holds compiled modules and their data; each query is prepared once
+// per handle and evaluated with strict builtin errors and a deadline. Every
+// exported function recovers from a panic and reports it as an error, so a Go
+// panic in an evaluation is a refusal, never a crash of the worker.
+package main
+
+/*
+#include <stdlib.h>
+#include <string.h>
+*/
+import "C"
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/open-policy-agent/opa/v1/rego"
+	"github.com/open-policy-agent/opa/v1/storage"
+	"github.com/open-policy-agent/opa/v1/storage/inmem"
+	"github.com/open-policy-agent/opa/v1/topdown"
+	"github.com/open-policy-agent/opa/v1/util"
+	"github.com/open-policy-agent/opa/v1/version"
+)
+
+// spec is what rg_open is given: the modules (name, source) and the data document.
+type spec struct {
+	Modules [][2]string    `json:"modules"`
+	Data    map[string]any `json:"data"`
+}
+
+// policy is one compiled revision: its compiler, store and prepared queries.
+type policy struct {
+	compiler *ast.Compiler
+	store    storage.Store
+	prepared sync.Map // query text -> *rego.PreparedEvalQuery
+	mu       sync.Mutex
+}
+
+// failure is an error as rg_* report it: OPA's code and message.
+type failure struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// result is one query result: its expressions' values and its bindings.
+type result struct {
+	Expressions []any          `json:"expressions"`
+	Bindings    map[string]any `json:"bindings"`
+}
+
+var (
+	policies sync.Map     // handle -> *policy
+	handles  atomic.Int64 // the last handle given out
+	open     atomic.Int64 // how many handles are open
+)
+
+// reply hands bytes to the caller in C memory it frees with rg_free.
+func reply(data []byte, out **C.char, outlen *C.longlong) {
+	buf := C.malloc(C.size_t(len(data) + 1))
+	if len(data) > 0 {
+		C.memcpy(buf, unsafe.Pointer(&data[0]), C.size_t(len(data)))
+	}
+	*out = (*C.char)(buf)
+	*outlen = C.longlong(len(data))
+}
+
+// fail replies with an error and returns the status for it (1).
+func fail(code, message string, out **C.char, outlen *C.longlong) C.int {
+	data, _ := json.Marshal(failure{Code: code, Message: message})
+	reply(data, out, outlen)
+	return 1
+}
+
+// failWith replies with OPA's code for err where it has one.
+func failWith(err error, out **C.char, outlen *C.longlong) C.int {
+	code := "rego_error"
+	switch e := err.(type) {
+	case *topdown.Error:
+		code = e.Code
+	case ast.Errors:
+		if len(e) > 0 {
+			code = e[0].Code
+		}
+	case *ast.Error:
+		code = e.Code
+	}
+	return fail(code, err.Error(), out, outlen)
+}
+
+// recovered turns a panic into an error reply; deferred by every export.
+func recovered(status *C.int, out **C.char, outlen *C.longlong) {
+	if r := recover(); r != nil {
+		*status = fail("go_panic", fmt.Sprintf("the policy engine panicked: %v", r), out, outlen)
+	}
+}
+
+//export rg_open
+func rg_open(specJSON *C.char, n C.longlong, handle *C.longlong, out **C.char, outlen *C.longlong) (status C.int) {
+	defer recovered(&status, out, outlen)
+	var s spec
+	if err := util.UnmarshalJSON(C.GoBytes(unsafe.Pointer(specJSON), C.int(n)), &s); err != nil {
+		return fail("rego_parse_error", "the policy spec is not JSON: "+err.Error(), out, outlen)
+	}
+	modules := make(map[string]*ast.Module, len(s.Modules))
+	for _, m := range s.Modules {
+		parsed, err := ast.ParseModuleWithOpts(m[0], m[1], ast.ParserOptions{
+			RegoVersion: ast.RegoV1, ProcessAnnotation: true,
+		})
+		if err != nil {
+			return failWith(err, out, outlen)
+		}
+		modules[m[0]] = parsed
+	}
+	compiler := ast.NewCompiler().WithEnablePrintStatements(false)
+	if compiler.Compile(modules); compiler.Failed() {
+		return failWith(compiler.Errors, out, outlen)
+	}
+	if s.Data == nil {
+		s.Data = map[string]any{}
+	}
+	store := inmem.NewFromObjectWithOpts(s.Data,
+		inmem.OptRoundTripOnWrite(false), inmem.OptReturnASTValuesOnRead(true))
+	h := handles.Add(1)
+	policies.Store(h, &policy{compiler: compiler, store: store})
+	open.Add(1)
+	*handle = C.longlong(h)
+	return 0
+}
+
+// prepare returns the prepared query for text, preparing it on first use.
+func (p *policy) prepare(text string) (*rego.PreparedEvalQuery, error) {
+	if q, ok := p.prepared.Load(text); ok {
+		return q.(*rego.PreparedEvalQuery), nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if q, ok := p.prepared.Load(text); ok {
+		return q.(*rego.PreparedEvalQuery), nil
+	}
+	q, err := rego.New(
+		rego.Query(text),
+		rego.Compiler(p.compiler),
+		rego.Store(p.store),
+		rego.StoreReadAST(true),
+		rego.StrictBuiltinErrors(true),
+		rego.SetRegoVersion(ast.RegoV1),
+	).PrepareForEval(context.Background())
+	if err != nil {
+		return nil, err
+	}
+	p.prepared.Store(text, &q)
+	return &q, nil
+}
+
+//export rg_eval
+func rg_eval(h C.longlong, query *C.char, qlen C.longlong, input *C.char, ilen C.longlong,
+	timeoutNs C.longlong, out **C.char, outlen *C.longlong) (status C.int) {
+	defer recovered(&status, out, outlen)
+	found, ok := policies.Load(int64(h))
+	if !ok {
+		return fail("closed", "the policy handle is closed", out, outlen)
+	}
+	p := found.(*policy)
+	q, err := p.prepare(C.GoStringN(query, C.int(qlen)))
+	if err != nil {
+		return failWith(err, out, outlen)
+	}
+	options := make([]rego.EvalOption, 0, 2)
+	if ilen >= 0 {
+		value, err := ast.ValueFromReader(bytes.NewReader(
+			unsafe.Slice((*byte)(unsafe.Pointer(input)), int(ilen))))
+		if err != nil {
+			return fail("invalid_input", "the input is not JSON: "+err.Error(), out, outlen)
+		}
+		options = append(options, rego.EvalParsedInput(value))
+	}
+	cancel := topdown.NewCancel()
+	timer := time.AfterFunc(time.Duration(timeoutNs), cancel.Cancel)
+	defer timer.Stop()
+	options = append(options, rego.EvalExternalCancel(cancel))
+	rs, err := q.Eval(context.Background(), options...)
+	if err != nil {
+		return failWith(err, out, outlen)
+	}
+	results := make([]result, len(rs))
+	for i, r := range rs {
+		values := make([]any, len(r.Expressions))
+		for j, e := range r.Expressions {
+			values[j] = e.Value
+		}
+		results[i] = result{Expressions: values, Bindings: r.Bindings}
+	}
+	data, err := json.Marshal(results)
+	if err != nil {
+		return fail("result_error", "the result cannot be written as JSON: "+err.Error(), out, outlen)
+	}
+	reply(data, out, outlen)
+	return 0
+}
+
+//export rg_close
+func rg_close(h C.longlong) {
+	if _, found := policies.LoadAndDelete(int64(h)); found {
+		open.Add(-1)
+	}
+}
+
+//export rg_open_handles
+func rg_open_handles() C.longlong {
+	return C.longlong(open.Load())
+}
+
+// rg_panic panics inside the same guard as every other export: the check that a
+// Go panic comes back as an error, not a crash.
+//
+//export rg_panic
+func rg_panic(out **C.char, outlen *C.longlong) (status C.int) {
+	defer recovered(&status, out, outlen)
+	var missing map[string]int
+	missing["x"] = 1 // a nil map: a real runtime panic
+	return 0
+}
+
+//export rg_free
+func rg_free(p *C.char) {
+	C.free(unsafe.Pointer(p))
+}
+
+//export rg_gc_percent
+func rg_gc_percent(percent C.int) C.int {
+	return C.int(debug.SetGCPercent(int(percent)))
+}
+
+//export rg_version
+func rg_version(out **C.char, outlen *C.longlong) {
+	reply([]byte(version.Version), out, outlen)
+}
+
+func main() {}

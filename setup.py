@@ -1,0 +1,86 @@
+"""Build the embedded engine: OPA's Go SDK as a C shared library (``native/``).
+
+Everything else is declared in pyproject.toml. ``pip install`` from source needs
+Go (the version ``native/go.mod`` names, or newer); a wheel carries the built
+library, so installing one needs no Go. The build is reproducible: modules
+pinned by ``native/go.sum``, paths trimmed, no build id or VCS stamp.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+NATIVE = ROOT / "native"
+POLICIES = ROOT / "policies"
+LIBRARY = "libgovrego.dylib" if sys.platform == "darwin" else "libgovrego.so"
+
+
+# An editable install maps policies/ into the package (pyproject.toml's package-dir),
+# which setuptools warns about at length on every `make install`: it is meant.
+warnings.filterwarnings("ignore", message="Editable installation")
+
+
+class GoLibrary(Extension):
+    """A shared library built by ``go build -buildmode=c-shared`` (not a Python module)."""
+
+    def __init__(self, name: str, source_dir: Path):
+        super().__init__(name, sources=[])
+        self.source_dir = source_dir
+
+
+class build_go(build_ext):
+    """Build each GoLibrary with the Go toolchain; plain extensions as usual."""
+
+    def get_ext_filename(self, fullname: str) -> str:
+        ext = self.ext_map.get(fullname)
+        if isinstance(ext, GoLibrary):
+            return os.path.join(*fullname.split(".")[:-1], LIBRARY)
+        return super().get_ext_filename(fullname)
+
+    def build_extension(self, ext: Extension) -> None:
+        if not isinstance(ext, GoLibrary):
+            super().build_extension(ext)
+            return
+        go = shutil.which("go")
+        if go is None:
+            sys.exit(
+                "prefect-governance: building from source needs Go (see native/go.mod for the "
+                "version) for the embedded policy engine; install Go, or install a wheel."
+            )
+        output = Path(self.get_ext_fullpath(ext.name)).resolve()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "CGO_ENABLED": "1", "GOFLAGS": "-mod=readonly -buildvcs=false"}
+        subprocess.run(
+            [
+                go, "build", "-buildmode=c-shared", "-trimpath",
+                "-ldflags=-s -w -buildid=", "-o", str(output), ".",
+            ],
+            cwd=ext.source_dir,
+            env=env,
+            check=True,
+        )
+        output.with_suffix(".h").unlink(missing_ok=True)  # cgo's header: not needed by ctypes
+
+
+def policy_packages() -> list[str]:
+    """Each directory of the policy library, as the package its data files ship in."""
+    dirs = [POLICIES, *(p for p in sorted(POLICIES.rglob("*")) if p.is_dir())]
+    names = (".".join(d.relative_to(POLICIES).parts) for d in dirs if "__pycache__" not in d.parts)
+    return ["prefect_governance.policies" + (f".{name}" if name else "") for name in names]
+
+
+setup(
+    packages=find_packages(include=["prefect_governance", "prefect_governance.*"])
+    + policy_packages(),
+    ext_modules=[GoLibrary("prefect_governance.engines.libgovrego", NATIVE)],
+    cmdclass={"build_ext": build_go},
+)
