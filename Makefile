@@ -1,6 +1,6 @@
 # The two commands (see README): `make demo` runs the product, `make test` runs the tests.
-# Everything they need is installed here: a virtualenv with the package, and OPA
-# built from its Go module.
+# Everything they need is installed here: a virtualenv with the package (pip builds
+# its embedded engine, OPA's Go SDK, with Go), and OPA built from its Go module.
 
 PYTHON ?= python3
 OPA_VERSION ?= v1.22.2
@@ -20,7 +20,7 @@ test: install opa
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py native/go.mod native/go.sum native/main.go
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
