@@ -15,7 +15,6 @@ package main
 import "C"
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -179,10 +178,15 @@ func rg_eval(h C.longlong, query *C.char, qlen C.longlong, input *C.char, ilen C
 	}
 	options := make([]rego.EvalOption, 0, 2)
 	if ilen >= 0 {
-		value, err := ast.ValueFromReader(bytes.NewReader(
-			unsafe.Slice((*byte)(unsafe.Pointer(input)), int(ilen))))
+		// As OPA's server reads an input: numbers kept exact, nothing after the document.
+		var document any
+		err := util.UnmarshalJSON(unsafe.Slice((*byte)(unsafe.Pointer(input)), int(ilen)), &document)
 		if err != nil {
 			return fail("invalid_input", "the input is not JSON: "+err.Error(), out, outlen)
+		}
+		value, err := ast.InterfaceToValue(document)
+		if err != nil {
+			return fail("invalid_input", "the input cannot be read: "+err.Error(), out, outlen)
 		}
 		options = append(options, rego.EvalParsedInput(value))
 	}

@@ -15,12 +15,11 @@ import data.prefect.governance.rules
 allow := count(deny) == 0
 
 # Each deny and warn message with the rule (package and rule name) behind it.
-# The rule modules are read once, in one pass: the embedded engine pays for
-# every reference to data.prefect.governance.rules.
+# `rules[module][kind]` evaluates only each module's deny and warn (and what they
+# use), never a module's whole document: half the decision's time, measured.
 reasons contains reason if {
-	some module, rule in rules
 	some kind in ["deny", "warn"]
-	some message in rule[kind]
+	some message in rules[module][kind]
 	reason := {"kind": kind, "message": message, "rule": sprintf("prefect.governance.rules.%s.%s", [module, kind])}
 }
 
@@ -44,8 +43,7 @@ well_formed if {
 	is_object(input.context)
 }
 
-# (A helper, not `not is_object(input[part])`: OPA leaves that undefined when the
-# part is missing, while regorus makes it true.)
+# (A helper: `not is_object(input[part])` is undefined when the part is missing.)
 has_object(part) if is_object(input[part])
 
 deny := {reason.message | some reason in reasons; reason.kind == "deny"}
@@ -55,11 +53,8 @@ warn := {reason.message | some reason in reasons; reason.kind == "warn"}
 # The capabilities the run may use: those it asked for (envelope.capabilities),
 # less every capability a rule module withholds in its `withhold` set. Withholding
 # narrows the run, it does not refuse it; say why in a warn message of the module.
-# (One rule, not a `withheld` rule of its own: the embedded engine pays for each
-# rule of this package in every decision.)
 grants := {capability | some capability in input.envelope.capabilities} - {capability |
-	some rule in rules
-	some capability in rule.withhold
+	some capability in rules[_].withhold
 }
 
 annotations := {

@@ -18,12 +18,11 @@ import data.prefect.governance.task_rules
 
 allow := count(deny) == 0
 
-# Each deny and warn message with the rule (package and rule name) behind it,
-# in one pass over the task rule modules.
+# Each deny and warn message with the rule (package and rule name) behind it;
+# only each module's deny and warn are evaluated (see decision.rego).
 reasons contains reason if {
-	some module, rule in task_rules
 	some kind in ["deny", "warn"]
-	some message in rule[kind]
+	some message in task_rules[module][kind]
 	reason := {"kind": kind, "message": message, "rule": sprintf("prefect.governance.task_rules.%s.%s", [module, kind])}
 }
 
