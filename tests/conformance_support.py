@@ -376,6 +376,18 @@ class Report:
     def of(self, verdict: str) -> list[Outcome]:
         return [o for o in self.outcomes if o.verdict == verdict]
 
+    def error_mismatches(self) -> list[Outcome]:
+        """Expected errors we raise with another code, or without OPA's message."""
+        return [
+            o
+            for o in self.of(SAME)
+            if o.error_code is not None
+            and (
+                o.expected.get("code") not in (None, o.error_code)
+                or (o.expected.get("error") or "") not in o.got["error"]
+            )
+        ]
+
     def summary(self) -> str:
         counts = self.counts
         lines = [
@@ -383,17 +395,10 @@ class Report:
             + ", ".join(f"{counts[v]} {v}" for v in CLASSES)
             + f", {len(self.outcomes)} in all"
         ]
-        errors = self.of(SAME)
-        matched = sum(
-            1
-            for o in errors
-            if o.error_code is not None
-            and o.expected.get("code") in (None, o.error_code)
-            and (o.expected.get("error") or "") in o.got["error"]
-        )
-        expected_errors = sum(1 for o in errors if o.error_code is not None)
+        expected_errors = [o for o in self.of(SAME) if o.error_code is not None]
         lines.append(
-            f"  of the {expected_errors} expected errors, {matched} with OPA's code and message"
+            f"  of the {len(expected_errors)} expected errors, "
+            f"{len(expected_errors) - len(self.error_mismatches())} with OPA's code and message"
         )
         refused = Counter(o.error_code for o in self.of(REFUSED))
         if refused:
@@ -405,6 +410,12 @@ class Report:
             lines.append(
                 "  not applicable: " + ", ".join(f"{n} {why}" for why, n in not_applicable.items())
             )
+        converted = sum(
+            1
+            for o in self.outcomes
+            if o.case.spec.get("input_term") is not None and o.verdict != NOT_APPLICABLE
+        )
+        lines.append(f"  input_term cases run with the term as its JSON text: {converted}")
         return "\n".join(lines)
 
 

@@ -68,6 +68,9 @@ def test_opa_conformance_suite_gives_opas_answers(cases, report):
     assert not different, f"{len(different)} cases differ from OPA:\n" + "\n".join(
         outcome.describe() for outcome in different
     )
+    # An expected error is raised with OPA's error code and message, as OPA's runner checks.
+    mismatched = report.error_mismatches()
+    assert not mismatched, "\n".join(outcome.describe() for outcome in mismatched)
 
 
 def test_every_refusal_is_opas_own_answer_with_strict_builtin_errors(report, opa_bin):
