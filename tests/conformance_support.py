@@ -10,7 +10,9 @@ engine under test does not read its own test cases.
 Each case is then run the way the product runs a policy, through
 :class:`~prefect_governance.engines.native.Policy` and ``Policy.query``: modules
 named ``test-N.rego`` as OPA's runner names them, the case's data and input passed as
-their JSON text, strict builtin errors always (the product's setting). Results are
+the JSON text OPA's loader made of them (the data's top-level values as
+``orjson.Fragment``, so no number goes through a float), strict builtin errors always
+(the product's setting). Results are
 compared as OPA's runner (``v1/topdown/exported_test.go``, ``testAssertResultSet``)
 compares them: a *set* of binding objects, numbers compared by value and exactly
 (JSON numbers are read as :class:`~decimal.Decimal`, never float), binding arrays
