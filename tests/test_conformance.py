@@ -137,7 +137,7 @@ def test_the_comparison_can_fail(report):
     erring = run_case(_mutated(case, want_result=None, want_error_code="eval_type_error"))
     assert erring.verdict == DIFFERENT
 
-    # An undefined expectation against a defined answer, and the other way round.
+    # A defined expectation where the answer is undefined ([] above: the other way round).
     undefined = _first_same(report, lambda s: s.get("want_result") == [])
     assert run_case(_mutated(undefined, want_result=[{"x": True}])).verdict == DIFFERENT
 
@@ -157,7 +157,7 @@ def test_the_comparison_can_fail(report):
             SAME if sorted(map(repr, want_x)) == sorted(map(repr, elements)) else DIFFERENT
         ), want_x
 
-    # An expected error that we do not raise ... and one we do but OPA answers: refused.
+    # OPA expecting an answer where we raise an error: refused, not different.
     expected_error = _first_same(report, lambda s: s.get("want_error_code") is not None)
     refused = run_case(
         _mutated(expected_error, want_error_code=None, want_error=None, want_result=[{"x": True}])
