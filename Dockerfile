@@ -9,6 +9,15 @@
 # docker-compose.yml, deploy/kubernetes/). Every version installed is pinned in
 # deploy/constraints.txt, which tests/test_container.py checks against pyproject.toml.
 # The base image is pinned by tag and digest; see deploy/README.md.
+#
+# First stage: the embedded policy engine (OPA's Go SDK as a C library, native/build.sh),
+# so the worker image needs no Go. The Go image is pinned by its patch tag (its digest
+# could not be resolved where this file was written; pin it where you build).
+FROM golang:1.26.8-bookworm AS engine
+WORKDIR /src/native
+COPY native/ ./
+RUN sh build.sh /out/libgovrego.so
+
 FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -21,7 +30,12 @@ COPY deploy/constraints.txt ./deploy/constraints.txt
 COPY pyproject.toml README.md ./
 COPY prefect_governance ./prefect_governance
 COPY policies ./policies
-RUN pip install --constraint deploy/constraints.txt '.[postgres]' \
+COPY setup.py MANIFEST.in ./
+COPY native ./native
+COPY --from=engine /out/libgovrego.so /tmp/libgovrego.so
+RUN PREFECT_GOVERNANCE_PREBUILT_ENGINE=/tmp/libgovrego.so \
+    pip install --constraint deploy/constraints.txt '.[postgres]' \
+    && rm /tmp/libgovrego.so \
     && groupadd --gid 10001 prefect \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin prefect
 

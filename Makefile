@@ -20,7 +20,7 @@ test: install opa
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py native/go.mod native/go.sum native/main.go
+$(VENV)/.installed: pyproject.toml setup.py native/go.mod native/go.sum native/main.go native/build.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

@@ -1,9 +1,10 @@
 """Build the embedded engine: OPA's Go SDK as a C shared library (``native/``).
 
 Everything else is declared in pyproject.toml. ``pip install`` from source needs
-Go (the version ``native/go.mod`` names, or newer); a wheel carries the built
-library, so installing one needs no Go. The build is reproducible: modules
-pinned by ``native/go.sum``, paths trimmed, no build id or VCS stamp.
+Go (the version ``native/go.mod`` names, or newer) and a C compiler (cgo); a
+wheel carries the built library, so installing one needs neither. The recipe is
+``native/build.sh``; PREFECT_GOVERNANCE_PREBUILT_ENGINE names a library it built
+elsewhere, to ship instead of building here.
 """
 
 from __future__ import annotations
@@ -50,25 +51,18 @@ class build_go(build_ext):
         if not isinstance(ext, GoLibrary):
             super().build_extension(ext)
             return
-        go = shutil.which("go")
-        if go is None:
+        output = Path(self.get_ext_fullpath(ext.name)).resolve()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        prebuilt = os.environ.get("PREFECT_GOVERNANCE_PREBUILT_ENGINE")
+        if prebuilt:  # built by native/build.sh elsewhere (the Dockerfile's first stage)
+            shutil.copyfile(prebuilt, output)
+            return
+        if shutil.which("go") is None:
             sys.exit(
                 "prefect-governance: building from source needs Go (see native/go.mod for the "
                 "version) for the embedded policy engine; install Go, or install a wheel."
             )
-        output = Path(self.get_ext_fullpath(ext.name)).resolve()
-        output.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "CGO_ENABLED": "1", "GOFLAGS": "-mod=readonly -buildvcs=false"}
-        subprocess.run(
-            [
-                go, "build", "-buildmode=c-shared", "-trimpath",
-                "-ldflags=-s -w -buildid=", "-o", str(output), ".",
-            ],
-            cwd=ext.source_dir,
-            env=env,
-            check=True,
-        )
-        output.with_suffix(".h").unlink(missing_ok=True)  # cgo's header: not needed by ctypes
+        subprocess.run(["sh", str(ext.source_dir / "build.sh"), str(output)], check=True)
 
 
 def policy_packages() -> list[str]:

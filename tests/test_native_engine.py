@@ -4,6 +4,7 @@ across fork, a panic is a refusal, old revisions are released, a wheel needs no 
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import subprocess
 import sys
@@ -148,27 +149,22 @@ def test_the_embedded_opa_is_the_sidecars_version(opa_bin):
     assert f"Version: {native.opa_version()}\n" in printed.stdout
 
 
+def build_wheel(into: Path, env: dict[str, str] | None = None) -> Path:
+    command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(into), str(ROOT)]
+    subprocess.run(command, check=True, timeout=600, env=env)
+    (wheel,) = into.glob("prefect_governance-*.whl")
+    return wheel
+
+
 def test_a_wheel_carries_the_library_and_decides_without_go(tmp_path):
-    """Build the wheel as a release would, then use it where no Go is on the PATH."""
+    """Build the wheel as a release would, then use it where no Go is on the PATH.
+
+    The image installs the package, not the source tree, so the wheel must hold every
+    subpackage and the policy library (the editable install of the tests would hide a
+    missing one)."""
     if shutil.which("go") is None:
         missing("Go (building the wheel compiles the embedded engine)")
-    wheels = tmp_path / "wheels"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "-w",
-            str(wheels),
-            str(ROOT),
-        ],
-        check=True,
-        timeout=600,
-    )
-    (wheel,) = wheels.glob("prefect_governance-*.whl")
+    wheel = build_wheel(tmp_path / "wheels")
     assert not wheel.name.endswith("-none-any.whl"), f"{wheel.name} must be a platform wheel"
     unpacked = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
@@ -177,6 +173,13 @@ def test_a_wheel_carries_the_library_and_decides_without_go(tmp_path):
     assert f"prefect_governance/engines/{native.LIBRARY_NAME}" in names
     assert "prefect_governance/policies/prefect/governance/decision.rego" in names
     assert not [n for n in names if n.endswith(".h") or n.startswith("native/")], names
+    for init in (ROOT / "prefect_governance").rglob("__init__.py"):
+        assert init.relative_to(ROOT).as_posix() in names, f"{init} is not in the wheel"
+    policies = ROOT / "policies"
+    for path in policies.rglob("*"):
+        if path.suffix in (".rego", ".json", ".md"):
+            shipped = f"prefect_governance/policies/{path.relative_to(policies).as_posix()}"
+            assert shipped in names, f"{path} is not in the wheel"
     check = textwrap.dedent(
         """
         import shutil, sys
@@ -202,3 +205,19 @@ def test_a_wheel_carries_the_library_and_decides_without_go(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
     assert "denied: True" in completed.stdout, "an empty input is refused by the packaged policy"
+
+
+def test_a_library_built_elsewhere_is_shipped_as_it_is_without_go(tmp_path):
+    """The Dockerfile's way: native/build.sh in a Go stage, then the wheel without Go."""
+    prebuilt = tmp_path / native.LIBRARY_NAME
+    prebuilt.write_bytes(native.LIBRARY_PATH.read_bytes())
+    path = [p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "go").exists()]
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join(path),
+        "PREFECT_GOVERNANCE_PREBUILT_ENGINE": str(prebuilt),
+    }
+    wheel = build_wheel(tmp_path / "wheels", env)
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = archive.read(f"prefect_governance/engines/{native.LIBRARY_NAME}")
+    assert shipped == prebuilt.read_bytes()
