@@ -143,6 +143,7 @@ class Spy:
 @dataclass
 class Outcome:
     error: str | None  # the EngineError kind, when the engine gave no answer
+    detail: str | None = None  # OPA's error, as file:row: code: message
     result: Any = None  # the result as the engine hands it to the product
     document: Any = None  # the same, parsed exactly from the bytes the engine read
 
@@ -166,18 +167,19 @@ class Engines:
         try:
             answer = self.embedded.evaluate_sync(path, policy_input)
         except EngineError as exc:
-            return Outcome(exc.kind)
+            return Outcome(exc.kind, exc.message)
         (raw,) = self.spy.read["embedded"]
         results = exact(raw)
-        return Outcome(None, answer.result, results[0]["expressions"][0] if results else None)
+        document = results[0]["expressions"][0] if results else None
+        return Outcome(None, result=answer.result, document=document)
 
     def _opa_outcome(self, path: str, policy_input: Any) -> Outcome:
         try:
             answer = self.loop.run_until_complete(self.opa.evaluate(path, policy_input))
         except EngineError as exc:
-            return Outcome(exc.kind)
+            return Outcome(exc.kind, sidecar_error(self.spy.read["opa"]))
         (raw,) = self.spy.read["opa"]
-        return Outcome(None, answer.result, exact(raw).get("result"))
+        return Outcome(None, result=answer.result, document=exact(raw).get("result"))
 
     def both(self, path: str, policy_input: Any) -> str:
         """Decide with both engines, assert they agree; the outcome class."""
@@ -189,12 +191,26 @@ class Engines:
         assert self.spy.sent["embedded"] == [body], "the embedded engine sent other bytes"
         assert self.spy.sent["opa"] == [body], "the sidecar was sent other bytes"
         assert local.error == remote.error, (local.error, remote.error, body)
+        if local.error == "evaluation":  # and the same error: the same builtin, file and row
+            assert local.detail == remote.detail, body
         if local.error:
+            self.last = local
             return f"error:{local.error}"
         assert local.document == remote.document, body
         assert typed(local.result) == typed(remote.result), body
         self.last = local
         return outcome_class(local.result)
+
+
+def sidecar_error(read: list[bytes]) -> str | None:
+    """OPA's first evaluation error in the sidecar's error document, written as the
+    embedded engine writes it (the sidecar engine's own message leaves it out)."""
+    if len(read) != 1:
+        return None
+    errors = orjson.loads(read[0]).get("errors") or [{}]
+    error, where = errors[0], errors[0].get("location", {})
+    file = where.get("file", "").removeprefix(f"{POLICIES}/")
+    return f"{file}:{where.get('row')}: {error.get('code')}: {error.get('message')}"
 
 
 def outcome_class(result: Any) -> str:
@@ -652,6 +668,10 @@ def _run(engines, path: str, strategy: st.SearchStrategy) -> tuple[Counter, set[
         event(outcome)
         outcomes[outcome] += 1
         fired.update(_rules(engines.last.result))
+        if engines.last.detail:  # which builtin failed, for the statistics
+            parts = engines.last.detail.split(": ")
+            event(f"error in {parts[2] if len(parts) > 2 else parts[-1]}")
+            seen[f"error in {parts[2] if len(parts) > 2 else parts[-1]}"] += 1
         for feature in features(policy_input, engines.last.document):
             event(feature)
             seen[feature] += 1
