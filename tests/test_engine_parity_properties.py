@@ -317,8 +317,13 @@ json_values = st.recursive(
     lambda inner: (
         st.lists(inner, max_size=4)
         | st.dictionaries(strings, inner, max_size=4)
-        # keys that are not strings: encode_input writes them as json.dumps does
-        | st.dictionaries(st.integers(-3, 3) | st.booleans(), inner, max_size=2)
+        # keys that are not strings: encode_input writes them as json.dumps does, so that
+        # 1 and "1" are one key written twice (both engines parse with Go: the last wins)
+        | st.dictionaries(
+            st.integers(-1, 1) | st.booleans() | st.sampled_from(["1", "true", "-1"]),
+            inner,
+            max_size=3,
+        )
     ),
     max_leaves=12,
 )
@@ -631,6 +636,13 @@ def features(policy_input: Any, document: Any) -> set[str]:
         orjson.dumps(policy_input, default=str, option=orjson.OPT_PASSTHROUGH_DATETIME)
     except TypeError:
         found.add("input written by json.dumps (no orjson)")
+        twice: list[bool] = []
+        json.loads(
+            encode_input(policy_input),
+            object_pairs_hook=lambda pairs: twice.append(len({k for k, _ in pairs}) < len(pairs)),
+        )
+        if any(twice):
+            found.add("input with a key written twice")  # counted, not required
 
     def walk(value: Any) -> None:
         if isinstance(value, Number):
