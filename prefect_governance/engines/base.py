@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -28,7 +29,18 @@ def encode_input(policy_input: Any) -> bytes:
     try:
         return orjson.dumps(policy_input, default=str, option=_ORJSON_OPTIONS)
     except TypeError:
-        return json.dumps(policy_input, default=str).encode()
+        return json.dumps(_finite(policy_input), default=str).encode()
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float as None, as orjson writes it (null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 class EngineError(Exception):

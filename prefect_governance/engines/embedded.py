@@ -74,7 +74,10 @@ def native_failure(error: NativeError) -> EngineError:
 
 def first_value(raw: bytes) -> Any:
     """The value of a one-expression query's result set; None if it is undefined."""
-    results = orjson.loads(raw)
+    try:
+        results = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:  # a number beyond a double, say
+        raise EngineError("shape", f"the policy result cannot be read: {exc}") from exc
     return results[0]["expressions"][0] if results else None
 
 

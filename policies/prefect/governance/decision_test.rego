@@ -102,6 +102,13 @@ test_every_rule_test_case_is_collected_for_parity if {
 	testing.all_cases["capabilities/no capabilities"].envelope.capabilities == []
 }
 
+# With no input at all (as the sidecar reads a request without one, or
+# `{"input": null}`): refused, not allowed because no rule could fire.
+test_no_input_is_refused if {
+	not decision.allow
+	count(decision.deny) == 3
+}
+
 test_an_input_without_the_contract_is_refused if {
 	not decision.allow with input as {}
 	count(decision.deny) == 3 with input as {}

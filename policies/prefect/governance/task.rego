@@ -31,7 +31,7 @@ reasons contains reason if {
 reasons contains reason if {
 	not well_formed
 	some part in ["agent", "envelope", "context"]
-	not has_object(input, part)
+	not input_has(part)
 	reason := {
 		"kind": "deny",
 		"message": sprintf("the input has no %s object: it is not a task governance input", [part]),
@@ -41,7 +41,7 @@ reasons contains reason if {
 
 reasons contains reason if {
 	not well_formed
-	has_object(input, "envelope")
+	input_has("envelope")
 	not has_object(input.envelope, "parent")
 	reason := {
 		"kind": "deny",
@@ -58,8 +58,11 @@ well_formed if {
 	is_object(input.envelope.parent)
 }
 
-# (A helper, not `not is_object(document[key])`: OPA leaves that undefined when
-# the key is missing, while regorus makes it true.)
+# Helpers, not `not is_object(document[key])`: that is undefined when the key is
+# missing. `input_has` reads the input itself, so that no input at all is refused
+# too: with `input` as an argument, the call (and so its `not`) would be undefined.
+input_has(part) if is_object(input[part])
+
 has_object(document, key) if is_object(document[key])
 
 deny := {reason.message | some reason in reasons; reason.kind == "deny"}

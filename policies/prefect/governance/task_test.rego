@@ -73,6 +73,13 @@ test_every_task_rule_test_case_is_collected_for_parity if {
 	testing.all_task_cases["names/a refused task"].envelope.task.name == "drop_tables"
 }
 
+# With no input at all (as the sidecar reads a request without one, or
+# `{"input": null}`): refused, not allowed because no rule could fire.
+test_no_input_is_refused if {
+	not task.allow
+	count(task.deny) == 3
+}
+
 test_an_input_without_the_contract_is_refused if {
 	not task.allow with input as {}
 	count(task.deny) == 3 with input as {}
