@@ -262,17 +262,19 @@ GO_PARTS = {
     "ResultToJSON": "Go: result Go values -> JSON (json.Marshal)",
     "EvalBody": "Go: all of rg_eval's body (the above together)",
     "InputViaInterface": "Go, alternative: input via encoding/json + ast.InterfaceToValue",
+    "EvalTrivial": "Go: eval of a trivial prepared query ('true', no input): fixed cost",
+    "EvalSharedTxn": "Go, alternative: the eval in one long-lived store read transaction",
 }
+# As the library runs (native.GC_PERCENT), unless GOGC is set.
+GO_BENCH_GOGC = os.environ.get("GOGC") or str(native_lib.GC_PERCENT)
 
 
-def go_parts(benchtime: str, count: int, gogc: str | None = None) -> dict[str, Any]:
+def go_parts(benchtime: str, count: int, gogc: str = GO_BENCH_GOGC) -> dict[str, Any]:
     """native/bench_test.go's figures (``go test -bench``), or why there are none."""
     go = shutil.which("go")
     if go is None:
         return {"skipped": "no Go toolchain"}
-    env = dict(os.environ)
-    if gogc is not None:
-        env["GOGC"] = gogc
+    env = {**os.environ, "GOGC": gogc}
     done = subprocess.run(
         [go, "test", "-run", "^$", "-bench", ".", "-benchmem",
          "-benchtime", benchtime, "-count", str(count), "./"],
@@ -347,6 +349,7 @@ def breakdown(n: int, warmup: int, quick: bool) -> dict[str, Any]:
     return {
         "python": python_parts(engine, document, n),
         "go": go_parts("200x" if quick else "1s", 1 if quick else 3),
+        "go_gogc": GO_BENCH_GOGC,
         "gogc": gc_comparison(n, warmup, 1 if quick else 3),
     }
 
@@ -425,7 +428,8 @@ def breakdown_lines(parts: dict[str, Any]) -> list[str]:
     if "skipped" in go:
         lines.append(f"Go parts: skipped ({go['skipped']})")
     else:
-        lines.append(f"{'part (go test -bench, median of runs)':64} {'us/op':>9} {'allocs':>9}")
+        title = f"part (go test -bench, GOGC={parts['go_gogc']}, median of runs)"
+        lines.append(f"{title:64} {'us/op':>9} {'allocs':>9}")
         for name, row in go.items():
             lines.append(f"{name:64} {row['us']:9.1f} {row['allocs']:9d}")
     lines.append(f"{'GOGC (subprocess each)':24} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"

@@ -96,7 +96,14 @@ func benchInput(b *testing.B) []byte {
 
 func prepared(b *testing.B) (*rego.PreparedEvalQuery, ast.Value, []byte) {
 	b.Helper()
-	q, err := benchPolicy(b).prepare(decisionQuery)
+	q, value, input, _ := preparedWith(b)
+	return q, value, input
+}
+
+func preparedWith(b *testing.B) (*rego.PreparedEvalQuery, ast.Value, []byte, *policy) {
+	b.Helper()
+	p := benchPolicy(b)
+	q, err := p.prepare(decisionQuery)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -105,7 +112,7 @@ func prepared(b *testing.B) (*rego.PreparedEvalQuery, ast.Value, []byte) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	return q, value, input
+	return q, value, input, p
 }
 
 func eval(b *testing.B, q *rego.PreparedEvalQuery, value ast.Value, options ...rego.EvalOption) rego.ResultSet {
@@ -236,5 +243,35 @@ func BenchmarkInputViaInterface(b *testing.B) {
 		if _, err := ast.InterfaceToValue(document); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// The fixed cost of one evaluation: a prepared trivial query, no input.
+func BenchmarkEvalTrivial(b *testing.B) {
+	p := benchPolicy(b)
+	q, err := p.prepare("true")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := q.Eval(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// Candidate: the decision's evaluation in one long-lived read transaction of the
+// store (the store is never written after rg_open), instead of one per Eval.
+func BenchmarkEvalSharedTxn(b *testing.B) {
+	q, value, _, p := preparedWith(b)
+	txn, err := p.store.NewTransaction(context.Background())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.store.Abort(context.Background(), txn)
+	b.ReportAllocs()
+	for b.Loop() {
+		eval(b, q, value, rego.EvalTransaction(txn))
 	}
 }
