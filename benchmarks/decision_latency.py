@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import gc
 import itertools
 import json
@@ -45,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -190,70 +188,66 @@ async def measure(benches: list[Bench], n: int, warmup: int, rounds: int) -> dic
 # -- where the embedded decision's time goes ------------------------------------------
 
 
-def timed(call: Callable[[], Any], n: int) -> dict[str, float]:
-    """Median and p99 of ``n`` calls, in microseconds."""
-    for _ in range(max(20, n // 10)):
-        call()
-    samples = []
-    for _ in range(n):
-        started = time.perf_counter_ns()
-        call()
-        samples.append((time.perf_counter_ns() - started) / 1000)
-    q = statistics.quantiles(samples, n=100, method="inclusive")
-    return {"p50_us": round(q[49], 2), "p99_us": round(q[98], 2)}
-
-
 def python_parts(engine: EmbeddedEngine, document: dict[str, Any], n: int) -> dict[str, Any]:
-    """The Python side of one embedded decision, and the ctypes calls, each timed alone."""
+    """The Python side of one embedded decision and the ctypes calls, each part timed
+    in the same iteration as the others (so their shares hold on a noisy machine)."""
     policy, revision = engine._current
     query = rego_ref(DEFAULT_POLICY_PATH)
-    encoded = encode_input(document)
-    raw = policy.query(query, encoded, timeout=5.0)
-    result = first_value(raw)
     lib = native_lib.library()
-
-    def settled() -> Any:
-        return settle(
+    clock = time.perf_counter_ns
+    names = (
+        "decide_sync (the whole decision)",
+        "encode_input (orjson)",
+        "Policy.query (ctypes call into Go and back)",
+        "first_value (orjson.loads of the result)",
+        "settle (PolicyResult + Decision, pydantic)",
+        "ctypes: empty call into Go (rg_open_handles)",
+        "ctypes: trivial query, no input (Policy.query 'true')",
+    )
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    raw = b""
+    for i in range(n + max(20, n // 10)):
+        t0 = clock()
+        decide_sync(engine, DEFAULT_POLICY_PATH, document)
+        t1 = clock()
+        encoded = encode_input(document)
+        t2 = clock()
+        raw = policy.query(query, encoded, timeout=5.0)
+        t3 = clock()
+        result = first_value(raw)
+        t4 = clock()
+        settle(
             EngineAnswer(result=result, revision=revision),
             engine="embedded",
             policy_path=DEFAULT_POLICY_PATH,
             mode="enforce",
             fail_mode="closed",
         )
-
-    parts = {
-        "decide_sync (the whole decision)": lambda: decide_sync(
-            engine, DEFAULT_POLICY_PATH, document
-        ),
-        "evaluate_sync (engine: encode, call, decode)": lambda: engine.evaluate_sync(
-            DEFAULT_POLICY_PATH, document
-        ),
-        "Policy.query (ctypes call into Go and back)": lambda: policy.query(
-            query, encoded, timeout=5.0
-        ),
-        "encode_input (orjson)": lambda: encode_input(document),
-        "first_value (orjson.loads of the result)": lambda: first_value(raw),
-        "settle (PolicyResult + Decision, pydantic)": settled,
-        "ctypes: empty call into Go (rg_open_handles)": lib.rg_open_handles,
-        "ctypes: trivial query, no input (Policy.query 'true')": lambda: policy.query(
-            "true", None, timeout=5.0
-        ),
-        "ctypes: byref/c_void_p setup + string_at copy of the reply": lambda: (
-            ctypes.string_at(encoded, len(raw)),
-            ctypes.c_void_p(),
-            ctypes.c_longlong(),
-        ),
-    }
-    return {
-        "result_bytes": len(raw),
-        "input_bytes": len(encoded),
-        "parts_us": {name: timed(call, n) for name, call in parts.items()},
-    }
+        t5 = clock()
+        lib.rg_open_handles()
+        t6 = clock()
+        policy.query("true", None, timeout=5.0)
+        t7 = clock()
+        if i < max(20, n // 10):  # warm-up
+            continue
+        stamps = (t0, t1, t2, t3, t4, t5, t6, t7)
+        for name, (a, b) in zip(names, itertools.pairwise(stamps), strict=True):
+            samples[name].append((b - a) / 1000)
+    parts = {}
+    for name, values in samples.items():
+        q = statistics.quantiles(values, n=100, method="inclusive")
+        parts[name] = {
+            "p50_us": round(q[49], 2),
+            "p99_us": round(q[98], 2),
+            "mean_us": round(statistics.fmean(values), 2),
+        }
+    return {"result_bytes": len(raw), "input_bytes": len(encoded), "parts_us": parts}
 
 
 BENCH_LINE = re.compile(
     r"^Benchmark(\w+)-\d+\s+\d+\s+([\d.]+) ns/op(?:.*?(\d+) B/op\s+(\d+) allocs/op)?"
 )
+PART_METRIC = re.compile(r"([\d.]+) (\w+)-ns/op")
 GO_PARTS = {
     "InputToAST": "Go: input JSON -> ast.Value (ast.ValueFromReader)",
     "Deadline": "Go: deadline (topdown cancel + time.AfterFunc)",
@@ -264,6 +258,14 @@ GO_PARTS = {
     "InputViaInterface": "Go, alternative: input via encoding/json + ast.InterfaceToValue",
     "EvalTrivial": "Go: eval of a trivial prepared query ('true', no input): fixed cost",
     "EvalSharedTxn": "Go, alternative: the eval in one long-lived store read transaction",
+    "DecisionParts": "Go: rg_eval's body, parts timed in one loop (below)",
+}
+PART_METRICS = {
+    "prepare": "prepared-query lookup",
+    "input": "input JSON -> ast.Value",
+    "deadline": "deadline set-up",
+    "eval": "evaluation (incl. result ast -> Go values)",
+    "result": "result -> JSON, timer stopped",
 }
 # As the library runs (native.GC_PERCENT), unless GOGC is set.
 GO_BENCH_GOGC = os.environ.get("GOGC") or str(native_lib.GC_PERCENT)
@@ -283,12 +285,15 @@ def go_parts(benchtime: str, count: int, gogc: str = GO_BENCH_GOGC) -> dict[str,
     if done.returncode != 0:
         return {"skipped": "go test failed: " + (done.stderr or done.stdout)[-500:]}
     runs: dict[str, list[tuple[float, int, int]]] = {}
+    metrics: dict[str, list[float]] = {}
     for line in done.stdout.splitlines():
         match = BENCH_LINE.match(line)
         if match:
             name, ns, size, allocs = match.groups()
             runs.setdefault(name, []).append((float(ns), int(size or 0), int(allocs or 0)))
-    return {
+            for value, metric in PART_METRIC.findall(line):
+                metrics.setdefault(metric, []).append(float(value))
+    figures: dict[str, Any] = {
         GO_PARTS.get(name, name): {
             "us": round(statistics.median(r[0] for r in rows) / 1000, 2),
             "bytes": rows[0][1],
@@ -296,6 +301,13 @@ def go_parts(benchtime: str, count: int, gogc: str = GO_BENCH_GOGC) -> dict[str,
         }
         for name, rows in runs.items()
     }
+    medians = {m: statistics.median(v) / 1000 for m, v in metrics.items() if m in PART_METRICS}
+    total = sum(medians.values())
+    figures["parts"] = {
+        PART_METRICS[m]: {"us": round(us, 2), "share": round(us / total, 3) if total else 0}
+        for m, us in medians.items()
+    }
+    return figures
 
 
 def gc_probe(n: int, warmup: int) -> dict[str, Any]:
@@ -431,7 +443,11 @@ def breakdown_lines(parts: dict[str, Any]) -> list[str]:
         title = f"part (go test -bench, GOGC={parts['go_gogc']}, median of runs)"
         lines.append(f"{title:64} {'us/op':>9} {'allocs':>9}")
         for name, row in go.items():
-            lines.append(f"{name:64} {row['us']:9.1f} {row['allocs']:9d}")
+            if name != "parts":
+                lines.append(f"{name:64} {row['us']:9.1f} {row['allocs']:9d}")
+        lines.append(f"{'  of which, timed in the same loop':64} {'us/op':>9} {'share':>9}")
+        for name, row in go["parts"].items():
+            lines.append(f"{'    ' + name:64} {row['us']:9.1f} {row['share']:9.1%}")
     lines.append(f"{'GOGC (subprocess each)':24} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
                  f" {'8 threads/s':>12} {'RSS MiB':>8}")  # fmt: skip
     for gogc, row in parts["gogc"].items():

@@ -275,3 +275,49 @@ func BenchmarkEvalSharedTxn(b *testing.B) {
 		eval(b, q, value, rego.EvalTransaction(txn))
 	}
 }
+
+// rg_eval's body with each part timed in the same iteration (so that their
+// shares hold under a noisy machine): the figures are ns per decision per part.
+func BenchmarkDecisionParts(b *testing.B) {
+	p := benchPolicy(b)
+	input := benchInput(b)
+	if _, err := p.prepare(decisionQuery); err != nil {
+		b.Fatal(err)
+	}
+	var prep, in, deadline, ev, out time.Duration
+	b.ReportAllocs()
+	for b.Loop() {
+		t0 := time.Now()
+		q, err := p.prepare(decisionQuery)
+		if err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		value, err := ast.ValueFromReader(bytes.NewReader(input))
+		if err != nil {
+			b.Fatal(err)
+		}
+		t2 := time.Now()
+		cancel := topdown.NewCancel()
+		timer := time.AfterFunc(5*time.Second, cancel.Cancel)
+		t3 := time.Now()
+		rs := eval(b, q, value, rego.EvalExternalCancel(cancel))
+		t4 := time.Now()
+		timer.Stop()
+		if _, err := marshalResults(rs); err != nil {
+			b.Fatal(err)
+		}
+		t5 := time.Now()
+		prep += t1.Sub(t0)
+		in += t2.Sub(t1)
+		deadline += t3.Sub(t2) // the timer's Stop is counted in result
+		ev += t4.Sub(t3)
+		out += t5.Sub(t4)
+	}
+	n := float64(b.N)
+	b.ReportMetric(float64(prep.Nanoseconds())/n, "prepare-ns/op")
+	b.ReportMetric(float64(in.Nanoseconds())/n, "input-ns/op")
+	b.ReportMetric(float64(deadline.Nanoseconds())/n, "deadline-ns/op")
+	b.ReportMetric(float64(ev.Nanoseconds())/n, "eval-ns/op")
+	b.ReportMetric(float64(out.Nanoseconds())/n, "result-ns/op")
+}
