@@ -73,7 +73,14 @@ ROUNDS = 10
 # Issue 16's goals for the embedded engine; the sidecar's are issue 6's.
 LATENCY_GOALS = {"embedded": (0.15, 0.5), "opa": (1.0, 3.0)}  # p50, p99 in ms
 THROUGHPUT_GOALS = {"embedded": 3500.0}  # decisions/s at each concurrency
-GOGC_VALUES = ("100", "400", "off")
+# Go's collector settings compared (environment of a subprocess each): the default,
+# the library's (400), none, and none until the heap reaches a limit.
+GC_SETTINGS = {
+    "100": {"GOGC": "100"},
+    "400": {"GOGC": "400"},
+    "off": {"GOGC": "off"},
+    "off, GOMEMLIMIT=256MiB": {"GOGC": "off", "GOMEMLIMIT": "256MiB"},
+}
 NATIVE = ROOT / "native"
 
 
@@ -334,13 +341,14 @@ def gc_probe(n: int, warmup: int) -> dict[str, Any]:
 
 def gc_comparison(n: int, warmup: int, rounds: int) -> dict[str, Any]:
     """The decision under each GOGC, a subprocess each, in rounds rotating their order."""
-    results: dict[str, list[dict[str, Any]]] = {g: [] for g in GOGC_VALUES}
+    names = list(GC_SETTINGS)
+    results: dict[str, list[dict[str, Any]]] = {g: [] for g in names}
     for r in range(rounds):
-        order = GOGC_VALUES[r % len(GOGC_VALUES) :] + GOGC_VALUES[: r % len(GOGC_VALUES)]
-        for gogc in order:
+        for gogc in names[r % len(names) :] + names[: r % len(names)]:
+            env = {k: v for k, v in os.environ.items() if k not in ("GOGC", "GOMEMLIMIT")}
             done = subprocess.run(
                 [sys.executable, __file__, "--gc-probe", str(n), "--warmup", str(warmup)],
-                env={**os.environ, "GOGC": gogc},
+                env={**env, **GC_SETTINGS[gogc]},
                 capture_output=True, text=True, timeout=600, check=True,
             )  # fmt: skip
             results[gogc].append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -83,7 +83,7 @@ def test_the_decision_benchmark_compares_the_engines_and_breaks_the_embedded_one
     parts = figures["breakdown"]
     for name in ("decide_sync (the whole decision)", "encode_input (orjson)"):
         assert parts["python"]["parts_us"][name]["p50_us"] > 0
-    assert set(parts["gogc"]) == {"100", "400", "off"}
+    assert {"100", "400", "off"} <= set(parts["gogc"])
     go = parts["go"]
     assert "skipped" in go or any(row["us"] > 0 for row in go.values())
 
