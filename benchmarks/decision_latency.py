@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.metadata
 import itertools
 import json
 import os
@@ -523,6 +524,7 @@ def main() -> None:
         concurrency=list(CONCURRENCY),
         in_flight="in-process engines: threads calling decide_sync; opa: asyncio tasks",
         policy_path=DEFAULT_POLICY_PATH,
+        prefect=importlib.metadata.version("prefect"),
         opa=opa_version(),
         embedded_opa=native_lib.opa_version(),
         regorus="gordon-to-regorus 0.13.0" if available() else "not installed",
