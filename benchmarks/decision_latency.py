@@ -255,7 +255,7 @@ def python_parts(engine: EmbeddedEngine, document: dict[str, Any], n: int) -> di
 BENCH_LINE = re.compile(
     r"^Benchmark(\w+)-\d+\s+\d+\s+([\d.]+) ns/op(?:.*?(\d+) B/op\s+(\d+) allocs/op)?"
 )
-PART_METRIC = re.compile(r"([\d.]+) (\w+)-ns/op")
+PART_METRIC = re.compile(r"([\d.]+) ([\w-]+)-ns/op")
 GO_PARTS = {
     "InputToAST": "Go: input JSON -> ast.Value (ast.ValueFromReader)",
     "Deadline": "Go: deadline (topdown cancel + time.AfterFunc)",
@@ -267,6 +267,16 @@ GO_PARTS = {
     "EvalTrivial": "Go: eval of a trivial prepared query ('true', no input): fixed cost",
     "EvalSharedTxn": "Go, alternative: the eval in one long-lived store read transaction",
     "DecisionParts": "Go: rg_eval's body, parts timed in one loop (below)",
+    "InputDirect": "Go, candidate: input JSON parsed straight to ast.Value",
+    "EvalBodyDirect": "Go, candidate: rg_eval's body with that input parser",
+    "InputAB": "Go: input + eval, ValueFromReader and the candidate in one loop",
+}
+# BenchmarkInputAB's figures: the two input conversions alternated in one loop.
+AB_METRICS = {
+    "input-any": "input, ast.ValueFromReader (main.go)",
+    "input-direct": "input, parsed straight to ast.Value (candidate)",
+    "decision-any": "input + eval, ast.ValueFromReader (main.go)",
+    "decision-direct": "input + eval, parsed straight (candidate)",
 }
 PART_METRICS = {
     "prepare": "prepared-query lookup",
@@ -294,13 +304,15 @@ def go_parts(benchtime: str, count: int, gogc: str = GO_BENCH_GOGC) -> dict[str,
         return {"skipped": "go test failed: " + (done.stderr or done.stdout)[-500:]}
     runs: dict[str, list[tuple[float, int, int]]] = {}
     metrics: dict[str, list[float]] = {}
+    ab: dict[str, list[float]] = {}
     for line in done.stdout.splitlines():
         match = BENCH_LINE.match(line)
         if match:
             name, ns, size, allocs = match.groups()
             runs.setdefault(name, []).append((float(ns), int(size or 0), int(allocs or 0)))
+            into = ab if name == "InputAB" else metrics
             for value, metric in PART_METRIC.findall(line):
-                metrics.setdefault(metric, []).append(float(value))
+                into.setdefault(metric, []).append(float(value))
     figures: dict[str, Any] = {
         GO_PARTS.get(name, name): {
             "us": round(statistics.median(r[0] for r in rows) / 1000, 2),
@@ -314,6 +326,11 @@ def go_parts(benchtime: str, count: int, gogc: str = GO_BENCH_GOGC) -> dict[str,
     figures["parts"] = {
         PART_METRICS[m]: {"us": round(us, 2), "share": round(us / total, 3) if total else 0}
         for m, us in medians.items()
+    }
+    figures["input_ab"] = {
+        AB_METRICS[m]: round(statistics.median(v) / 1000, 2)
+        for m, v in ab.items()
+        if m in AB_METRICS
     }
     return figures
 
@@ -452,11 +469,15 @@ def breakdown_lines(parts: dict[str, Any]) -> list[str]:
         title = f"part (go test -bench, GOGC={parts['go_gogc']}, median of runs)"
         lines.append(f"{title:64} {'us/op':>9} {'allocs':>9}")
         for name, row in go.items():
-            if name != "parts":
+            if name not in ("parts", "input_ab"):
                 lines.append(f"{name:64} {row['us']:9.1f} {row['allocs']:9d}")
         lines.append(f"{'  of which, timed in the same loop':64} {'us/op':>9} {'share':>9}")
         for name, row in go["parts"].items():
             lines.append(f"{'    ' + name:64} {row['us']:9.1f} {row['share']:9.1%}")
+        if go.get("input_ab"):
+            lines.append(f"{'  input conversion, main.go vs candidate, one loop':64} {'us/op':>9}")
+            for name, us in go["input_ab"].items():
+                lines.append(f"{'    ' + name:64} {us:9.1f}")
     lines.append(f"{'GOGC (subprocess each)':24} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
                  f" {'8 threads/s':>12} {'RSS MiB':>8}")  # fmt: skip
     for gogc, row in parts["gogc"].items():

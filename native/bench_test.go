@@ -75,23 +75,27 @@ func benchPolicy(b *testing.B) *policy {
 // benchInput is the benchmark's input: the `allowed` example, 20 parameters.
 func benchInput(b *testing.B) []byte {
 	b.Helper()
-	raw, err := os.ReadFile(filepath.Join("..", "policies", "examples", "allowed", "input.json"))
+	out, err := benchInputBytes()
 	if err != nil {
 		b.Fatal(err)
 	}
+	return out
+}
+
+func benchInputBytes() ([]byte, error) {
+	raw, err := os.ReadFile(filepath.Join("..", "policies", "examples", "allowed", "input.json"))
+	if err != nil {
+		return nil, err
+	}
 	var document map[string]any
 	if err := json.Unmarshal(raw, &document); err != nil {
-		b.Fatal(err)
+		return nil, err
 	}
 	params := document["envelope"].(map[string]any)["parameters"].(map[string]any)
 	for i := 0; len(params) < 20; i++ {
 		params["option_"+strconv.Itoa(i)] = "value-" + strconv.Itoa(i)
 	}
-	out, err := json.Marshal(document)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return out
+	return json.Marshal(document)
 }
 
 func prepared(b *testing.B) (*rego.PreparedEvalQuery, ast.Value, []byte) {
