@@ -38,6 +38,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 bench: install opa
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	bash scripts/postgres.sh
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/python benchmarks/decision_latency.py
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/python benchmarks/worker_ab.py
