@@ -257,25 +257,24 @@ BENCH_LINE = re.compile(
 )
 PART_METRIC = re.compile(r"([\d.]+) ([\w-]+)-ns/op")
 GO_PARTS = {
-    "InputToAST": "Go: input JSON -> ast.Value (ast.ValueFromReader)",
+    "InputToAST": "Go: input JSON -> ast.Value (readInput: util.UnmarshalJSON, InterfaceToValue)",
     "Deadline": "Go: deadline (topdown cancel + time.AfterFunc)",
     "EvalPrepared": "Go: eval of the prepared query (incl. result ast -> Go values)",
     "ResultASTToGo": "Go: of which, result ast.Value -> Go values (ast.JSON)",
     "ResultToJSON": "Go: result Go values -> JSON (json.Marshal)",
     "EvalBody": "Go: all of rg_eval's body (the above together)",
-    "InputViaInterface": "Go, alternative: input via encoding/json + ast.InterfaceToValue",
     "EvalTrivial": "Go: eval of a trivial prepared query ('true', no input): fixed cost",
     "EvalSharedTxn": "Go, alternative: the eval in one long-lived store read transaction",
     "DecisionParts": "Go: rg_eval's body, parts timed in one loop (below)",
     "InputDirect": "Go, candidate: input JSON parsed straight to ast.Value",
     "EvalBodyDirect": "Go, candidate: rg_eval's body with that input parser",
-    "InputAB": "Go: input + eval, ValueFromReader and the candidate in one loop",
+    "InputAB": "Go: input + eval, readInput and the candidate in one loop",
 }
 # BenchmarkInputAB's figures: the two input conversions alternated in one loop.
 AB_METRICS = {
-    "input-any": "input, ast.ValueFromReader (main.go)",
+    "input-any": "input, readInput (main.go)",
     "input-direct": "input, parsed straight to ast.Value (candidate)",
-    "decision-any": "input + eval, ast.ValueFromReader (main.go)",
+    "decision-any": "input + eval, readInput (main.go)",
     "decision-direct": "input + eval, parsed straight (candidate)",
 }
 PART_METRICS = {

@@ -13,7 +13,6 @@ package main
 // rebuilt here from the same calls main.go makes.
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"os"
@@ -112,7 +111,7 @@ func preparedWith(b *testing.B) (*rego.PreparedEvalQuery, ast.Value, []byte, *po
 		b.Fatal(err)
 	}
 	input := benchInput(b)
-	value, err := ast.ValueFromReader(bytes.NewReader(input))
+	value, err := readInput(input)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -127,26 +126,13 @@ func eval(b *testing.B, q *rego.PreparedEvalQuery, value ast.Value, options ...r
 	return rs
 }
 
-// marshalResults is rg_eval's result conversion: the result set to JSON.
-func marshalResults(rs rego.ResultSet) ([]byte, error) {
-	results := make([]result, len(rs))
-	for i, r := range rs {
-		values := make([]any, len(r.Expressions))
-		for j, e := range r.Expressions {
-			values[j] = e.Value
-		}
-		results[i] = result{Expressions: values, Bindings: r.Bindings}
-	}
-	return json.Marshal(results)
-}
-
-// Input conversion: the input's JSON to an ast.Value (ast.ValueFromReader).
+// Input conversion: the input's JSON to an ast.Value (main.go's readInput).
 func BenchmarkInputToAST(b *testing.B) {
 	input := benchInput(b)
 	b.SetBytes(int64(len(input)))
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := ast.ValueFromReader(bytes.NewReader(input)); err != nil {
+		if _, err := readInput(input); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -214,38 +200,8 @@ func BenchmarkEvalBody(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for b.Loop() {
-		q, err := p.prepare(decisionQuery)
-		if err != nil {
-			b.Fatal(err)
-		}
-		value, err := ast.ValueFromReader(bytes.NewReader(input))
-		if err != nil {
-			b.Fatal(err)
-		}
-		cancel := topdown.NewCancel()
-		timer := time.AfterFunc(5*time.Second, cancel.Cancel)
-		rs := eval(b, q, value, rego.EvalExternalCancel(cancel))
-		timer.Stop()
-		if _, err := marshalResults(rs); err != nil {
-			b.Fatal(err)
-		}
-	}
-}
-
-// Candidate: the input decoded by util's JSON decoder into Go values, then
-// rego.EvalInput (OPA converts it) instead of ast.ValueFromReader.
-func BenchmarkInputViaInterface(b *testing.B) {
-	input := benchInput(b)
-	b.ReportAllocs()
-	for b.Loop() {
-		var document any
-		decoder := json.NewDecoder(bytes.NewReader(input))
-		decoder.UseNumber()
-		if err := decoder.Decode(&document); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := ast.InterfaceToValue(document); err != nil {
-			b.Fatal(err)
+		if _, failed := p.evaluate(decisionQuery, input, 5*time.Second); failed != nil {
+			b.Fatal(failed.Message)
 		}
 	}
 }
@@ -297,7 +253,7 @@ func BenchmarkDecisionParts(b *testing.B) {
 			b.Fatal(err)
 		}
 		t1 := time.Now()
-		value, err := ast.ValueFromReader(bytes.NewReader(input))
+		value, err := readInput(input)
 		if err != nil {
 			b.Fatal(err)
 		}

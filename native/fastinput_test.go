@@ -276,7 +276,7 @@ func BenchmarkInputAB(b *testing.B) {
 	var viaAny, direct, bodyAny, bodyDirect time.Duration
 	for b.Loop() {
 		t0 := time.Now()
-		v1, err := ast.ValueFromReader(bytes.NewReader(input))
+		v1, err := readInput(input)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -82,8 +82,8 @@ func fail(code, message string, out **C.char, outlen *C.longlong) C.int {
 	return 1
 }
 
-// failWith replies with OPA's code for err where it has one.
-func failWith(err error, out **C.char, outlen *C.longlong) C.int {
+// failureOf is err with OPA's code where it has one.
+func failureOf(err error) *failure {
 	code := "rego_error"
 	switch e := err.(type) {
 	case *topdown.Error:
@@ -95,7 +95,13 @@ func failWith(err error, out **C.char, outlen *C.longlong) C.int {
 	case *ast.Error:
 		code = e.Code
 	}
-	return fail(code, err.Error(), out, outlen)
+	return &failure{Code: code, Message: err.Error()}
+}
+
+// failWith replies with err, with OPA's code where it has one.
+func failWith(err error, out **C.char, outlen *C.longlong) C.int {
+	f := failureOf(err)
+	return fail(f.Code, f.Message, out, outlen)
 }
 
 // recovered turns a panic into an error reply; deferred by every export.
@@ -171,33 +177,65 @@ func rg_eval(h C.longlong, query *C.char, qlen C.longlong, input *C.char, ilen C
 	if !ok {
 		return fail("closed", "the policy handle is closed", out, outlen)
 	}
-	p := found.(*policy)
-	q, err := p.prepare(C.GoStringN(query, C.int(qlen)))
+	var document []byte
+	if ilen >= 0 {
+		document = unsafe.Slice((*byte)(unsafe.Pointer(input)), int(ilen))
+	}
+	data, failed := found.(*policy).evaluate(C.GoStringN(query, C.int(qlen)), document,
+		time.Duration(timeoutNs))
+	if failed != nil {
+		return fail(failed.Code, failed.Message, out, outlen)
+	}
+	reply(data, out, outlen)
+	return 0
+}
+
+// evaluate is rg_eval's work: the result set of query for input (nil: no input)
+// as JSON, or why there is none. The evaluation is cancelled after timeout.
+func (p *policy) evaluate(query string, input []byte, timeout time.Duration) ([]byte, *failure) {
+	q, err := p.prepare(query)
 	if err != nil {
-		return failWith(err, out, outlen)
+		return nil, failureOf(err)
 	}
 	options := make([]rego.EvalOption, 0, 2)
-	if ilen >= 0 {
-		// As OPA's server reads an input: numbers kept exact, nothing after the document.
-		var document any
-		err := util.UnmarshalJSON(unsafe.Slice((*byte)(unsafe.Pointer(input)), int(ilen)), &document)
+	if input != nil {
+		value, err := readInput(input)
 		if err != nil {
-			return fail("invalid_input", "the input is not JSON: "+err.Error(), out, outlen)
-		}
-		value, err := ast.InterfaceToValue(document)
-		if err != nil {
-			return fail("invalid_input", "the input cannot be read: "+err.Error(), out, outlen)
+			return nil, &failure{Code: "invalid_input", Message: err.Error()}
 		}
 		options = append(options, rego.EvalParsedInput(value))
 	}
 	cancel := topdown.NewCancel()
-	timer := time.AfterFunc(time.Duration(timeoutNs), cancel.Cancel)
+	timer := time.AfterFunc(timeout, cancel.Cancel)
 	defer timer.Stop()
 	options = append(options, rego.EvalExternalCancel(cancel))
 	rs, err := q.Eval(context.Background(), options...)
 	if err != nil {
-		return failWith(err, out, outlen)
+		return nil, failureOf(err)
 	}
+	data, err := marshalResults(rs)
+	if err != nil {
+		return nil, &failure{Code: "result_error", Message: "the result cannot be written as JSON: " + err.Error()}
+	}
+	return data, nil
+}
+
+// readInput reads an input as OPA's server does: numbers kept exact, nothing
+// after the document.
+func readInput(data []byte) (ast.Value, error) {
+	var document any
+	if err := util.UnmarshalJSON(data, &document); err != nil {
+		return nil, fmt.Errorf("the input is not JSON: %w", err)
+	}
+	value, err := ast.InterfaceToValue(document)
+	if err != nil {
+		return nil, fmt.Errorf("the input cannot be read: %w", err)
+	}
+	return value, nil
+}
+
+// marshalResults writes a result set as rg_eval answers it.
+func marshalResults(rs rego.ResultSet) ([]byte, error) {
 	results := make([]result, len(rs))
 	for i, r := range rs {
 		values := make([]any, len(r.Expressions))
@@ -206,12 +244,7 @@ func rg_eval(h C.longlong, query *C.char, qlen C.longlong, input *C.char, ilen C
 		}
 		results[i] = result{Expressions: values, Bindings: r.Bindings}
 	}
-	data, err := json.Marshal(results)
-	if err != nil {
-		return fail("result_error", "the result cannot be written as JSON: "+err.Error(), out, outlen)
-	}
-	reply(data, out, outlen)
-	return 0
+	return json.Marshal(results)
 }
 
 //export rg_close
