@@ -1,0 +1,579 @@
+"""Attack: the embedded engine (OPA's Go SDK in-process, through ctypes).
+
+Written from the public surface only (EmbeddedEngine, decide_sync, native's
+open_handles/panic_check), as a policy author, a flow-run parameter author and the
+flow's own code would attack it. Each test fails if its door opens (again).
+
+The promise under attack: every decision is the policy's own answer for its own
+input, labelled with the revision that produced it; any failure of the engine is a
+refusal with its reason, within the deadline, and the process survives it.
+
+Anything that could hang or exhaust memory runs in a child process under a
+watchdog, so a door that opens fails its test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from prefect_governance.decision import decide_sync
+from prefect_governance.engines import native
+from prefect_governance.engines.base import EngineError
+from prefect_governance.engines.embedded import EmbeddedEngine, policy_files, policy_revision
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _policy(directory: Path, text: str, name: str = "p.rego") -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _isolated(code: str, *, timeout: float, max_rss_mb: int = 1500) -> tuple[str, str]:
+    """Run ``code`` in a fresh interpreter; (outcome, output). Kill it on a hang or a bloat.
+
+    outcome is "exited:<rc>", "hung" (still running after ``timeout``) or "bloated"
+    (its resident memory passed ``max_rss_mb``).
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    outcome = "hung"
+    ends = time.monotonic() + timeout
+    while time.monotonic() < ends:
+        if process.poll() is not None:
+            outcome = f"exited:{process.returncode}"
+            break
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            line = next(ln for ln in status.splitlines() if ln.startswith("VmRSS"))
+            rss_kb = int(line.split()[1])
+        except (OSError, StopIteration, ValueError):
+            rss_kb = 0
+        if rss_kb > max_rss_mb * 1024:
+            outcome = "bloated"
+            break
+        time.sleep(0.05)
+    if process.poll() is None:
+        process.kill()
+    output, _ = process.communicate(timeout=30)
+    return outcome, output
+
+
+# --- the deadline -----------------------------------------------------------------
+
+
+def test_a_rule_that_never_ends_is_refused_near_the_timeout_and_the_engine_stays_usable(
+    tmp_path,
+):
+    _policy(
+        tmp_path,
+        """\
+        package p
+        import rego.v1
+        forever contains x if { some x in numbers.range(1, 1000000000000) }
+        loops := {"allow": count(forever) > 0}
+        walks := {"allow": count([x | walk([[y | some y in numbers.range(1, 100000)] |
+            some _ in numbers.range(1, 100000)], x)]) > 0}
+        fine := {"allow": true}
+        """,
+    )
+    engine = EmbeddedEngine(tmp_path, reload_interval=0, timeout=0.5)
+    for rule in ("p/loops", "p/walks"):
+        started = time.monotonic()
+        decision = decide_sync(engine, rule, {})
+        took = time.monotonic() - started
+        assert decision.verdict == "refused", (rule, decision)
+        assert "(timeout)" in decision.deny[0], decision.deny
+        assert took < 0.5 + 1.5, f"{rule}: refused only after {took:.1f}s (timeout 0.5s)"
+        after = decide_sync(engine, "p/fine", {})
+        assert after.verdict == "allowed", "the engine is usable after a timed-out decision"
+    assert native.open_handles() >= 1
+
+
+def test_the_deadline_covers_the_whole_decision_not_only_the_rule(tmp_path):
+    """A large input (a million tiny objects, ~12 MB of JSON) and a trivial rule.
+
+    The worker caps a run's parameters (max_parameter_bytes), but the engine's own
+    promise is that its deadline is enforced inside the library: a decision that
+    takes many times the timeout, spent reading the input, breaks it (and, called
+    from the worker's event loop, stalls the worker for that long).
+    """
+    _policy(tmp_path, 'package p\nresult := {"allow": true}\n')
+    engine = EmbeddedEngine(tmp_path, reload_interval=0, timeout=1.0)
+    huge = {"rows": [{"k": i} for i in range(1_000_000)]}
+    started = time.monotonic()
+    decision = decide_sync(engine, "p/result", huge)
+    took = time.monotonic() - started
+    assert took < 1.0 + 2.0, f"a 1s-deadline decision took {took:.1f}s ({decision.verdict})"
+
+
+# --- policy files a policy author can plant ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        pytest.param("os.mkfifo(d / 'q.rego')", id="fifo-named-like-a-module"),
+        pytest.param("os.symlink('/dev/zero', d / 'q.rego')", id="symlink-to-dev-zero"),
+    ],
+)
+def test_a_module_that_cannot_be_read_is_a_refusal_not_a_hang(plant):
+    """A policy file that blocks (a FIFO) or never ends (/dev/zero) when read.
+
+    Expected: the decision is refused with its reason within seconds and the process
+    survives. Found: the reload reads it with no deadline, so the decision (and,
+    from the worker's event loop, the whole worker) hangs, or grows without bound.
+    """
+    outcome, output = _isolated(
+        f"""
+        import os, tempfile, time
+        from pathlib import Path
+        from prefect_governance.decision import decide_sync
+        from prefect_governance.engines.embedded import EmbeddedEngine
+        d = Path(tempfile.mkdtemp())
+        (d / "p.rego").write_text('package p\\nresult := {{"allow": true}}\\n')
+        engine = EmbeddedEngine(d, reload_interval=0, timeout=1.0)
+        assert decide_sync(engine, "p/result", {{}}).verdict == "allowed"
+        {plant}
+        started = time.monotonic()
+        decision = decide_sync(engine, "p/result", {{}})
+        print("VERDICT", decision.verdict, round(time.monotonic() - started, 2), decision.deny)
+        """,
+        timeout=10,
+    )
+    assert outcome == "exited:0", f"{outcome}: {output[-2000:]}"
+    assert "VERDICT refused" in output, output[-2000:]
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        pytest.param(
+            'count(replace(sprintf("%01000000d", [1]), "0", sprintf("%01000000d", [1])))',
+            id="replace",
+        ),
+        pytest.param(
+            'count(strings.replace_n({"0": sprintf("%0100000d", [1])}, sprintf("%0100000d", [1])))',
+            id="replace_n",
+        ),
+        pytest.param(
+            'count(regex.replace(sprintf("%0100000d", [1]), "0", sprintf("%0100000d", [1])))',
+            id="regex.replace",
+        ),
+    ],
+)
+def test_a_rule_that_allocates_without_bound_is_a_refusal_not_a_dead_worker(rule):
+    """One builtin call asked for ~1e10..1e12 bytes (a 1 MB string, each byte replaced by it).
+
+    Expected: refused with a reason, the process survives (as with the OPA sidecar,
+    whose death is an "unreachable" refusal). Found: Go's runtime aborts the whole
+    process ("fatal error: out of memory", SIGABRT): nothing can catch it, and the
+    worker dies with every run it was serving. Without an address-space limit it first
+    takes all the host's memory. The child here runs under RLIMIT_AS = 3 GB.
+    """
+    outcome, output = _isolated(
+        f"""
+        import resource, tempfile, time
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+        from pathlib import Path
+        from prefect_governance.decision import decide_sync
+        from prefect_governance.engines.embedded import EmbeddedEngine
+        d = Path(tempfile.mkdtemp())
+        (d / "p.rego").write_text(
+            'package p\\nresult := {{"allow": true, "n": ' + {rule!r} + '}}\\n'
+        )
+        engine = EmbeddedEngine(d, reload_interval=0, timeout=3.0)
+        decision = decide_sync(engine, "p/result", {{}})
+        print("VERDICT", decision.verdict, decision.deny, flush=True)
+        """,
+        timeout=30,
+        max_rss_mb=3500,
+    )
+    assert outcome == "exited:0", f"{outcome}: {output[:600]}"
+    assert "VERDICT refused" in output, output[:600]
+
+
+def test_a_symlinked_module_is_reloaded_when_its_target_changes(tmp_path):
+    """A module may be a symlink (out of the tree): its edits must not go unseen."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = _policy(outside, "package evil\nallow := true\n", "evil.rego")
+    tree = tmp_path / "policies"
+    tree.mkdir()
+    _policy(tree, "package p\nallow := true\n")
+    (tree / "link.rego").symlink_to(target)
+    engine = EmbeddedEngine(tree, reload_interval=0)
+    assert engine.evaluate_sync("evil/allow", {}).result is True
+    time.sleep(0.02)
+    target.write_text("package evil\nallow := false # the edit\n")
+    answer = engine.evaluate_sync("evil/allow", {})
+    assert answer.result is False
+    assert answer.revision == policy_revision(policy_files(tree), tree)
+
+
+def test_a_module_that_stops_compiling_refuses_until_it_is_fixed(tmp_path):
+    policy = _policy(tmp_path, 'package p\nresult := {"allow": true}\n')
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+    assert decide_sync(engine, "p/result", {}).verdict == "allowed"
+    policy.write_text('package p\nresult := {"allow": true\n')
+    for _ in range(5):
+        decision = decide_sync(engine, "p/result", {})
+        assert decision.verdict == "refused" and "cannot load" in decision.deny[0]
+    _policy(tmp_path, 'package p\nresult := {"allow": true}\n', "other.rego")  # still broken
+    assert decide_sync(engine, "p/result", {}).verdict == "refused"
+    policy.write_text('package p\nresult := {"allow": true, "deny": ["fixed"]}\n')
+    (tmp_path / "other.rego").unlink()
+    decision = decide_sync(engine, "p/result", {})
+    assert decision.verdict == "refused" and decision.deny == ["fixed"]
+
+
+# --- revisions and reloads ---------------------------------------------------------
+
+
+def _race_edits(tmp_path: Path, threads: int, versions: int = 200):
+    """Replace p.rego atomically (as git and editors do) while ``threads`` decide."""
+
+    def text(k: int) -> str:
+        return f"package p\nv := {k}\n" + "# padding\n" * (k % 3)
+
+    def write(k: int) -> None:
+        scratch = tmp_path / "p.rego.tmp"
+        scratch.write_text(text(k))
+        os.replace(scratch, tmp_path / "p.rego")
+
+    revisions = {}
+    for k in range(versions):
+        write(k)
+        revisions[policy_revision(policy_files(tmp_path), tmp_path)] = k
+    assert len(revisions) == versions
+    write(0)
+    engine = EmbeddedEngine(tmp_path, reload_interval=0, timeout=5.0)
+    stop = threading.Event()
+    wrong: list[tuple[int, int | None]] = []
+    failures: list[str] = []
+
+    def decide_loop() -> None:
+        while not stop.is_set():
+            try:
+                answer = engine.evaluate_sync("p/v", {})
+            except EngineError as exc:
+                failures.append(str(exc))
+                continue
+            if revisions.get(answer.revision) != answer.result:
+                wrong.append((answer.result, revisions.get(answer.revision)))
+
+    workers = [threading.Thread(target=decide_loop) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for k in range(1, versions):
+        write(k)
+        time.sleep(0.005)
+    time.sleep(0.2)
+    stop.set()
+    for worker in workers:
+        worker.join()
+    time.sleep(0.2)
+    return engine, revisions, versions - 1, wrong, failures
+
+
+@pytest.mark.parametrize("threads", [1, 16])
+def test_a_policy_edited_while_threads_decide_labels_each_answer_with_its_own_revision(
+    tmp_path, threads
+):
+    """The revision in an answer must be that of the modules that produced it.
+
+    Found: answers produced by version k carry the revision of version k+1 (or later),
+    and after the edits stop the engine can stay on an old version for good while
+    labelling every answer with the revision on disk: a policy edit (a new deny)
+    silently never takes effect, and the lineage records a revision that did not
+    decide.
+    """
+    engine, revisions, last, wrong, failures = _race_edits(tmp_path, threads)
+    assert failures == [], failures[:3]  # atomic replacement: never a half-written module
+    final = engine.evaluate_sync("p/v", {})
+    assert (final.result, revisions.get(final.revision)) == (last, last), (
+        f"the files on disk are version {last}; the engine answers with version "
+        f"{final.result} under the revision of version {revisions.get(final.revision)}"
+    )
+    assert wrong == [], (
+        f"{len(wrong)} answers carried another version's revision, "
+        f"e.g. (produced by, labelled as): {sorted(set(wrong))[:8]}"
+    )
+
+
+def test_hundreds_of_reloads_release_their_compiled_policies(tmp_path):
+    policy = _policy(tmp_path, "package p\nv := -1\n")
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+    assert engine.evaluate_sync("p/v", {}).result == -1
+    handles = native.open_handles()
+
+    def rss_kb() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS")).split()[1])
+
+    for k in range(100):  # warm up the allocators
+        policy.write_text(f"package p\nv := {k}\nbig := [x | some x in numbers.range(1, {k})]\n")
+        assert engine.evaluate_sync("p/v", {}).result == k
+    before = rss_kb()
+    for k in range(100, 700):
+        policy.write_text(f"package p\nv := {k}\nbig := [x | some x in numbers.range(1, {k})]\n")
+        assert engine.evaluate_sync("p/v", {}).result == k
+    assert native.open_handles() == handles, "old compiled policies are released"
+    assert rss_kb() - before < 64 * 1024, f"memory grew {(rss_kb() - before) // 1024} MB"
+
+
+# --- one engine, many threads ------------------------------------------------------
+
+
+def test_sixteen_threads_a_thousand_decisions_each_get_their_own_answers(tmp_path):
+    _policy(
+        tmp_path,
+        """\
+        package p
+        import rego.v1
+        echo := {"n": input.n, "square": input.n * input.n, "tag": concat("/", [input.tag, "x"]),
+                 "keys": object.keys(input.extra)}
+        """,
+    )
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+    crossed: list[tuple[int, int]] = []
+
+    def thread(t: int) -> None:
+        for i in range(1000):
+            n = t * 100_000 + i
+            extra = {f"k{t}-{i}-{j}": j for j in range(i % 4)}
+            answer = engine.evaluate_sync("p/echo", {"n": n, "tag": f"t{t}i{i}", "extra": extra})
+            expected = {"n": n, "square": n * n, "tag": f"t{t}i{i}/x", "keys": sorted(extra)}
+            result = dict(answer.result, keys=sorted(answer.result["keys"]))
+            if result != expected:
+                crossed.append((t, i))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(thread, range(16)))
+    assert crossed == [], f"{len(crossed)} answers were another input's"
+
+
+# --- inputs a parameter author controls --------------------------------------------
+
+
+def test_hostile_inputs_are_answered_faithfully_or_refused(tmp_path):
+    _policy(
+        tmp_path,
+        """\
+        package p
+        import rego.v1
+        deny contains "too many rows" if input.rows > 1000
+        deny contains "not a number" if not is_number(input.rows)
+        result := {"allow": true, "deny": deny}
+        big_equal if input.rows == 1180591620717411303425
+        echo := input
+        """,
+    )
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+    # beyond 64 bits: compared exactly inside the policy
+    assert engine.evaluate_sync("p/big_equal", {"rows": 2**70 + 1}).result is True
+    assert engine.evaluate_sync("p/big_equal", {"rows": 2**70}).result is None
+    assert decide_sync(engine, "p/result", {"rows": 10**400}).verdict == "refused"
+    # NaN and infinities are no number the policy can compare: never an allow
+    for value in (float("nan"), float("inf"), float("-inf")):
+        decision = decide_sync(engine, "p/result", {"rows": value})
+        assert decision.verdict == "refused", (value, decision)
+    # NUL bytes survive; keys that are not strings become strings
+    assert engine.evaluate_sync("p/echo", {"s": "a\x00b"}).result == {"s": "a\x00b"}
+    assert engine.evaluate_sync("p/echo", {1: "a", None: "b"}).result == {"1": "a", "null": "b"}
+    # 10k levels of nesting: refused with a reason, and the engine is still usable
+    nested: object = 1
+    for _ in range(10_000):
+        nested = [nested]
+    decision = decide_sync(engine, "p/result", {"rows": 1, "deep": nested})
+    assert decision.verdict == "refused" and decision.deny, decision
+    assert decide_sync(engine, "p/result", {"rows": 1}).verdict == "allowed"
+
+
+def test_a_lone_surrogate_is_not_silently_turned_into_another_string(tmp_path):
+    """'\\ud800' arrives in the policy as U+FFFD: a policy comparing strings sees another.
+
+    Expected: the exact string, or a refusal. (The worker's envelope may refuse such
+    parameters earlier; this is the engine's own contract.)
+    """
+    _policy(tmp_path, 'package p\nresult := {"allow": input.name != "\\ufffd"}\n')
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+    decision = decide_sync(engine, "p/result", {"name": "\ud800"})
+    assert decision.verdict in ("allowed", "refused")
+    assert not (decision.verdict == "refused" and not decision.error), (
+        "the policy refused '\\ud800' as if it were '\\ufffd': the input was rewritten"
+    )
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        'p/"allow',
+        'p/allow"] = true; x := data["p',
+        "p/../q/allow",
+        "../p/secret",
+        "p/ällow",
+        "p/allow\x00",
+        "p.allow",
+        "p/allow[0]",
+        "data.p.secret",
+    ],
+)
+def test_a_policy_path_cannot_reach_another_document(tmp_path, path):
+    _policy(tmp_path, 'package p\nallow := {"allow": true}\nsecret := {"allow": true}\n')
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+    decision = decide_sync(engine, path, {})
+    assert decision.verdict == "refused", (path, decision)
+
+
+def test_a_policy_path_with_empty_parts_names_the_same_document(tmp_path):
+    _policy(tmp_path, 'package p\nallow := {"allow": true}\n')
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+    for path in ("p/allow", "p//allow", "/p/allow/"):
+        assert decide_sync(engine, path, {}).verdict == "allowed", path
+    for path in ("", "/", "//"):
+        assert decide_sync(engine, path, {}).verdict == "refused", path
+
+
+# --- what a policy can see and do --------------------------------------------------
+
+
+def test_a_policy_cannot_read_the_workers_environment(tmp_path, monkeypatch):
+    planted = "lineage-key-planted-" + os.urandom(8).hex()
+    monkeypatch.setenv("PREFECT_GOVERNANCE_LINEAGE_KEY", planted)
+    monkeypatch.setenv("PREFECT_API_KEY", "pnu_" + planted)
+    _policy(
+        tmp_path,
+        """\
+        package p
+        runtime := opa.runtime()
+        env := opa.runtime().env
+        config := opa.runtime().config
+        """,
+    )
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+    seen = json.dumps([engine.evaluate_sync(f"p/{r}", {}).result for r in ("runtime", "env")])
+    assert planted not in seen, "a policy read the worker's secrets from opa.runtime()"
+    assert engine.evaluate_sync("p/env", {}).result in (None, {})
+
+
+def test_print_and_trace_do_not_leak_the_input_to_the_workers_output(tmp_path):
+    outcome, output = _isolated(
+        """
+        import tempfile
+        from pathlib import Path
+        from prefect_governance.engines.embedded import EmbeddedEngine
+        d = Path(tempfile.mkdtemp())
+        (d / "p.rego").write_text(
+            'package p\\nimport rego.v1\\n'
+            'x if { print("PRINTED", input); trace("TRACED"); true }\\n'
+        )
+        print("RESULT", EmbeddedEngine(d).evaluate_sync("p/x", {"s": "planted-9f2"}).result)
+        """,
+        timeout=30,
+    )
+    assert outcome == "exited:0", output
+    assert "RESULT True" in output
+    assert "planted-9f2" not in output, output
+
+
+# --- failures of the engine itself -------------------------------------------------
+
+
+def test_a_go_panic_is_an_error_and_the_engine_goes_on(tmp_path):
+    _policy(tmp_path, 'package p\nresult := {"allow": true}\n')
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+    for _ in range(3):
+        error = native.panic_check()  # the library panics on purpose, behind its guard
+        assert isinstance(error, native.NativeError) and "panicked" in str(error), error
+    assert decide_sync(engine, "p/result", {}).verdict == "allowed"
+
+
+def test_a_python_failure_inside_the_decision_is_a_refusal_and_an_interrupt_is_not(tmp_path):
+    _policy(tmp_path, 'package p\nresult := {"allow": true}\n')
+    engine = EmbeddedEngine(tmp_path, reload_interval=0)
+
+    class Hostile:
+        def __init__(self, exc: BaseException):
+            self.exc = exc
+
+        def __str__(self) -> str:
+            raise self.exc
+
+    class Odd(BaseException):
+        pass
+
+    for exc in (ValueError("boom"), MemoryError(), RecursionError(), Odd("odd")):
+        decision = decide_sync(engine, "p/result", {"x": Hostile(exc)})
+        assert decision.verdict == "refused", (exc, decision)
+        assert type(exc).__name__ in decision.deny[0], decision.deny
+    with pytest.raises(KeyboardInterrupt):
+        decide_sync(engine, "p/result", {"x": Hostile(KeyboardInterrupt())})
+    assert decide_sync(engine, "p/result", {}).verdict == "allowed"
+
+
+# --- fork without exec -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["same-engine", "new-engine", "decide"])
+def test_a_forked_child_gets_a_clear_error_within_seconds(how):
+    outcome, output = _isolated(
+        f"""
+        import os, sys, tempfile, time
+        from pathlib import Path
+        from prefect_governance.decision import decide_sync
+        from prefect_governance.engines.embedded import EmbeddedEngine
+        d = Path(tempfile.mkdtemp())
+        (d / "p.rego").write_text('package p\\nresult := {{"allow": true}}\\n')
+        engine = EmbeddedEngine(d, reload_interval=0)
+        assert engine.evaluate_sync("p/result", {{}}).result == {{"allow": True}}
+        pid = os.fork()
+        if pid == 0:
+            try:
+                if "{how}" == "same-engine":
+                    engine.evaluate_sync("p/result", {{}})
+                elif "{how}" == "new-engine":
+                    EmbeddedEngine(d).evaluate_sync("p/result", {{}})
+                else:
+                    decision = decide_sync(engine, "p/result", {{}})
+                    print("CHILD", decision.verdict, decision.deny, flush=True)
+                    os._exit(0 if decision.verdict == "refused" else 3)
+                print("CHILD allowed", flush=True)
+                os._exit(3)
+            except BaseException as exc:
+                print("CHILD", type(exc).__name__, exc, flush=True)
+                os._exit(0 if "fork" in str(exc) else 4)
+        ends = time.monotonic() + 8
+        while time.monotonic() < ends:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            print("CHILD HUNG", flush=True)
+            sys.exit(5)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        assert engine.evaluate_sync("p/result", {{}}).result == {{"allow": True}}
+        print("PARENT OK")
+        """,
+        timeout=20,
+    )
+    assert outcome == "exited:0", f"{outcome}: {output}"
+    assert "PARENT OK" in output and "fork" in output, output
