@@ -577,3 +577,152 @@ def test_a_forked_child_gets_a_clear_error_within_seconds(how):
     )
     assert outcome == "exited:0", f"{outcome}: {output}"
     assert "PARENT OK" in output and "fork" in output, output
+
+
+# --- end to end: a governed worker with an embedded policy that misbehaves ---------
+
+E2E_RULES = """\
+package prefect.governance.rules.attack
+
+import rego.v1
+
+# Would deny nothing if it ever ended: only the deadline can refuse these runs.
+deny contains "never reached" if {
+	input.envelope.parameters.table == "forever"
+	some x in numbers.range(1, 1000000000000)
+	x < 0
+}
+
+# One builtin call asking for ~1e12 bytes.
+deny contains message if {
+	input.envelope.parameters.table == "boom"
+	big := sprintf("%01000000d", [1])
+	message := sprintf("%d", [count(replace(big, "0", big))])
+}
+"""
+
+
+def _e2e_pool(prefect_server, tmp: Path, pool: str, agent: str, timeout: float) -> None:
+    import asyncio
+    import shutil
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from prefect_governance.blocks import GovernanceAgent, GovernancePolicyEngine
+    from prefect_governance.demo import pool_template
+    from tests.agents import save_agent
+
+    policies = tmp / "policies"
+    shutil.copytree(ROOT / "policies" / "prefect", policies / "prefect")
+    (policies / "prefect" / "governance" / "rules" / "attack.rego").write_text(E2E_RULES)
+    save_agent(
+        GovernanceAgent(
+            id=agent, owner="sec@example.com", trust_scope=[pool], capabilities=["read:warehouse"]
+        ),
+        agent,
+    )
+    engine = GovernancePolicyEngine(
+        kind="embedded", policy_dir=str(policies), timeout_seconds=timeout
+    )
+    engine.save(f"{pool}-engine", overwrite=True)
+
+    async def create() -> None:
+        async with get_client() as client:
+            await client.create_work_pool(
+                WorkPoolCreate(
+                    name=pool,
+                    type="governed-process",
+                    base_job_template=pool_template(engine=f"{pool}-engine"),
+                ),
+                overwrite=True,
+            )
+
+    asyncio.run(create())
+
+
+def _e2e_runs(pool: str, agent: str, tables: list[str], tmp: Path) -> dict:
+    """Deploy, start one run per table (in order), wait for them all; (run, marker) by name."""
+    import asyncio
+
+    from prefect import get_client
+
+    from prefect_governance.demo import deploy_example, wait_final
+
+    async def go() -> dict:
+        deployment = await deploy_example(
+            f"{pool}-flow", pool, {"agent": agent, "capabilities": ["read:warehouse"]}
+        )
+        runs = {}
+        async with get_client() as client:
+            for i, table in enumerate(tables):
+                marker = tmp / f"{i}-{table}.ran"
+                run = await client.create_flow_run_from_deployment(
+                    deployment, parameters={"rows": 1, "table": table, "marker": str(marker)}
+                )
+                runs[f"{i}-{table}"] = (run.id, marker)
+        final = await wait_final([run_id for run_id, _ in runs.values()], timeout=180)
+        return {name: (final[run_id], marker) for name, (run_id, marker) in runs.items()}
+
+    return asyncio.run(go())
+
+
+@pytest.mark.e2e
+def test_e2e_a_policy_that_never_ends_refuses_by_the_deadline_and_the_worker_serves_on(
+    prefect_server, tmp_path
+):
+    from prefect_governance.local import start_worker, stop
+
+    pool, agent = "attack-embedded-forever", "embedded-forever-agent"
+    _e2e_pool(prefect_server, tmp_path, pool, agent, timeout=1.0)
+    worker = start_worker(pool, prefect_server.home, prefect_server.api_url, tmp_path / "w.log")
+    try:
+        runs = _e2e_runs(pool, agent, ["forever", "orders", "forever", "orders"], tmp_path)
+        alive = worker.poll() is None
+    finally:
+        stop(worker)
+    log = (tmp_path / "w.log").read_text(errors="replace")[-3000:]
+    for name, (run, marker) in runs.items():
+        if name.endswith("forever"):
+            assert run.state.name == "Refused", (name, run.state, log)
+            assert "timeout" in run.state.message, run.state.message
+            assert not marker.exists(), f"{name}: the refused run's body ran"
+        else:
+            assert run.state.is_completed(), (name, run.state, log)
+            assert marker.exists(), f"{name}: the allowed run did not run"
+    assert alive, f"the worker died: {log}"
+
+
+@pytest.mark.e2e
+def test_e2e_a_policy_that_allocates_without_bound_does_not_kill_the_worker(
+    prefect_server, tmp_path
+):
+    """Expected: the 'boom' run is refused, the next run is served. Found: Go's fatal
+    out-of-memory aborts the worker; the run is never settled and nothing after it runs.
+    The worker runs under a 3 GB address-space limit (as a container's memory limit
+    would bound it; it also keeps the host's memory): Go allocates ~1-3 GB/s here, so
+    the 2 s deadline comes too late. (With timeout 1 s and 6 GB the deadline wins.)
+    """
+    from prefect_governance.local import prefect_env, spawn, stop
+
+    pool, agent = "attack-embedded-boom", "embedded-boom-agent"
+    _e2e_pool(prefect_server, tmp_path, pool, agent, timeout=2.0)  # the block's default
+    log = tmp_path / "w.log"
+    limited = ["prlimit", f"--as={3 * 2**30}", sys.executable, "-m", "prefect"]
+    worker = spawn(
+        [*limited, "worker", "start", "--pool", pool],
+        prefect_env(prefect_server.home, prefect_server.api_url),
+        log,
+    )
+    try:
+        runs = _e2e_runs(pool, agent, ["boom", "orders"], tmp_path)
+        alive = worker.poll() is None
+    finally:
+        stop(worker)
+    text = log.read_text(errors="replace")
+    died = "fatal error: out of memory" in text
+    (boom, boom_marker), (orders, orders_marker) = runs["0-boom"], runs["1-orders"]
+    assert not boom_marker.exists(), "the run whose policy blew up executed"
+    assert alive and not died, f"the worker died: {text[:1500]}"
+    assert boom.state.name == "Refused", boom.state
+    assert orders.state.is_completed() and orders_marker.exists(), orders.state
