@@ -40,7 +40,9 @@ def _policy(directory: Path, text: str, name: str = "p.rego") -> Path:
     return path
 
 
-def _isolated(code: str, *, timeout: float, max_rss_mb: int = 1500) -> tuple[str, str]:
+def _isolated(
+    code: str, *, timeout: float, max_rss_mb: int = 1500, env: dict[str, str] | None = None
+) -> tuple[str, str]:
     """Run ``code`` in a fresh interpreter; (outcome, output). Kill it on a hang or a bloat.
 
     outcome is "exited:<rc>", "hung" (still running after ``timeout``) or "bloated"
@@ -52,6 +54,7 @@ def _isolated(code: str, *, timeout: float, max_rss_mb: int = 1500) -> tuple[str
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     outcome = "hung"
     ends = time.monotonic() + timeout
@@ -726,3 +729,92 @@ def test_e2e_a_policy_that_allocates_without_bound_does_not_kill_the_worker(
     assert alive and not died, f"the worker died: {text[:1500]}"
     assert boom.state.name == "Refused", boom.state
     assert orders.state.is_completed() and orders_marker.exists(), orders.state
+
+
+@pytest.mark.parametrize("source", ["env", "files"])
+def test_a_policy_cannot_use_the_workers_environment_or_files_as_credentials(tmp_path, source):
+    """http.send's tls_client_{cert,key}_env_variable / _file read the worker's own
+    environment and files: a policy can present the worker's client certificate (its
+    mTLS identity, e.g. towards OPA or any service that trusts it) to a server of its
+    choosing, and learn which of the worker's variables and files exist.
+
+    Expected: a policy reads nothing of the worker's process but its input (the embedded
+    engine's opa.runtime() already shows no env). Found: the loopback server below
+    receives the worker's certificate, taken from the worker's files or from the
+    environment the worker process started with (the Go runtime's copy of it).
+    """
+    import socket
+    import ssl
+
+    from tests.security_support import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    context.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    context.verify_mode = ssl.CERT_OPTIONAL
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    presented: list[object] = []
+
+    def serve() -> None:
+        listener.settimeout(20)
+        try:
+            raw, _ = listener.accept()
+        except OSError:
+            return
+        try:
+            with context.wrap_socket(raw, server_side=True) as tls:
+                presented.append(tls.getpeercert())
+                tls.recv(4096)
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        except (OSError, ssl.SSLError):
+            presented.append(None)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    credentials = (
+        {
+            "tls_client_cert_env_variable": "PLANTED_WORKER_CERT",
+            "tls_client_key_env_variable": "PLANTED_WORKER_KEY",
+        }
+        if source == "env"
+        else {
+            "tls_client_cert_file": str(pki.client_cert),
+            "tls_client_key_file": str(pki.client_key),
+        }
+    )
+    request = {
+        "method": "GET",
+        "url": f"https://127.0.0.1:{port}/",
+        "tls_ca_cert_file": str(pki.ca),
+        "raise_error": False,
+        "timeout": "3s",
+        **credentials,
+    }
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    _policy(policies, f"package p\nanswer := http.send({json.dumps(request)})\n")
+    _, output = _isolated(
+        f"""
+        from pathlib import Path
+        from prefect_governance.engines.embedded import EmbeddedEngine
+        engine = EmbeddedEngine(Path({str(policies)!r}), reload_interval=0)
+        try:
+            print("ANSWER", engine.evaluate_sync("p/answer", {{}}).result)
+        except Exception as exc:
+            print("ERROR", exc)
+        """,
+        timeout=30,
+        env={
+            "PLANTED_WORKER_CERT": pki.client_cert.read_text(),
+            "PLANTED_WORKER_KEY": pki.client_key.read_text(),
+        },
+    )
+    listener.close()
+    server.join(timeout=25)
+    identities = [
+        dict(part[0] for part in cert["subject"]).get("commonName") for cert in presented if cert
+    ]
+    assert "governance-worker" not in identities, (
+        f"a policy presented the worker's client certificate ({source}): {identities}; {output}"
+    )
