@@ -457,23 +457,35 @@ def test_a_policy_path_with_empty_parts_names_the_same_document(tmp_path):
 # --- what a policy can see and do --------------------------------------------------
 
 
-def test_a_policy_cannot_read_the_workers_environment(tmp_path, monkeypatch):
+def test_a_policy_cannot_read_the_workers_environment(tmp_path):
+    """opa.runtime() in the worker: no env (the sidecar's shows the sidecar's own env).
+
+    In a child started with the secrets in its environment: the Go runtime copies the
+    environment the process started with, so a variable set later would prove nothing.
+    """
     planted = "lineage-key-planted-" + os.urandom(8).hex()
-    monkeypatch.setenv("PREFECT_GOVERNANCE_LINEAGE_KEY", planted)
-    monkeypatch.setenv("PREFECT_API_KEY", "pnu_" + planted)
     _policy(
         tmp_path,
         """\
         package p
-        runtime := opa.runtime()
-        env := opa.runtime().env
-        config := opa.runtime().config
+        answer := {"runtime": opa.runtime(), "env": object.get(opa.runtime(), "env", null)}
         """,
     )
-    engine = EmbeddedEngine(tmp_path, reload_interval=0)
-    seen = json.dumps([engine.evaluate_sync(f"p/{r}", {}).result for r in ("runtime", "env")])
-    assert planted not in seen, "a policy read the worker's secrets from opa.runtime()"
-    assert engine.evaluate_sync("p/env", {}).result in (None, {})
+    outcome, output = _isolated(
+        f"""
+        import json, os
+        from pathlib import Path
+        from prefect_governance.engines.embedded import EmbeddedEngine
+        assert os.environ["PREFECT_GOVERNANCE_LINEAGE_KEY"] == {planted!r}
+        engine = EmbeddedEngine(Path({str(tmp_path)!r}), reload_interval=0)
+        print("ANSWER", json.dumps(engine.evaluate_sync("p/answer", {{}}).result))
+        """,
+        timeout=30,
+        env={"PREFECT_GOVERNANCE_LINEAGE_KEY": planted, "PREFECT_API_KEY": "pnu_" + planted},
+    )
+    assert outcome == "exited:0" and "ANSWER" in output, output
+    assert planted not in output, f"a policy read the worker's secrets: {output}"
+    assert '"env": null' in output or '"env": {}' in output, output
 
 
 def test_print_and_trace_do_not_leak_the_input_to_the_workers_output(tmp_path):
