@@ -830,3 +830,48 @@ def test_a_policy_cannot_use_the_workers_environment_or_files_as_credentials(tmp
     assert "governance-worker" not in identities, (
         f"a policy presented the worker's client certificate ({source}): {identities}; {output}"
     )
+
+
+def test_a_child_forked_past_pythons_fork_hooks_gets_an_error_not_a_hang():
+    """libc's fork() called directly (ctypes, or a C extension) skips os.register_at_fork.
+
+    Low severity (the forking code is the flow's own), but the promise is "never a
+    hang". Expected: a clear error in the child. Found: the child's evaluations hang
+    (Go's runtime lost its threads), here within 200 decisions that allocate.
+    """
+    outcome, output = _isolated(
+        """
+        import ctypes, os, sys, tempfile, time
+        from pathlib import Path
+        from prefect_governance.engines.embedded import EmbeddedEngine
+        d = Path(tempfile.mkdtemp())
+        (d / "p.rego").write_text(
+            "package p\\nimport rego.v1\\nv := count([x | some x in numbers.range(1, 200000)])\\n"
+        )
+        engine = EmbeddedEngine(d, reload_interval=0)
+        engine.evaluate_sync("p/v", {})
+        pid = ctypes.CDLL(None).fork()
+        if pid == 0:
+            try:
+                for _ in range(200):
+                    engine.evaluate_sync("p/v", {"pad": "x" * 100000})
+                print("CHILD answered", flush=True)
+                os._exit(3)
+            except BaseException as exc:
+                print("CHILD", type(exc).__name__, exc, flush=True)
+                os._exit(0 if "fork" in str(exc) else 4)
+        ends = time.monotonic() + 10
+        while time.monotonic() < ends:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            print("CHILD HUNG", flush=True)
+            sys.exit(5)
+        sys.exit(os.waitstatus_to_exitcode(status))
+        """,
+        timeout=30,
+    )
+    assert outcome == "exited:0", f"{outcome}: {output}"
