@@ -59,6 +59,26 @@ type result struct {
 	Bindings    map[string]any `json:"bindings"`
 }
 
+// withheld are the builtins an in-process policy may not call: they would act
+// with the worker's network identity, environment and files (http.send takes
+// client certificates from files and environment variables). A policy that needs
+// them runs in the OPA sidecar, in a process of its own.
+var withheld = map[string]bool{"http.send": true, "net.lookup_ip_addr": true}
+
+// capabilities are OPA's own, less the withheld builtins: a module calling one
+// does not compile, and the error names it.
+var capabilities = func() *ast.Capabilities {
+	caps := ast.CapabilitiesForThisVersion()
+	kept := caps.Builtins[:0]
+	for _, builtin := range caps.Builtins {
+		if !withheld[builtin.Name] {
+			kept = append(kept, builtin)
+		}
+	}
+	caps.Builtins = kept
+	return caps
+}()
+
 var (
 	policies sync.Map     // handle -> *policy
 	handles  atomic.Int64 // the last handle given out
@@ -128,7 +148,7 @@ func rg_open(specJSON *C.char, n C.longlong, handle *C.longlong, out **C.char, o
 		}
 		modules[m[0]] = parsed
 	}
-	compiler := ast.NewCompiler().WithEnablePrintStatements(false)
+	compiler := ast.NewCompiler().WithEnablePrintStatements(false).WithCapabilities(capabilities)
 	if compiler.Compile(modules); compiler.Failed() {
 		return failWith(compiler.Errors, out, outlen)
 	}
@@ -161,6 +181,7 @@ func (p *policy) prepare(text string) (*rego.PreparedEvalQuery, error) {
 		rego.StoreReadAST(true),
 		rego.StrictBuiltinErrors(true),
 		rego.SetRegoVersion(ast.RegoV1),
+		rego.Capabilities(capabilities),
 	).PrepareForEval(context.Background())
 	if err != nil {
 		return nil, err
@@ -191,13 +212,45 @@ func rg_eval(h C.longlong, query *C.char, qlen C.longlong, input *C.char, ilen C
 }
 
 // evaluate is rg_eval's work: the result set of query for input (nil: no input)
-// as JSON, or why there is none. The evaluation is cancelled after timeout.
+// as JSON, or why there is none. The whole of it (the query's preparation, the
+// input's reading, the evaluation, the result's writing) runs in a goroutine the
+// caller waits for no longer than timeout; then OPA's cancellation stops the
+// evaluation, and what cannot be stopped (reading a large input) finishes
+// unobserved.
 func (p *policy) evaluate(query string, input []byte, timeout time.Duration) ([]byte, *failure) {
+	type outcome struct {
+		data   []byte
+		failed *failure
+	}
+	cancel := topdown.NewCancel()
+	done := make(chan outcome, 1)
+	go func() {
+		defer func() {
+			if r := recover(); r != nil {
+				done <- outcome{failed: &failure{Code: "go_panic", Message: fmt.Sprintf("the policy engine panicked: %v", r)}}
+			}
+		}()
+		data, failed := p.run(query, input, cancel)
+		done <- outcome{data, failed}
+	}()
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	select {
+	case o := <-done:
+		return o.data, o.failed
+	case <-timer.C:
+		cancel.Cancel()
+		return nil, &failure{Code: "eval_cancel_error", Message: fmt.Sprintf("the decision did not finish within %s", timeout)}
+	}
+}
+
+// run prepares (once), reads the input, evaluates and writes the result.
+func (p *policy) run(query string, input []byte, cancel topdown.Cancel) ([]byte, *failure) {
 	q, err := p.prepare(query)
 	if err != nil {
 		return nil, failureOf(err)
 	}
-	options := make([]rego.EvalOption, 0, 2)
+	options := []rego.EvalOption{rego.EvalExternalCancel(cancel)}
 	if input != nil {
 		value, err := readInput(input)
 		if err != nil {
@@ -205,10 +258,6 @@ func (p *policy) evaluate(query string, input []byte, timeout time.Duration) ([]
 		}
 		options = append(options, rego.EvalParsedInput(value))
 	}
-	cancel := topdown.NewCancel()
-	timer := time.AfterFunc(timeout, cancel.Cancel)
-	defer timer.Stop()
-	options = append(options, rego.EvalExternalCancel(cancel))
 	rs, err := q.Eval(context.Background(), options...)
 	if err != nil {
 		return nil, failureOf(err)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -23,21 +24,51 @@ from prefect_governance.engines.base import EngineAnswer, EngineError, encode_in
 from prefect_governance.engines.native import NativeError, Policy
 from prefect_governance.models import EngineRef
 
+MAX_MODULE_BYTES = 4 * 1024 * 1024  # a module larger than this is refused, not read
+
 
 def policy_files(policy_dir: Path) -> list[Path]:
     """The Rego modules of a policy directory, tests excluded, in a stable order."""
     return sorted(p for p in policy_dir.rglob("*.rego") if not p.name.endswith("_test.rego"))
 
 
-def policy_revision(files: list[Path], root: Path) -> str:
-    """A content hash of the policy files: changes whenever any policy changes."""
-    digest = hashlib.sha256()
+def read_modules(files: list[Path], root: Path) -> dict[str, bytes]:
+    """Each module's bytes by its path under ``root``: regular files only (after
+    links), at most MAX_MODULE_BYTES, so a planted FIFO or device cannot block or
+    exhaust the reader. EngineError names the file that is not."""
+    sources: dict[str, bytes] = {}
     for path in files:
-        digest.update(path.relative_to(root).as_posix().encode())
+        name = path.relative_to(root).as_posix()
+        try:
+            # Non-blocking, so that opening a FIFO does not wait for a writer.
+            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    raise EngineError("evaluation", f"policy module {name} is not a regular file")
+                data = handle.read(MAX_MODULE_BYTES + 1)
+        except OSError as exc:
+            raise EngineError("evaluation", f"cannot read policy module {name}: {exc}") from exc
+        if len(data) > MAX_MODULE_BYTES:
+            raise EngineError(
+                "evaluation", f"policy module {name} is larger than {MAX_MODULE_BYTES} bytes"
+            )
+        sources[name] = data
+    return sources
+
+
+def revision_of(sources: dict[str, bytes]) -> str:
+    """A content hash of the modules: changes whenever any of them changes."""
+    digest = hashlib.sha256()
+    for name, data in sources.items():
+        digest.update(name.encode())
         digest.update(b"\0")
-        digest.update(path.read_bytes())
+        digest.update(data)
         digest.update(b"\0")
     return "sha256:" + digest.hexdigest()
+
+
+def policy_revision(files: list[Path], root: Path) -> str:
+    """The revision of the modules as they are on disk now."""
+    return revision_of(read_modules(files, root))
 
 
 RACY_NS = 2_000_000_000  # mtimes this recent are not trusted to show the next change
@@ -107,19 +138,23 @@ class EmbeddedEngine:
         self._queries: dict[str, str] = {}  # policy path -> its query
         self._load(policy_files(self.policy_dir))
 
-    def _load(self, files: list[Path]) -> None:
-        """Compile the modules; the policy, revision and what is watched change only if they do."""
+    def _load(self, files: list[Path], sources: dict[str, bytes] | None = None) -> None:
+        """Compile the modules (``sources``: as already read); the policy, revision and
+        what is watched change only if they do. The revision is the hash of the very
+        bytes compiled, so an answer is never labelled with another revision's."""
         if not files:
             raise EngineError("evaluation", f"no Rego policies found in {self.policy_dir}")
         watched = watched_paths(self.policy_dir, files)
         stamped = stamps(watched)  # before reading: an edit from now on is a change
-        modules = [(str(path.relative_to(self.policy_dir)), path.read_text()) for path in files]
+        if sources is None:
+            sources = read_modules(files, self.policy_dir)
+        modules = [(name, data.decode(errors="replace")) for name, data in sources.items()]
         try:
             policy = Policy(modules)
         except NativeError as exc:
             raise EngineError("evaluation", f"cannot load the policies: {exc.message}") from exc
         # One assignment publishes the policy and its revision together.
-        self._current = (policy, policy_revision(files, self.policy_dir))
+        self._current = (policy, revision_of(sources))
         self._watched, self._stamps, self._racy = watched, stamped, racy(stamped)
 
     @property
@@ -140,8 +175,9 @@ class EmbeddedEngine:
             files = policy_files(self.policy_dir)
             watched = watched_paths(self.policy_dir, files)
             stamped = stamps(watched)
-            if policy_revision(files, self.policy_dir) != self.revision:
-                self._load(files)
+            sources = read_modules(files, self.policy_dir)
+            if revision_of(sources) != self.revision:
+                self._load(files, sources)
             else:  # not a module (an example, a test, say): watch what is there now
                 self._watched, self._stamps, self._racy = watched, stamped, racy(stamped)
         except OSError as exc:

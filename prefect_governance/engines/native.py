@@ -8,8 +8,9 @@ builtin errors and a deadline that the library enforces. Calls release the GIL,
 so one policy serves many threads at once.
 
 Go's runtime does not survive ``fork()`` without ``exec``: a forked child that
-called into the library would hang. The child is marked at the fork, and every
-call from it raises :class:`NativeError` instead.
+called into the library would hang. The library remembers the process that
+loaded it; every call from another (a child forked by Python or by libc
+directly) raises :class:`NativeError` instead.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ LIBRARY_PATH = Path(__file__).with_name(LIBRARY_NAME)
 # p99 is a third of what it is at 100, for a few MB more heap. GOGC overrides it.
 GC_PERCENT = 400
 
-_forked = False  # this process is a fork (without exec) of one that loaded Go
+_loaded_by: int | None = None  # the process that loaded Go's runtime
 
 
 class NativeError(Exception):
@@ -72,15 +73,10 @@ _lib: ctypes.CDLL | None = None
 _lib_lock = threading.Lock()
 
 
-def _mark_forked() -> None:
-    global _forked
-    _forked = True
-
-
 def library() -> ctypes.CDLL:
     """The loaded library (loaded on first use); NativeError if it cannot be."""
-    global _lib
-    if _forked:
+    global _lib, _loaded_by
+    if _loaded_by is not None and _loaded_by != os.getpid():
         raise NativeError(
             "forked",
             "the embedded engine cannot run in a process forked without exec "
@@ -101,7 +97,7 @@ def library() -> ctypes.CDLL:
                     raise NativeError("missing", f"cannot load {LIBRARY_PATH}: {exc}") from exc
                 if "GOGC" not in os.environ:
                     lib.rg_gc_percent(GC_PERCENT)
-                os.register_at_fork(after_in_child=_mark_forked)
+                _loaded_by = os.getpid()
                 _lib = lib
     return _lib
 
@@ -194,7 +190,7 @@ class Policy:
     def close(self) -> None:
         """Release the compiled modules and prepared queries (idempotent)."""
         handle, self._handle = self._handle, None
-        if handle is not None and not _forked:
+        if handle is not None and _loaded_by == os.getpid():
             self._lib.rg_close(handle)
 
     def __del__(self) -> None:
