@@ -459,8 +459,15 @@ class GovernedProcessWorker(ProcessWorker):
         )
 
     async def _refuse(self, flow_run: FlowRun, assessment: Assessment) -> None:
+        """Annotate, then refuse. The refusal does not wait on its annotations: if the
+        API keeps failing them (a locked SQLite server answers 503 past the client's
+        retries), the run is still set Refused with its reasons (they are in the
+        lineage already), rather than left for Prefect to call Crashed."""
         decision = assessment.decision
-        await self._annotate(flow_run, assessment)
+        try:
+            await self._annotate(flow_run, assessment)
+        except Exception as exc:
+            self._logger.warning("Could not annotate refused flow run %s: %s", flow_run.id, exc)
         await self.client.set_flow_run_state(
             flow_run.id,
             Cancelled(name="Refused", message=refusal_message(decision)),
