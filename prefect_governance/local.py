@@ -135,7 +135,12 @@ class PrefectServer:
 
     def _database_env(self) -> dict[str, str]:
         if self.database_url is None:
-            return {}
+            # SQLite: a writer waits up to 30 s for the lock (Prefect's default, 5 s,
+            # answers 503 past the client's retries when many workers poll one server).
+            return {
+                "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
+                "PREFECT_SERVER_DATABASE_TIMEOUT": "30",
+            }
         return {"PREFECT_API_DATABASE_CONNECTION_URL": self.database_url}
 
     def stop(self) -> None:
