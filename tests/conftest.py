@@ -97,18 +97,36 @@ def opa_server(opa_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """One Prefect server (SQLite, private home) for the session; clients point at it."""
+def prefect_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrefectServer]:
+    """One Prefect server for the session, on PostgreSQL as in production.
+
+    A session's e2e workers poll one server at once; on SQLite its writers queue on
+    one lock and answer 503 past the client's retries (seen in CI). SQLite is used
+    only where no PostgreSQL exists outside CI (the README's main job covers it).
+    """
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
+    from tests.pg_support import scratch_database
+
     home = tmp_path_factory.mktemp("prefect-home")
-    try:
-        server = PrefectServer(home).start()
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        missing(f"a local Prefect server ({exc})")
-    with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_HOME: str(home)}):
-        yield server
-    server.stop()
+    with contextlib.ExitStack() as stack:
+        database = None
+        try:
+            postgres = request.getfixturevalue("postgres")
+        except pytest.skip.Exception:
+            postgres = None
+        if postgres is not None:
+            url = stack.enter_context(scratch_database(postgres.url, "prefect"))
+            database = url.replace("postgresql+psycopg://", "postgresql+asyncpg://")
+        try:
+            server = PrefectServer(home, database).start()
+        except Exception as exc:  # pragma: no cover - depends on the machine
+            missing(f"a local Prefect server ({exc})")
+        stack.callback(server.stop)
+        with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_HOME: str(home)}):
+            yield server
 
 
 class Postgres:

@@ -213,7 +213,9 @@ def test_a_rule_that_allocates_without_bound_is_a_refusal_not_a_dead_worker(rule
     whose death is an "unreachable" refusal). Found: Go's runtime aborts the whole
     process ("fatal error: out of memory", SIGABRT): nothing can catch it, and the
     worker dies with every run it was serving. Without an address-space limit it first
-    takes all the host's memory. The child here runs under RLIMIT_AS = 3 GB.
+    takes all the host's memory. The child here runs under RLIMIT_AS = 3 GB, with a
+    deadline far past the abort (~2 s here): with 3 s, a loaded CI machine let the
+    deadline win the race once, and a test must not be a coin toss.
     (regex.replace on the same strings races the deadline: sometimes refused, sometimes
     the same abort; it is not kept here, as a test must not be a coin toss.)
     """
@@ -228,11 +230,11 @@ def test_a_rule_that_allocates_without_bound_is_a_refusal_not_a_dead_worker(rule
         (d / "p.rego").write_text(
             'package p\\nresult := {{"allow": true, "n": ' + {rule!r} + '}}\\n'
         )
-        engine = EmbeddedEngine(d, reload_interval=0, timeout=3.0)
+        engine = EmbeddedEngine(d, reload_interval=0, timeout=60.0)
         decision = decide_sync(engine, "p/result", {{}})
         print("VERDICT", decision.verdict, decision.deny, flush=True)
         """,
-        timeout=30,
+        timeout=120,
         max_rss_mb=3500,
     )
     assert outcome == "exited:0", f"{outcome}: {output[:600]}"
@@ -773,12 +775,13 @@ def test_e2e_a_policy_that_allocates_without_bound_does_not_kill_the_worker(
     out-of-memory aborts the worker; the run is never settled and nothing after it runs.
     The worker runs under a 3 GB address-space limit (as a container's memory limit
     would bound it; it also keeps the host's memory): Go allocates ~1-3 GB/s here, so
-    the 2 s deadline comes too late. (With timeout 1 s and 6 GB the deadline wins.)
+    the abort comes ~2 s in. The deadline is set far past it (30 s) so that a loaded
+    machine cannot let the deadline win the race. (With 1 s and 6 GB the deadline wins.)
     """
     from prefect_governance.local import prefect_env, spawn, stop
 
     pool, agent = "attack-embedded-boom", "embedded-boom-agent"
-    _e2e_pool(prefect_server, tmp_path, pool, agent, timeout=2.0)  # the block's default
+    _e2e_pool(prefect_server, tmp_path, pool, agent, timeout=30.0)
     log = tmp_path / "w.log"
     limited = ["prlimit", f"--as={3 * 2**30}", sys.executable, "-m", "prefect"]
     worker = spawn(
