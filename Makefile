@@ -13,9 +13,8 @@ OPA := .tools/bin/opa
 demo: install
 	$(BIN)/prefect-governance demo
 
-test: install opa
+test: lint opa
 	bash scripts/postgres.sh
-	$(BIN)/ruff check .
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest
 
 install: $(VENV)/.installed
@@ -33,9 +32,11 @@ $(OPA):
 	GOBIN=$(abspath .tools/bin) go install github.com/open-policy-agent/opa@$(OPA_VERSION)
 	$(OPA) version
 
+# The linter, the formatter and the rooms' import contract (pyproject.toml).
 lint: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check --quiet .
+	$(BIN)/ruff format --check --quiet prefect_governance tests benchmarks scripts setup.py
+	$(BIN)/lint-imports --no-cache --no-logo
 
 bench: install opa
 	$(BIN)/pip install --quiet -e '.[test,bench]'

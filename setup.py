@@ -75,6 +75,6 @@ def policy_packages() -> list[str]:
 setup(
     packages=find_packages(include=["prefect_governance", "prefect_governance.*"])
     + policy_packages(),
-    ext_modules=[GoLibrary("prefect_governance.engines.libgovrego", NATIVE)],
+    ext_modules=[GoLibrary("prefect_governance.core.engines.libgovrego", NATIVE)],
     cmdclass={"build_ext": build_go},
 )

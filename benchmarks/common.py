@@ -25,7 +25,7 @@ RESULTS = Path(os.environ.get("BENCH_RESULTS") or ROOT / "benchmarks" / "results
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from prefect_governance.local import free_port, spawn, stop, wait_http  # noqa: E402
+from prefect_governance.cli.local import free_port, spawn, stop, wait_http  # noqa: E402
 
 
 def machine() -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Decision latency and throughput, end to end from the policy input to the Decision.
 
-Each decision is ``prefect_governance.decision.decide`` (or ``decide_sync``, as
+Each decision is ``prefect_governance.core.decision.decide`` (or ``decide_sync``, as
 a governed task's run engine calls it), with the default policy library
 (policies/) and the `allowed` example input widened to 20 parameters. Engines,
 measured side by side in one run, in interleaved rounds (the machines here are
@@ -61,12 +61,12 @@ from common import (
 from regorus_engine import RegorusEngine, available
 from workload import policy_input
 
-from prefect_governance.decision import decide, decide_sync, settle
-from prefect_governance.engines import EmbeddedEngine, OpaEngine, PolicyEngine
-from prefect_governance.engines import native as native_lib
-from prefect_governance.engines.base import EngineAnswer, encode_input
-from prefect_governance.engines.embedded import first_value, rego_ref
-from prefect_governance.models import DEFAULT_POLICY_PATH
+from prefect_governance.core.decision import decide, decide_sync, settle
+from prefect_governance.core.engines import EmbeddedEngine, OpaEngine, PolicyEngine
+from prefect_governance.core.engines import native as native_lib
+from prefect_governance.core.engines.base import EngineAnswer, encode_input
+from prefect_governance.core.engines.embedded import first_value, rego_ref
+from prefect_governance.core.models import DEFAULT_POLICY_PATH
 
 PARAMETERS = 20
 CONCURRENCY = (1, 8, 64)

@@ -24,7 +24,7 @@ from typing import Any
 from common import write_result
 from workload import KEY, decision_record, history
 
-from prefect_governance.lineage import LineageStore
+from prefect_governance.lineage.store import LineageStore
 
 WRITERS = (1, 4)
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import orjson
 
-from prefect_governance.engines.base import EngineAnswer, EngineError, encode_input
-from prefect_governance.engines.embedded import policy_files, policy_revision, rego_ref
-from prefect_governance.models import EngineRef
+from prefect_governance.core.engines.base import EngineAnswer, EngineError, encode_input
+from prefect_governance.core.engines.embedded import policy_files, policy_revision, rego_ref
+from prefect_governance.core.models import EngineRef
 
 ENTRY_PACKAGE = "__prefect_governance_entry__"
 UNDEFINED = '"<undefined>"'  # what eval_rule_as_json answers for an undefined rule

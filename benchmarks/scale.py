@@ -30,14 +30,14 @@ from common import ROOT, percentiles, write_result
 from sqlalchemy import insert
 from workload import KEY, decision_record, history, policy_input
 
-from prefect_governance.blocks import GovernanceAgent
-from prefect_governance.canonical import sha256_of
-from prefect_governance.decision import decide
-from prefect_governance.engines import EmbeddedEngine
-from prefect_governance.governor import agent_state
-from prefect_governance.lineage import LineageStore
-from prefect_governance.memory import AgentMemory, MemoryStore
-from prefect_governance.models import DEFAULT_POLICY_PATH
+from prefect_governance.core.canonical import sha256_of
+from prefect_governance.core.decision import decide
+from prefect_governance.core.engines import EmbeddedEngine
+from prefect_governance.core.models import DEFAULT_POLICY_PATH
+from prefect_governance.lineage.memory import AgentMemory, MemoryStore
+from prefect_governance.lineage.store import LineageStore
+from prefect_governance.worker.blocks import GovernanceAgent
+from prefect_governance.worker.governor import agent_state
 
 AGENT = "scale-agent"
 HISTORIES = (10, 1_000, 100_000)

@@ -63,16 +63,17 @@ from prefect.context import refresh_global_settings_context
 from prefect.flow_engine import run_flow
 from prefect.logging.handlers import PrefectConsoleHandler
 
-import prefect_governance.tasks as governed_tasks
+import prefect_governance.runtime.tasks as governed_tasks
 from prefect_governance import governed
-from prefect_governance.governor import read_reports
-from prefect_governance.local import PrefectServer
-from prefect_governance.models import EngineRef, Grant
-from prefect_governance.run_engine import RunEngine
-from prefect_governance.run_log import flush_run_log, reported_events
-from prefect_governance.runtime import ENVELOPE_ENV, TRUSTED_KEYS_ENV
-from prefect_governance.settings import packaged_policy_dir
-from prefect_governance.signing import SigningKey, sign
+from prefect_governance.cli.local import PrefectServer
+from prefect_governance.core.handoff import ENVELOPE_ENV, TRUSTED_KEYS_ENV
+from prefect_governance.core.models import EngineRef, Grant
+from prefect_governance.core.settings import packaged_policy_dir
+from prefect_governance.core.signing import SigningKey, sign
+from prefect_governance.runtime.engine import RunEngine
+from prefect_governance.runtime.run_log import flush_run_log
+from prefect_governance.worker.governor import read_reports
+from prefect_governance.worker.run_reports import reported_events
 
 EXAMPLE = ROOT / "policies/examples/allowed/input.json"
 VARIANTS = ("ungoverned", "embedded", "opa")
@@ -267,7 +268,7 @@ def measure(
         v: {"calls": [], "admit": [], "decide": [], "engine": [], "round_p50": []} for v in variants
     }
     failures = SendFailures()
-    logging.getLogger("prefect_governance.run_log").addHandler(failures)
+    logging.getLogger("prefect_governance.runtime.run_log").addHandler(failures)
     with parts_timed():
         for variant in variants:
             run_once(variant, warmup, grants, engines)
@@ -284,7 +285,7 @@ def measure(
                     f"round {r + 1}/{rounds} {variant:10} {calls} calls, p50 {median:.3f} ms,"
                     f" run {time.perf_counter() - started:.1f} s"
                 )
-    logging.getLogger("prefect_governance.run_log").removeHandler(failures)
+    logging.getLogger("prefect_governance.runtime.run_log").removeHandler(failures)
     return samples, failures.count
 
 

@@ -52,14 +52,14 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect.workers.process import ProcessWorker
 
-from prefect_governance.apply import apply_documents, parse_document
-from prefect_governance.attestation import KEYS_ENV
-from prefect_governance.demo import deploy_example, pool_template, wait_outcomes
-from prefect_governance.lineage import LineageEvent, LineageStore, as_utc
-from prefect_governance.local import PrefectServer, prefect_env, start_worker, stop
-from prefect_governance.report import format_table
-from prefect_governance.signing import SigningKey
-from prefect_governance.worker import GovernedProcessWorker
+from prefect_governance.cli.apply import apply_documents, parse_document
+from prefect_governance.cli.demo import deploy_example, pool_template, wait_outcomes
+from prefect_governance.cli.local import PrefectServer, prefect_env, start_worker, stop
+from prefect_governance.core.attestation import KEYS_ENV
+from prefect_governance.core.signing import SigningKey
+from prefect_governance.lineage.store import LineageEvent, LineageStore, as_utc
+from prefect_governance.worker.process import GovernedProcessWorker
+from prefect_governance.worker.report import format_table
 
 AGENT = "bench-agent"
 # The pool owner's key for this run: the agent is applied signed with it, the workers pin it.

@@ -13,9 +13,9 @@ from typing import Any
 
 from common import ROOT
 
-from prefect_governance.lineage import LineageEvent, decision_event, outcome_event
-from prefect_governance.models import Decision
-from prefect_governance.signing import SigningKey
+from prefect_governance.core.models import Decision
+from prefect_governance.core.signing import SigningKey
+from prefect_governance.lineage.store import LineageEvent, decision_event, outcome_event
 
 EXAMPLE = ROOT / "policies/examples/allowed/input.json"
 

@@ -13,36 +13,36 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from prefect_governance.blocks import (
-        GovernanceAgent,
-        GovernanceLineageStore,
-        GovernancePolicyEngine,
-    )
-    from prefect_governance.capabilities import (
+    from prefect_governance.runtime import current_agent, current_envelope, propose_memory
+    from prefect_governance.runtime.capabilities import (
         CapabilityDenied,
         aload_block,
         capability,
         load_block,
     )
-    from prefect_governance.runtime import current_agent, current_envelope, propose_memory
-    from prefect_governance.tasks import TaskRefused, govern, governed
-    from prefect_governance.worker import GovernedProcessWorker
+    from prefect_governance.runtime.tasks import TaskRefused, govern, governed
+    from prefect_governance.worker.blocks import (
+        GovernanceAgent,
+        GovernanceLineageStore,
+        GovernancePolicyEngine,
+    )
+    from prefect_governance.worker.process import GovernedProcessWorker
 
 _HOME = {
-    "GovernanceAgent": "blocks",
-    "GovernanceLineageStore": "blocks",
-    "GovernancePolicyEngine": "blocks",
-    "CapabilityDenied": "capabilities",
-    "aload_block": "capabilities",
-    "capability": "capabilities",
-    "load_block": "capabilities",
+    "GovernanceAgent": "worker.blocks",
+    "GovernanceLineageStore": "worker.blocks",
+    "GovernancePolicyEngine": "worker.blocks",
+    "CapabilityDenied": "runtime.capabilities",
+    "aload_block": "runtime.capabilities",
+    "capability": "runtime.capabilities",
+    "load_block": "runtime.capabilities",
     "current_agent": "runtime",
     "current_envelope": "runtime",
     "propose_memory": "runtime",
-    "TaskRefused": "tasks",
-    "govern": "tasks",
-    "governed": "tasks",
-    "GovernedProcessWorker": "worker",
+    "TaskRefused": "runtime.tasks",
+    "govern": "runtime.tasks",
+    "governed": "runtime.tasks",
+    "GovernedProcessWorker": "worker.process",
 }
 __all__ = [
     "CapabilityDenied",

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 
-from prefect_governance.attestation import signed
-from prefect_governance.blocks import GovernanceAgent
-from prefect_governance.signing import SigningKey
+from prefect_governance.core.attestation import signed
+from prefect_governance.core.signing import SigningKey
+from prefect_governance.worker.blocks import GovernanceAgent
 
 TEST_AGENT_KEY = SigningKey.from_seed(
     "test-pool-owner", "dGVzdC1wb29sLW93bmVyLWFnZW50LWtleS0wMDAwMDA"

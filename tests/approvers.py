@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from prefect_governance.signing import SigningKey
+from prefect_governance.core.signing import SigningKey
 
 ALICE = SigningKey.from_seed("alice", "RIV9VN9qj6xScxCqyax7-Wu70RrEMxOKcnkx2o-5X_8")
 BOB = SigningKey.from_seed("bob", "1MOmvCMjLTBp3IETdZ43ZQ3EwjQ-2MJvIrSKX-uRmX0")

@@ -8,7 +8,7 @@ every file into JSON with ``yaml.unmarshal``, the function OPA's case loader
 engine under test does not read its own test cases.
 
 Each case is then run the way the product runs a policy, through
-:class:`~prefect_governance.engines.native.Policy` and ``Policy.query``: modules
+:class:`~prefect_governance.core.engines.native.Policy` and ``Policy.query``: modules
 named ``test-N.rego`` as OPA's runner names them, the case's data and input passed as
 the JSON text OPA's loader made of them (the data's top-level values as
 ``orjson.Fragment``, so no number goes through a float), strict builtin errors always
@@ -51,7 +51,7 @@ from typing import Any
 
 import orjson
 
-from prefect_governance.engines.native import NativeError, Policy
+from prefect_governance.core.engines.native import NativeError, Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "native"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from prefect_governance.local import PrefectServer, free_port, spawn, stop, wait_http
+from prefect_governance.cli.local import PrefectServer, free_port, spawn, stop, wait_http
 from tests.agents import TEST_AGENT_KEYS
 from tests.lineage_keys import LINEAGE_ENV
 

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from prefect_governance.local import free_port, spawn, wait_http
+from prefect_governance.cli.local import free_port, spawn, wait_http
 
 
 @dataclass(frozen=True)

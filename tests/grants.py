@@ -6,7 +6,7 @@ import json
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from prefect_governance.models import Grant
+from prefect_governance.core.models import Grant
 from tests.conftest import POLICIES
 
 

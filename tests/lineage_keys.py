@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from prefect_governance.signing import SigningKey
+from prefect_governance.core.signing import SigningKey
 
 TEST_LINEAGE_KEY = SigningKey.from_seed(
     "test-lineage", "dGVzdC1saW5lYWdlLWtleS1vZi10aGUtd29ya2Vycy0"

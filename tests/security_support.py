@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prefect import flow
 from pydantic import BaseModel, SecretStr
 
-from prefect_governance.local import free_port, spawn, stop
+from prefect_governance.cli.local import free_port, spawn, stop
 
 # --- a private PKI ------------------------------------------------------------
 

@@ -9,12 +9,12 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlmodel import create_engine
 
-from prefect_governance.canonical import sha256_of
-from prefect_governance.memory import MemoryStore, merge_patch, schema_errors
-from prefect_governance.models import Grant
+from prefect_governance.core.canonical import sha256_of
+from prefect_governance.core.models import Grant
+from prefect_governance.core.signing import SignatureError, SigningKey, sign, verify
+from prefect_governance.core.trust import TrustWeights, next_score, run_events, slope, trust_state
+from prefect_governance.lineage.memory import MemoryStore, merge_patch, schema_errors
 from prefect_governance.runtime import EnvelopeError, verify_grant
-from prefect_governance.signing import SignatureError, SigningKey, sign, verify
-from prefect_governance.trust import TrustWeights, next_score, run_events, slope, trust_state
 from tests.conftest import POLICIES
 
 NOW = datetime(2026, 11, 24, 12, 5, tzinfo=timezone.utc)

@@ -19,17 +19,17 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 
-from prefect_governance.blocks import (
+from prefect_governance.cli.demo import deploy_example, pool_template, run_in_order
+from prefect_governance.cli.local import prefect_env, start_worker, stop
+from prefect_governance.core.keys import GovernanceVerifyKey
+from prefect_governance.core.signing import SigningKey, sign
+from prefect_governance.lineage.memory import MemoryStore
+from prefect_governance.lineage.store import LineageStore
+from prefect_governance.worker.blocks import (
     GovernanceAgent,
     GovernanceLineageStore,
     GovernancePolicyEngine,
-    GovernanceVerifyKey,
 )
-from prefect_governance.demo import deploy_example, pool_template, run_in_order
-from prefect_governance.lineage import LineageStore
-from prefect_governance.local import prefect_env, start_worker, stop
-from prefect_governance.memory import MemoryStore
-from prefect_governance.signing import SigningKey, sign
 from tests.agents import asave_agent
 from tests.conftest import ROOT
 from tests.grants import example_grant

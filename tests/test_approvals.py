@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from pydantic import ValidationError
 
-from prefect_governance.approvals import (
+from prefect_governance.core.approvals import (
     APPROVAL_TYPE,
     CLOCK_SKEW,
     VARIABLE_PREFIX,
@@ -26,12 +26,12 @@ from prefect_governance.approvals import (
     sign_statement,
     variable_name,
 )
-from prefect_governance.blocks import GovernanceAgent
-from prefect_governance.decision import worker_refusal
-from prefect_governance.models import ApprovalConstraint, Constraints
-from prefect_governance.report import decision_markdown, refusal_message
-from prefect_governance.settings import GovernanceSettings
-from prefect_governance.signing import sign
+from prefect_governance.core.decision import worker_refusal
+from prefect_governance.core.models import ApprovalConstraint, Constraints
+from prefect_governance.core.settings import GovernanceSettings
+from prefect_governance.core.signing import sign
+from prefect_governance.worker.blocks import GovernanceAgent
+from prefect_governance.worker.report import decision_markdown, refusal_message
 from tests.approvers import ALICE, BOB, MALLORY, MALLORY_AS_ALICE, PINNED
 
 RUN = "6f1c2d2e-0000-4000-8000-0000000000a1"
@@ -375,7 +375,7 @@ def test_an_approval_fits_prefect_variables_and_is_read_back_by_its_run(prefect_
     import httpx
     from prefect import get_client
 
-    from prefect_governance.approvals import (
+    from prefect_governance.core.approvals import (
         MAX_REASON_LENGTH,
         approvals_for_run,
         store_approval,
@@ -440,7 +440,7 @@ def test_an_approval_fits_prefect_variables_and_is_read_back_by_its_run(prefect_
 def test_the_approve_command_refuses_what_it_cannot_sign(tmp_path, args, why):
     from typer.testing import CliRunner
 
-    from prefect_governance.cli import app
+    from prefect_governance.cli.main import app
 
     key = tmp_path / "alice.key"
     key.write_text(ALICE.seed_b64)
@@ -451,7 +451,7 @@ def test_the_approve_command_refuses_what_it_cannot_sign(tmp_path, args, why):
 def test_the_approve_command_needs_a_seed_file(tmp_path):
     from typer.testing import CliRunner
 
-    from prefect_governance.cli import app
+    from prefect_governance.cli.main import app
 
     key = tmp_path / "alice.key"
     key.write_text("c2hvcnQ")  # 5 bytes
@@ -466,7 +466,7 @@ def test_the_approve_command_needs_a_seed_file(tmp_path):
 def test_a_worker_that_pins_no_approver_keys_reads_no_approvals_and_says_so(needed):
     import asyncio
 
-    from prefect_governance.governor import NO_APPROVER_KEYS, Governor
+    from prefect_governance.worker.governor import NO_APPROVER_KEYS, Governor
 
     governor = Governor(GovernanceSettings(approver_keys={}))
     found = asyncio.run(governor._approvals(None, None, NOW, needed=needed))  # no I/O at all

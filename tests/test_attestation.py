@@ -1,6 +1,6 @@
 """The pool owner's signature over an agent, the deployments it binds, and the run's mode.
 
-Pure functions (prefect_governance.attestation, governor.effective_mode, apply's key
+Pure functions (prefect_governance.core.attestation, governor.effective_mode, apply's key
 reading); the same decisions against a real server and worker are in tests/attacks/.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from prefect_governance.apply import SigningKeyError, agent_signing_key
-from prefect_governance.attestation import (
+from prefect_governance.cli.apply import SigningKeyError, agent_signing_key
+from prefect_governance.core.attestation import (
     AttestationError,
     agent_payload,
     binds,
@@ -22,13 +22,13 @@ from prefect_governance.attestation import (
     signed,
     verify_agent,
 )
-from prefect_governance.blocks import GovernanceAgent
-from prefect_governance.decision import worker_refusal
-from prefect_governance.governor import effective_mode, last_decided_version
-from prefect_governance.lineage import LineageStore, decision_event
-from prefect_governance.models import Constraints
-from prefect_governance.settings import GovernanceSettings
-from prefect_governance.signing import SigningKey
+from prefect_governance.core.decision import worker_refusal
+from prefect_governance.core.models import Constraints
+from prefect_governance.core.settings import GovernanceSettings
+from prefect_governance.core.signing import SigningKey
+from prefect_governance.lineage.store import LineageStore, decision_event
+from prefect_governance.worker.blocks import GovernanceAgent
+from prefect_governance.worker.governor import effective_mode, last_decided_version
 from tests.agents import TEST_AGENT_KEY, TEST_AGENT_KEYS
 
 OWNER = SigningKey.generate("pool-owner")
@@ -266,7 +266,7 @@ def test_the_test_helpers_save_agents_a_worker_accepts(prefect_server):
 
     from prefect import get_client
 
-    from prefect_governance.governor import load_agent
+    from prefect_governance.worker.governor import load_agent
     from tests.agents import asave_agent, save_agent
 
     keys = GovernanceSettings().agent_keys  # what tests/conftest.py pinned

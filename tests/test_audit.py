@@ -26,8 +26,8 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.states import Running, Scheduled
 from prefect.workers.process import ProcessWorker
 
-from prefect_governance import audit as audit_module
-from prefect_governance.audit import (
+from prefect_governance.cli import audit as audit_module
+from prefect_governance.cli.audit import (
     DecisionFact,
     RunFacts,
     audit,
@@ -35,11 +35,11 @@ from prefect_governance.audit import (
     judge,
     parse_when,
 )
-from prefect_governance.blocks import GovernanceAgent, GovernanceLineageStore
-from prefect_governance.demo import deploy_example, pool_template, wait_final, wait_outcomes
-from prefect_governance.lineage import LineageEvent, LineageStore
-from prefect_governance.local import free_port, prefect_env, start_worker, stop
-from prefect_governance.trust import TrustWeights
+from prefect_governance.cli.demo import deploy_example, pool_template, wait_final, wait_outcomes
+from prefect_governance.cli.local import free_port, prefect_env, start_worker, stop
+from prefect_governance.core.trust import TrustWeights
+from prefect_governance.lineage.store import LineageEvent, LineageStore
+from prefect_governance.worker.blocks import GovernanceAgent, GovernanceLineageStore
 from tests.agents import asave_agent
 
 CLI = [sys.executable, "-m", "prefect_governance.cli"]

@@ -91,8 +91,8 @@ def test_the_decision_benchmark_compares_the_engines_and_breaks_the_embedded_one
 def test_the_product_does_not_import_regorus():
     # regorus is kept in benchmarks/ only, for the comparison.
     code = (
-        "import sys, prefect_governance.engines, prefect_governance.decision, "
-        "prefect_governance.run_engine, prefect_governance.worker; "
+        "import sys, prefect_governance.core.engines, prefect_governance.core.decision, "
+        "prefect_governance.runtime.engine, prefect_governance.worker; "
         "assert 'regorus' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from prefect_governance import lineage
-from prefect_governance.lineage import (
+from prefect_governance.lineage import store as lineage
+from prefect_governance.lineage.store import (
     ChainProblem,
     LineageEvent,
     LineageStore,

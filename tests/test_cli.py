@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 from prefect import get_client
 
-from prefect_governance.apply import DocumentError, apply_documents, load_documents
-from prefect_governance.attestation import verify_agent
-from prefect_governance.automations import GUARDS, REFUSED_STAYS_REFUSED
-from prefect_governance.automations import remove_guards as guards_removed
-from prefect_governance.blocks import GovernanceAgent
-from prefect_governance.decision import worker_refusal
-from prefect_governance.demo import deploy_example, pool_template
-from prefect_governance.lineage import LineageStore, decision_event
-from prefect_governance.local import prefect_env
-from prefect_governance.signing import SigningKey
+from prefect_governance.cli.apply import DocumentError, apply_documents, load_documents
+from prefect_governance.cli.automations import GUARDS, REFUSED_STAYS_REFUSED
+from prefect_governance.cli.automations import remove_guards as guards_removed
+from prefect_governance.cli.demo import deploy_example, pool_template
+from prefect_governance.cli.local import prefect_env
+from prefect_governance.core.attestation import verify_agent
+from prefect_governance.core.decision import worker_refusal
+from prefect_governance.core.signing import SigningKey
+from prefect_governance.lineage.store import LineageStore, decision_event
+from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import TEST_AGENT_KEY
 from tests.conftest import ROOT
 
@@ -405,12 +405,12 @@ def test_lineage_upgrade_migrates_once_then_reports_up_to_date(tmp_path):
 def _inside_run_store(tmp_path):
     """An allowed run's chain with what happened inside it: task decisions (one refused),
     capability uses (one blocked) and a problem with the run's report."""
-    from prefect_governance.lineage import (
+    from prefect_governance.core.models import Decision
+    from prefect_governance.lineage.store import (
         capability_use_event,
         report_problem_event,
         task_decision_event,
     )
-    from prefect_governance.models import Decision
 
     url = f"sqlite:///{tmp_path / 'inside.db'}"
     store = LineageStore(url)

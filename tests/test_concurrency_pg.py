@@ -33,18 +33,18 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from sqlmodel import Session, select
 
-from prefect_governance.blocks import (
+from prefect_governance.cli.demo import pool_template
+from prefect_governance.cli.local import PrefectServer, start_worker, stop
+from prefect_governance.core.trust import TrustWeights
+from prefect_governance.lineage.memory import MemoryStore
+from prefect_governance.lineage.migrations import VERSION_TABLE, heads
+from prefect_governance.lineage.migrations import config as migrations_config
+from prefect_governance.lineage.store import LineageEvent, LineageStore
+from prefect_governance.worker.blocks import (
     GovernanceAgent,
     GovernanceLineageStore,
     GovernancePolicyEngine,
 )
-from prefect_governance.demo import pool_template
-from prefect_governance.lineage import LineageEvent, LineageStore
-from prefect_governance.local import PrefectServer, start_worker, stop
-from prefect_governance.memory import MemoryStore
-from prefect_governance.migrations import VERSION_TABLE, heads
-from prefect_governance.migrations import config as migrations_config
-from prefect_governance.trust import TrustWeights
 from tests.agents import asave_agent
 from tests.concurrency_support import MEMORY_SCHEMA
 from tests.pg_support import scratch_database
@@ -356,7 +356,7 @@ CHAINS = 3
 def _writer(url: str, writer: int, start_at: float) -> int:
     """Open the store at ``start_at`` (all writers at once: the migration races too),
     then append: mostly one event, every tenth call one event in each of two chains."""
-    from prefect_governance.lineage import LineageEvent, LineageStore
+    from prefect_governance.lineage.store import LineageEvent, LineageStore
 
     time.sleep(max(0.0, start_at - time.time()))
     store = LineageStore(url)

@@ -14,7 +14,7 @@ from decimal import Decimal
 
 import pytest
 
-from prefect_governance.engines.native import NativeError, opa_version
+from prefect_governance.core.engines.native import NativeError, opa_version
 from tests.conformance_support import (
     DIFFERENT,
     NOT_APPLICABLE,

@@ -29,7 +29,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from prefect_governance.local import free_port, prefect_env, spawn, stop, wait_http
+from prefect_governance.cli.local import free_port, prefect_env, spawn, stop, wait_http
 from tests.conftest import ROOT, Postgres, _pg_bindir, missing
 from tests.conftest import own_postgres as scratch_postgres
 
@@ -431,7 +431,7 @@ def test_opa_as_composed_decides_with_the_token_and_its_healthcheck_works(
         assert subprocess.run(healthcheck, capture_output=True).returncode == 0
         assert_decisions_only_with_token(f"http://127.0.0.1:{port}", token)
         # The worker's own OPA client, with the token as the worker sends it.
-        from prefect_governance.engines.opa import OpaEngine
+        from prefect_governance.core.engines.opa import OpaEngine
 
         async def ask() -> Any:
             engine = OpaEngine(f"http://127.0.0.1:{port}", token=token)
@@ -575,7 +575,7 @@ def own_postgres() -> Iterator[Postgres]:
 def test_postgres_init_script_makes_two_separate_databases(own_postgres: Postgres) -> None:
     from sqlalchemy import create_engine, text
 
-    from prefect_governance.lineage import LineageStore
+    from prefect_governance.lineage.store import LineageStore
 
     env = {
         **os.environ,

@@ -9,8 +9,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from prefect_governance import schema
-from prefect_governance.models import AgentObject, PolicyInput, TaskPolicyInput
+from prefect_governance.cli import schema
+from prefect_governance.core.models import AgentObject, PolicyInput, TaskPolicyInput
 from tests.conftest import POLICIES, ROOT
 
 EXAMPLES = sorted(p for p in (POLICIES / "examples").iterdir() if p.is_dir())

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from prefect_governance.controls import pool_defaults, resolve_controls
-from prefect_governance.decision import interpret, settle
-from prefect_governance.engines import EngineAnswer, EngineError
-from prefect_governance.envelope import REDACTED, redact
-from prefect_governance.worker import GovernedProcessWorker
+from prefect_governance.core.controls import pool_defaults, resolve_controls
+from prefect_governance.core.decision import interpret, settle
+from prefect_governance.core.engines import EngineAnswer, EngineError
+from prefect_governance.core.envelope import REDACTED, redact
+from prefect_governance.worker.process import GovernedProcessWorker
 
 
 def _settle(answer, mode="enforce", fail_mode="closed"):

@@ -42,11 +42,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import prefect_governance.engines.embedded as embedded_module
-import prefect_governance.engines.opa as opa_module
-from prefect_governance.engines import EmbeddedEngine, EngineError, OpaEngine
-from prefect_governance.engines.base import encode_input
-from prefect_governance.models import DEFAULT_TASK_POLICY_PATH
+import prefect_governance.core.engines.embedded as embedded_module
+import prefect_governance.core.engines.opa as opa_module
+from prefect_governance.core.engines import EmbeddedEngine, EngineError, OpaEngine
+from prefect_governance.core.engines.base import encode_input
+from prefect_governance.core.models import DEFAULT_TASK_POLICY_PATH
 from tests.conftest import POLICIES
 
 PATH = "prefect/governance/decision"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from prefect_governance.decision import decide
-from prefect_governance.engines import EmbeddedEngine, EngineError, OpaEngine
-from prefect_governance.engines.embedded import policy_files, policy_revision
+from prefect_governance.core.decision import decide
+from prefect_governance.core.engines import EmbeddedEngine, EngineError, OpaEngine
+from prefect_governance.core.engines.embedded import policy_files, policy_revision
 from tests.conftest import POLICIES, OpaServer
 
 PATH = "prefect/governance/decision"
@@ -344,7 +344,7 @@ def test_the_embedded_engine_sees_modules_added_and_removed_anywhere(tmp_path):
 
 def test_the_embedded_reload_check_scans_only_after_a_change(tmp_path, monkeypatch):
     """Each check is one stat per directory and module; a scan only when one changed."""
-    import prefect_governance.engines.embedded as embedded
+    import prefect_governance.core.engines.embedded as embedded
 
     shutil.copytree(POLICIES / "prefect", tmp_path / "prefect")
     hour_ago = time.time() - 3600

@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 from prefect.client.schemas.objects import CreatedBy as PrefectCreatedBy
 from prefect.client.schemas.objects import Flow, FlowRun
 
-from prefect_governance.envelope import build_envelope
-from prefect_governance.models import MemoryAccess, WorkPoolRef
+from prefect_governance.core.envelope import build_envelope
+from prefect_governance.core.models import MemoryAccess, WorkPoolRef
 
 
 def _envelope(**run_fields):

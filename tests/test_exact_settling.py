@@ -16,13 +16,13 @@ import uuid
 
 import pytest
 
-from prefect_governance.blocks import GovernanceAgent
-from prefect_governance.decision import worker_refusal
-from prefect_governance.governor import Assessment, Governor, trust_history
-from prefect_governance.memory import MemoryStore
-from prefect_governance.models import Decision, MemorySnapshot
-from prefect_governance.settings import GovernanceSettings
-from prefect_governance.trust import TrustWeights
+from prefect_governance.core.decision import worker_refusal
+from prefect_governance.core.models import Decision, MemorySnapshot
+from prefect_governance.core.settings import GovernanceSettings
+from prefect_governance.core.trust import TrustWeights
+from prefect_governance.lineage.memory import MemoryStore
+from prefect_governance.worker.blocks import GovernanceAgent
+from prefect_governance.worker.governor import Assessment, Governor, trust_history
 
 REFUSALS = 10
 WORKERS = 2  # governors, each with its own store (connection pool, caches), as workers

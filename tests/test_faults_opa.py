@@ -20,17 +20,17 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 
-from prefect_governance.blocks import (
+from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
+from prefect_governance.cli.local import free_port, start_worker, stop
+from prefect_governance.core.decision import decide
+from prefect_governance.core.engines.breaker import Breaker
+from prefect_governance.core.engines.opa import OpaEngine
+from prefect_governance.core.models import DEFAULT_POLICY_PATH, Decision
+from prefect_governance.worker.blocks import (
     GovernanceAgent,
     GovernanceLineageStore,
     GovernancePolicyEngine,
 )
-from prefect_governance.decision import decide
-from prefect_governance.demo import deploy_example, pool_template, wait_final
-from prefect_governance.engines.breaker import Breaker
-from prefect_governance.engines.opa import OpaEngine
-from prefect_governance.local import free_port, start_worker, stop
-from prefect_governance.models import DEFAULT_POLICY_PATH, Decision
 from tests.agents import asave_agent
 from tests.conftest import POLICIES, OpaServer
 from tests.faults_support import ALLOW, FAULTS, FaultyOpa, start_opa

@@ -25,7 +25,7 @@ from prefect import flow, get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.states import Cancelled, Running
 
-from prefect_governance.automations import (
+from prefect_governance.cli.automations import (
     REFUSED_AGAIN,
     REFUSED_STAYS_REFUSED,
     _definition,
@@ -33,22 +33,22 @@ from prefect_governance.automations import (
     refused_stays_refused,
     remove_guards,
 )
-from prefect_governance.blocks import GovernanceAgent, GovernanceVerifyKey
-from prefect_governance.demo import deploy_example, pool_template, wait_final
-from prefect_governance.gate import (
-    GATE_COMMAND,
+from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
+from prefect_governance.cli.local import prefect_env, start_worker, stop
+from prefect_governance.core.handoff import ENVELOPE_ENV, GATE_COMMAND, TRUSTED_KEYS_ENV
+from prefect_governance.core.keys import GovernanceVerifyKey
+from prefect_governance.core.models import EngineRef, Grant
+from prefect_governance.core.signing import SigningKey, sign
+from prefect_governance.lineage.store import LineageStore
+from prefect_governance.runtime.gate import (
     REFUSED_EXIT,
     GateRefusal,
     check_grant,
     check_run,
     trusted_keys,
 )
-from prefect_governance.lineage import LineageStore
-from prefect_governance.local import prefect_env, start_worker, stop
-from prefect_governance.models import EngineRef, Grant
-from prefect_governance.runtime import ENVELOPE_ENV, TRUSTED_KEYS_ENV
-from prefect_governance.signing import SigningKey, sign
-from prefect_governance.worker import GovernedProcessWorker
+from prefect_governance.worker.blocks import GovernanceAgent
+from prefect_governance.worker.process import GovernedProcessWorker
 from tests.agents import asave_agent
 from tests.conftest import POLICIES, ROOT
 from tests.grants import example_grant

@@ -27,15 +27,16 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Failed
 
 from prefect_governance import CapabilityDenied, capability, govern, governed, load_block
-from prefect_governance.capabilities import denial
-from prefect_governance.envelope import task_parameters
-from prefect_governance.governor import read_reports
-from prefect_governance.local import free_port
-from prefect_governance.models import EngineRef, Grant, TaskRef
-from prefect_governance.run_log import RunLog, reported_events
-from prefect_governance.runtime import ENVELOPE_ENV, TRUSTED_KEYS_ENV
-from prefect_governance.signing import SigningKey, sign
-from prefect_governance.tasks import TaskRefused, TaskScope, _admit, _retry_condition
+from prefect_governance.cli.local import free_port
+from prefect_governance.core.envelope import task_parameters
+from prefect_governance.core.handoff import ENVELOPE_ENV, TRUSTED_KEYS_ENV
+from prefect_governance.core.models import EngineRef, Grant, TaskRef
+from prefect_governance.core.signing import SigningKey, sign
+from prefect_governance.runtime.capabilities import denial
+from prefect_governance.runtime.run_log import RunLog
+from prefect_governance.runtime.tasks import TaskRefused, TaskScope, _admit, _retry_condition
+from prefect_governance.worker.governor import read_reports
+from prefect_governance.worker.run_reports import reported_events
 from tests.conftest import POLICIES
 from tests.grants import example_grant
 

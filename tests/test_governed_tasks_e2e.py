@@ -27,14 +27,14 @@ from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from prefect_governance.blocks import (
+from prefect_governance.cli.demo import deploy_example, pool_template, wait_final, wait_outcomes
+from prefect_governance.cli.local import prefect_env, start_worker, stop
+from prefect_governance.lineage.store import LineageEvent, LineageStore
+from prefect_governance.worker.blocks import (
     GovernanceAgent,
     GovernanceLineageStore,
     GovernancePolicyEngine,
 )
-from prefect_governance.demo import deploy_example, pool_template, wait_final, wait_outcomes
-from prefect_governance.lineage import LineageEvent, LineageStore
-from prefect_governance.local import prefect_env, start_worker, stop
 from tests.agents import asave_agent
 
 pytestmark = pytest.mark.e2e

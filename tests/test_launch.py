@@ -5,21 +5,22 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-from prefect_governance.gate import (
+from prefect_governance.core.handoff import (
     FLOW_CWD,
     FLOW_ENV,
     GATE_COMMAND,
-    flow_environment,
+    STARTED_AT_ENV,
+    TRUSTED_KEYS_ENV,
     prior_refusal,
 )
-from prefect_governance.launch import (
+from prefect_governance.runtime.gate import flow_environment
+from prefect_governance.worker.launch import (
     gate_argv,
     gate_environment,
     is_current_gate,
     unsafe_env,
     uses_gate,
 )
-from prefect_governance.runtime import STARTED_AT_ENV, TRUSTED_KEYS_ENV
 
 WORKER = {"PATH": "/usr/bin", "HOME": "/home/worker", "SECRET_OF_WORKER": "s"}
 

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from prefect_governance.lineage import LineageEvent, LineageStore, decision_event
-from prefect_governance.lineage_auth import (
-    UNVOUCHED,
-    record_signature,
-    unvouched_ranges,
-    vouch_of,
-)
-from prefect_governance.models import Decision
-from prefect_governance.signing import SigningKey
+from prefect_governance.core.models import Decision
+from prefect_governance.core.signing import SigningKey
+from prefect_governance.lineage.auth import UNVOUCHED, record_signature, unvouched_ranges, vouch_of
+from prefect_governance.lineage.store import LineageEvent, LineageStore, decision_event
 
 WORKER = SigningKey.generate("worker-lineage")
 OTHER = SigningKey.generate("someone-else")

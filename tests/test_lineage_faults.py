@@ -14,10 +14,10 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 
-from prefect_governance.blocks import GovernanceAgent, GovernanceLineageStore
-from prefect_governance.demo import deploy_example, pool_template, wait_final
-from prefect_governance.lineage import LineageStore
-from prefect_governance.local import start_worker, stop
+from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
+from prefect_governance.cli.local import start_worker, stop
+from prefect_governance.lineage.store import LineageStore
+from prefect_governance.worker.blocks import GovernanceAgent, GovernanceLineageStore
 from tests.agents import asave_agent
 from tests.conftest import own_postgres
 

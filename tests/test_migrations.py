@@ -18,10 +18,9 @@ from sqlalchemy import create_engine, insert, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, select
 
-from prefect_governance.canonical import sha256_of
-from prefect_governance.lineage import LineageEvent, LineageStore, event_hash, verify_chain
-from prefect_governance.memory import AgentMemory, MemoryStore
-from prefect_governance.migrations import (
+from prefect_governance.core.canonical import sha256_of
+from prefect_governance.lineage.memory import AgentMemory, MemoryStore
+from prefect_governance.lineage.migrations import (
     BASELINE_TABLES,
     VERSION_TABLE,
     SchemaError,
@@ -32,6 +31,7 @@ from prefect_governance.migrations import (
     migrate,
     upgrade,
 )
+from prefect_governance.lineage.store import LineageEvent, LineageStore, event_hash, verify_chain
 from tests.pg_support import scratch_database
 
 HEAD = heads(config())

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from prefect_governance.decision import decide_sync
-from prefect_governance.engines import EmbeddedEngine, native
-from prefect_governance.engines.base import EngineAnswer
+from prefect_governance.core.decision import decide_sync
+from prefect_governance.core.engines import EmbeddedEngine, native
+from prefect_governance.core.engines.base import EngineAnswer
 from tests.conftest import ROOT, missing
 
 ECHO = """package p
@@ -110,8 +110,8 @@ def test_every_reload_releases_the_revision_it_replaces(echo_dir):
 FORKED = """
 import os, sys
 from pathlib import Path
-from prefect_governance.engines import EmbeddedEngine
-from prefect_governance.engines.base import EngineError
+from prefect_governance.core.engines import EmbeddedEngine
+from prefect_governance.core.engines.base import EngineError
 
 engine = EmbeddedEngine(Path(sys.argv[1]))
 assert engine.evaluate_sync("p/allow", {"n": 2}).result == 4
@@ -184,9 +184,9 @@ def test_a_wheel_carries_the_library_and_decides_without_go(tmp_path):
         """
         import shutil, sys
         import prefect_governance
-        from prefect_governance.engines import EmbeddedEngine
-        from prefect_governance.engines.native import LIBRARY_PATH
-        from prefect_governance.settings import packaged_policy_dir
+        from prefect_governance.core.engines import EmbeddedEngine
+        from prefect_governance.core.engines.native import LIBRARY_PATH
+        from prefect_governance.core.settings import packaged_policy_dir
         assert shutil.which("go") is None
         assert LIBRARY_PATH.is_relative_to(sys.argv[1]), LIBRARY_PATH
         engine = EmbeddedEngine(packaged_policy_dir())

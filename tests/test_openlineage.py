@@ -20,17 +20,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from prefect_governance.lineage import (
-    LineageEvent,
-    LineageStore,
-    capability_use_event,
-    decision_event,
-    outcome_event,
-    report_problem_event,
-    task_decision_event,
-)
-from prefect_governance.models import Decision, MutationEnvelope
-from prefect_governance.openlineage import (
+from prefect_governance.cli.openlineage import (
     DEFAULT_PRODUCER,
     governance_facet_schema,
     governance_facet_schema_url,
@@ -39,6 +29,16 @@ from prefect_governance.openlineage import (
     task_run_id,
     to_openlineage,
     write_jsonl,
+)
+from prefect_governance.core.models import Decision, MutationEnvelope
+from prefect_governance.lineage.store import (
+    LineageEvent,
+    LineageStore,
+    capability_use_event,
+    decision_event,
+    outcome_event,
+    report_problem_event,
+    task_decision_event,
 )
 
 DATA = Path(__file__).parent / "data" / "openlineage"
@@ -520,7 +520,7 @@ def _reported_task(
     purpose: str = "admit",
     attempt: int = 1,
 ) -> dict[str, Any]:
-    """A task decision as the run reports it (see prefect_governance.tasks._record)."""
+    """A task decision as the run reports it (see prefect_governance.runtime.tasks._record)."""
     decision = Decision(
         id=f"tdec-{seq}",
         verdict=verdict,

@@ -9,8 +9,8 @@ from textwrap import dedent
 import pytest
 from typer.testing import CliRunner
 
-from prefect_governance import policy_tools as tools
-from prefect_governance.cli import app
+from prefect_governance.cli import policy_tools as tools
+from prefect_governance.cli.main import app
 from tests.conftest import POLICIES
 
 EXAMPLES = sorted(p for p in (POLICIES / "examples").glob("*") if (p / "input.json").exists())

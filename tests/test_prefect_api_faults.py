@@ -17,10 +17,10 @@ from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-from prefect_governance.blocks import GovernanceAgent, GovernanceLineageStore
-from prefect_governance.demo import deploy_example, pool_template, wait_final
-from prefect_governance.lineage import LineageStore
-from prefect_governance.worker import GovernedProcessWorker
+from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
+from prefect_governance.lineage.store import LineageStore
+from prefect_governance.worker.blocks import GovernanceAgent, GovernanceLineageStore
+from prefect_governance.worker.process import GovernedProcessWorker
 from tests.agents import asave_agent
 
 pytestmark = pytest.mark.e2e

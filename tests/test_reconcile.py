@@ -19,12 +19,12 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 
-from prefect_governance.blocks import GovernanceAgent, GovernanceLineageStore
-from prefect_governance.demo import deploy_example, pool_template, wait_final
-from prefect_governance.lineage import LineageStore, decision_event, outcome_event
-from prefect_governance.local import prefect_env, spawn, start_worker, stop
-from prefect_governance.models import Decision
-from prefect_governance.reconcile import NEVER_STARTED, is_orphan, settle_action
+from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
+from prefect_governance.cli.local import prefect_env, spawn, start_worker, stop
+from prefect_governance.core.models import Decision
+from prefect_governance.lineage.store import LineageStore, decision_event, outcome_event
+from prefect_governance.worker.blocks import GovernanceAgent, GovernanceLineageStore
+from prefect_governance.worker.reconcile import NEVER_STARTED, is_orphan, settle_action
 from tests.agents import asave_agent
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
@@ -280,8 +280,8 @@ def test_reconciled_chains_stay_intact(killed):
 def test_the_reconciler_verifies_the_agent_like_the_worker(prefect_server):
     """An agent block that no longer verifies is settled without an agent (no memory, no
     trust), as a deleted one is; a signed one is charged."""
-    from prefect_governance.decision import worker_refusal
-    from prefect_governance.reconcile import _assessment_of
+    from prefect_governance.core.decision import worker_refusal
+    from prefect_governance.worker.reconcile import _assessment_of
     from tests.agents import TEST_AGENT_KEY
 
     keys = {TEST_AGENT_KEY.key_id: TEST_AGENT_KEY.public_b64}

@@ -11,7 +11,7 @@ import pytest
 from prefect.utilities.callables import parameter_schema
 from pydantic import SecretStr
 
-from prefect_governance.envelope import (
+from prefect_governance.core.envelope import (
     REDACTED,
     SECRET_SHAPES,
     policy_parameters,
@@ -21,8 +21,8 @@ from prefect_governance.envelope import (
     secret_shape,
     task_parameters,
 )
-from prefect_governance.parameter_schemas import forget_schema, remembered_schema
-from prefect_governance.settings import GovernanceSettings
+from prefect_governance.core.settings import GovernanceSettings
+from prefect_governance.lineage.parameter_schemas import forget_schema, remembered_schema
 from tests.security_support import edited_flow, model_flow, tuple_flow
 
 SECRET = {"type": "string", "format": "password", "writeOnly": True}

@@ -8,9 +8,8 @@ are in tests/attacks/test_reports.py.
 
 from __future__ import annotations
 
-from prefect_governance.governor import NO_REPORT_SECRET, Governor
-from prefect_governance.lineage import capability_use_event
-from prefect_governance.reports import (
+from prefect_governance.core.handoff import PROPOSAL_KEY, RUN_EVENTS_KEY
+from prefect_governance.core.reports import (
     accepted,
     admitted_declarations,
     check_seal,
@@ -19,9 +18,11 @@ from prefect_governance.reports import (
     seal,
     use_check,
 )
-from prefect_governance.run_log import RUN_EVENTS_KEY, events_report, reported_events, sealed
-from prefect_governance.runtime import PROPOSAL_KEY
-from prefect_governance.settings import GovernanceSettings
+from prefect_governance.core.settings import GovernanceSettings
+from prefect_governance.lineage.store import capability_use_event
+from prefect_governance.runtime.run_log import events_report, sealed
+from prefect_governance.worker.governor import NO_REPORT_SECRET, Governor
+from prefect_governance.worker.run_reports import reported_events
 
 ROOT = b"r" * 32
 RUN, DECISION = "run-1", "decision-1"
@@ -197,7 +198,7 @@ def test_the_runs_side_holds_no_credentials_or_storage():
     import ast
     from pathlib import Path
 
-    import prefect_governance.reports as reports
+    import prefect_governance.core.reports as reports
 
     imported = set()
     for node in ast.walk(ast.parse(Path(reports.__file__).read_text())):
@@ -211,15 +212,15 @@ def test_the_runs_side_holds_no_credentials_or_storage():
         "hashlib",
         "hmac",
         "typing",
-        "prefect_governance.canonical",
+        "prefect_governance.core.canonical",
     }, imported
 
 
 def test_the_worker_records_a_use_its_grant_lacks_as_flagged_with_a_report_problem():
     import asyncio
 
-    from prefect_governance.governor import Assessment
-    from prefect_governance.models import Decision
+    from prefect_governance.core.models import Decision
+    from prefect_governance.worker.governor import Assessment
     from tests.grants import example_grant
 
     grant = example_grant(RUN, decision_id=DECISION)

@@ -41,18 +41,12 @@ from prefect.utilities.callables import parameter_schema
 from pydantic import BaseModel, SecretStr, ValidationError
 from sqlalchemy import create_engine, text
 
-from prefect_governance.blocks import (
-    GovernanceAgent,
-    GovernanceLineageStore,
-    GovernancePolicyEngine,
-    GovernanceSigningKey,
-    GovernanceVerifyKey,
-)
-from prefect_governance.controls import DEFAULTS, POOL_ONLY, pool_defaults, resolve_controls
-from prefect_governance.decision import decide, interpret, settle
-from prefect_governance.demo import pool_template, wait_final, wait_outcomes
-from prefect_governance.engines import EngineAnswer, EngineError, OpaEngine
-from prefect_governance.envelope import (
+from prefect_governance.cli.demo import pool_template, wait_final, wait_outcomes
+from prefect_governance.cli.local import start_worker, stop
+from prefect_governance.core.controls import DEFAULTS, POOL_ONLY, pool_defaults, resolve_controls
+from prefect_governance.core.decision import decide, interpret, settle
+from prefect_governance.core.engines import EngineAnswer, EngineError, OpaEngine
+from prefect_governance.core.envelope import (
     MAX_PARAMETER_BYTES,
     MAX_PARAMETER_DEPTH,
     REDACTED,
@@ -63,9 +57,8 @@ from prefect_governance.envelope import (
     redact_by_schema,
     size_problem,
 )
-from prefect_governance.lineage import LineageStore
-from prefect_governance.local import start_worker, stop
-from prefect_governance.models import (
+from prefect_governance.core.keys import GovernanceSigningKey, GovernanceVerifyKey
+from prefect_governance.core.models import (
     MemoryAccess,
     PolicyContext,
     PolicyInput,
@@ -74,9 +67,15 @@ from prefect_governance.models import (
     WorkerRef,
     WorkPoolRef,
 )
-from prefect_governance.settings import WORKER_SECRETS, GovernanceSettings
-from prefect_governance.signing import SigningKey
-from prefect_governance.trust import TrustWeights
+from prefect_governance.core.settings import WORKER_SECRETS, GovernanceSettings
+from prefect_governance.core.signing import SigningKey
+from prefect_governance.core.trust import TrustWeights
+from prefect_governance.lineage.store import LineageStore
+from prefect_governance.worker.blocks import (
+    GovernanceAgent,
+    GovernanceLineageStore,
+    GovernancePolicyEngine,
+)
 from tests import security_support
 from tests.agents import asave_agent
 from tests.conftest import POLICIES

@@ -19,15 +19,15 @@ from prefect import get_client
 from prefect.client.schemas.actions import BlockDocumentCreate, WorkPoolCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from prefect_governance.blocks import (
+from prefect_governance.cli.demo import deploy_example, pool_template, wait_final, wait_outcomes
+from prefect_governance.cli.local import start_worker, stop
+from prefect_governance.core.trust import TrustWeights
+from prefect_governance.lineage.store import LineageStore
+from prefect_governance.worker.blocks import (
     GovernanceAgent,
     GovernanceLineageStore,
     GovernancePolicyEngine,
 )
-from prefect_governance.demo import deploy_example, pool_template, wait_final, wait_outcomes
-from prefect_governance.lineage import LineageStore
-from prefect_governance.local import start_worker, stop
-from prefect_governance.trust import TrustWeights
 from tests.agents import asave_agent
 from tests.conftest import OpaServer
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect_governance.lineage import LineageStore
+from prefect_governance.lineage.store import LineageStore
 
 
 def home_lineage(home: Path) -> LineageStore:

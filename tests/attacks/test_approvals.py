@@ -29,7 +29,9 @@ from prefect import get_client
 from prefect.client.schemas.actions import VariableCreate, WorkPoolCreate
 from prefect.states import Scheduled
 
-from prefect_governance.approvals import (
+from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
+from prefect_governance.cli.local import prefect_env, start_worker, stop
+from prefect_governance.core.approvals import (
     DeploymentBinding,
     FlowRunBinding,
     binding_key,
@@ -38,11 +40,9 @@ from prefect_governance.approvals import (
     sign_statement,
     store_approval,
 )
-from prefect_governance.blocks import GovernanceAgent, GovernanceLineageStore
-from prefect_governance.demo import deploy_example, pool_template, wait_final
-from prefect_governance.lineage import LineageStore
-from prefect_governance.local import prefect_env, start_worker, stop
-from prefect_governance.signing import SigningKey
+from prefect_governance.core.signing import SigningKey
+from prefect_governance.lineage.store import LineageStore
+from prefect_governance.worker.blocks import GovernanceAgent, GovernanceLineageStore
 from tests.agents import asave_agent
 from tests.approvers import ALICE, BOB, MALLORY_AS_ALICE, approver_keys_env
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from prefect_governance.decision import decide_sync
-from prefect_governance.engines import native
-from prefect_governance.engines.base import EngineError
-from prefect_governance.engines.embedded import EmbeddedEngine, policy_files, policy_revision
+from prefect_governance.core.decision import decide_sync
+from prefect_governance.core.engines import native
+from prefect_governance.core.engines.base import EngineError
+from prefect_governance.core.engines.embedded import EmbeddedEngine, policy_files, policy_revision
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -165,8 +165,8 @@ def test_a_module_that_cannot_be_read_is_a_refusal_not_a_hang(plant):
         f"""
         import os, tempfile, time
         from pathlib import Path
-        from prefect_governance.decision import decide_sync
-        from prefect_governance.engines.embedded import EmbeddedEngine
+        from prefect_governance.core.decision import decide_sync
+        from prefect_governance.core.engines.embedded import EmbeddedEngine
         d = Path(tempfile.mkdtemp())
         (d / "p.rego").write_text('package p\\nresult := {{"allow": true}}\\n')
         engine = EmbeddedEngine(d, reload_interval=0, timeout=1.0)
@@ -224,8 +224,8 @@ def test_a_rule_that_allocates_without_bound_is_a_refusal_not_a_dead_worker(rule
         import resource, tempfile, time
         resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
         from pathlib import Path
-        from prefect_governance.decision import decide_sync
-        from prefect_governance.engines.embedded import EmbeddedEngine
+        from prefect_governance.core.decision import decide_sync
+        from prefect_governance.core.engines.embedded import EmbeddedEngine
         d = Path(tempfile.mkdtemp())
         (d / "p.rego").write_text(
             'package p\\nresult := {{"allow": true, "n": ' + {rule!r} + '}}\\n'
@@ -356,8 +356,8 @@ def test_hundreds_of_reloads_release_their_compiled_policies():
         """
         import tempfile
         from pathlib import Path
-        from prefect_governance.engines import native
-        from prefect_governance.engines.embedded import EmbeddedEngine
+        from prefect_governance.core.engines import native
+        from prefect_governance.core.engines.embedded import EmbeddedEngine
         d = Path(tempfile.mkdtemp())
         policy = d / "p.rego"
         policy.write_text("package p\\nv := -1\\n")
@@ -526,7 +526,7 @@ def test_a_policy_cannot_read_the_workers_environment(tmp_path):
         f"""
         import json, os
         from pathlib import Path
-        from prefect_governance.engines.embedded import EmbeddedEngine
+        from prefect_governance.core.engines.embedded import EmbeddedEngine
         assert os.environ["PREFECT_GOVERNANCE_LINEAGE_KEY"] == {planted!r}
         engine = EmbeddedEngine(Path({str(tmp_path)!r}), reload_interval=0)
         print("ANSWER", json.dumps(engine.evaluate_sync("p/answer", {{}}).result))
@@ -544,7 +544,7 @@ def test_print_and_trace_do_not_leak_the_input_to_the_workers_output(tmp_path):
         """
         import tempfile
         from pathlib import Path
-        from prefect_governance.engines.embedded import EmbeddedEngine
+        from prefect_governance.core.engines.embedded import EmbeddedEngine
         d = Path(tempfile.mkdtemp())
         (d / "p.rego").write_text(
             'package p\\nimport rego.v1\\n'
@@ -603,8 +603,8 @@ def test_a_forked_child_gets_a_clear_error_within_seconds(how):
         f"""
         import os, sys, tempfile, time
         from pathlib import Path
-        from prefect_governance.decision import decide_sync
-        from prefect_governance.engines.embedded import EmbeddedEngine
+        from prefect_governance.core.decision import decide_sync
+        from prefect_governance.core.engines.embedded import EmbeddedEngine
         d = Path(tempfile.mkdtemp())
         (d / "p.rego").write_text('package p\\nresult := {{"allow": true}}\\n')
         engine = EmbeddedEngine(d, reload_interval=0)
@@ -675,8 +675,8 @@ def _e2e_pool(prefect_server, tmp: Path, pool: str, agent: str, timeout: float) 
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
 
-    from prefect_governance.blocks import GovernanceAgent, GovernancePolicyEngine
-    from prefect_governance.demo import pool_template
+    from prefect_governance.cli.demo import pool_template
+    from prefect_governance.worker.blocks import GovernanceAgent, GovernancePolicyEngine
     from tests.agents import save_agent
 
     policies = tmp / "policies"
@@ -713,7 +713,7 @@ def _e2e_runs(pool: str, agent: str, tables: list[str], tmp: Path, worker=None) 
 
     from prefect import get_client
 
-    from prefect_governance.demo import deploy_example, wait_final
+    from prefect_governance.cli.demo import deploy_example, wait_final
 
     async def go() -> dict:
         deployment = await deploy_example(
@@ -744,7 +744,7 @@ def _e2e_runs(pool: str, agent: str, tables: list[str], tmp: Path, worker=None) 
 def test_e2e_a_policy_that_never_ends_refuses_by_the_deadline_and_the_worker_serves_on(
     prefect_server, tmp_path
 ):
-    from prefect_governance.local import start_worker, stop
+    from prefect_governance.cli.local import start_worker, stop
 
     pool, agent = "attack-embedded-forever", "embedded-forever-agent"
     _e2e_pool(prefect_server, tmp_path, pool, agent, timeout=1.0)
@@ -778,7 +778,7 @@ def test_e2e_a_policy_that_allocates_without_bound_does_not_kill_the_worker(
     the abort comes ~2 s in. The deadline is set far past it (30 s) so that a loaded
     machine cannot let the deadline win the race. (With 1 s and 6 GB the deadline wins.)
     """
-    from prefect_governance.local import prefect_env, spawn, stop
+    from prefect_governance.cli.local import prefect_env, spawn, stop
 
     pool, agent = "attack-embedded-boom", "embedded-boom-agent"
     _e2e_pool(prefect_server, tmp_path, pool, agent, timeout=30.0)
@@ -869,7 +869,7 @@ def test_a_policy_cannot_use_the_workers_environment_or_files_as_credentials(tmp
     _, output = _isolated(
         f"""
         from pathlib import Path
-        from prefect_governance.engines.embedded import EmbeddedEngine
+        from prefect_governance.core.engines.embedded import EmbeddedEngine
         engine = EmbeddedEngine(Path({str(policies)!r}), reload_interval=0)
         try:
             print("ANSWER", engine.evaluate_sync("p/answer", {{}}).result)
@@ -903,7 +903,7 @@ def test_a_child_forked_past_pythons_fork_hooks_gets_an_error_not_a_hang():
         """
         import ctypes, os, sys, tempfile, time
         from pathlib import Path
-        from prefect_governance.engines.embedded import EmbeddedEngine
+        from prefect_governance.core.engines.embedded import EmbeddedEngine
         d = Path(tempfile.mkdtemp())
         (d / "p.rego").write_text(
             "package p\\nimport rego.v1\\nv := count([x | some x in numbers.range(1, 200000)])\\n"

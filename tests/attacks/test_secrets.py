@@ -31,10 +31,10 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
 
-from prefect_governance.blocks import GovernanceAgent, GovernancePolicyEngine
-from prefect_governance.demo import pool_template, wait_final, wait_outcomes
-from prefect_governance.envelope import REDACTED
-from prefect_governance.local import start_worker, stop
+from prefect_governance.cli.demo import pool_template, wait_final, wait_outcomes
+from prefect_governance.cli.local import start_worker, stop
+from prefect_governance.core.envelope import REDACTED
+from prefect_governance.worker.blocks import GovernanceAgent, GovernancePolicyEngine
 from tests.agents import asave_agent
 from tests.attacks.support import home_lineage
 from tests.test_security import _artifacts_and_logs, _deploy

@@ -31,10 +31,10 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 
-from prefect_governance.automations import FOREIGN_WORKER, apply_guards, remove_guards
-from prefect_governance.blocks import GovernanceAgent
-from prefect_governance.demo import deploy_example, pool_template, wait_final
-from prefect_governance.local import start_worker, stop
+from prefect_governance.cli.automations import FOREIGN_WORKER, apply_guards, remove_guards
+from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
+from prefect_governance.cli.local import start_worker, stop
+from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import save_agent
 from tests.attacks.support import home_lineage
 

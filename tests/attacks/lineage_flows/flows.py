@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from prefect_governance.lineage import LineageEvent, LineageStore, event_hash
+from prefect_governance.lineage.store import LineageEvent, LineageStore, event_hash
 from prefect_governance.runtime import current_agent
 
 

@@ -1,0 +1,229 @@
+"""``prefect-governance apply``: declarative block documents, applied idempotently.
+
+A document (one or more per YAML file) reads::
+
+    kind: agent            # agent | policy-engine | lineage-store
+    name: etl-agent        # the block document's name
+    spec: {...}            # the block's fields
+
+String values may use ``${VAR}`` or ``${VAR:-default}`` to read the environment,
+so secrets (a database URL, an OPA token) stay out of the files.
+
+Agents are signed with the pool owner's key as they are saved (see
+prefect_governance.core.attestation); without a key they are not applied.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect.blocks.core import Block
+from pydantic import ValidationError
+
+from prefect_governance.core.attestation import (
+    DEFAULT_KEY_ID,
+    FIELD,
+    SIGNING_KEY_ENV,
+    SIGNING_KEY_ID_ENV,
+    signed,
+)
+from prefect_governance.core.signing import SigningKey
+from prefect_governance.worker.blocks import (
+    GovernanceAgent,
+    GovernanceLineageStore,
+    GovernancePolicyEngine,
+)
+
+KINDS: dict[str, type[Block]] = {
+    "agent": GovernanceAgent,
+    "policy-engine": GovernancePolicyEngine,
+    "lineage-store": GovernanceLineageStore,
+}
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+KEY_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class DocumentError(ValueError):
+    """A block document that cannot be applied: which file, which field, why."""
+
+    def __init__(self, path: Path, field: str, reason: str):
+        super().__init__(f"{path}: {field}: {reason}")
+        self.path, self.field, self.reason = path, field, reason
+
+
+@dataclass(frozen=True)
+class Document:
+    path: Path
+    kind: str
+    name: str
+    block: Block
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: str
+    name: str
+    action: str  # created | updated | unchanged | skipped
+    path: Path
+    reason: str | None = None  # why it was skipped
+
+
+def _expand(value: Any, path: Path, where: str) -> Any:
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise DocumentError(path, where, f"environment variable {name} is not set")
+
+        return _VAR.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, path, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, path, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def parse_document(raw: Any, path: Path) -> Document:
+    """Validate one YAML document into a block, or raise DocumentError."""
+    if not isinstance(raw, dict):
+        raise DocumentError(path, "(document)", "must be a mapping with kind, name and spec")
+    unknown = set(raw) - {"kind", "name", "spec"}
+    if unknown:
+        raise DocumentError(path, ", ".join(sorted(unknown)), "unknown top-level field")
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise DocumentError(path, "kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise DocumentError(
+            path, "name", f"must be lowercase letters, digits and dashes, got {name!r}"
+        )
+    spec = raw.get("spec")
+    if not isinstance(spec, dict):
+        raise DocumentError(path, "spec", "must be a mapping of the block's fields")
+    if kind == "agent" and FIELD in spec:
+        raise DocumentError(
+            path, f"spec.{FIELD}", "is written by apply (the pool owner's signature), not by hand"
+        )
+    spec = _expand(spec, path, "spec")
+    try:
+        block = KINDS[kind].model_validate(spec)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = "spec." + ".".join(str(p) for p in first["loc"]) if first["loc"] else "spec"
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise DocumentError(path, field, first["msg"] + more) from exc
+    return Document(path=path, kind=kind, name=name, block=block)
+
+
+def load_documents(target: Path) -> list[Document]:
+    """All documents of a file or of every *.yaml / *.yml under a directory."""
+    files = (
+        sorted(p for p in target.rglob("*") if p.suffix in (".yaml", ".yml"))
+        if target.is_dir()
+        else [target]
+    )
+    if not files:
+        raise DocumentError(target, "(path)", "no YAML documents found")
+    documents: list[Document] = []
+    seen: dict[tuple[str, str], Path] = {}
+    for path in files:
+        try:
+            raws = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+        except yaml.YAMLError as exc:
+            raise DocumentError(path, "(yaml)", str(exc).replace("\n", " ")) from exc
+        for raw in raws:
+            document = parse_document(raw, path)
+            key = (document.kind, document.name)
+            if key in seen:
+                raise DocumentError(
+                    path, "name", f"{document.kind} {document.name!r} is also in {seen[key]}"
+                )
+            seen[key] = path
+            documents.append(document)
+    return documents
+
+
+def _fields(block: Block) -> dict[str, Any]:
+    """A block's field values; secrets compare by value (pydantic's SecretStr equality)."""
+    return {name: getattr(block, name) for name in type(block).model_fields}
+
+
+class SigningKeyError(ValueError):
+    """The pool owner's agent signing key cannot be read."""
+
+
+def agent_signing_key(
+    path: Path | None, key_id: str | None, environ: Mapping[str, str]
+) -> SigningKey | None:
+    """The pool owner's key agents are signed with: the seed in ``path``, else in
+    PREFECT_GOVERNANCE_AGENT_SIGNING_KEY; its id ``key_id``, else
+    PREFECT_GOVERNANCE_AGENT_SIGNING_KEY_ID, else ``pool-owner``. None if neither is given."""
+    kid = key_id or environ.get(SIGNING_KEY_ID_ENV) or DEFAULT_KEY_ID
+    if not KEY_ID_PATTERN.match(kid):
+        raise SigningKeyError(f"key id must be lowercase letters, digits and dashes, got {kid!r}")
+    if path is not None:
+        try:
+            seed = path.read_text()
+        except OSError as exc:
+            raise SigningKeyError(f"cannot read the signing key {path}: {exc.strerror}") from None
+        where = str(path)
+    elif environ.get(SIGNING_KEY_ENV):
+        seed, where = environ[SIGNING_KEY_ENV], SIGNING_KEY_ENV
+    else:
+        return None
+    try:
+        return SigningKey.from_seed(kid, seed)
+    except ValueError as exc:
+        raise SigningKeyError(f"{where}: not an Ed25519 seed: {exc}") from None
+
+
+NO_KEY = (
+    "not applied: an agent is signed with the pool owner's key, and none was given "
+    f"(--signing-key FILE or {SIGNING_KEY_ENV}; make one with `prefect-governance keygen`)"
+)
+
+
+async def apply_documents(
+    documents: list[Document], *, agent_key: SigningKey | None = None
+) -> list[Change]:
+    """Create or update each block (agents signed with ``agent_key``); report what changed.
+
+    Agents are skipped when there is no key; the other documents still apply."""
+    changes = []
+    for document in documents:
+        if document.kind == "agent":
+            if agent_key is None:
+                changes.append(
+                    Change(document.kind, document.name, "skipped", document.path, NO_KEY)
+                )
+                continue
+            document = Document(
+                document.path,
+                document.kind,
+                document.name,
+                signed(document.name, document.block, agent_key),  # type: ignore[arg-type]
+            )
+        cls = type(document.block)
+        try:
+            existing = await cls.aload(document.name)
+        except (ValueError, ValidationError):
+            existing = None
+        if existing is not None and _fields(existing) == _fields(document.block):
+            action = "unchanged"
+        else:
+            await document.block.asave(document.name, overwrite=True)
+            action = "created" if existing is None else "updated"
+        changes.append(Change(document.kind, document.name, action, document.path))
+    return changes

@@ -1,0 +1,454 @@
+"""The policy contract: what the policy sees (input) and what it answers (result).
+
+These models are the single source of the JSON Schemas published in
+``policies/schema/``; see ``prefect_governance.cli.schema``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_POLICY_PATH = "prefect/governance/decision"
+DEFAULT_TASK_POLICY_PATH = "prefect/governance/task"
+
+Mode = Literal["enforce", "audit"]
+FailMode = Literal["closed", "open"]
+
+
+class _Contract(BaseModel):
+    """Base of the input models: unknown fields are a contract violation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- agent -----------------------------------------------------------------
+
+
+class TrustState(_Contract):
+    """The agent's trust as the policy sees it."""
+
+    score: float = Field(1.0, ge=0.0, le=1.0, description="Current trust score in [0, 1].")
+    slope: float = Field(0.0, description="Slope of the score over the window (per run).")
+    window: list[float] = Field(default_factory=list, description="Scores of the last k runs.")
+    runs: int = Field(0, ge=0, description="Runs decided for this agent so far.")
+    refusals: int = Field(0, ge=0, description="Runs refused for this agent so far.")
+
+
+class ParameterConstraint(_Contract):
+    """A constraint on one flow-run parameter, declared in the agent object."""
+
+    type: Literal["string", "integer", "number", "boolean", "array", "object"] | None = None
+    required: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    enum: list[Any] | None = None
+    pattern: str | None = Field(None, description="RE2 pattern the string value must match.")
+    max_length: int | None = Field(None, ge=0, description="Maximum length of a string or array.")
+
+
+class ScopeConstraint(_Contract):
+    """Environments and tenants the agent may act in (from the run's ``env:``/``tenant:`` tags)."""
+
+    environments: list[str] | None = Field(
+        None, description="When set, the run must be tagged env:<name> with one of these."
+    )
+    tenants: list[str] | None = Field(
+        None, description="When set, the run must be tagged tenant:<name> with one of these."
+    )
+
+
+class TriggerConstraint(_Contract):
+    """Who or what may start the agent's runs (by the flow run's ``created_by``)."""
+
+    types: list[str] | None = Field(
+        None,
+        description="Allowed created_by.type values, e.g. SCHEDULE, AUTOMATION, USER, or "
+        "UNKNOWN when the server recorded no creator.",
+    )
+    users: list[str] | None = Field(
+        None, description="When started by a user: allowed created_by.display_value values."
+    )
+
+
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+class TimeWindow(_Contract):
+    """A weekly window (UTC) in which runs may start."""
+
+    days: list[Weekday] = Field(
+        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+    )
+    start: str = Field("00:00", pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    end: str = Field("24:00", pattern=r"^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")
+
+
+class Freeze(_Contract):
+    """A period in which no run of the agent may start (times with a zone)."""
+
+    start: AwareDatetime
+    end: AwareDatetime
+    reason: str = ""
+
+
+# Fields of the approval constraint that named where a requester could write an approval.
+LEGACY_APPROVAL_FIELDS = ("label", "parameter")
+
+
+class ApprovalConstraint(_Contract):
+    """One of these approvers must have approved the run with a signed approval that the
+    worker verified against the key it pins for that approver (``envelope.approvals``)."""
+
+    approvers: list[str] = Field(
+        description="Approver names: the key ids in the worker's PREFECT_GOVERNANCE_APPROVER_KEYS."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_requester_approvals(cls, data: Any) -> Any:
+        """An agent document of an older release (``label``/``parameter``) is invalid: a
+        label or a parameter is written by whoever creates the run, and approves nothing."""
+        if isinstance(data, dict):
+            legacy = [name for name in LEGACY_APPROVAL_FIELDS if name in data]
+            if legacy:
+                raise ValueError(
+                    f"{' and '.join(legacy)}: a label or a parameter approves nothing (any API "
+                    "client sets them); remove it, approvals are signed with "
+                    "`prefect-governance approve`"
+                )
+        return data
+
+
+class TrustThresholds(_Contract):
+    """Refuse below a trust score, or when trust falls faster than a slope."""
+
+    min_score: float | None = Field(None, ge=0.0, le=1.0)
+    min_slope: float | None = None
+
+
+class MemoryConstraint(_Contract):
+    """May a run write memory committed under another schema than the agent's pinned one?"""
+
+    allow_schema_change: bool = False
+
+
+class TaskConstraint(_Contract):
+    """Which of the agent's tasks may run inside an allowed flow run (the task policy reads it)."""
+
+    deny: list[str] = Field(
+        default_factory=list, description="Task names refused before their body runs."
+    )
+
+
+class Constraints(_Contract):
+    """Governance constraints that travel with the agent (each rule module reads its own)."""
+
+    parameters: dict[str, ParameterConstraint] = Field(default_factory=dict)
+    scope: ScopeConstraint | None = None
+    triggers: TriggerConstraint | None = None
+    windows: list[TimeWindow] = Field(default_factory=list)
+    freezes: list[Freeze] = Field(default_factory=list)
+    approval: ApprovalConstraint | None = None
+    trust: TrustThresholds | None = None
+    memory: MemoryConstraint | None = None
+    tasks: TaskConstraint | None = None
+    capability_trust: dict[str, float] = Field(
+        default_factory=dict,
+        description="Minimum trust score per capability: below it the capability is withheld "
+        "from the run's grants (the run still runs, without it).",
+    )
+
+
+class AgentObject(_Contract):
+    """The typed identity a deployment runs as, as sent to the policy."""
+
+    id: str
+    version: int = Field(ge=1)
+    owner: str
+    trust_scope: list[str] = Field(description="Work pools (or scopes) the agent may act in.")
+    capabilities: list[str] = Field(description="Capabilities the agent may use.")
+    memory_schema_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    policy_ref: str = DEFAULT_POLICY_PATH
+    constraints: Constraints = Field(default_factory=Constraints)
+    trust: TrustState = Field(default_factory=TrustState)
+
+
+# --- envelope --------------------------------------------------------------
+
+
+class CreatedBy(_Contract):
+    type: str | None = None
+    display_value: str | None = None
+    id: str | None = None
+
+
+class FlowRunRef(_Contract):
+    id: str
+    name: str
+    tags: list[str] = Field(default_factory=list)
+    labels: dict[str, Any] = Field(default_factory=dict)
+    created_by: CreatedBy | None = None
+    parent_flow_run_id: str | None = None
+
+
+class DeploymentRef(_Contract):
+    id: str
+    name: str
+    version: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class FlowRef(_Contract):
+    id: str
+    name: str
+
+
+class WorkPoolRef(_Contract):
+    name: str
+    type: str
+
+
+class Approval(_Contract):
+    """A signed approval of this run that the worker verified: signed by the key it pins for
+    the approver, bound to this flow run or to its deployment and parameters, not expired."""
+
+    id: str
+    approver: str = Field(description="Who signed it (the id of the pinned key).")
+    binding: Literal["flow_run", "deployment"] = Field(
+        description="flow_run: this flow run (and its parameters); deployment: any run of "
+        "the run's deployment with these exact parameters."
+    )
+    issued_at: datetime
+    expires_at: datetime
+
+
+class MemoryAccess(_Contract):
+    reads: list[str] = Field(default_factory=list)
+    writes: list[str] = Field(default_factory=list)
+    schema_hash: str | None = Field(None, description="Hash of the agent's memory schema now.")
+    previous_schema_hash: str | None = Field(
+        None,
+        description="Hash of the schema the committed memory was written under "
+        "(differs from schema_hash when this run changes the memory schema).",
+    )
+    version: int = Field(
+        0, ge=0, description="Version of the committed memory the run starts from."
+    )
+
+
+class MutationEnvelope(_Contract):
+    """What one flow run proposes to do."""
+
+    id: str
+    issued_at: datetime
+    expires_at: datetime
+    nonce: str
+    flow_run: FlowRunRef
+    deployment: DeploymentRef | None = None
+    flow: FlowRef
+    work_pool: WorkPoolRef
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="Flow-run parameters, secrets redacted."
+    )
+    redacted: list[str] = Field(
+        default_factory=list, description="Names of parameters whose values were redacted."
+    )
+    capabilities: list[str] = Field(default_factory=list)
+    memory: MemoryAccess = Field(default_factory=MemoryAccess)
+    approvals: list[Approval] = Field(
+        default_factory=list,
+        description="Approvals the worker verified for this run (labels and parameters "
+        "approve nothing).",
+    )
+
+
+# --- input and result ------------------------------------------------------
+
+
+class WorkerRef(_Contract):
+    name: str
+
+
+class PolicyContext(_Contract):
+    worker: WorkerRef
+    time: datetime
+    mode: Mode = "enforce"
+
+
+class PolicyInput(_Contract):
+    """The document sent to the policy as ``input``."""
+
+    agent: AgentObject
+    envelope: MutationEnvelope
+    context: PolicyContext
+
+
+class Reason(BaseModel):
+    """Which rule produced a deny or warn message."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    kind: Literal["deny", "warn"]
+    message: str
+    rule: str = Field(
+        description="Package and rule, e.g. prefect.governance.rules.capabilities.deny"
+    )
+
+
+class PolicyResult(BaseModel):
+    """The policy's answer. Other rules of the package may appear and are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    allow: bool
+    deny: list[str] = Field(default_factory=list)
+    warn: list[str] = Field(default_factory=list)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    reasons: list[Reason] = Field(
+        default_factory=list, description="Optional: the rule behind each deny and warn message."
+    )
+    grants: list[str] | None = Field(
+        None,
+        description="Optional: the capabilities the run may use. It can only narrow what the "
+        "run asked for (envelope.capabilities); absent, the run may use all of those.",
+    )
+
+
+# --- inside an allowed run: one task --------------------------------------
+
+
+class TaskRef(_Contract):
+    name: str
+    run_id: str
+    key: str | None = Field(None, description="Prefect's task key (the task's identity).")
+    attempt: int = Field(1, ge=1, description="1 on the first run, 2 on the first retry, ...")
+
+
+class ParentRun(_Contract):
+    """The flow run this task belongs to: its verified, signed envelope and what it was granted."""
+
+    envelope: MutationEnvelope
+    decision_id: str
+    verdict: str
+    grants: list[str] = Field(description="Capabilities the flow run's decision granted.")
+    kid: str = Field(description="Id of the key the worker signed the envelope with.")
+    signature: str
+
+
+class TaskEnvelope(_Contract):
+    """What one task run proposes to do."""
+
+    id: str
+    issued_at: datetime
+    task: TaskRef
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Task parameters, secrets redacted; a value that is not JSON (or too "
+        'large) is sent as {"$type": <Python type>, "$omitted": <why>}.',
+    )
+    redacted: list[str] = Field(default_factory=list)
+    capabilities: list[str] = Field(
+        default_factory=list, description="Capabilities the task declares it will use."
+    )
+    parent: ParentRun
+
+
+class TaskContext(_Contract):
+    time: datetime
+    mode: Mode = "enforce"
+
+
+class TaskPolicyInput(_Contract):
+    """The document sent to the task policy as ``input``."""
+
+    agent: AgentObject
+    envelope: TaskEnvelope
+    context: TaskContext
+
+
+# --- what an allowed run receives (signed) ---------------------------------
+
+
+class EngineRef(BaseModel):
+    """Where the worker's decisions were made, so the run's tasks are decided the same way."""
+
+    kind: Literal["embedded", "opa"]
+    policy_dir: str | None = Field(None, description="Embedded: the Rego directory.")
+    url: str | None = Field(None, description="OPA: the sidecar's address.")
+    ca_cert: str | None = Field(None, description="OPA over TLS: the CA bundle's path.")
+
+
+class MemorySnapshot(BaseModel):
+    """The agent's committed memory at decision time."""
+
+    version: int = 0
+    content: dict[str, Any] = Field(default_factory=dict)
+    content_hash: str | None = None
+    schema_hash: str | None = None
+
+
+class Grant(BaseModel):
+    """The signed payload handed to an allowed run: what was decided, for whom."""
+
+    decision_id: str
+    verdict: str
+    envelope: MutationEnvelope
+    agent: AgentObject
+    memory: MemorySnapshot
+    grants: list[str] = Field(
+        default_factory=list, description="Capabilities the run may use (as decided)."
+    )
+    mode: Mode = "enforce"
+    fail_mode: FailMode = "closed"
+    engine: EngineRef | None = Field(None, description="The engine that decides the run's tasks.")
+    task_policy_path: str = DEFAULT_TASK_POLICY_PATH
+
+
+# --- the worker's record of a decision ---------------------------------------
+
+Verdict = Literal["allowed", "refused", "audited", "ungoverned"]
+
+
+class Decision(BaseModel):
+    """A policy result plus what the worker knows about how it was reached."""
+
+    id: str
+    verdict: Verdict
+    allow: bool
+    deny: list[str] = Field(default_factory=list)
+    warn: list[str] = Field(default_factory=list)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    reasons: list[Reason] = Field(default_factory=list)
+    engine: str
+    policy_path: str
+    policy_revision: str | None = None
+    latency_ms: float = 0.0
+    mode: Mode = "enforce"
+    fail_mode: FailMode = "closed"
+    error: str | None = Field(
+        None, description="Why the engine gave no usable answer (fail closed/open), if so."
+    )
+    grants: list[str] | None = Field(
+        None, description="The policy's grants, if it narrowed the capabilities."
+    )
+    rejected_approvals: list[str] = Field(
+        default_factory=list,
+        description="Approval statements found for the run that did not verify, and why "
+        "(never shown to the policy as approvals).",
+    )
+
+    @property
+    def runs(self) -> bool:
+        """Whether the flow run (or task) may start."""
+        return self.verdict != "refused"
+
+    def granted(self, requested: list[str]) -> list[str]:
+        """The capabilities the run may use: what it asked for, narrowed by the policy's
+        grants when enforced (in audit mode or ungoverned nothing is withheld)."""
+        if self.grants is None or self.verdict != "allowed":
+            return list(requested)
+        allowed = set(self.grants)
+        return [c for c in requested if c in allowed]

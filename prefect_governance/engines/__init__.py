@@ -1,7 +1,0 @@
-"""Policy engines: the embedded Rego engine (default) and the OPA sidecar."""
-
-from prefect_governance.engines.base import EngineAnswer, EngineError, PolicyEngine
-from prefect_governance.engines.embedded import EmbeddedEngine
-from prefect_governance.engines.opa import OpaEngine
-
-__all__ = ["EmbeddedEngine", "EngineAnswer", "EngineError", "OpaEngine", "PolicyEngine"]

@@ -1,0 +1,363 @@
+"""Governed tasks: each task run decided by the task policy before its body runs.
+
+``@governed`` wraps one Prefect task; ``govern(flow)`` wraps every task its
+body calls by name. Before the body runs, the wrapper builds the task's
+envelope (name, run id, parameters with secrets redacted, the capabilities it
+declares, the flow run's signed envelope as parent), asks the task policy
+with the engine the worker named in the run's grant, and records the decision
+in the run's log. A refused task raises :class:`TaskRefused` before its body:
+Prefect ends it Failed with the refusal in its message, and the flow sees an
+ordinary failed task (``allow_failure``, ``return_state=True``). A refused
+task is retried only if the policy, asked again, changes its answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import types
+import uuid
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, overload
+
+from prefect import Flow, Task
+from prefect.context import TaskRunContext
+
+from prefect_governance.core.decision import deny_reasons
+from prefect_governance.core.envelope import build_task_envelope
+from prefect_governance.core.models import Decision, TaskContext, TaskPolicyInput, TaskRef
+from prefect_governance.core.settings import GovernanceSettings
+from prefect_governance.runtime import EnvelopeError, Verified, current_verified
+from prefect_governance.runtime.engine import run_engine
+from prefect_governance.runtime.run_log import flush_run_log, run_log
+
+
+class TaskRefused(RuntimeError):
+    """Governance refused this task run; its body did not run."""
+
+    def __init__(self, task: str, reasons: list[str], decision: Decision | None = None):
+        self.task = task
+        self.reasons = reasons
+        self.decision = decision
+        self.policy_input: dict[str, Any] | None = None  # what the policy was asked
+        if decision is None:
+            super().__init__(f"governance refused task {task!r}: " + "; ".join(reasons))
+        else:
+            super().__init__(
+                f"governance refused task {task!r} by policy {decision.policy_path} "
+                f"(decision {decision.id}, engine {decision.engine}): {deny_reasons(decision)}"
+            )
+
+
+@dataclass(frozen=True)
+class TaskScope:
+    """The governed task running now: what it is and what it declared."""
+
+    ref: TaskRef
+    capabilities: tuple[str, ...]
+
+
+current_task: ContextVar[TaskScope | None] = ContextVar("governance_task", default=None)
+
+
+def _settings() -> GovernanceSettings:
+    """The process's settings (read from the environment once, with its run engine)."""
+    return run_engine().settings
+
+
+def _task_ref(default_name: str) -> tuple[TaskRef, dict[str, Any]]:
+    """This task run as Prefect knows it, and its parameters."""
+    context = TaskRunContext.get()
+    if context is None or context.task_run is None:  # the function called outside Prefect
+        return TaskRef(name=default_name, run_id=f"direct-call-{uuid.uuid4()}"), {}
+    task_run = context.task_run
+    return (
+        TaskRef(
+            name=context.task.name,
+            run_id=str(task_run.id),
+            key=task_run.task_key,
+            attempt=max(task_run.run_count, 1),
+        ),
+        dict(context.parameters or {}),
+    )
+
+
+def task_input(
+    verified: Verified,
+    ref: TaskRef,
+    parameters: dict[str, Any],
+    capabilities: Iterable[str],
+    now: datetime,
+    settings: GovernanceSettings,
+) -> dict[str, Any]:
+    """The task policy's input for one task run."""
+    envelope = build_task_envelope(
+        task=ref,
+        parameters=parameters,
+        capabilities=capabilities,
+        parent=verified.parent(),
+        issued_at=now,
+        redact_patterns=settings.redact_patterns,
+        max_parameter_bytes=settings.max_parameter_bytes,
+        max_parameter_depth=settings.max_parameter_depth,
+    )
+    return TaskPolicyInput(
+        agent=verified.grant.agent,
+        envelope=envelope,
+        context=TaskContext(time=now, mode=verified.grant.mode),
+    ).model_dump(mode="json")
+
+
+def _record(
+    verified: Verified, policy_input: dict[str, Any], decision: Decision, purpose: str
+) -> None:
+    """Queue the decision for the lineage (the parent envelope is the worker's own: left out)."""
+    envelope = dict(policy_input["envelope"])
+    envelope["parent"] = {k: v for k, v in envelope["parent"].items() if k != "envelope"}
+    run_log(verified.grant.envelope.flow_run.id, verified.grant.decision_id).add(
+        "task_decision",
+        {
+            "purpose": purpose,
+            "task": envelope["task"],
+            "envelope": envelope,
+            "context": policy_input["context"],
+            "decision": decision.model_dump(mode="json"),
+        },
+        urgent=not decision.runs,
+    )
+
+
+def _verified_or_refuse(name: str) -> Verified:
+    try:
+        return current_verified()
+    except EnvelopeError as exc:  # not a governed run, or its grant does not verify
+        raise TaskRefused(name, [str(exc)]) from None
+
+
+def _refusal(ref: TaskRef, decision: Decision, policy_input: dict[str, Any]) -> TaskRefused:
+    refused = TaskRefused(ref.name, decision.deny or ["refused"], decision)
+    refused.policy_input = policy_input
+    return refused
+
+
+def _question(name: str, declared: tuple[str, ...]) -> tuple[Verified, TaskRef, dict[str, Any]]:
+    """What to ask the task policy about this task run (refused at once without a grant)."""
+    verified = _verified_or_refuse(name)
+    ref, parameters = _task_ref(name)
+    now = datetime.now(timezone.utc)
+    return verified, ref, task_input(verified, ref, parameters, declared, now, _settings())
+
+
+def _admitted(
+    verified: Verified,
+    ref: TaskRef,
+    policy_input: dict[str, Any],
+    decision: Decision,
+    declared: tuple[str, ...],
+) -> TaskScope:
+    """Record the decision; the task's scope if it may run, else raise TaskRefused."""
+    _record(verified, policy_input, decision, "admit")
+    if not decision.runs:
+        raise _refusal(ref, decision, policy_input)
+    return TaskScope(ref, declared)
+
+
+def _admit(name: str, declared: tuple[str, ...]) -> TaskScope:
+    """Decide this task run (blocking); raise TaskRefused when it may not run."""
+    verified, ref, policy_input = _question(name, declared)
+    decision = run_engine().decide(verified.grant, policy_input)
+    return _admitted(verified, ref, policy_input, decision, declared)
+
+
+async def _aadmit(name: str, declared: tuple[str, ...]) -> TaskScope:
+    """Decide this task run without blocking the event loop."""
+    verified, ref, policy_input = _question(name, declared)
+    decision = await run_engine().adecide(verified.grant, policy_input)
+    return _admitted(verified, ref, policy_input, decision, declared)
+
+
+def _governed_fn(
+    fn: Callable[..., Any], name: str, declared: tuple[str, ...]
+) -> Callable[..., Any]:
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def governed_async(*args: Any, **kwargs: Any) -> Any:
+            token = current_task.set(await _aadmit(name, declared))
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                current_task.reset(token)
+
+        return governed_async
+
+    @functools.wraps(fn)
+    def governed_sync(*args: Any, **kwargs: Any) -> Any:
+        token = current_task.set(_admit(name, declared))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            current_task.reset(token)
+
+    return governed_sync
+
+
+def refusal_of(state: Any) -> TaskRefused | None:
+    """The refusal a failed task state carries, if that is why it failed."""
+    data = getattr(state, "data", None)
+    return data if isinstance(data, TaskRefused) else None
+
+
+def _ask_again(refused: TaskRefused) -> bool:
+    """Would the policy now let the refused task run? (Asked with the same envelope.)"""
+    if refused.policy_input is None or refused.decision is None:
+        return False  # refused without a policy answer (no grant): nothing could change
+    try:
+        verified = current_verified()
+    except EnvelopeError:
+        return False
+    policy_input = {**refused.policy_input, "context": {**refused.policy_input["context"]}}
+    policy_input["context"]["time"] = datetime.now(timezone.utc).isoformat()
+    decision = run_engine().decide(verified.grant, policy_input)
+    _record(verified, policy_input, decision, "retry")
+    return decision.runs
+
+
+def _retry_condition(user_condition: Callable[..., Any] | None) -> Callable[..., bool]:
+    """Prefect's retry condition: a refused task is retried only if the policy now allows it."""
+
+    def governed_retry_condition(task: Task, task_run: Any, state: Any) -> bool:
+        refused = refusal_of(state)
+        if refused is not None and not _ask_again(refused):
+            return False
+        if user_condition is None:
+            return True
+        answer = user_condition(task, task_run, state)
+        if inspect.isawaitable(answer):
+            from prefect.utilities.asyncutils import run_coro_as_sync
+
+            answer = run_coro_as_sync(answer)
+        return bool(answer)
+
+    return governed_retry_condition
+
+
+@overload
+def governed(task: Task, *, capabilities: Iterable[str] = ()) -> Task: ...
+@overload
+def governed(task: Callable[..., Any], *, capabilities: Iterable[str] = ()) -> Task: ...
+@overload
+def governed(task: None = None, *, capabilities: Iterable[str] = ()) -> Callable[[Any], Task]: ...
+
+
+def governed(task: Any = None, *, capabilities: Iterable[str] = ()) -> Any:
+    """Govern a Prefect task (or a function, made a task): decided before each run.
+
+    ``capabilities`` are those the task declares it will use; the task policy
+    checks them against the flow run's grants, and inside the task
+    :func:`prefect_governance.capability` allows only these.
+    """
+    declared = tuple(sorted(set(capabilities)))
+
+    def wrap(target: Any) -> Task:
+        if not isinstance(target, Task):
+            from prefect import task as make_task
+
+            target = make_task(target)
+        original = getattr(target, "governance_original", target)
+        new = copy.copy(original)
+        new.fn = _governed_fn(original.fn, original.name, declared)
+        new.retry_condition_fn = _retry_condition(original.retry_condition_fn)
+        new.governance_capabilities = declared  # type: ignore[attr-defined]
+        new.governance_original = original  # type: ignore[attr-defined]
+        return new
+
+    return wrap if task is None else wrap(task)
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """The global names a function's code (and the code nested in it) refers to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _governed_body(fn: types.FunctionType) -> types.FunctionType:
+    """The flow's function, seeing a governed copy of every task it names (globals and closure)."""
+    scope = dict(fn.__globals__)
+    for name in _code_names(fn.__code__):
+        value = scope.get(name)
+        if isinstance(value, Task) and not hasattr(value, "governance_capabilities"):
+            scope[name] = governed(value)
+    cells = None
+    if fn.__closure__:
+        cells = tuple(
+            types.CellType(governed(c.cell_contents))
+            if isinstance(_cell(c), Task)
+            and not hasattr(c.cell_contents, "governance_capabilities")
+            else c
+            for c in fn.__closure__
+        )
+    body = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, cells)
+    body.__kwdefaults__ = fn.__kwdefaults__
+    return body
+
+
+def _cell(cell: types.CellType) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def govern(flow: Flow) -> Flow:
+    """Govern every task the flow's body calls by name, without editing each one.
+
+    Tasks are found among the names the flow function uses (module globals and
+    closure); a task reached another way (an attribute, a helper function) is
+    governed by wrapping it with :func:`governed` itself. A task already wrapped
+    keeps its declared capabilities. The run's governance events are sent to
+    Prefect when the flow body ends.
+    """
+    fn = flow.fn
+    built: list[types.FunctionType] = []
+
+    def body() -> types.FunctionType:
+        if not built:  # at the first run, when the flow's module has defined all its tasks
+            built.append(_governed_body(fn))
+        return built[0]
+
+    def flush() -> None:
+        from prefect.runtime import flow_run
+
+        flush_run_log(flow_run.id)
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def governed_flow_async(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await body()(*args, **kwargs)
+            finally:
+                flush()
+
+        wrapper: Callable[..., Any] = governed_flow_async
+    else:
+
+        @functools.wraps(fn)
+        def governed_flow(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return body()(*args, **kwargs)
+            finally:
+                flush()
+
+        wrapper = governed_flow
+    new = copy.copy(flow)
+    new.fn = wrapper
+    return new

@@ -1,0 +1,869 @@
+"""The decision path of one flow run: agent, envelope, policy, lineage.
+
+Used by the worker (before any infrastructure starts) and by the
+``prefect-governance decide`` command (without running anything).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from prefect.exceptions import ObjectNotFound
+from pydantic import ValidationError
+from sqlalchemy.engine import Connection
+from sqlmodel import Session, select
+
+from prefect_governance.core.approvals import approvals_for_run
+from prefect_governance.core.attestation import (
+    AttestationError,
+    binds,
+    rollback_reason,
+    verify_agent,
+)
+from prefect_governance.core.controls import Controls
+from prefect_governance.core.decision import decide, settle, worker_refusal
+from prefect_governance.core.engines import EmbeddedEngine, EngineError, OpaEngine, PolicyEngine
+from prefect_governance.core.envelope import ParameterLimitError, build_envelope
+from prefect_governance.core.handoff import PROPOSAL_KEY, RUN_EVENTS_KEY
+from prefect_governance.core.keys import GovernanceSigningKey, GovernanceVerifyKey
+from prefect_governance.core.models import (
+    DEFAULT_TASK_POLICY_PATH,
+    Approval,
+    Decision,
+    Grant,
+    MemoryAccess,
+    MemorySnapshot,
+    Mode,
+    MutationEnvelope,
+    PolicyContext,
+    PolicyInput,
+    TaskPolicyInput,
+    TrustState,
+    WorkerRef,
+    WorkPoolRef,
+)
+from prefect_governance.core.reports import (
+    accepted,
+    admitted_declarations,
+    complete_proposals,
+    report_secret,
+    use_check,
+)
+from prefect_governance.core.settings import (
+    GovernanceSettings,
+    default_lineage_url,
+    lineage_signer,
+    worker_policy_dir,
+)
+from prefect_governance.core.signing import SigningKey, sign
+from prefect_governance.core.trust import next_score, run_events, trust_state
+from prefect_governance.lineage.memory import CommitResult, MemoryStore, commit_in
+from prefect_governance.lineage.parameter_schemas import remembered_schema
+from prefect_governance.lineage.store import (
+    LineageEvent,
+    LineageStore,
+    capability_use_event,
+    chain_of,
+    decision_event,
+    outcome_event,
+    report_problem_event,
+    task_decision_event,
+)
+from prefect_governance.worker.blocks import (
+    GovernanceAgent,
+    GovernanceLineageStore,
+    GovernancePolicyEngine,
+)
+from prefect_governance.worker.run_reports import (
+    read_artifact_data,
+    read_artifacts,
+    reported_events,
+)
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.objects import Flow, FlowRun
+    from prefect.client.schemas.responses import DeploymentResponse
+
+
+@dataclass
+class Assessment:
+    """Everything known about one run's decision."""
+
+    decision: Decision
+    agent: GovernanceAgent | None = None
+    envelope: MutationEnvelope | None = None
+    policy_input: dict[str, Any] | None = None
+    memory: MemorySnapshot | None = None
+    agent_block: str | None = None  # the governance-agent block's name
+    worker: str | None = None  # the name of the worker that decided
+    engine: PolicyEngine | None = None  # the engine that decided (and decides the tasks)
+    task_policy_path: str = DEFAULT_TASK_POLICY_PATH
+    signature: str | None = None  # of the grant the run received
+    costs_trust: bool = True  # whether a refusal charges the agent
+
+    def grant(self) -> Grant:
+        """What an allowed run receives (to be signed)."""
+        assert self.envelope is not None and self.policy_input is not None
+        decision = self.decision
+        return Grant(
+            decision_id=decision.id,
+            verdict=decision.verdict,
+            envelope=self.envelope,
+            agent=self.policy_input["agent"],
+            memory=self.memory or MemorySnapshot(),
+            grants=decision.granted(self.envelope.capabilities),
+            mode=decision.mode,
+            fail_mode=decision.fail_mode,
+            engine=self.engine.reference() if self.engine is not None else None,
+            task_policy_path=self.task_policy_path,
+        )
+
+    @property
+    def agent_id(self) -> str | None:
+        return self.agent.id if self.agent else None
+
+    @classmethod
+    def refusal(cls, controls: Controls, reason: str) -> Assessment:
+        """The worker refuses before (or instead of) asking the policy."""
+        return cls(
+            worker_refusal(
+                reason,
+                policy_path=controls.policy_path,
+                mode=controls.mode,
+                fail_mode=controls.fail_mode,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Preemption:
+    """A refusal the worker knows is due before any policy is asked."""
+
+    reason: str
+    costs_trust: bool = True  # False when it is not a new attempt of the agent's
+
+
+NO_APPROVER_KEYS = (
+    "the worker pins no approver keys (PREFECT_GOVERNANCE_APPROVER_KEYS), so no approval can verify"
+)
+
+
+class AgentUnavailable(Exception):
+    """A governance-agent block that does not exist, does not validate, or does not carry
+    the pool owner's signature for it as it reads now."""
+
+
+async def load_agent(client: PrefectClient, name: str, keys: Mapping[str, str]) -> GovernanceAgent:
+    """The governance-agent block of this name as the pool owner signed it (verified with
+    the pinned ``keys``), or AgentUnavailable saying why not."""
+    try:
+        document = await client.read_block_document_by_name(
+            name, block_type_slug=GovernanceAgent.get_block_type_slug()
+        )
+    except ObjectNotFound:
+        raise AgentUnavailable(f"agent block {name!r} does not exist (governance-agent)") from None
+    try:
+        agent = GovernanceAgent.model_validate(document.data)
+    except ValidationError as exc:
+        raise AgentUnavailable(
+            f"agent block {name!r} is invalid: {describe_validation(exc)}"
+        ) from None
+    try:
+        verify_agent(name, agent, keys)
+    except AttestationError as exc:
+        raise AgentUnavailable(str(exc)) from None
+    return agent
+
+
+async def read_proposals(client: PrefectClient, flow_run_id: Any) -> list[dict[str, Any]]:
+    """The memory proposals artifacts of a run hold, oldest first, as any API client left
+    them (not authenticated: the worker uses ``Governor.run_reports``)."""
+    return await read_artifact_data(client, flow_run_id, PROPOSAL_KEY)
+
+
+async def read_reports(client: PrefectClient, flow_run_id: Any) -> list[dict[str, Any]]:
+    """The batches of governance events artifacts of a run hold, as any API client left
+    them (not authenticated: the worker uses ``Governor.run_reports``)."""
+    return await read_artifact_data(client, flow_run_id, RUN_EVENTS_KEY)
+
+
+NO_REPORT_SECRET = (
+    "no lineage key is set (PREFECT_GOVERNANCE_LINEAGE_KEY) and another worker process "
+    "started this run: its report secret lived only in that process, so none of its "
+    "reports can be authenticated"
+)
+
+
+def signed_grants(assessment: Assessment) -> list[str] | None:
+    """The capabilities the worker granted the run (its own record, never the run's word);
+    None when the settling worker does not hold them (a reconciled run's narrowing)."""
+    if assessment.envelope is None or assessment.policy_input is None:
+        return None
+    return assessment.decision.granted(assessment.envelope.capabilities)
+
+
+def describe_validation(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(document)'}: {e['msg']}" for e in error.errors()
+    )
+
+
+class Governor:
+    """Holds the compiled engines and lineage connections one worker reuses."""
+
+    def __init__(self, settings: GovernanceSettings | None = None):
+        self.settings = settings or GovernanceSettings()
+        self._engines: dict[str | None, PolicyEngine] = {}
+        self._stores: dict[str | None, LineageStore] = {}
+        self._memories: dict[str, MemoryStore] = {}
+        self._keys: dict[str | None, SigningKey] = {}
+        self._lock = anyio.Lock()
+        # The key this worker signs lineage records with: configured, or this process's own.
+        signer = lineage_signer(self.settings, ephemeral=True)
+        assert signer is not None
+        self.lineage_signer: SigningKey = signer
+        self.lineage_key_is_ephemeral = self.settings.lineage_key is None
+        # The root of the runs' report secrets: the lineage key's seed, else this process's.
+        self._report_root = report_root(self.lineage_signer)
+        self._issued: set[str] = set()  # decisions this process handed a report secret
+
+    # --- the runs' report secrets ---------------------------------------------
+
+    def report_secret(self, decision_id: str) -> str:
+        """The report secret of a run this worker starts (for its environment only)."""
+        self._issued.add(decision_id)
+        return report_secret(self._report_root, decision_id)
+
+    def _secret_to_check(self, decision_id: str) -> tuple[str | None, str | None]:
+        """The run's report secret as derived again, or why it cannot be."""
+        if not self.lineage_key_is_ephemeral or decision_id in self._issued:
+            return report_secret(self._report_root, decision_id), None
+        return None, NO_REPORT_SECRET
+
+    async def run_reports(
+        self, client: PrefectClient, flow_run_id: Any, assessment: Assessment
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """What a run reported, as ``record_run_end`` takes it: the memory proposals and
+        the batches of events whose MAC verifies for this run's secret; every other
+        artifact is left out and named (with why) in a ``rejected`` item of the batches."""
+        decision_id = assessment.decision.id
+        secret, cannot = self._secret_to_check(decision_id)
+        check = partial(
+            accepted,
+            secret=secret,
+            flow_run_id=str(flow_run_id),
+            decision_id=decision_id,
+            cannot=cannot,
+        )
+        problems: list[str] = []
+        proposals: list[dict[str, Any]] = []
+        if assessment.agent is not None:
+            found = await read_artifacts(client, flow_run_id, PROPOSAL_KEY)
+            proposals, rejected = check(found, kind=PROPOSAL_KEY)
+            proposals, missing = complete_proposals(proposals)
+            problems += rejected + missing
+        found = await read_artifacts(client, flow_run_id, RUN_EVENTS_KEY)
+        batches, rejected = check(found, kind=RUN_EVENTS_KEY)
+        problems += rejected
+        reported: list[dict[str, Any]] = [
+            {"decision_id": b.get("decision_id"), "events": b.get("events")} for b in batches
+        ]
+        if problems:
+            reported.append({"rejected": problems})
+        return proposals, reported
+
+    # --- the parts, built once and reused -----------------------------------
+
+    async def engine(self, block_name: str | None, client: PrefectClient) -> PolicyEngine:
+        async with self._lock:
+            if block_name not in self._engines:
+                if block_name:
+                    block = await GovernancePolicyEngine.aload(block_name, client=client)
+                    built = block.build()
+                elif self.settings.opa_url:
+                    token = self.settings.opa_token
+                    built = OpaEngine(
+                        self.settings.opa_url,
+                        token=token.get_secret_value() if token else None,
+                        breaker_failures=self.settings.opa_breaker_failures,
+                        breaker_reset_seconds=self.settings.opa_breaker_reset_seconds,
+                    )
+                else:
+                    built = EmbeddedEngine(
+                        worker_policy_dir(self.settings), timeout=self.settings.decision_timeout
+                    )
+                self._engines[block_name] = built
+            return self._engines[block_name]
+
+    async def lineage(self, block_name: str | None, client: PrefectClient) -> LineageStore:
+        async with self._lock:
+            if block_name not in self._stores:
+                if block_name:
+                    block = await GovernanceLineageStore.aload(block_name, client=client)
+                    url = block.url.get_secret_value()
+                elif self.settings.lineage_url:
+                    url = self.settings.lineage_url.get_secret_value()
+                else:
+                    url = default_lineage_url()
+                self._stores[block_name] = await anyio.to_thread.run_sync(
+                    partial(
+                        LineageStore,
+                        url,
+                        append_timeout=self.settings.lineage_append_timeout,
+                        signer=self.lineage_signer,
+                        keys=self.settings.lineage_keys,
+                    )
+                )
+            return self._stores[block_name]
+
+    def memory(self, store: LineageStore) -> MemoryStore:
+        if store.url not in self._memories:
+            self._memories[store.url] = MemoryStore(store.engine)
+        return self._memories[store.url]
+
+    async def signing_key(self, block_name: str | None, client: PrefectClient) -> SigningKey:
+        """The worker's signing key; its public half is published as a verify-key block."""
+        async with self._lock:
+            if block_name not in self._keys:
+                if block_name:
+                    block = await GovernanceSigningKey.aload(block_name, client=client)
+                    key = block.signing_key()
+                elif self.settings.signing_key:
+                    key = SigningKey.from_seed(
+                        self.settings.signing_key_id, self.settings.signing_key.get_secret_value()
+                    )
+                else:  # an ephemeral key, for this worker process only
+                    key = SigningKey.generate(f"worker-{uuid.uuid4().hex[:12]}")
+                await _publish(key, client)
+                self._keys[block_name] = key
+            return self._keys[block_name]
+
+    async def aclose(self) -> None:
+        for engine in self._engines.values():
+            await engine.aclose()
+        for store in self._stores.values():
+            store.dispose()
+
+    # --- one decision -------------------------------------------------------
+
+    async def assess(
+        self,
+        *,
+        client: PrefectClient,
+        flow_run: FlowRun,
+        flow: Flow,
+        deployment: DeploymentResponse | None,
+        work_pool: WorkPoolRef,
+        controls: Controls,
+        worker_name: str,
+        store: LineageStore,
+        preempt: Preemption | None = None,
+    ) -> Assessment:
+        """Decide one run. Never raises for bad input: that is a refusal.
+
+        A ``preempt`` refuses the run as the agent's without asking the policy.
+        """
+
+        def refuse(reason: str) -> Assessment:
+            return Assessment.refusal(controls, reason)
+
+        if not controls.agent:
+            return refuse(
+                "the deployment names no agent: set the `agent` job variable to the name "
+                "of a governance-agent block"
+            )
+        try:
+            agent = await load_agent(client, controls.agent, self.settings.agent_keys)
+        except AgentUnavailable as exc:
+            return refuse(str(exc))
+        if not binds(
+            agent.deployments,
+            flow_name=flow.name,
+            deployment_name=deployment.name if deployment else None,
+            deployment_id=deployment.id if deployment else None,
+        ):
+            # Not the agent's doing: whoever asked for it is not one it acts for (no trust cost).
+            who = f"deployment {flow.name}/{deployment.name}" if deployment else "an ad-hoc run"
+            return refuse(
+                f"{who} may not act as agent block {controls.agent!r}: the agent's signed "
+                f"`deployments` do not name it ({', '.join(agent.deployments) or 'none'})"
+            )
+
+        last_version = await anyio.to_thread.run_sync(last_decided_version, store, agent.id)
+        rolled_back = rollback_reason(controls.agent, agent.version, last_version)
+        if rolled_back:
+            return refuse(rolled_back)
+        if preempt is not None:
+            return Assessment(
+                refuse(preempt.reason).decision,
+                agent=agent,
+                agent_block=controls.agent,
+                worker=worker_name,
+                costs_trust=preempt.costs_trust,
+            )
+
+        policy_path = agent.policy_ref or controls.policy_path
+        mode = effective_mode(controls.mode, agent.mode)
+        trust, memory = await anyio.to_thread.run_sync(
+            agent_state, store, self.memory(store), agent
+        )
+
+        now = datetime.now(timezone.utc)
+        parent_flow_run_id = None
+        if flow_run.parent_task_run_id:
+            parent = await client.read_task_run(flow_run.parent_task_run_id)
+            parent_flow_run_id = str(parent.flow_run_id) if parent.flow_run_id else None
+        reference_schema = None
+        if deployment is not None:  # the schema first seen for it: an edit unredacts nothing
+            try:
+                reference_schema = await anyio.to_thread.run_sync(
+                    remembered_schema,
+                    store.engine,
+                    str(deployment.id),
+                    deployment.parameter_openapi_schema,
+                )
+            except Exception as exc:
+                return refuse(
+                    "the deployment's reference parameter schema could not be read or "
+                    f"stored ({type(exc).__name__}); secrets could not be told apart"
+                )
+        try:
+            envelope = build_envelope(
+                flow_run=flow_run,
+                flow=flow,
+                deployment=deployment,
+                work_pool=work_pool,
+                capabilities=controls.capabilities,
+                memory=MemoryAccess(
+                    schema_hash=agent.memory_schema_hash,
+                    previous_schema_hash=memory.schema_hash,
+                    version=memory.version,
+                ),
+                parent_flow_run_id=parent_flow_run_id,
+                issued_at=now,
+                ttl=timedelta(seconds=self.settings.envelope_ttl),
+                redact_patterns=self.settings.redact_patterns,
+                reference_schema=reference_schema,
+                max_parameter_bytes=self.settings.max_parameter_bytes,
+                max_parameter_depth=self.settings.max_parameter_depth,
+            )
+        except ParameterLimitError as exc:  # refused as the agent's run: it costs trust
+            return Assessment(refuse(str(exc)).decision, agent=agent, agent_block=controls.agent)
+        envelope.approvals, rejected_approvals = await self._approvals(
+            client, flow_run, now, needed=agent.constraints.approval is not None
+        )
+        policy_input = PolicyInput(
+            agent=agent.to_agent_object(policy_path, trust),
+            envelope=envelope,
+            context=PolicyContext(worker=WorkerRef(name=worker_name), time=now, mode=mode),
+        ).model_dump(mode="json")
+
+        engine: PolicyEngine | None = None
+        try:
+            engine = await self.engine(controls.engine, client)
+        except Exception as exc:
+            decision = _failed_engine(exc, controls, policy_path, mode)
+        else:
+            decision = await decide(
+                engine,
+                policy_path,
+                policy_input,
+                mode=mode,
+                fail_mode=controls.fail_mode,
+                deadline=self.settings.decision_timeout,
+            )
+        if controls.notes:
+            decision.warn.extend(controls.notes)
+        decision.rejected_approvals = rejected_approvals
+        return Assessment(
+            decision,
+            agent=agent,
+            envelope=envelope,
+            policy_input=policy_input,
+            memory=memory,
+            agent_block=controls.agent,
+            worker=worker_name,
+            engine=engine,
+            task_policy_path=controls.task_policy_path,
+        )
+
+    async def _approvals(
+        self, client: PrefectClient, flow_run: FlowRun, now: datetime, *, needed: bool
+    ) -> tuple[list[Approval], list[str]]:
+        """The run's approvals that verify against the pinned approver keys, and why the
+        others (or all, when they cannot be read) approve nothing. Without pinned keys
+        nothing can verify: nothing is read (``needed``: say so for an agent that needs one)."""
+        if not self.settings.approver_keys:
+            return [], [NO_APPROVER_KEYS] if needed else []
+        try:
+            return await approvals_for_run(
+                client,
+                flow_run_id=str(flow_run.id),
+                deployment_id=str(flow_run.deployment_id) if flow_run.deployment_id else None,
+                parameters=flow_run.parameters or {},
+                keys=self.settings.approver_keys,
+                now=now,
+            )
+        except Exception as exc:  # no approval is read: a run that needs one is refused
+            return [], [f"the approvals could not be read ({type(exc).__name__}: {exc})"]
+
+    async def record_decision(
+        self, store: LineageStore, assessment: Assessment, flow_run_id: str
+    ) -> None:
+        """Write the decision (and, for a refusal, the trust it costs) before anything runs."""
+        envelope = assessment.envelope.model_dump(mode="json") if assessment.envelope else None
+        events = [
+            decision_event(
+                assessment.decision,
+                agent_id=assessment.agent_id,
+                flow_run_id=flow_run_id,
+                envelope=envelope,
+                agent_block=assessment.agent_block,
+                worker=assessment.worker,
+                agent_version=assessment.agent.version if assessment.agent else None,
+            )
+        ]
+        # A refusal costs the agent trust; an engine that could not answer is not its doing.
+        decision = assessment.decision
+        charged = assessment.costs_trust and decision.error is None
+        derive = None
+        if not decision.runs and assessment.agent is not None and charged:
+
+            def derive(connection: Connection) -> list[LineageEvent]:
+                return [_trust_event(store, connection, assessment, flow_run_id, ["refused"])]
+
+        await anyio.to_thread.run_sync(partial(store.append, *events, derive=derive))
+
+    def sign(self, key: SigningKey, assessment: Assessment) -> str:
+        """The signed grant, as the JSON the run's environment carries."""
+        signed = sign(assessment.grant().model_dump(mode="json"), key)
+        assessment.signature = signed["signature"]
+        return json.dumps(signed)
+
+    async def record_run_end(
+        self,
+        store: LineageStore,
+        assessment: Assessment,
+        flow_run_id: str,
+        state: str,
+        *,
+        message: str | None = None,
+        status_code: int | None = None,
+        proposals: list[dict[str, Any]] | None = None,
+        reported: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        """What happened inside the run, its outcome, memory commit or rejection, and the
+        trust update of one run.
+
+        Recorded once per decision: returns False when the run's outcome was already
+        recorded (by another worker's reconciler) and nothing was appended.
+        """
+        decision_id = assessment.decision.id
+        events: list[LineageEvent] = await self._inside_events(
+            assessment, flow_run_id, reported or []
+        )
+        events.append(
+            outcome_event(
+                agent_id=assessment.agent_id,
+                flow_run_id=flow_run_id,
+                decision_id=decision_id,
+                state=state,
+                message=message,
+                status_code=status_code,
+            )
+        )
+
+        def derive(connection: Connection) -> list[LineageEvent]:
+            """Memory and trust, settled in the transaction that records the outcome (once
+            per decision, under the agent's chain lock)."""
+            derived, rejected = [], False
+            if assessment.agent is None:
+                return derived
+            if proposals:
+                memory_event, rejected = _settle_memory(
+                    connection, assessment, flow_run_id, state, proposals
+                )
+                derived.append(memory_event)
+            if assessment.decision.verdict != "ungoverned":
+                trust_events = run_events(
+                    verdict=assessment.decision.verdict,
+                    state=state,
+                    warned=bool(assessment.decision.warn),
+                    memory_rejected=rejected,
+                )
+                derived.append(
+                    _trust_event(store, connection, assessment, flow_run_id, trust_events)
+                )
+            return derived
+
+        return await anyio.to_thread.run_sync(
+            partial(store.append, *events, once_per_decision="outcome", derive=derive)
+        )
+
+    async def _inside_events(
+        self, assessment: Assessment, flow_run_id: str, batches: list[dict[str, Any]]
+    ) -> list[LineageEvent]:
+        """The run's reported task decisions and capability uses as lineage events, in the
+        run's order; each task decision checked by deciding its input again."""
+        parent = assessment.decision.id
+        common = {"agent_id": assessment.agent_id, "flow_run_id": flow_run_id}
+        reported, problems = reported_events(batches, parent)
+        grants = signed_grants(assessment)
+        admitted: dict[str, dict[str, Any]] = {}  # task run id -> its admission, as checked
+        events = []
+        for item in reported:
+            if item["kind"] == "capability_use":
+                use = use_check(item, grants=grants, admitted=admitted)
+                events.append(
+                    capability_use_event(item, parent_decision_id=parent, check=use, **common)
+                )
+                if use is not None and use["verified"] is False:
+                    problems.append(
+                        f"capability use seq {item.get('seq')} ({item.get('capability')!r}) "
+                        f"flagged: {use['why']}"
+                    )
+            else:
+                check = await self._check_task_decision(assessment, item)
+                events.append(
+                    task_decision_event(item, parent_decision_id=parent, check=check, **common)
+                )
+                run_id, admission = admitted_declarations(item, check)
+                if admission["runs"] or run_id not in admitted:
+                    admitted[run_id] = admission
+        if problems:
+            events.append(report_problem_event(problems, parent_decision_id=parent, **common))
+        return events
+
+    async def _check_task_decision(
+        self, assessment: Assessment, item: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Decide a reported task input again: does the run's report hold?
+
+        ``{"verified": True}`` when the worker's engine gives the same verdict and
+        reasons for the same input; False with what differs; None when it cannot tell
+        (the deciding worker is gone, or the policy changed since).
+        """
+        engine, envelope = assessment.engine, assessment.envelope
+        if engine is None or envelope is None or assessment.policy_input is None:
+            return {"verified": None, "why": "the worker that decided the run cannot check it"}
+        reported = item.get("decision") or {}
+        try:
+            parent = dict((item.get("envelope") or {}).get("parent") or {})
+            if assessment.signature is not None and parent.get("signature") != assessment.signature:
+                return {"verified": False, "why": "it names another grant than the run's"}
+            parent["envelope"] = envelope.model_dump(mode="json")
+            # The grants are the worker's own, never what the run's runtime says it holds.
+            parent["grants"] = signed_grants(assessment) or []
+            policy_input = TaskPolicyInput.model_validate(
+                {
+                    "agent": assessment.policy_input["agent"],
+                    "envelope": {**item["envelope"], "parent": parent},
+                    "context": item.get("context"),
+                }
+            ).model_dump(mode="json")
+        except (ValidationError, KeyError, TypeError) as exc:
+            return {"verified": False, "why": f"the reported input is malformed: {exc}"}
+        again = await decide(
+            engine,
+            assessment.task_policy_path,
+            policy_input,
+            mode=assessment.decision.mode,
+            fail_mode=assessment.decision.fail_mode,
+            deadline=self.settings.decision_timeout,
+        )
+        if again.error is not None or reported.get("error"):
+            return {"verified": None, "why": "an engine failed to decide", "error": again.error}
+        if again.policy_revision != reported.get("policy_revision"):
+            return {"verified": None, "why": "the policy changed since the run decided"}
+        same = again.verdict == reported.get("verdict") and sorted(again.deny) == sorted(
+            reported.get("deny") or []
+        )
+        if same:
+            return {"verified": True}
+        return {
+            "verified": False,
+            "why": "the worker's engine decides this input otherwise",
+            "worker_verdict": again.verdict,
+            "worker_deny": again.deny,
+        }
+
+
+def _settle_memory(
+    connection: Connection,
+    assessment: Assessment,
+    flow_run_id: str,
+    state: str,
+    proposals: list[dict[str, Any]],
+) -> tuple[LineageEvent, bool]:
+    """Commit the run's memory proposals inside ``connection``'s transaction, or reject
+    them; return the event and whether they were rejected."""
+    agent = assessment.agent
+    assert agent is not None
+    base = assessment.memory.version if assessment.memory else 0
+    common = {
+        "agent_id": agent.id,
+        "flow_run_id": flow_run_id,
+        "decision_id": assessment.decision.id,
+    }
+    patches, problems = _proposal_patches(proposals, assessment.decision.id)
+    if state != "COMPLETED":
+        return LineageEvent(
+            kind="memory_discarded",
+            **common,
+            payload={
+                "base_version": base,
+                "reason": f"the run ended {state}, not COMPLETED",
+            },
+        ), False
+    result: CommitResult | None = None
+    if not problems:
+        result = commit_in(
+            connection,
+            agent.id,
+            patches,
+            base_version=base,
+            schema=agent.memory_schema,
+            decision_id=assessment.decision.id,
+            flow_run_id=flow_run_id,
+        )
+        problems = list(result.errors)
+    if problems or result is None or not result.committed:
+        return LineageEvent(
+            kind="memory_rejected",
+            **common,
+            reasons=problems,
+            payload={
+                "base_version": base,
+                "errors": problems,
+            },
+        ), True
+    return LineageEvent(
+        kind="memory_commit",
+        **common,
+        payload={
+            "version": result.version,
+            "content_hash": result.content_hash,
+            "schema_hash": agent.memory_schema_hash,
+            "base_version": base,
+            "rebased": result.rebased,
+        },
+    ), False
+
+
+def _proposal_patches(
+    proposals: list[dict[str, Any]], decision_id: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The merge patches of a run's proposals, and why any of them is unusable."""
+    patches, problems = [], []
+    for i, proposal in enumerate(proposals):
+        patch = proposal.get("patch") if isinstance(proposal, dict) else None
+        if not isinstance(patch, dict):
+            problems.append(f"proposal {i + 1}: not a memory proposal (no patch object)")
+        elif proposal.get("decision_id") != decision_id:
+            problems.append(f"proposal {i + 1}: made under another decision")
+        else:
+            patches.append(patch)
+    return patches, problems
+
+
+def report_root(lineage_key: SigningKey) -> bytes:
+    """The root the runs' report secrets derive from: the worker's lineage key's seed (a
+    worker without a configured key has one for its process only, and so a root too)."""
+    return lineage_key.seed
+
+
+def _trust_event(
+    store: LineageStore,
+    connection: Connection,
+    assessment: Assessment,
+    flow_run_id: str,
+    events: list[str],
+) -> LineageEvent:
+    """The trust update of one run, from the agent's latest vouched score as the append's
+    transaction reads it under the chain's lock (not the decision-time one, which another
+    run of the same agent may have moved since)."""
+    agent = assessment.agent
+    assert agent is not None
+    latest = store.scores(agent.id, 1, connection=connection)
+    before = latest[-1] if latest else agent.trust_baseline
+    after = next_score(before, events, agent.trust_weights)  # type: ignore[arg-type]
+    return LineageEvent(
+        kind="trust",
+        agent_id=agent.id,
+        flow_run_id=flow_run_id,
+        decision_id=assessment.decision.id,
+        payload={"score": after, "previous": before, "events": events},
+    )
+
+
+def agent_state(
+    store: LineageStore, memory: MemoryStore, agent: GovernanceAgent
+) -> tuple[TrustState, MemorySnapshot]:
+    """The agent's trust (score, window, slope, counts) and committed memory, from the lineage."""
+    runs, refusals = store.decision_counts(agent.id)
+    trust = trust_state(
+        trust_history(store, agent.id, agent.trust_window),
+        baseline=agent.trust_baseline,
+        runs=runs,
+        refusals=refusals,
+        k=agent.trust_window,
+    )
+    return trust, memory.latest(agent.id)
+
+
+def last_decided_version(store: LineageStore, agent_id: str) -> int | None:
+    """The agent version the agent's latest vouched decision was made with (None: none)."""
+    with Session(store.engine) as session:
+        rows = session.exec(
+            select(LineageEvent)  # the chain's (chain, seq) index, newest first
+            .where(LineageEvent.chain == chain_of(agent_id), LineageEvent.kind == "decision")
+            .order_by(LineageEvent.seq.desc())
+            .limit(50)
+        )
+        row = next((r for r in rows if store.vouched(r) is not None), None)
+    version = (row.payload or {}).get("agent_version") if row is not None else None
+    return int(version) if isinstance(version, int) else None
+
+
+def trust_history(store: LineageStore, agent_id: str, k: int) -> list[float]:
+    """The agent's last k vouched trust scores, oldest first."""
+    return store.scores(agent_id, k)
+
+
+async def _publish(key: SigningKey, client: PrefectClient) -> None:
+    """Publish the public key as a verify-key block, refusing to replace another key."""
+    try:
+        existing = await GovernanceVerifyKey.aload(key.key_id, client=client)
+    except ValueError:
+        existing = None
+    if existing is not None and existing.public_key != key.public_b64:
+        raise RuntimeError(
+            f"verify key {key.key_id!r} already holds another public key; "
+            "rotate to a new key id instead of replacing it"
+        )
+    if existing is None:
+        await GovernanceVerifyKey(public_key=key.public_b64).asave(key.key_id, client=client)
+
+
+def effective_mode(pool_mode: Mode, agent_mode: Mode | None) -> Mode:
+    """The run's mode: the pool's, which an agent can only make stricter (``enforce``)."""
+    return "enforce" if agent_mode == "enforce" else pool_mode
+
+
+def _failed_engine(exc: Exception, controls: Controls, policy_path: str, mode: Any) -> Decision:
+    """An engine that cannot even be set up is a failure to decide (closed or open)."""
+    return settle(
+        EngineError("unreachable", f"the policy engine cannot be set up: {exc}"),
+        engine=controls.engine or "default",
+        policy_path=policy_path,
+        mode=mode,
+        fail_mode=controls.fail_mode,
+    )

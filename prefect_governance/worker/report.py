@@ -1,0 +1,263 @@
+"""How a decision reads to people: the refusal message and the decision artifact."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from prefect_governance.core.decision import deny_reasons, rule_of
+from prefect_governance.core.models import Decision, MemorySnapshot, TrustState
+from prefect_governance.lineage.store import ChainProblem, LineageEvent
+
+if TYPE_CHECKING:
+    from prefect_governance.worker.blocks import GovernanceAgent
+
+_TITLES = {
+    "allowed": "Allowed",
+    "refused": "Refused",
+    "audited": "Denied, but run (audit mode)",
+    "ungoverned": "Run ungoverned (engine failed, pool is fail-open)",
+}
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def refusal_message(decision: Decision) -> str:
+    """The message of a Refused state: reasons (with their rules) and decision id, on one line."""
+    message = (
+        f"Refused by governance policy {decision.policy_path} "
+        f"(decision {decision.id}, engine {decision.engine}): {deny_reasons(decision)}"
+    )
+    if decision.rejected_approvals:
+        message += "; approvals not accepted: " + "; ".join(decision.rejected_approvals)
+    return message
+
+
+def decision_markdown(decision: Decision, agent_id: str | None) -> str:
+    """The markdown artifact attached to the flow run."""
+    lines = [
+        f"# Governance decision: {_TITLES[decision.verdict]}",
+        "",
+        "| field | value |",
+        "| --- | --- |",
+        f"| decision id | `{decision.id}` |",
+        f"| agent | `{agent_id or '-'}` |",
+        f"| policy | `{decision.policy_path}` |",
+        f"| revision | `{decision.policy_revision or '-'}` |",
+        f"| engine | `{decision.engine}` |",
+        f"| mode | `{decision.mode}` (fail {decision.fail_mode}) |",
+        f"| latency | {decision.latency_ms:.3f} ms |",
+    ]
+    for title, kind, items in (
+        ("Reasons (deny)", "deny", decision.deny),
+        ("Warnings", "warn", decision.warn),
+    ):
+        if items:
+            lines += ["", f"## {title}", "", "| message | rule |", "| --- | --- |"] + [
+                f"| {_cell(item)} | `{rule_of(decision, item, kind) or '-'}` |" for item in items
+            ]
+    if decision.rejected_approvals:
+        lines += ["", "## Approvals not accepted", ""] + [
+            f"- {_cell(item)}" for item in decision.rejected_approvals
+        ]
+    if decision.annotations:
+        lines += ["", "## Annotations", ""] + [
+            f"- `{key}`: {value}" for key, value in sorted(decision.annotations.items())
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def lineage_table(events: Sequence[LineageEvent]) -> str:
+    """Lineage events as a plain-text table, oldest first."""
+    rows = [("time", "kind", "agent", "flow run", "verdict/state", "engine", "reasons/warnings")]
+    for e in reversed(list(events)):
+        what = e.verdict or e.state
+        notes = (
+            inside_run_summary(e) if e.kind in _INSIDE_RUN else "; ".join([*e.reasons, *e.warnings])
+        )
+        rows.append(
+            (
+                e.created_at.strftime("%H:%M:%S"),
+                e.kind,
+                e.agent_id or "-",
+                (e.flow_run_id or "-")[:8],
+                what or "-",
+                e.engine or "-",
+                notes[:90] + ("…" if len(notes) > 90 else ""),
+            )
+        )
+    return format_table(rows)
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns, a rule under the header."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(scores: Sequence[float]) -> str:
+    """Scores in [0, 1] as a row of bars."""
+    return "".join(_BARS[min(len(_BARS) - 1, int(score * len(_BARS)))] for score in scores)
+
+
+# What an agent's mode means for its runs: only the pool may relax enforcement.
+_MODE_SHOWN = {
+    None: "as the pool says",
+    "enforce": "enforce, even in an audit pool",
+    "audit": "as the pool says (an agent's audit is ignored)",
+}
+
+
+def _kid(attestation: Any) -> str:
+    kid = attestation.get("kid") if isinstance(attestation, dict) else None
+    return f"by key {kid!r} (workers verify it)" if kid else "none (workers refuse it)"
+
+
+def agent_report(
+    agent: GovernanceAgent,
+    memory: MemorySnapshot,
+    trust: TrustState,
+    history: Sequence[float],
+) -> str:
+    """What `prefect-governance agent show` prints."""
+    lines = [
+        f"agent      {agent.id} (version {agent.version}, owner {agent.owner})",
+        f"scope      pools {', '.join(agent.trust_scope) or '-'}; "
+        f"capabilities {', '.join(agent.capabilities) or '-'}",
+        f"mode       {_MODE_SHOWN[agent.mode]}; policy {agent.policy_ref or 'the pool default'}",
+        f"acts for   {', '.join(agent.deployments) or 'no deployment'}; "
+        f"attestation {_kid(agent.attestation)}",
+        f"memory     version {memory.version} {memory.content_hash or ''}".rstrip(),
+    ]
+    content = json.dumps(memory.content, indent=2, sort_keys=True)
+    lines += ["           " + line for line in content.splitlines()]
+    lines += [
+        f"trust      {trust.score:.2f} (slope {trust.slope:+.3f} over the last "
+        f"{len(trust.window)} runs; {trust.runs} runs decided, {trust.refusals} refused)",
+        f"history    {sparkline(history) or '(no runs yet)'}  "
+        + " ".join(f"{s:.2f}" for s in history[-10:]),
+    ]
+    return "\n".join(lines)
+
+
+def _ranges(ranges: Sequence[tuple[int, int]]) -> str:
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in ranges)
+
+
+def verify_report(
+    chain_sizes: dict[str, int],
+    problems: Sequence[ChainProblem],
+    unvouched: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    *,
+    pinned: Sequence[str] = (),
+) -> str:
+    """What `prefect-governance lineage verify` prints: each chain intact or broken, and the
+    records of it no pinned key vouches for (which count as absent)."""
+    bad = {p.chain: p for p in problems}
+    unvouched = unvouched or {}
+
+    def status(chain: str) -> str:
+        if chain in bad:
+            return f"BROKEN: {bad[chain].message}"
+        if chain in unvouched:
+            return f"intact; NOT VOUCHED FOR (ignored): records {_ranges(unvouched[chain])}"
+        return "intact, vouched for"
+
+    lines = [
+        f"{chain:24} {size:6} records  {status(chain)}"
+        for chain, size in sorted(chain_sizes.items())
+    ]
+    total = sum(chain_sizes.values())
+    verdicts = []
+    if problems:
+        verdicts.append(f"{len(problems)} of {len(chain_sizes)} chains broken")
+    if unvouched:
+        count = sum(b - a + 1 for ranges in unvouched.values() for a, b in ranges)
+        keys = ", ".join(pinned) or "none: set PREFECT_GOVERNANCE_LINEAGE_KEYS"
+        verdicts.append(f"{count} records not vouched for by a pinned key (pinned: {keys})")
+    if not verdicts:
+        verdicts.append(f"all {len(chain_sizes)} chains intact and vouched for ({total} records)")
+    return "\n".join([*lines, *verdicts])
+
+
+def chain_table(events: Sequence[LineageEvent]) -> str:
+    """One agent's chain: sequence, kind, what happened, and the links."""
+    rows = [("seq", "time", "kind", "flow run", "what", "hash", "prev", "details")]
+    for e in events:
+        what = e.verdict or e.state or _payload_summary(e)
+        details = inside_run_summary(e) if e.kind in _INSIDE_RUN else "; ".join(e.reasons)
+        rows.append(
+            (
+                str(e.seq),
+                e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                e.kind,
+                (e.flow_run_id or "-")[:8],
+                what or "-",
+                (e.hash or "-")[7:19],
+                (e.prev_hash or "-")[7:19],
+                details,
+            )
+        )
+    return format_table(rows)
+
+
+# The records of governance inside a flow run, appended after the run.
+_INSIDE_RUN = frozenset({"task_decision", "capability_use", "report_problem"})
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def inside_run_summary(event: LineageEvent) -> str:
+    """One line on a task decision, a capability use or a problem with a run's report."""
+    payload = _dict(event.payload)
+    reasons = "; ".join(str(r) for r in event.reasons or [])
+    if event.kind == "report_problem":
+        return reasons
+    task = _dict(payload.get("task"))
+    if event.kind == "capability_use":
+        where = f"task {task.get('name')}" if task else "the flow body"
+        use = f" ({payload.get('use')})" if payload.get("use") else ""
+        line = f"{payload.get('capability')} by {where}{use}"
+        return f"{line}: {reasons}" if event.verdict != "used" and reasons else line
+    # a task decision
+    task = task or _dict(_dict(payload.get("envelope")).get("task"))
+    attempt = [f"attempt {task['attempt']}"] if task.get("attempt") is not None else []
+    retry = ["retry re-ask"] if payload.get("purpose") == "retry" else []
+    when = f" ({', '.join([*attempt, *retry])})" if attempt or retry else ""
+    line = f"task {task.get('name', '?')}{when}"
+    if reasons:
+        line += f": {reasons}"
+    check = _dict(payload.get("check"))
+    if check.get("verified") is False:
+        line += f" [NOT VERIFIED: {check.get('why')}]"
+    elif "verified" in check and check.get("verified") is None:
+        line += f" [unverified: {check.get('why')}]"
+    return line
+
+
+def _payload_summary(event: LineageEvent) -> str:
+    payload = event.payload or {}
+    if event.kind == "report_problem":
+        count = len(event.reasons or [])
+        return f"{count} report problem{'s' if count != 1 else ''}"
+    if event.kind == "memory_commit":
+        return f"v{payload.get('version')}"
+    if event.kind == "trust":
+        return f"{payload.get('previous')} -> {payload.get('score')}"
+    if event.kind in ("memory_rejected", "memory_discarded"):
+        return "; ".join(event.reasons) or str(payload.get("reason", ""))
+    return ""
