@@ -61,7 +61,7 @@ from common import (
 from regorus_engine import RegorusEngine, available
 from workload import policy_input
 
-from prefect_governance.core.decision import decide, decide_sync, settle
+from prefect_governance.core.decision import decide, decide_sync, decision_for
 from prefect_governance.core.engines import EmbeddedEngine, OpaEngine, PolicyEngine
 from prefect_governance.core.engines import native as native_lib
 from prefect_governance.core.engines.base import EngineAnswer, encode_input
@@ -208,7 +208,7 @@ def python_parts(engine: EmbeddedEngine, document: dict[str, Any], n: int) -> di
         "encode_input (orjson)",
         "Policy.query (ctypes call into Go and back)",
         "first_value (orjson.loads of the result)",
-        "settle (PolicyResult + Decision, pydantic)",
+        "decision_for (PolicyResult + Decision, pydantic)",
         "ctypes: empty call into Go (rg_open_handles)",
         "ctypes: trivial query, no input (Policy.query 'true')",
     )
@@ -224,7 +224,7 @@ def python_parts(engine: EmbeddedEngine, document: dict[str, Any], n: int) -> di
         t3 = clock()
         result = first_value(raw)
         t4 = clock()
-        settle(
+        decision_for(
             EngineAnswer(result=result, revision=revision),
             engine="embedded",
             policy_path=DEFAULT_POLICY_PATH,

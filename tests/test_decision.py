@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from prefect_governance.core.controls import pool_defaults, resolve_controls
-from prefect_governance.core.decision import interpret, settle
+from prefect_governance.core.decision import decision_for, interpret
 from prefect_governance.core.engines import EngineAnswer, EngineError
 from prefect_governance.core.envelope import REDACTED, redact
 from prefect_governance.worker.process import GovernedProcessWorker
 
 
 def _settle(answer, mode="enforce", fail_mode="closed"):
-    return settle(answer, engine="test", policy_path="p/q", mode=mode, fail_mode=fail_mode)
+    return decision_for(answer, engine="test", policy_path="p/q", mode=mode, fail_mode=fail_mode)
 
 
 def test_allow_without_denies_is_allowed():

@@ -44,7 +44,7 @@ from sqlalchemy import create_engine, text
 from prefect_governance.cli.demo import pool_template, wait_final, wait_outcomes
 from prefect_governance.cli.local import start_worker, stop
 from prefect_governance.core.controls import DEFAULTS, POOL_ONLY, pool_defaults, resolve_controls
-from prefect_governance.core.decision import decide, interpret, settle
+from prefect_governance.core.decision import decide, decision_for, interpret
 from prefect_governance.core.engines import EngineAnswer, EngineError, OpaEngine
 from prefect_governance.core.envelope import (
     MAX_PARAMETER_BYTES,
@@ -578,7 +578,7 @@ def test_only_a_well_formed_allow_without_deny_is_allowed(result, mode, fail_mod
         assert exc.kind in ("undefined", "shape")
     else:
         assert isinstance(parsed, PolicyResult)
-    decision = settle(
+    decision = decision_for(
         EngineAnswer(result), engine="t", policy_path=PATH, mode=mode, fail_mode=fail_mode
     )
     assert (decision.verdict == "allowed") == _really_allows(result)
@@ -594,7 +594,7 @@ def test_only_a_well_formed_allow_without_deny_is_allowed(result, mode, fail_mod
 )
 def test_an_engine_failure_is_never_allowed(kind, message):
     for fail_mode, verdict in (("closed", "refused"), ("open", "ungoverned")):
-        decision = settle(
+        decision = decision_for(
             EngineError(kind, message),
             engine="t",
             policy_path=PATH,

@@ -372,7 +372,7 @@ async def lineage_url_of(pool: WorkPool, client: PrefectClient, override: str | 
     """The lineage a pool's governed worker writes to: the pool's lineage-store block,
     else PREFECT_GOVERNANCE_LINEAGE_URL, else SQLite in PREFECT_HOME (``override`` wins)."""
     from prefect_governance.core.controls import pool_defaults
-    from prefect_governance.core.settings import GovernanceSettings, default_lineage_url
+    from prefect_governance.core.settings import GovernanceSettings, worker_lineage_url
     from prefect_governance.worker.blocks import GovernanceLineageStore
 
     if override:
@@ -386,10 +386,7 @@ async def lineage_url_of(pool: WorkPool, client: PrefectClient, override: str | 
                 f"pool {pool.name}: cannot load its lineage-store block {block!r}: {exc}"
             ) from None
         return loaded.url.get_secret_value()
-    settings = GovernanceSettings()
-    return (
-        settings.lineage_url.get_secret_value() if settings.lineage_url else default_lineage_url()
-    )
+    return worker_lineage_url(GovernanceSettings())
 
 
 async def audit(

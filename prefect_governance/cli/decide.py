@@ -10,7 +10,7 @@ from prefect import get_client
 from prefect.client.schemas.objects import FlowRun
 
 from prefect_governance.core.approvals import run_parameters
-from prefect_governance.core.controls import pool_defaults, resolve_controls
+from prefect_governance.core.controls import controls_for, pool_defaults
 from prefect_governance.core.models import WorkPoolRef
 from prefect_governance.worker.governor import Assessment, Governor
 
@@ -25,9 +25,11 @@ async def decide_deployment(name: str, parameters: dict[str, Any]) -> Assessment
             if not deployment.work_pool_name:
                 raise ValueError(f"deployment {name!r} has no work pool")
             pool = await client.read_work_pool(deployment.work_pool_name)
-            defaults = pool_defaults(pool.base_job_template)
-            requested = {**defaults, **(deployment.job_variables or {})}
-            controls = resolve_controls(defaults, requested)
+            requested = {
+                **pool_defaults(pool.base_job_template),
+                **(deployment.job_variables or {}),
+            }
+            controls = controls_for(pool.base_job_template, requested)
             flow_run = FlowRun(
                 id=uuid.uuid4(),
                 name="decide-dry-run",

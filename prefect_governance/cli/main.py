@@ -278,14 +278,9 @@ UrlOption = Annotated[
 
 
 def _lineage_url(url: str | None) -> str:
-    from prefect_governance.core.settings import GovernanceSettings, default_lineage_url
+    from prefect_governance.core.settings import GovernanceSettings, worker_lineage_url
 
-    if url is not None:
-        return url
-    settings = GovernanceSettings()
-    return (
-        settings.lineage_url.get_secret_value() if settings.lineage_url else default_lineage_url()
-    )
+    return url if url is not None else worker_lineage_url(GovernanceSettings())
 
 
 def _store(url: str | None) -> LineageStore:
@@ -523,7 +518,8 @@ def policy_eval(
     import contextlib
 
     from prefect_governance.cli import policy_tools as tools
-    from prefect_governance.core.engines.base import EngineError
+    from prefect_governance.core.engines import EngineError, build_engine
+    from prefect_governance.core.models import EngineRef
     from prefect_governance.core.settings import GovernanceSettings
 
     if engine not in ("embedded", "opa"):
@@ -559,15 +555,11 @@ def policy_eval(
     with contextlib.ExitStack() as stack:
         built: PolicyEngine | EngineError
         if engine == "embedded":
-            from prefect_governance.core.engines.embedded import EmbeddedEngine
-
             try:
-                built = EmbeddedEngine(policy_dir)
+                built = build_engine(EngineRef(kind="embedded", policy_dir=str(policy_dir)))
             except EngineError as exc:
                 built = exc
         else:
-            from prefect_governance.core.engines.opa import OpaEngine
-
             if url is None:
                 try:
                     binary = tools.find_opa(opa)
@@ -587,7 +579,7 @@ def policy_eval(
                     built = exc
             if url is not None:
                 try:
-                    built = OpaEngine(url, token=token)
+                    built = build_engine(EngineRef(kind="opa", url=url), token=token)
                 except ValueError as exc:
                     raise typer.BadParameter(str(exc), param_hint="--opa-url") from None
         decision = asyncio.run(run(built))

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from prefect_governance.cli.schema import guess_kind, validate_document
-from prefect_governance.core.decision import decide, settle
+from prefect_governance.core.decision import decide, decision_for
 from prefect_governance.core.engines.base import EngineError, PolicyEngine
 from prefect_governance.core.engines.embedded import first_value
 from prefect_governance.core.engines.native import NativeError, Policy
@@ -418,7 +418,7 @@ async def evaluate_input(
     """
     mode = (policy_input.get("context") or {}).get("mode") or "enforce"
     if isinstance(engine, EngineError):
-        return settle(
+        return decision_for(
             engine, engine=engine_name, policy_path=policy_path, mode=mode, fail_mode="closed"
         )
     return await decide(engine, policy_path, policy_input, mode=mode, deadline=deadline)

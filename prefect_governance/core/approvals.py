@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from prefect_governance.core.canonical import sha256_of
-from prefect_governance.core.models import Approval
+from prefect_governance.core.models import Approval, describe_validation
 from prefect_governance.core.signing import SignatureError, SigningKey, sign, verify
 
 if TYPE_CHECKING:
@@ -187,9 +187,7 @@ def check_approval(
     try:
         statement = ApprovalStatement.model_validate(payload)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(payload)'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = describe_validation(exc, "(payload)")
         raise ApprovalRejected(f"not an approval statement ({problems})") from None
     if statement.approver != document["kid"]:
         raise ApprovalRejected(

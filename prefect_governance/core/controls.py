@@ -10,12 +10,80 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from prefect_governance.core.models import (
     DEFAULT_POLICY_PATH,
     DEFAULT_TASK_POLICY_PATH,
     FailMode,
     Mode,
 )
+
+
+class GovernedVariables(BaseModel):
+    """The governed job variables, one definition for every governed worker type.
+
+    A governed worker's job variables and job configuration both derive from this
+    (with Prefect's own for its infrastructure); what they resolve to is ``Controls``.
+    """
+
+    agent: str | None = Field(
+        default=None,
+        title="Agent",
+        description="Name of the governance-agent block this deployment runs as.",
+    )
+    capabilities: list[str] = Field(
+        default_factory=list,
+        title="Capabilities",
+        description="Capabilities the run asks for; each must be granted to the agent.",
+    )
+    policy_path: str = Field(
+        default=DEFAULT_POLICY_PATH,
+        title="Policy path",
+        description="OPA path of the decision (set on the pool; an agent's policy_ref wins).",
+    )
+    task_policy_path: str = Field(
+        default=DEFAULT_TASK_POLICY_PATH,
+        title="Task policy path",
+        description="OPA path of the decision on each governed task in a run (set on the pool).",
+    )
+    mode: Mode = Field(
+        default="enforce",
+        title="Mode",
+        description="`enforce` refuses denied runs; `audit` records and labels them but runs them.",
+    )
+    fail_mode: FailMode = Field(
+        default="closed",
+        title="Fail mode",
+        description="When the engine cannot decide: `closed` refuses, `open` runs ungoverned.",
+    )
+    engine: str | None = Field(
+        default=None,
+        title="Policy engine block",
+        description="Name of a governance-policy-engine block (default: embedded engine).",
+    )
+    lineage_store: str | None = Field(
+        default=None,
+        title="Lineage store block",
+        description="Name of a governance-lineage-store block (default: SQLite in PREFECT_HOME).",
+    )
+    signing_key: str | None = Field(
+        default=None,
+        title="Signing key block",
+        description="Name of a governance-signing-key block (default: the "
+        "PREFECT_GOVERNANCE_SIGNING_KEY seed, else a key generated per worker process).",
+    )
+    env_allow: list[str] = Field(
+        default_factory=list,
+        title="Environment variables allowed",
+        description="Names or patterns (e.g. `PYTHONPATH`, `LD_*`) of variables that change "
+        "what a run's process starts or loads and that jobs may still set (set on the pool).",
+    )
+
+    def requested(self) -> dict[str, Any]:
+        """What these variables ask for, as ``resolve_controls`` takes it."""
+        return {name: getattr(self, name) for name in GovernedVariables.model_fields}
+
 
 # Settings only the work pool (its base job template) may set.
 POOL_ONLY = (
@@ -29,14 +97,8 @@ POOL_ONLY = (
 # Settings a deployment may change only in the stricter direction.
 STRICTER = {"mode": "enforce", "fail_mode": "closed"}
 DEFAULTS: dict[str, Any] = {
-    "policy_path": DEFAULT_POLICY_PATH,
-    "task_policy_path": DEFAULT_TASK_POLICY_PATH,
-    "engine": None,
-    "lineage_store": None,
-    "signing_key": None,
-    "env_allow": [],
-    "mode": "enforce",
-    "fail_mode": "closed",
+    name: GovernedVariables.model_fields[name].get_default(call_default_factory=True)
+    for name in (*POOL_ONLY, *STRICTER)
 }
 
 
@@ -88,3 +150,8 @@ def resolve_controls(pool: dict[str, Any], requested: dict[str, Any]) -> Control
         notes=notes,
         **chosen,
     )
+
+
+def controls_for(base_job_template: dict[str, Any] | None, requested: dict[str, Any]) -> Controls:
+    """The controls of one run: what its job variables ask for, as the pool allows it."""
+    return resolve_controls(pool_defaults(base_job_template), requested)

@@ -10,7 +10,13 @@ import anyio
 from pydantic import ValidationError
 
 from prefect_governance.core.engines.base import EngineAnswer, EngineError, PolicyEngine
-from prefect_governance.core.models import Decision, FailMode, Mode, PolicyResult
+from prefect_governance.core.models import (
+    Decision,
+    FailMode,
+    Mode,
+    PolicyResult,
+    describe_validation,
+)
 
 # What an engine call lets through: a real interrupt, or the process ending.
 INTERRUPTS = (KeyboardInterrupt, SystemExit, GeneratorExit)
@@ -25,14 +31,11 @@ def interpret(result: Any) -> PolicyResult:
     try:
         return PolicyResult.model_validate(result)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'result'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = describe_validation(exc, "result")
         raise EngineError("shape", f"the policy result has the wrong shape: {problems}") from exc
 
 
-def settle(
+def decision_for(
     answer: EngineAnswer | EngineError,
     *,
     engine: str,
@@ -116,7 +119,7 @@ def _settled(
     mode: Mode,
     fail_mode: FailMode,
 ) -> Decision:
-    return settle(
+    return decision_for(
         answer,
         engine=engine.name,
         policy_path=policy_path,
@@ -134,7 +137,7 @@ def decide_sync(
     mode: Mode = "enforce",
     fail_mode: FailMode = "closed",
 ) -> Decision:
-    """Ask an in-process engine (one with ``evaluate_sync``) in this thread, and settle."""
+    """Ask an in-process engine (one with ``evaluate_sync``) in this thread, then decide."""
     started = time.perf_counter()
     answer: EngineAnswer | EngineError
     try:
@@ -157,7 +160,7 @@ async def decide(
     fail_mode: FailMode = "closed",
     deadline: float = 5.0,
 ) -> Decision:
-    """Ask the engine, within a deadline, and settle its answer.
+    """Ask the engine, within a deadline, and decide on its answer.
 
     An in-process engine (one with ``evaluate_sync``) is called directly: it
     never yields to the event loop, so no deadline could interrupt it, and

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-# The verdicts whose runs go ahead (a refusal never runs).
-RUNNABLE = ("allowed", "audited", "ungoverned")
 REFUSED_STATE = "Refused"
 
 GATE_MODULE = "prefect_governance.gate"
@@ -25,6 +23,8 @@ GATE_COMMAND = f"{UNSTARTABLE_PYTHON} {ISOLATED} -m {GATE_MODULE}"
 FLOW_ENV = "PREFECT_GOVERNANCE_FLOW_ENV"
 FLOW_CWD = "PREFECT_GOVERNANCE_FLOW_CWD"
 
+# The run's decision id, its signed grant and its report secret, in its environment.
+DECISION_ENV = "PREFECT_GOVERNANCE_DECISION_ID"
 ENVELOPE_ENV = "PREFECT_GOVERNANCE_ENVELOPE"
 TRUSTED_KEYS_ENV = "PREFECT_GOVERNANCE_TRUSTED_KEYS"
 # When the gate checked the grant and started the run (ISO time, set by the gate).

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_POLICY_PATH = "prefect/governance/decision"
 DEFAULT_TASK_POLICY_PATH = "prefect/governance/task"
@@ -379,6 +379,8 @@ class EngineRef(BaseModel):
     policy_dir: str | None = Field(None, description="Embedded: the Rego directory.")
     url: str | None = Field(None, description="OPA: the sidecar's address.")
     ca_cert: str | None = Field(None, description="OPA over TLS: the CA bundle's path.")
+    timeout: float | None = Field(None, gt=0, description="Seconds one evaluation may take.")
+    retries: int | None = Field(None, ge=0, le=5, description="OPA: retries on transient errors.")
 
 
 class MemorySnapshot(BaseModel):
@@ -410,6 +412,8 @@ class Grant(BaseModel):
 # --- the worker's record of a decision ---------------------------------------
 
 Verdict = Literal["allowed", "refused", "audited", "ungoverned"]
+# The verdicts whose runs (or tasks) go ahead: all but a refusal.
+RUNNABLE: tuple[Verdict, ...] = ("allowed", "audited", "ungoverned")
 
 
 class Decision(BaseModel):
@@ -443,7 +447,7 @@ class Decision(BaseModel):
     @property
     def runs(self) -> bool:
         """Whether the flow run (or task) may start."""
-        return self.verdict != "refused"
+        return self.verdict in RUNNABLE
 
     def granted(self, requested: list[str]) -> list[str]:
         """The capabilities the run may use: what it asked for, narrowed by the policy's
@@ -452,3 +456,11 @@ class Decision(BaseModel):
             return list(requested)
         allowed = set(self.grants)
         return [c for c in requested if c in allowed]
+
+
+def describe_validation(error: ValidationError, whole: str) -> str:
+    """A validation error on one line: each problem as ``field.path: message`` (``whole``
+    names the document itself when the problem is not in one of its fields)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or whole}: {e['msg']}" for e in error.errors()
+    )

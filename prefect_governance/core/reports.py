@@ -26,7 +26,7 @@ import hmac
 from typing import Any
 
 from prefect_governance.core.canonical import canonical_json
-from prefect_governance.core.handoff import RUNNABLE
+from prefect_governance.core.models import RUNNABLE
 
 MAC_FIELD = "mac"
 VERSION = 1

@@ -171,6 +171,14 @@ def packaged_policy_dir() -> Path:
     return Path(str(files("prefect_governance.policies")))
 
 
+def worker_lineage_url(settings: GovernanceSettings) -> str:
+    """The lineage a worker writes to when no lineage-store block is named:
+    PREFECT_GOVERNANCE_LINEAGE_URL, else SQLite under PREFECT_HOME."""
+    if settings.lineage_url is not None:
+        return settings.lineage_url.get_secret_value()
+    return default_lineage_url()
+
+
 def default_lineage_url() -> str:
     """SQLite under PREFECT_HOME, where Prefect keeps its own local state."""
     from prefect.settings import get_current_settings

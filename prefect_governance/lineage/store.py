@@ -43,7 +43,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select, text
 
 from prefect_governance.core.canonical import canonical_json, sha256_of
-from prefect_governance.core.models import Decision
+from prefect_governance.core.models import RUNNABLE, Decision
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.lineage.auth import (
     UNVOUCHED,
@@ -985,9 +985,7 @@ class LineageStore:
             self._vouched_head(connection, chain, head)
         return head.decisions, head.refusals
 
-    def unsettled(
-        self, verdicts: Iterable[str] = ("allowed", "audited", "ungoverned")
-    ) -> list[LineageEvent]:
+    def unsettled(self, verdicts: Iterable[str] = RUNNABLE) -> list[LineageEvent]:
         """Vouched decisions that let a run go ahead and have no outcome record yet, oldest
         first."""
         outcomes = select(LineageEvent.decision_id).where(

@@ -13,36 +13,33 @@ import contextlib
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any, TypeVar
 
-from prefect_governance.core.decision import decide, decide_sync, settle
-from prefect_governance.core.engines import EmbeddedEngine, EngineError, OpaEngine, PolicyEngine
+from prefect_governance.core.decision import decide, decide_sync, decision_for
+from prefect_governance.core.engines import EngineError, PolicyEngine, build_engine
 from prefect_governance.core.models import Decision, EngineRef, Grant
 from prefect_governance.core.settings import GovernanceSettings
 
 T = TypeVar("T")
 
 
-def build_engine(ref: EngineRef | None, settings: GovernanceSettings) -> PolicyEngine:
-    """The engine a grant names; EngineError when it names none or cannot be set up."""
+def grant_engine(ref: EngineRef | None, settings: GovernanceSettings) -> PolicyEngine:
+    """The engine a grant names, as the worker tuned it; EngineError when it names none or
+    cannot be set up. The run holds none of the worker's credentials for it."""
     if ref is None:
         raise EngineError("unreachable", "the run's grant names no policy engine")
+    if ref.kind == "embedded" and not ref.policy_dir:
+        raise EngineError("unreachable", "the grant's embedded engine has no policy dir")
+    if ref.kind == "embedded" and ref.timeout is None:  # a grant of an older worker
+        ref = ref.model_copy(update={"timeout": settings.decision_timeout})
     try:
-        if ref.kind == "embedded":
-            if not ref.policy_dir:
-                raise EngineError("unreachable", "the grant's embedded engine has no policy dir")
-            return EmbeddedEngine(Path(ref.policy_dir), timeout=settings.decision_timeout)
-        if not ref.url:
-            raise EngineError("unreachable", "the grant's OPA engine has no URL")
-        return OpaEngine(
-            ref.url,
-            ca_cert=ref.ca_cert,
+        return build_engine(
+            ref,
             breaker_failures=settings.opa_breaker_failures,
             breaker_reset_seconds=settings.opa_breaker_reset_seconds,
         )
-    except EngineError:
-        raise
+    except ValueError:
+        raise EngineError("unreachable", "the grant's OPA engine has no URL") from None
     except Exception as exc:
         raise EngineError("unreachable", f"the policy engine cannot be set up: {exc}") from exc
 
@@ -65,7 +62,7 @@ class RunEngine:
 
     def _failed(self, grant: Grant, error: EngineError) -> Decision:
         ref = grant.engine
-        return settle(
+        return decision_for(
             error,
             engine=ref.kind if ref else "none",
             policy_path=grant.task_policy_path,
@@ -79,7 +76,7 @@ class RunEngine:
         with self._build_lock:
             engine = self._engines.get(key)
             if engine is None:
-                engine = self._engines[key] = build_engine(grant.engine, self.settings)
+                engine = self._engines[key] = grant_engine(grant.engine, self.settings)
         return engine
 
     def _decide_here(self, grant: Grant, policy_input: dict[str, Any]) -> Decision:

@@ -46,12 +46,11 @@ from prefect_governance.core.handoff import (
     FLOW_CWD,
     FLOW_ENV,
     GATE_MODULE,
-    RUNNABLE,
     STARTED_AT_ENV,
     TRUSTED_KEYS_ENV,
     prior_refusal,
 )
-from prefect_governance.core.models import Grant
+from prefect_governance.core.models import RUNNABLE, Grant
 from prefect_governance.runtime import EnvelopeError, Verified, verify_signed_grant
 
 REFUSED_EXIT = 3

@@ -5,23 +5,22 @@ The key blocks (which a run may read too) are in ``prefect_governance.core.keys`
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from prefect_governance.core.canonical import sha256_of
-from prefect_governance.core.engines import EmbeddedEngine, OpaEngine, PolicyEngine
+from prefect_governance.core.engines import PolicyEngine, build_engine
 from prefect_governance.core.keys import LOGO
 from prefect_governance.core.models import (
     DEFAULT_POLICY_PATH,
     AgentObject,
     Constraints,
+    EngineRef,
     Mode,
     TrustState,
 )
-from prefect_governance.core.settings import packaged_policy_dir
 from prefect_governance.core.trust import TrustWeights
 from prefect_governance.lineage.store import LineageStore
 
@@ -122,23 +121,20 @@ class GovernancePolicyEngine(Block):
 
     def build(self) -> PolicyEngine:
         """A ready engine; the embedded one compiles its policies here, once."""
-        if self.kind == "opa":
-            if not self.opa_url:
-                raise ValueError("a policy engine of kind 'opa' needs opa_url")
-            return OpaEngine(
-                self.opa_url,
-                token=self.token.get_secret_value() if self.token else None,
+        return build_engine(
+            EngineRef(
+                kind=self.kind,
+                policy_dir=self.policy_dir,
+                url=self.opa_url,
                 ca_cert=self.ca_cert,
-                client_cert=self.client_cert,
-                client_key=self.client_key,
                 timeout=self.timeout_seconds,
                 retries=self.retries,
-                breaker_failures=self.breaker_failures,
-                breaker_reset_seconds=self.breaker_reset_seconds,
-            )
-        return EmbeddedEngine(
-            Path(self.policy_dir) if self.policy_dir else packaged_policy_dir(),
-            timeout=self.timeout_seconds,
+            ),
+            token=self.token.get_secret_value() if self.token else None,
+            client_cert=self.client_cert,
+            client_key=self.client_key,
+            breaker_failures=self.breaker_failures,
+            breaker_reset_seconds=self.breaker_reset_seconds,
         )
 
 

@@ -7,9 +7,11 @@ Used by the worker (before any infrastructure starts) and by the
 from __future__ import annotations
 
 import json
+import logging
+import os
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -28,15 +30,23 @@ from prefect_governance.core.attestation import (
     verify_agent,
 )
 from prefect_governance.core.controls import Controls
-from prefect_governance.core.decision import decide, settle, worker_refusal
-from prefect_governance.core.engines import EmbeddedEngine, EngineError, OpaEngine, PolicyEngine
+from prefect_governance.core.decision import decide, decision_for, worker_refusal
+from prefect_governance.core.engines import EngineError, PolicyEngine, build_engine
 from prefect_governance.core.envelope import ParameterLimitError, build_envelope
-from prefect_governance.core.handoff import PROPOSAL_KEY, RUN_EVENTS_KEY
+from prefect_governance.core.handoff import (
+    DECISION_ENV,
+    ENVELOPE_ENV,
+    PROPOSAL_KEY,
+    REPORT_SECRET_ENV,
+    RUN_EVENTS_KEY,
+    prior_refusal,
+)
 from prefect_governance.core.keys import GovernanceSigningKey, GovernanceVerifyKey
 from prefect_governance.core.models import (
     DEFAULT_TASK_POLICY_PATH,
     Approval,
     Decision,
+    EngineRef,
     Grant,
     MemoryAccess,
     MemorySnapshot,
@@ -48,6 +58,7 @@ from prefect_governance.core.models import (
     TrustState,
     WorkerRef,
     WorkPoolRef,
+    describe_validation,
 )
 from prefect_governance.core.reports import (
     accepted,
@@ -58,8 +69,8 @@ from prefect_governance.core.reports import (
 )
 from prefect_governance.core.settings import (
     GovernanceSettings,
-    default_lineage_url,
     lineage_signer,
+    worker_lineage_url,
     worker_policy_dir,
 )
 from prefect_governance.core.signing import SigningKey, sign
@@ -81,6 +92,7 @@ from prefect_governance.worker.blocks import (
     GovernanceLineageStore,
     GovernancePolicyEngine,
 )
+from prefect_governance.worker.launch import unsafe_env, unsafe_env_reason
 from prefect_governance.worker.run_reports import (
     read_artifact_data,
     read_artifacts,
@@ -151,6 +163,58 @@ class Preemption:
     costs_trust: bool = True  # False when it is not a new attempt of the agent's
 
 
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a worker knows of one flow run when it asks to run it."""
+
+    flow_run: FlowRun
+    controls: Controls
+    work_pool: WorkPoolRef
+    worker_name: str
+    # As Prefect read them to build the job configuration; read again when absent.
+    flow: Flow | None = None
+    deployment: DeploymentResponse | None = None
+    # The environment the job variables ask for, before the worker's own is merged in.
+    job_env: Mapping[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A run's decision, durable in the lineage, and what a runnable run receives.
+
+    ``store`` is None when nothing more may go to the lineage (it failed); ``grant`` is
+    the signed grant (JSON) and ``trusted_key`` the key the gate trusts, for a run
+    that runs.
+    """
+
+    assessment: Assessment
+    store: LineageStore | None = None
+    grant: str | None = None
+    trusted_key: str | None = None
+    report_secret: str | None = None
+
+    @property
+    def decision(self) -> Decision:
+        return self.assessment.decision
+
+    @property
+    def runs(self) -> bool:
+        return self.assessment.decision.runs
+
+    def run_environment(self) -> dict[str, str]:
+        """What the run's environment carries: its decision, report secret and grant (the
+        report secret only there: never the API, never the grant)."""
+        environment = {DECISION_ENV: self.decision.id}
+        if self.report_secret is not None:
+            environment[REPORT_SECRET_ENV] = self.report_secret
+        if self.grant is not None:
+            environment[ENVELOPE_ENV] = self.grant
+        return environment
+
+
 NO_APPROVER_KEYS = (
     "the worker pins no approver keys (PREFECT_GOVERNANCE_APPROVER_KEYS), so no approval can verify"
 )
@@ -174,7 +238,7 @@ async def load_agent(client: PrefectClient, name: str, keys: Mapping[str, str]) 
         agent = GovernanceAgent.model_validate(document.data)
     except ValidationError as exc:
         raise AgentUnavailable(
-            f"agent block {name!r} is invalid: {describe_validation(exc)}"
+            f"agent block {name!r} is invalid: {describe_validation(exc, '(document)')}"
         ) from None
     try:
         verify_agent(name, agent, keys)
@@ -208,12 +272,6 @@ def signed_grants(assessment: Assessment) -> list[str] | None:
     if assessment.envelope is None or assessment.policy_input is None:
         return None
     return assessment.decision.granted(assessment.envelope.capabilities)
-
-
-def describe_validation(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '(document)'}: {e['msg']}" for e in error.errors()
-    )
 
 
 class Governor:
@@ -290,15 +348,17 @@ class Governor:
                     built = block.build()
                 elif self.settings.opa_url:
                     token = self.settings.opa_token
-                    built = OpaEngine(
-                        self.settings.opa_url,
+                    built = build_engine(
+                        EngineRef(kind="opa", url=self.settings.opa_url),
                         token=token.get_secret_value() if token else None,
                         breaker_failures=self.settings.opa_breaker_failures,
                         breaker_reset_seconds=self.settings.opa_breaker_reset_seconds,
                     )
                 else:
-                    built = EmbeddedEngine(
-                        worker_policy_dir(self.settings), timeout=self.settings.decision_timeout
+                    policy_dir = str(worker_policy_dir(self.settings))
+                    timeout = self.settings.decision_timeout
+                    built = build_engine(
+                        EngineRef(kind="embedded", policy_dir=policy_dir, timeout=timeout)
                     )
                 self._engines[block_name] = built
             return self._engines[block_name]
@@ -309,10 +369,8 @@ class Governor:
                 if block_name:
                     block = await GovernanceLineageStore.aload(block_name, client=client)
                     url = block.url.get_secret_value()
-                elif self.settings.lineage_url:
-                    url = self.settings.lineage_url.get_secret_value()
                 else:
-                    url = default_lineage_url()
+                    url = worker_lineage_url(self.settings)
                 self._stores[block_name] = await anyio.to_thread.run_sync(
                     partial(
                         LineageStore,
@@ -351,6 +409,135 @@ class Governor:
             await engine.aclose()
         for store in self._stores.values():
             store.dispose()
+
+    # --- what a worker calls ---------------------------------------------------
+
+    async def admit(
+        self,
+        client: PrefectClient,
+        request: RunRequest,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+    ) -> Admission:
+        """Decide one run and record the decision before anything starts. Never raises:
+        whatever fails (the store, the agent, the engine, the record) is a refusal."""
+        logger = logger or _logger
+        controls, flow_run_id = request.controls, str(request.flow_run.id)
+        try:
+            store = await self.lineage(controls.lineage_store, client)
+        except Exception as exc:
+            reason = f"the lineage store is unavailable: {exc!r}"
+            return Admission(Assessment.refusal(controls, reason))
+        key: SigningKey | None = None
+        try:
+            key = await self.signing_key(controls.signing_key, client)
+            preempt = await self._preempt(client, request, store)
+            assessment = await self._assess_request(client, request, store, preempt)
+        except Exception as exc:
+            logger.exception("Governance could not decide this run; refusing it.")
+            assessment = Assessment.refusal(controls, f"governance failed: {exc!r}")
+        try:
+            # The decision is durable before anything runs; if it cannot be, nothing runs.
+            await self.record_decision(store, assessment, flow_run_id)
+        except Exception as exc:
+            logger.exception("The decision could not be recorded; refusing the run.")
+            reason = f"the decision could not be recorded in the lineage: {exc!r}"
+            return Admission(Assessment.refusal(controls, reason))
+        if not assessment.decision.runs or key is None:
+            return Admission(assessment, store)
+        return Admission(
+            assessment,
+            store,
+            grant=self.sign(key, assessment) if assessment.envelope is not None else None,
+            trusted_key=key.trusted_key,
+            report_secret=self.report_secret(assessment.decision.id),
+        )
+
+    async def settle(
+        self,
+        client: PrefectClient,
+        admission: Admission,
+        flow_run_id: Any,
+        status_code: int | None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Record how an admitted run ended (as Prefect holds it), what it reported, its
+        memory and its trust. Nothing is recorded where the store failed at admission."""
+        store, assessment = admission.store, admission.assessment
+        if store is None:
+            return
+        current = await client.read_flow_run(flow_run_id)
+        state = current.state
+        if state is not None and state.is_final():
+            name, message = state.type.value, state.message
+        elif status_code:
+            name = "CRASHED"
+            message = f"the flow run process exited with status {status_code}"
+        else:
+            name = "UNKNOWN"
+            seen = state.type.value if state else "no state"
+            message = f"the worker stopped watching the run while it was {seen}"
+            if error is not None:
+                message += f" ({type(error).__name__})"
+        proposals, reported = await self.run_reports(client, flow_run_id, assessment)
+        await self.record_run_end(
+            store,
+            assessment,
+            str(flow_run_id),
+            name,
+            message=message,
+            status_code=status_code,
+            proposals=proposals,
+            reported=reported,
+        )
+
+    async def _preempt(
+        self, client: PrefectClient, request: RunRequest, store: LineageStore
+    ) -> Preemption | None:
+        """A refusal due before any policy is asked: a run refused before (refused is
+        final: the state history, the labels or the lineage say so), or a job environment
+        that changes what the run's process starts or loads."""
+        flow_run = request.flow_run
+        earlier = await anyio.to_thread.run_sync(store.refusal_of, str(flow_run.id))
+        states = await client.read_flow_run_states(flow_run.id)
+        reason = prior_refusal(
+            [state.name for state in states],
+            (flow_run.labels or {}).get("governance.decision"),
+            earlier.decision_id if earlier else None,
+        )
+        if reason:  # someone moved it back: no new attempt of the agent's, no trust cost
+            return Preemption(reason, costs_trust=False)
+        unsafe = unsafe_env(request.job_env, os.environ, request.controls.env_allow)
+        if unsafe:
+            return Preemption(unsafe_env_reason(unsafe))
+        return None
+
+    async def _assess_request(
+        self,
+        client: PrefectClient,
+        request: RunRequest,
+        store: LineageStore,
+        preempt: Preemption | None,
+    ) -> Assessment:
+        """``assess`` with the flow and deployment Prefect read moments ago for this run's
+        job configuration (the one the controls come from); read only if it lacks them."""
+        flow_run, flow, deployment = request.flow_run, request.flow, request.deployment
+        if flow is None or flow.id != flow_run.flow_id:
+            flow = await client.read_flow(flow_run.flow_id)
+        if flow_run.deployment_id is None:
+            deployment = None
+        elif deployment is None or deployment.id != flow_run.deployment_id:
+            deployment = await client.read_deployment(flow_run.deployment_id)
+        return await self.assess(
+            client=client,
+            flow_run=flow_run,
+            flow=flow,
+            deployment=deployment,
+            work_pool=request.work_pool,
+            controls=request.controls,
+            worker_name=request.worker_name,
+            store=store,
+            preempt=preempt,
+        )
 
     # --- one decision -------------------------------------------------------
 
@@ -397,7 +584,11 @@ class Governor:
                 f"`deployments` do not name it ({', '.join(agent.deployments) or 'none'})"
             )
 
-        last_version = await anyio.to_thread.run_sync(last_decided_version, store, agent.id)
+        # One trip to the store for what it holds of the agent (read for a refusal too).
+        memories = self.memory(store)
+        last_version, (trust, memory) = await anyio.to_thread.run_sync(
+            lambda: (last_decided_version(store, agent.id), agent_state(store, memories, agent))
+        )
         rolled_back = rollback_reason(controls.agent, agent.version, last_version)
         if rolled_back:
             return refuse(rolled_back)
@@ -412,9 +603,6 @@ class Governor:
 
         policy_path = agent.policy_ref or controls.policy_path
         mode = effective_mode(controls.mode, agent.mode)
-        trust, memory = await anyio.to_thread.run_sync(
-            agent_state, store, self.memory(store), agent
-        )
 
         now = datetime.now(timezone.utc)
         parent_flow_run_id = None
@@ -860,7 +1048,7 @@ def effective_mode(pool_mode: Mode, agent_mode: Mode | None) -> Mode:
 
 def _failed_engine(exc: Exception, controls: Controls, policy_path: str, mode: Any) -> Decision:
     """An engine that cannot even be set up is a failure to decide (closed or open)."""
-    return settle(
+    return decision_for(
         EngineError("unreachable", f"the policy engine cannot be set up: {exc}"),
         engine=controls.engine or "default",
         policy_path=policy_path,

@@ -24,30 +24,24 @@ from prefect.workers.process import (
     ProcessWorker,
     ProcessWorkerResult,
 )
-from pydantic import Field, PrivateAttr
+from pydantic import PrivateAttr
 
-from prefect_governance.core.controls import Controls, pool_defaults, resolve_controls
+from prefect_governance.core.controls import (
+    GovernedVariables,
+    controls_for,
+)
 from prefect_governance.core.handoff import (
-    ENVELOPE_ENV,
     GATE_COMMAND,
-    REPORT_SECRET_ENV,
-    prior_refusal,
 )
 from prefect_governance.core.models import (
-    DEFAULT_POLICY_PATH,
-    DEFAULT_TASK_POLICY_PATH,
-    FailMode,
-    Mode,
     WorkPoolRef,
 )
 from prefect_governance.core.settings import WORKER_SECRETS
-from prefect_governance.worker.governor import Assessment, Governor, Preemption
+from prefect_governance.worker.governor import Admission, Assessment, Governor, RunRequest
 from prefect_governance.worker.launch import (
     gate_argv,
     gate_environment,
     is_current_gate,
-    unsafe_env,
-    unsafe_env_reason,
     uses_gate,
 )
 from prefect_governance.worker.reconcile import reconcile, record_gate_refusals
@@ -59,35 +53,8 @@ if TYPE_CHECKING:
     from prefect.client.schemas.objects import Flow, FlowRun, WorkPool
     from prefect.client.schemas.responses import DeploymentResponse
 
-    from prefect_governance.core.signing import SigningKey
-    from prefect_governance.lineage.store import LineageStore
 
-DECISION_ENV = "PREFECT_GOVERNANCE_DECISION_ID"
-GOVERNED_FIELDS = (
-    "agent",
-    "capabilities",
-    "policy_path",
-    "task_policy_path",
-    "mode",
-    "fail_mode",
-    "engine",
-    "lineage_store",
-    "signing_key",
-    "env_allow",
-)
-
-
-class GovernedProcessJobConfiguration(ProcessJobConfiguration):
-    agent: str | None = Field(default=None)
-    capabilities: list[str] = Field(default_factory=list)
-    policy_path: str = Field(default=DEFAULT_POLICY_PATH)
-    task_policy_path: str = Field(default=DEFAULT_TASK_POLICY_PATH)
-    mode: Mode = Field(default="enforce")
-    fail_mode: FailMode = Field(default="closed")
-    engine: str | None = Field(default=None)
-    lineage_store: str | None = Field(default=None)
-    signing_key: str | None = Field(default=None)
-    env_allow: list[str] = Field(default_factory=list)
+class GovernedProcessJobConfiguration(ProcessJobConfiguration, GovernedVariables):
     # The flow and deployment Prefect read to build this configuration, reused by the decision.
     _flow: Flow | None = PrivateAttr(default=None)
     _deployment: DeploymentResponse | None = PrivateAttr(default=None)
@@ -113,59 +80,10 @@ class GovernedProcessJobConfiguration(ProcessJobConfiguration):
         self._flow, self._deployment = flow, deployment
 
 
-class GovernedProcessVariables(ProcessVariables):
-    agent: str | None = Field(
-        default=None,
-        title="Agent",
-        description="Name of the governance-agent block this deployment runs as.",
-    )
-    capabilities: list[str] = Field(
-        default_factory=list,
-        title="Capabilities",
-        description="Capabilities the run asks for; each must be granted to the agent.",
-    )
-    policy_path: str = Field(
-        default=DEFAULT_POLICY_PATH,
-        title="Policy path",
-        description="OPA path of the decision (set on the pool; an agent's policy_ref wins).",
-    )
-    task_policy_path: str = Field(
-        default=DEFAULT_TASK_POLICY_PATH,
-        title="Task policy path",
-        description="OPA path of the decision on each governed task in a run (set on the pool).",
-    )
-    mode: Mode = Field(
-        default="enforce",
-        title="Mode",
-        description="`enforce` refuses denied runs; `audit` records and labels them but runs them.",
-    )
-    fail_mode: FailMode = Field(
-        default="closed",
-        title="Fail mode",
-        description="When the engine cannot decide: `closed` refuses, `open` runs ungoverned.",
-    )
-    engine: str | None = Field(
-        default=None,
-        title="Policy engine block",
-        description="Name of a governance-policy-engine block (default: embedded engine).",
-    )
-    lineage_store: str | None = Field(
-        default=None,
-        title="Lineage store block",
-        description="Name of a governance-lineage-store block (default: SQLite in PREFECT_HOME).",
-    )
-    signing_key: str | None = Field(
-        default=None,
-        title="Signing key block",
-        description="Name of a governance-signing-key block (default: the "
-        "PREFECT_GOVERNANCE_SIGNING_KEY seed, else a key generated per worker process).",
-    )
-    env_allow: list[str] = Field(
-        default_factory=list,
-        title="Environment variables allowed",
-        description="Names or patterns (e.g. `PYTHONPATH`, `LD_*`) of variables that change "
-        "what a run's process starts or loads and that jobs may still set (set on the pool).",
-    )
+# Prefect's process variables and the governed ones (no docstring: it would become the
+# description of the pool's variables schema).
+class GovernedProcessVariables(ProcessVariables, GovernedVariables):
+    pass
 
 
 def _not_dumpable() -> None:
@@ -242,7 +160,7 @@ class GovernedProcessWorker(ProcessWorker):
         logger = self._logger
         try:
             template = self.work_pool.base_job_template if self.work_pool else None
-            controls = resolve_controls(pool_defaults(template), {})
+            controls = controls_for(template, {})
             store = await self.governor.lineage(controls.lineage_store, self.client)
             settled = await reconcile(
                 self.governor,
@@ -278,9 +196,30 @@ class GovernedProcessWorker(ProcessWorker):
         configuration: GovernedProcessJobConfiguration,
         task_status: anyio.abc.TaskStatus[int] | None = None,
     ) -> ProcessWorkerResult:
+        """Decide the run first; a refused run never starts, an allowed one runs through
+        the gate as under the stock process worker, and how it ended is recorded."""
         self._in_flight.add(str(flow_run.id))
+        logger = self.get_flow_run_logger(flow_run)
         try:
-            return await self._governed_run(flow_run, configuration, task_status)
+            admission = await self.governor.admit(
+                self.client, self._request(flow_run, configuration), logger
+            )
+            if not admission.runs:
+                await self._refuse(flow_run, admission.assessment)
+                logger.warning(refusal_message(admission.decision))
+                if task_status is not None:
+                    task_status.started(RunRefused(refusal_message(admission.decision)))
+                return ProcessWorkerResult(status_code=0, identifier="refused")
+            await self._annotate(flow_run, admission.assessment)
+            self._hand_over(configuration, admission, logger)
+            try:
+                result = await super().run(flow_run, configuration, task_status)
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(15):
+                    await self.governor.settle(self.client, admission, flow_run.id, None, exc)
+                raise
+            await self.governor.settle(self.client, admission, flow_run.id, result.status_code)
+            return result
         finally:
             self._in_flight.discard(str(flow_run.id))
             unwritten = self._worker_labels.pop(str(flow_run.id), None)
@@ -308,62 +247,42 @@ class GovernedProcessWorker(ProcessWorker):
             labels["prefect.work-pool.id"] = str(self._work_pool.id)
         self._worker_labels[str(flow_run_id)] = labels
 
-    async def _governed_run(
+    # --- steps --------------------------------------------------------------
+
+    def _request(
+        self, flow_run: FlowRun, configuration: GovernedProcessJobConfiguration
+    ) -> RunRequest:
+        """The run as the governor takes it: the controls the pool lets the job ask for."""
+        template = self.work_pool.base_job_template if self.work_pool else None
+        return RunRequest(
+            flow_run=flow_run,
+            controls=controls_for(template, configuration.requested()),
+            work_pool=WorkPoolRef(name=self.work_pool.name, type=self.work_pool.type),
+            worker_name=self.name,
+            flow=configuration._flow,
+            deployment=configuration._deployment,
+            job_env=configuration._job_env,
+        )
+
+    def _hand_over(
         self,
-        flow_run: FlowRun,
         configuration: GovernedProcessJobConfiguration,
-        task_status: anyio.abc.TaskStatus[int] | None,
-    ) -> ProcessWorkerResult:
-        logger = self.get_flow_run_logger(flow_run)
-        controls = self._controls(configuration)
-        store: LineageStore | None = None
-        key: SigningKey | None = None
-        try:
-            store = await self.governor.lineage(controls.lineage_store, self.client)
-        except Exception as exc:
-            assessment = Assessment.refusal(controls, f"the lineage store is unavailable: {exc!r}")
-        else:
-            try:
-                key = await self.governor.signing_key(controls.signing_key, self.client)
-                preempt = await self._preempt(flow_run, configuration, controls, store)
-                assessment = await self._assess(flow_run, configuration, controls, store, preempt)
-            except Exception as exc:
-                logger.exception("Governance could not decide this run; refusing it.")
-                assessment = Assessment.refusal(controls, f"governance failed: {exc!r}")
-            try:
-                # The decision is durable before anything runs; if it cannot be, nothing runs.
-                await self.governor.record_decision(store, assessment, str(flow_run.id))
-            except Exception as exc:
-                logger.exception("The decision could not be recorded; refusing the run.")
-                assessment = Assessment.refusal(
-                    controls, f"the decision could not be recorded in the lineage: {exc!r}"
-                )
-                store = None  # nothing more goes to a store that failed
-
-        decision = assessment.decision
-        if not decision.runs:
-            await self._refuse(flow_run, assessment)
-            logger.warning(refusal_message(decision))
-            if task_status is not None:
-                task_status.started(RunRefused(refusal_message(decision)))
-            return ProcessWorkerResult(status_code=0, identifier="refused")
-
-        await self._annotate(flow_run, assessment)
+        admission: Admission,
+        logger: Any,
+    ) -> None:
+        """Point the job at the gate, with the run's grant and none of the worker's secrets."""
+        decision = admission.decision
         for warning in decision.warn:
             logger.warning("Governance warning: %s", warning)
         if decision.verdict == "audited":
             logger.warning("Audit mode: this run would be refused: %s", "; ".join(decision.deny))
         current_gate = is_current_gate(configuration.command)
-        add = {DECISION_ENV: decision.id}
-        # The run's report secret: in its environment only (never the API, never the grant).
-        add[REPORT_SECRET_ENV] = self.governor.report_secret(decision.id)
-        if assessment.envelope is not None and key is not None:
-            add[ENVELOPE_ENV] = self.governor.sign(key, assessment)
-        if uses_gate(configuration.command) and key is not None:
+        add = admission.run_environment()
+        if uses_gate(configuration.command) and admission.trusted_key is not None:
             # The gate, hermetic, trusting only this worker's key; the run's environment and
             # working directory reach Prefect's engine only after the gate's checks.
             configuration.command = command_to_string(
-                gate_argv(get_sys_executable(), key.trusted_key)
+                gate_argv(get_sys_executable(), admission.trusted_key)
             )
             configuration.env = gate_environment(
                 configuration.env,
@@ -386,76 +305,6 @@ class GovernedProcessWorker(ProcessWorker):
                 GATE_COMMAND,
                 self.type,
             )
-
-        try:
-            result = await super().run(flow_run, configuration, task_status)
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(15):
-                await self._record_end(store, flow_run, assessment, None, exc)
-            raise
-        await self._record_end(store, flow_run, assessment, result.status_code, None)
-        return result
-
-    # --- steps --------------------------------------------------------------
-
-    async def _preempt(
-        self,
-        flow_run: FlowRun,
-        configuration: GovernedProcessJobConfiguration,
-        controls: Controls,
-        store: LineageStore,
-    ) -> Preemption | None:
-        """A refusal due before any policy is asked: a run refused before (refused is
-        final: the state history, the labels or the lineage say so), or a job environment
-        that changes what the run's process starts or loads."""
-        earlier = await anyio.to_thread.run_sync(store.refusal_of, str(flow_run.id))
-        states = await self.client.read_flow_run_states(flow_run.id)
-        reason = prior_refusal(
-            [state.name for state in states],
-            (flow_run.labels or {}).get("governance.decision"),
-            earlier.decision_id if earlier else None,
-        )
-        if reason:  # someone moved it back: no new attempt of the agent's, no trust cost
-            return Preemption(reason, costs_trust=False)
-        unsafe = unsafe_env(configuration._job_env, os.environ, controls.env_allow)
-        if unsafe:
-            return Preemption(unsafe_env_reason(unsafe))
-        return None
-
-    def _controls(self, configuration: GovernedProcessJobConfiguration) -> Controls:
-        requested = {name: getattr(configuration, name) for name in GOVERNED_FIELDS}
-        template = self.work_pool.base_job_template if self.work_pool else None
-        return resolve_controls(pool_defaults(template), requested)
-
-    async def _assess(
-        self,
-        flow_run: FlowRun,
-        configuration: GovernedProcessJobConfiguration,
-        controls: Controls,
-        store: LineageStore,
-        preempt: Preemption | None,
-    ) -> Assessment:
-        # The flow and deployment Prefect read moments ago for this run's job
-        # configuration (the one the controls come from); read only if it lacks them.
-        flow = configuration._flow
-        if flow is None or flow.id != flow_run.flow_id:
-            flow = await self.client.read_flow(flow_run.flow_id)
-        deployment = configuration._deployment
-        if flow_run.deployment_id is None:
-            deployment = None
-        elif deployment is None or deployment.id != flow_run.deployment_id:
-            deployment = await self.client.read_deployment(flow_run.deployment_id)
-        return await self.governor.assess(
-            client=self.client,
-            flow_run=flow_run,
-            flow=flow,
-            deployment=deployment,
-            work_pool=WorkPoolRef(name=self.work_pool.name, type=self.work_pool.type),
-            controls=controls,
-            worker_name=self.name,
-            store=store,
-            preempt=preempt,
-        )
 
     async def _refuse(self, flow_run: FlowRun, assessment: Assessment) -> None:
         """Annotate, then refuse. The refusal does not wait on its annotations: if the
@@ -505,40 +354,4 @@ class GovernedProcessWorker(ProcessWorker):
                 data=decision_markdown(assessment.decision, assessment.agent_id),
                 flow_run_id=flow_run.id,
             )
-        )
-
-    async def _record_end(
-        self,
-        store: LineageStore | None,
-        flow_run: FlowRun,
-        assessment: Assessment,
-        status_code: int | None,
-        error: BaseException | None,
-    ) -> None:
-        """Write how the run ended (as Prefect holds it), its memory and trust to the lineage."""
-        if store is None:
-            return
-        current = await self.client.read_flow_run(flow_run.id)
-        state = current.state
-        if state is not None and state.is_final():
-            name, message = state.type.value, state.message
-        elif status_code:
-            name = "CRASHED"
-            message = f"the flow run process exited with status {status_code}"
-        else:
-            name = "UNKNOWN"
-            seen = state.type.value if state else "no state"
-            message = f"the worker stopped watching the run while it was {seen}"
-            if error is not None:
-                message += f" ({type(error).__name__})"
-        proposals, reported = await self.governor.run_reports(self.client, flow_run.id, assessment)
-        await self.governor.record_run_end(
-            store,
-            assessment,
-            str(flow_run.id),
-            name,
-            message=message,
-            status_code=status_code,
-            proposals=proposals,
-            reported=reported,
         )

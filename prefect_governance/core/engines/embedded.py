@@ -224,7 +224,9 @@ class EmbeddedEngine:
         return self.evaluate_sync(policy_path, policy_input)
 
     def reference(self) -> EngineRef:
-        return EngineRef(kind="embedded", policy_dir=str(self.policy_dir.resolve()))
+        return EngineRef(
+            kind="embedded", policy_dir=str(self.policy_dir.resolve()), timeout=self.timeout
+        )
 
     async def aclose(self) -> None:
         return None

@@ -225,7 +225,13 @@ class OpaEngine:
             raise OpaError("http", f"OPA at {self.url}: {_describe(exc)}", transient=False) from exc
 
     def reference(self) -> EngineRef:
-        return EngineRef(kind="opa", url=self.url, ca_cert=self.ca_cert)
+        return EngineRef(
+            kind="opa",
+            url=self.url,
+            ca_cert=self.ca_cert,
+            timeout=self.timeout,
+            retries=self.retries,
+        )
 
     async def aclose(self) -> None:
         await self._client.close_connection()
