@@ -1,7 +1,10 @@
 """The decision path of one flow run: agent, envelope, policy, lineage.
 
-Used by the worker (before any infrastructure starts) and by the
-``prefect-governance decide`` command (without running anything).
+A governed worker of any infrastructure calls two operations: ``Governor.admit``
+before anything starts (decide, record, return an ``Admission``; it never raises)
+and ``Governor.settle`` after the run (outcome, what the run reported, memory,
+trust). ``prefect-governance decide`` uses ``Governor.assess`` without running
+anything; the reconciler settles what a stopped worker left.
 """
 
 from __future__ import annotations
@@ -275,7 +278,8 @@ def signed_grants(assessment: Assessment) -> list[str] | None:
 
 
 class Governor:
-    """Holds the compiled engines and lineage connections one worker reuses."""
+    """Admits and settles one worker's runs; holds the engines, lineage stores and keys
+    it reuses."""
 
     def __init__(self, settings: GovernanceSettings | None = None):
         self.settings = settings or GovernanceSettings()
