@@ -44,11 +44,7 @@ def test_what_a_governed_flow_run_imports_loads_no_storage_and_no_worker():
 
 @pytest.mark.parametrize(
     "module",
-    [
-        "prefect_governance.worker",
-        "prefect_governance.lineage.store",
-        "prefect_governance.cli.main",
-    ],
+    ["prefect_governance.worker", "prefect_governance.lineage.store"],
 )
 def test_the_probe_would_see_storage_where_it_is_loaded(module):
     """The probe above can fail: the worker's side and the tools do load storage."""
