@@ -170,7 +170,7 @@ def test_a_wheel_carries_the_library_and_decides_without_go(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         archive.extractall(unpacked)
-    assert f"prefect_governance/engines/{native.LIBRARY_NAME}" in names
+    assert f"prefect_governance/core/engines/{native.LIBRARY_NAME}" in names
     assert "prefect_governance/policies/prefect/governance/decision.rego" in names
     assert not [n for n in names if n.endswith(".h") or n.startswith("native/")], names
     for init in (ROOT / "prefect_governance").rglob("__init__.py"):
@@ -219,5 +219,5 @@ def test_a_library_built_elsewhere_is_shipped_as_it_is_without_go(tmp_path):
     }
     wheel = build_wheel(tmp_path / "wheels", env)
     with zipfile.ZipFile(wheel) as archive:
-        shipped = archive.read(f"prefect_governance/engines/{native.LIBRARY_NAME}")
+        shipped = archive.read(f"prefect_governance/core/engines/{native.LIBRARY_NAME}")
     assert shipped == prebuilt.read_bytes()

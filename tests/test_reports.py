@@ -213,6 +213,8 @@ def test_the_runs_side_holds_no_credentials_or_storage():
         "hmac",
         "typing",
         "prefect_governance.core.canonical",
+        "prefect_governance.core.handoff",  # constants
+        "prefect_governance.core.models",  # pydantic models, no I/O
     }, imported
 
 
