@@ -31,6 +31,7 @@ from prefect_governance.core.controls import Controls
 from prefect_governance.core.decision import decide, settle, worker_refusal
 from prefect_governance.core.engines import EmbeddedEngine, EngineError, OpaEngine, PolicyEngine
 from prefect_governance.core.envelope import ParameterLimitError, build_envelope
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.handoff import PROPOSAL_KEY, RUN_EVENTS_KEY
 from prefect_governance.core.keys import GovernanceSigningKey, GovernanceVerifyKey
 from prefect_governance.core.models import (
@@ -156,7 +157,7 @@ NO_APPROVER_KEYS = (
 )
 
 
-class AgentUnavailable(Exception):
+class AgentUnavailable(GovernanceError):
     """A governance-agent block that does not exist, does not validate, or does not carry
     the pool owner's signature for it as it reads now."""
 

@@ -27,6 +27,7 @@ from prefect.workers.process import (
 from pydantic import Field, PrivateAttr
 
 from prefect_governance.core.controls import Controls, pool_defaults, resolve_controls
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.handoff import (
     ENVELOPE_ENV,
     GATE_COMMAND,
@@ -180,7 +181,7 @@ def _not_dumpable() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
 
 
-class RunRefused(Exception):
+class RunRefused(GovernanceError):
     """Handed to the worker's task status so the slot is released and no PID is set."""
 
 
