@@ -63,6 +63,8 @@ __all__ = [
     "load_block",
     "propose_memory",
 ]
+# The one place the version is written: pyproject.toml reads it (setuptools dynamic
+# metadata), and tests/test_version.py checks the copies in the deployment files.
 __version__ = "0.1.0"
 
 
