@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -104,14 +105,18 @@ def test_the_readme_sequence_runs_as_written(tmp_path):
         assert (work / "owner.key").exists()
 
         assert "PUBLIC" in worker, "the README's worker line pins the printed key"
-        script = "\n".join([*exports, worker.replace("PUBLIC", public)])
+        # The same shell as the steps before: the checkout's directory, the exports.
+        script = "\n".join(
+            [f"cd {shlex.quote(str(work))}", *exports, worker.replace("PUBLIC", public)]
+        )
         log = tmp_path / "worker.log"
         process = spawn(["bash", "-c", "set -euo pipefail\n" + script], env, log)
         try:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline:
                 assert process.poll() is None, log.read_text()
-                if _workers(server.api_url, "governed"):  # registered with the pool
+                # Registered with the pool, and writing where the README pointed it.
+                if (work / "lineage.db").exists() and _workers(server.api_url, "governed"):
                     break
                 time.sleep(2)
             else:
