@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from prefect_governance.core.errors import GovernanceError
     from prefect_governance.runtime import current_agent, current_envelope, propose_memory
     from prefect_governance.runtime.capabilities import (
         CapabilityDenied,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from prefect_governance.worker.process import GovernedProcessWorker
 
 _HOME = {
+    "GovernanceError": "core.errors",
     "GovernanceAgent": "worker.blocks",
     "GovernanceLineageStore": "worker.blocks",
     "GovernancePolicyEngine": "worker.blocks",
@@ -47,6 +49,7 @@ _HOME = {
 __all__ = [
     "CapabilityDenied",
     "GovernanceAgent",
+    "GovernanceError",
     "GovernanceLineageStore",
     "GovernancePolicyEngine",
     "GovernedProcessWorker",
@@ -60,6 +63,8 @@ __all__ = [
     "load_block",
     "propose_memory",
 ]
+# The one place the version is written: pyproject.toml reads it (setuptools dynamic
+# metadata), and tests/test_version.py checks the copies in the deployment files.
 __version__ = "0.1.0"
 
 

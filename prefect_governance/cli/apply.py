@@ -33,6 +33,7 @@ from prefect_governance.core.attestation import (
     SIGNING_KEY_ID_ENV,
     signed,
 )
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.worker.blocks import (
     GovernanceAgent,
@@ -50,7 +51,7 @@ KEY_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class DocumentError(ValueError):
+class DocumentError(GovernanceError, ValueError):
     """A block document that cannot be applied: which file, which field, why."""
 
     def __init__(self, path: Path, field: str, reason: str):
@@ -160,7 +161,7 @@ def _fields(block: Block) -> dict[str, Any]:
     return {name: getattr(block, name) for name in type(block).model_fields}
 
 
-class SigningKeyError(ValueError):
+class SigningKeyError(GovernanceError, ValueError):
     """The pool owner's agent signing key cannot be read."""
 
 

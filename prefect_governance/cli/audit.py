@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.lineage.store import as_utc
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ FINDING_TITLES: dict[str, str] = {
 }
 
 
-class AuditError(Exception):
+class AuditError(GovernanceError):
     """The audit cannot be done as asked: an unknown pool, a lineage store that cannot be read."""
 
 

@@ -34,7 +34,6 @@ import os
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from typing import IO, Any
 
 import attr
@@ -47,21 +46,13 @@ from openlineage.client.facet_v2 import (
 )
 from openlineage.client.serde import Serde
 
+from prefect_governance import __version__
 from prefect_governance.lineage.store import LineageEvent
 
 DEFAULT_NAMESPACE = "prefect-governance"
 
 
-def _package_version() -> str:
-    try:
-        return version("prefect-governance")
-    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        return "0.1.0"
-
-
-DEFAULT_PRODUCER = (
-    f"https://github.com/prefect-governance/prefect-governance/tree/{_package_version()}"
-)
+DEFAULT_PRODUCER = f"https://github.com/prefect-governance/prefect-governance/tree/{__version__}"
 GOVERNANCE_FACET = "governance"
 PARENT_FACET = "parent"
 # The core definition every run facet extends, in the spec version of the installed client.

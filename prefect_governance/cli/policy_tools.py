@@ -32,10 +32,11 @@ from prefect_governance.core.decision import decide, decision_for
 from prefect_governance.core.engines.base import EngineError, PolicyEngine
 from prefect_governance.core.engines.embedded import first_value
 from prefect_governance.core.engines.native import NativeError, Policy
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.models import DEFAULT_POLICY_PATH, DEFAULT_TASK_POLICY_PATH, Decision
 
 
-class PolicyToolError(Exception):
+class PolicyToolError(GovernanceError):
     """The tool itself could not run (no opa binary, unreadable directory, ...)."""
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from prefect_governance.core.canonical import sha256_of
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.models import Approval, describe_validation
 from prefect_governance.core.signing import SignatureError, SigningKey, sign, verify
 
@@ -80,7 +81,7 @@ class ApprovalStatement(_Strict):
     reason: str | None = Field(None, max_length=MAX_REASON_LENGTH)
 
 
-class ApprovalRejected(ValueError):
+class ApprovalRejected(GovernanceError, ValueError):
     """A statement that does not approve this run, and why."""
 
 

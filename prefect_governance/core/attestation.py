@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.signing import SignatureError, SigningKey, sign, verify
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ DEFAULT_KEY_ID = "pool-owner"
 _UNSIGNED = (FIELD, "block_type_slug")
 
 
-class AttestationError(ValueError):
+class AttestationError(GovernanceError, ValueError):
     """An agent block the pool owner did not sign as it reads now."""
 
 

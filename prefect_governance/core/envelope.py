@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.models import (
     CreatedBy,
     DeploymentRef,
@@ -33,7 +34,7 @@ MAX_PARAMETER_BYTES = 1_000_000
 MAX_PARAMETER_DEPTH = 64
 
 
-class ParameterLimitError(ValueError):
+class ParameterLimitError(GovernanceError, ValueError):
     """The run's parameters are too large, too deep or not JSON: the policy is not asked."""
 
 

@@ -26,11 +26,12 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from prefect_governance.core.canonical import canonical_json
+from prefect_governance.core.errors import GovernanceError
 
 ALGORITHM = "Ed25519"
 
 
-class SignatureError(ValueError):
+class SignatureError(GovernanceError, ValueError):
     """A signed document that does not verify."""
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.handoff import (
     ENVELOPE_ENV,
     PROPOSAL_KEY,
@@ -35,7 +36,7 @@ from prefect_governance.core.models import (
 from prefect_governance.core.signing import SignatureError, verify
 
 
-class EnvelopeError(RuntimeError):
+class EnvelopeError(GovernanceError, RuntimeError):
     """This run's governance envelope is missing, forged, expired or not its own."""
 
 

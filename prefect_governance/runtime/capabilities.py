@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from prefect.blocks.core import Block
 
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.runtime import EnvelopeError, current_grant
 from prefect_governance.runtime.run_log import run_log
 from prefect_governance.runtime.tasks import TaskScope, current_task
@@ -26,7 +27,7 @@ from prefect_governance.runtime.tasks import TaskScope, current_task
 B = TypeVar("B", bound=Block)
 
 
-class CapabilityDenied(PermissionError):
+class CapabilityDenied(GovernanceError, PermissionError):
     """The run (or the task) may not use this capability; nothing was touched."""
 
     def __init__(self, capability: str, reason: str):

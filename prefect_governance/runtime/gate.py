@@ -41,6 +41,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.handoff import (
     ENVELOPE_ENV,
     FLOW_CWD,
@@ -66,7 +67,7 @@ ENGINE_BOOT = (
 NONCE_PREFIX = "governance-envelope-"
 
 
-class GateRefusal(Exception):
+class GateRefusal(GovernanceError):
     """This process may not run the flow run; the message says why."""
 
 

@@ -29,6 +29,7 @@ from prefect.context import TaskRunContext
 
 from prefect_governance.core.decision import deny_reasons
 from prefect_governance.core.envelope import build_task_envelope
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.models import Decision, TaskContext, TaskPolicyInput, TaskRef
 from prefect_governance.core.settings import GovernanceSettings
 from prefect_governance.runtime import EnvelopeError, Verified, current_verified
@@ -36,7 +37,7 @@ from prefect_governance.runtime.engine import run_engine
 from prefect_governance.runtime.run_log import flush_run_log, run_log
 
 
-class TaskRefused(RuntimeError):
+class TaskRefused(GovernanceError, RuntimeError):
     """Governance refused this task run; its body did not run."""
 
     def __init__(self, task: str, reasons: list[str], decision: Decision | None = None):

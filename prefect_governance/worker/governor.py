@@ -36,6 +36,7 @@ from prefect_governance.core.controls import Controls
 from prefect_governance.core.decision import decide, decision_for, worker_refusal
 from prefect_governance.core.engines import EngineError, PolicyEngine, build_engine
 from prefect_governance.core.envelope import ParameterLimitError, build_envelope
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.handoff import (
     DECISION_ENV,
     ENVELOPE_ENV,
@@ -223,7 +224,7 @@ NO_APPROVER_KEYS = (
 )
 
 
-class AgentUnavailable(Exception):
+class AgentUnavailable(GovernanceError):
     """A governance-agent block that does not exist, does not validate, or does not carry
     the pool owner's signature for it as it reads now."""
 

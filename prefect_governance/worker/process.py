@@ -30,6 +30,7 @@ from prefect_governance.core.controls import (
     GovernedVariables,
     controls_for,
 )
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.handoff import (
     GATE_COMMAND,
 )
@@ -98,7 +99,7 @@ def _not_dumpable() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
 
 
-class RunRefused(Exception):
+class RunRefused(GovernanceError):
     """Handed to the worker's task status so the slot is released and no PID is set."""
 
 

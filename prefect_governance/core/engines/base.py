@@ -9,6 +9,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
+from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.models import EngineRef
 
 FailureKind = Literal["unreachable", "timeout", "http", "evaluation", "undefined", "shape"]
@@ -43,7 +44,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-class EngineError(Exception):
+class EngineError(GovernanceError):
     """The engine gave no usable answer. ``kind`` says why, for the refusal reason."""
 
     def __init__(self, kind: FailureKind, message: str):

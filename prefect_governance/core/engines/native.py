@@ -26,6 +26,8 @@ from typing import Any
 
 import orjson
 
+from prefect_governance.core.errors import GovernanceError
+
 LIBRARY_NAME = "libgovrego.dylib" if sys.platform == "darwin" else "libgovrego.so"
 LIBRARY_PATH = Path(__file__).with_name(LIBRARY_NAME)
 # Go's collector runs less often than its default (100): at 400 the decision's
@@ -35,7 +37,7 @@ GC_PERCENT = 400
 _loaded_by: int | None = None  # the process that loaded Go's runtime
 
 
-class NativeError(Exception):
+class NativeError(GovernanceError):
     """The library gave no result. ``code`` is OPA's error code (or ours)."""
 
     def __init__(self, code: str, message: str):

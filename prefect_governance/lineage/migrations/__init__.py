@@ -40,6 +40,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
+from prefect_governance.core.errors import GovernanceError
+
 HERE = Path(__file__).resolve().parent
 VERSION_TABLE = "governance_alembic_version"
 BASELINE = "0001"
@@ -50,7 +52,7 @@ BASELINE_TABLES = frozenset({EVENT_TABLE, MEMORY_TABLE})
 _LOCK_KEY = "prefect_governance:migrate"
 
 
-class SchemaError(RuntimeError):
+class SchemaError(GovernanceError, RuntimeError):
     """The database holds a lineage schema that cannot be migrated in place."""
 
 
