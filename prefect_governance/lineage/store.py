@@ -328,7 +328,7 @@ def decision_from_event(event: LineageEvent) -> Decision:
     payload = event.payload or {}
     return Decision(
         id=event.decision_id or "",
-        verdict=event.verdict,  # type: ignore[arg-type]
+        verdict=event.verdict,
         allow=bool(event.allow),
         deny=list(event.reasons or []),
         warn=list(event.warnings or []),
@@ -338,7 +338,7 @@ def decision_from_event(event: LineageEvent) -> Decision:
         policy_path=event.policy_path or "",
         policy_revision=event.policy_revision,
         latency_ms=event.latency_ms or 0.0,
-        mode=event.mode or "enforce",  # type: ignore[arg-type]
+        mode=event.mode or "enforce",
         fail_mode=payload.get("fail_mode") or "closed",
         error=payload.get("error"),
         rejected_approvals=payload.get("rejected_approvals") or [],
