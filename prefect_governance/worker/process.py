@@ -187,7 +187,8 @@ class RunRefused(Exception):
 class GovernedProcessWorker(ProcessWorker):
     type = "governed-process"
     job_configuration = GovernedProcessJobConfiguration
-    job_configuration_variables = GovernedProcessVariables
+    # mypy reads ProcessWorker's attribute as None (Prefect types it ProcessVariables | None)
+    job_configuration_variables = GovernedProcessVariables  # type: ignore[assignment]
 
     _description = (
         "Execute flow runs as subprocesses, each one decided first by a Rego policy "
@@ -272,7 +273,7 @@ class GovernedProcessWorker(ProcessWorker):
         finally:
             await super().__aexit__(*exc_info)
 
-    async def run(
+    async def run(  # type: ignore[override]  # Prefect builds it from job_configuration
         self,
         flow_run: FlowRun,
         configuration: GovernedProcessJobConfiguration,
@@ -345,7 +346,8 @@ class GovernedProcessWorker(ProcessWorker):
             await self._refuse(flow_run, assessment)
             logger.warning(refusal_message(decision))
             if task_status is not None:
-                task_status.started(RunRefused(refusal_message(decision)))
+                # typed int, but Prefect's own caller hands exceptions too (int | Exception)
+                task_status.started(RunRefused(refusal_message(decision)))  # type: ignore[arg-type]
             return ProcessWorkerResult(status_code=0, identifier="refused")
 
         await self._annotate(flow_run, assessment)
