@@ -32,10 +32,11 @@ $(OPA):
 	GOBIN=$(abspath .tools/bin) go install github.com/open-policy-agent/opa@$(OPA_VERSION)
 	$(OPA) version
 
-# The linter, the formatter and the rooms' import contract (pyproject.toml).
+# The linter, the formatter, the type checker and the rooms' import contract (pyproject.toml).
 lint: install
 	$(BIN)/ruff check --quiet .
 	$(BIN)/ruff format --check --quiet prefect_governance tests benchmarks scripts setup.py
+	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache --no-logo
 
 bench: install opa

@@ -381,7 +381,9 @@ async def lineage_url_of(pool: WorkPool, client: PrefectClient, override: str | 
     block = pool_defaults(pool.base_job_template)["lineage_store"]
     if block:
         try:
-            loaded = await GovernanceLineageStore.aload(block, client=client)
+            loaded: GovernanceLineageStore = await GovernanceLineageStore.aload(
+                block, client=client
+            )
         except Exception as exc:
             raise AuditError(
                 f"pool {pool.name}: cannot load its lineage-store block {block!r}: {exc}"

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from prefect import flow as prefect_flow
-from prefect import get_client
+from prefect import Flow, get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
@@ -63,6 +62,11 @@ class Scenario:
     marker: Path | None = None
     result: dict[str, Any] = field(default_factory=dict)
 
+    def started(self) -> tuple[UUID, Path]:
+        """The run the demo started for this deployment, and its marker file."""
+        assert self.flow_run_id is not None and self.marker is not None, "not started yet"
+        return self.flow_run_id, self.marker
+
 
 SCENARIOS = [
     Scenario(
@@ -100,11 +104,9 @@ async def deploy_example(
     directory: Path = ROOT / "examples",
 ) -> UUID:
     """Deploy a flow of flows.py in ``directory`` (examples/) to a pool, from the local source."""
-    source = await prefect_flow.from_source(
-        source=str(directory), entrypoint=f"flows.py:{flow_name}"
-    )
+    source = await Flow.afrom_source(source=str(directory), entrypoint=f"flows.py:{flow_name}")
     with contextlib.redirect_stdout(io.StringIO()):  # deploy() prints a table per call
-        return await source.deploy(
+        return await source.adeploy(
             name=name,
             work_pool_name=pool,
             job_variables=job_variables,
@@ -192,7 +194,7 @@ async def _four_runs(markers: Path, store: LineageStore) -> bool:
             )
             scenario.flow_run_id = run.id
     print(f"\npart 1: {len(SCENARIOS)} deployments, one run each")
-    runs = await wait_final([s.flow_run_id for s in SCENARIOS], timeout=150)
+    runs = await wait_final([s.started()[0] for s in SCENARIOS], timeout=150)
     executed = [i for i, r in runs.items() if r.state and r.state.name != "Refused"]
     await wait_outcomes(store, executed, timeout=30)
 
@@ -200,9 +202,10 @@ async def _four_runs(markers: Path, store: LineageStore) -> bool:
     rows = [(*header, "reasons")]
     ok = True
     for scenario in SCENARIOS:
-        run = runs[scenario.flow_run_id]
+        run_id, marker = scenario.started()
+        run = runs[run_id]
         verdict = (run.labels or {}).get("governance.decision", "-")
-        executed = scenario.marker.exists()
+        ran = marker.exists()
         decision = _event(store, run.id, "decision")
         notes = "; ".join([*decision.reasons, *decision.warnings]) if decision else ""
         rows.append(
@@ -213,14 +216,14 @@ async def _four_runs(markers: Path, store: LineageStore) -> bool:
                 scenario.expect,
                 verdict,
                 _state(run),
-                "yes" if executed else "no",
+                "yes" if ran else "no",
                 notes,
             )
         )
-        ok &= verdict == scenario.expect.split(",")[0] and executed == (verdict != "refused")
+        ok &= verdict == scenario.expect.split(",")[0] and ran == (verdict != "refused")
     print(format_table(rows))
     for scenario in SCENARIOS:
-        run = runs[scenario.flow_run_id]
+        run = runs[scenario.started()[0]]
         if run.state and run.state.name == "Refused":
             print(f"{scenario.name}: {run.state.message}")
     return ok
@@ -372,7 +375,7 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
             stop(worker)
 
     print("\n$ prefect-governance agent show learner-agent")
-    agent = await GovernanceAgent.aload("learner-agent")
+    agent: GovernanceAgent = await GovernanceAgent.aload("learner-agent")
     trust, memory = agent_state(store, MemoryStore(store.engine), agent)
     print(agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000)))
     print("\n$ prefect-governance lineage list")

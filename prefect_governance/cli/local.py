@@ -65,7 +65,9 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen[bytes] | None 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{process.args[:4]} exited with {process.returncode}")
+            args = process.args
+            shown = args[:4] if isinstance(args, (list, tuple)) else str(args)
+            raise RuntimeError(f"{shown} exited with {process.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 if TYPE_CHECKING:
+    from prefect_governance.core.approvals import Binding
     from prefect_governance.core.engines.base import EngineError, PolicyEngine
     from prefect_governance.core.models import Decision
     from prefect_governance.lineage.store import LineageStore
@@ -159,7 +160,7 @@ def decide(
         except json.JSONDecodeError:
             parameters[key] = raw
     assessment = asyncio.run(decide_deployment(deployment, parameters))
-    out = {"decision": assessment.decision.model_dump(mode="json")}
+    out: dict[str, Any] = {"decision": assessment.decision.model_dump(mode="json")}
     if show_input:
         out["input"] = assessment.policy_input
     typer.echo(json.dumps(out, indent=2))
@@ -235,6 +236,7 @@ def approve(
     async def sign_and_store() -> dict[str, object]:
         async with get_client() as client:
             state = None
+            binding: Binding
             if flow_run is not None:
                 binding, state = await binding_for_flow_run(client, flow_run)
             else:
@@ -395,7 +397,7 @@ def agent_show(
     from prefect_governance.worker.governor import agent_state, trust_history
     from prefect_governance.worker.report import agent_report
 
-    agent = GovernanceAgent.load(name)
+    agent: GovernanceAgent = GovernanceAgent.load(name)  # type: ignore[assignment]  # sync here
     store = _store(url)
     trust, memory = agent_state(store, MemoryStore(store.engine), agent)
     typer.echo(agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000)))

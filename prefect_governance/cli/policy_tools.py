@@ -27,13 +27,18 @@ from typing import Any
 
 import yaml
 
-from prefect_governance.cli.schema import guess_kind, validate_document
+from prefect_governance.cli.schema import DocumentKind, guess_kind, validate_document
 from prefect_governance.core.decision import decide, decision_for
 from prefect_governance.core.engines.base import EngineError, PolicyEngine
 from prefect_governance.core.engines.embedded import first_value
 from prefect_governance.core.engines.native import NativeError, Policy
 from prefect_governance.core.errors import GovernanceError
-from prefect_governance.core.models import DEFAULT_POLICY_PATH, DEFAULT_TASK_POLICY_PATH, Decision
+from prefect_governance.core.models import (
+    DEFAULT_POLICY_PATH,
+    DEFAULT_TASK_POLICY_PATH,
+    Decision,
+    Mode,
+)
 
 
 class PolicyToolError(GovernanceError):
@@ -388,7 +393,7 @@ def read_policy_input(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
         document = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return None, [f"{path}: not a JSON document: {exc}"]
-    kind = "task_input" if guess_kind(document) == "task_input" else "input"
+    kind: DocumentKind = "task_input" if guess_kind(document) == "task_input" else "input"
     errors = validate_document(document, kind)
     if errors:
         return None, [f"{path}: {error}" for error in errors]
@@ -417,7 +422,7 @@ async def evaluate_input(
 
     ``engine`` may be the error that prevented building it, which refuses like the worker.
     """
-    mode = (policy_input.get("context") or {}).get("mode") or "enforce"
+    mode: Mode = (policy_input.get("context") or {}).get("mode") or "enforce"
     if isinstance(engine, EngineError):
         return decision_for(
             engine, engine=engine_name, policy_path=policy_path, mode=mode, fail_mode="closed"

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
 
 # What the signed payload is: a signature over another kind of document is not an approval.
-APPROVAL_TYPE = "prefect-governance/approval/v1"
+APPROVAL_TYPE: Literal["prefect-governance/approval/v1"] = "prefect-governance/approval/v1"
 # Variables holding approvals: <prefix><binding key>-<approval id>.
 VARIABLE_PREFIX = "governance-approval-"
 VARIABLE_TAG = "governance-approval"

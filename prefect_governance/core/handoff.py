@@ -37,7 +37,7 @@ EVENT_KINDS = ("task_decision", "capability_use")
 
 def prior_refusal(
     state_names: Iterable[str | None],
-    label_verdict: str | None = None,
+    label_verdict: str | float | None = None,  # a Prefect label's value
     lineage_decision_id: str | None = None,
 ) -> str | None:
     """Why a run counts as refused before, if it does (pure).

@@ -7,11 +7,12 @@ loads no storage (``prefect_governance.worker.blocks`` holds the lineage block).
 from __future__ import annotations
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, HttpUrl, SecretStr
 
 from prefect_governance.core.signing import SigningKey
 
-LOGO = "https://raw.githubusercontent.com/open-policy-agent/opa/main/logo/logo.png"
+# An HttpUrl, as Prefect types a block's logo (and its own blocks set it).
+LOGO = HttpUrl("https://raw.githubusercontent.com/open-policy-agent/opa/main/logo/logo.png")
 
 
 class GovernanceSigningKey(Block):

@@ -21,7 +21,7 @@ from jsonschema.exceptions import SchemaError
 from sqlalchemy import JSON, Column, UniqueConstraint, insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from prefect_governance.core.canonical import sha256_of
 from prefect_governance.core.models import MemorySnapshot
@@ -105,7 +105,7 @@ class MemoryStore:
         query = (
             select(AgentMemory)
             .where(AgentMemory.agent_id == agent_id)
-            .order_by(AgentMemory.version.desc())
+            .order_by(col(AgentMemory.version).desc())
             .limit(1)
         )
         return session.exec(query).first()
@@ -149,7 +149,7 @@ class MemoryStore:
         raise RuntimeError(f"memory of agent {agent_id!r}: no commit after {attempts} attempts")
 
 
-_MEMORY = AgentMemory.__table__
+_MEMORY = AgentMemory.__table__  # type: ignore[attr-defined]  # set by SQLModel, undeclared
 
 
 def commit_in(

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 
@@ -107,7 +107,7 @@ def verify_signed_grant(
     kid = signed.get("kid") if isinstance(signed, dict) else None
     key = public_key(kid) if isinstance(kid, str) else None
     try:
-        payload = verify(signed, {kid: key} if key else {})
+        payload = verify(signed, {kid: key} if isinstance(kid, str) and key else {})
     except SignatureError as exc:
         raise EnvelopeError(f"the governance envelope is forged or damaged: {exc}") from exc
     try:
@@ -144,7 +144,10 @@ def _public_key(kid: str) -> str | None:
     from prefect_governance.core.keys import GovernanceVerifyKey
 
     try:
-        return GovernanceVerifyKey.load(kid).public_key
+        # _sync: this is sync code, also when a governed task of an async flow calls it
+        # (which would otherwise get a coroutine); async_dispatch's types omit _sync.
+        block = GovernanceVerifyKey.load(kid, _sync=True)  # type: ignore[call-arg]
+        return cast(GovernanceVerifyKey, block).public_key
     except (ValueError, ValidationError):
         return None
 

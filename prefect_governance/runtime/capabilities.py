@@ -95,8 +95,9 @@ def load_block(block: type[B] | str, name: str | None = None) -> Any:
     needed, ref = block_capability(block, name)
     check_capability(needed, use=f"load block {ref}")
     if isinstance(block, str):
-        return Block.load(ref, _sync=True)  # type: ignore[call-arg]
-    return block.load(name, _sync=True)  # type: ignore[call-arg]
+        return Block.load(ref, _sync=True)  # type: ignore[call-arg]  # async_dispatch's keyword
+    assert name is not None  # block_capability refused a class without a name
+    return block.load(name, _sync=True)  # type: ignore[call-arg]  # async_dispatch's keyword
 
 
 async def aload_block(block: type[B] | str, name: str | None = None) -> Any:
@@ -105,4 +106,5 @@ async def aload_block(block: type[B] | str, name: str | None = None) -> Any:
     check_capability(needed, use=f"load block {ref}")
     if isinstance(block, str):
         return await Block.aload(ref)
+    assert name is not None  # block_capability refused a class without a name
     return await block.aload(name)

@@ -40,6 +40,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
+from uuid import UUID
 
 from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.handoff import (
@@ -151,10 +152,11 @@ def authorize(
     verified = check_grant(
         signed_text, flow_run_id=flow_run_id, keys=keys, now=datetime.now(timezone.utc)
     )
+    run_id = UUID(flow_run_id)  # check_grant refused a run without one
     with get_client(sync_client=True) as client:
-        flow_run = client.read_flow_run(flow_run_id)
+        flow_run = client.read_flow_run(run_id)
         check_run(verified.grant, flow_run.labels or {})
-        check_history(state.name for state in client.read_flow_run_states(flow_run_id))
+        check_history(state.name for state in client.read_flow_run_states(run_id))
         _claim(client, verified.grant)
     return verified
 

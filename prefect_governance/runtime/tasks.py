@@ -18,11 +18,11 @@ import functools
 import inspect
 import types
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, overload
+from typing import Any, cast, overload
 
 from prefect import Flow, Task
 from prefect.context import TaskRunContext
@@ -228,6 +228,11 @@ def _ask_again(refused: TaskRefused) -> bool:
     return decision.runs
 
 
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    """Any awaitable as a coroutine (which is what Prefect's loop runs)."""
+    return await awaitable
+
+
 def _retry_condition(user_condition: Callable[..., Any] | None) -> Callable[..., bool]:
     """Prefect's retry condition: a refused task is retried only if the policy now allows it."""
 
@@ -241,7 +246,7 @@ def _retry_condition(user_condition: Callable[..., Any] | None) -> Callable[...,
         if inspect.isawaitable(answer):
             from prefect.utilities.asyncutils import run_coro_as_sync
 
-            answer = run_coro_as_sync(answer)
+            answer = run_coro_as_sync(_awaited(answer))
         return bool(answer)
 
     return governed_retry_condition
@@ -273,8 +278,8 @@ def governed(task: Any = None, *, capabilities: Iterable[str] = ()) -> Any:
         new = copy.copy(original)
         new.fn = _governed_fn(original.fn, original.name, declared)
         new.retry_condition_fn = _retry_condition(original.retry_condition_fn)
-        new.governance_capabilities = declared  # type: ignore[attr-defined]
-        new.governance_original = original  # type: ignore[attr-defined]
+        new.governance_capabilities = declared
+        new.governance_original = original
         return new
 
     return wrap if task is None else wrap(task)
@@ -326,7 +331,7 @@ def govern(flow: Flow) -> Flow:
     keeps its declared capabilities. The run's governance events are sent to
     Prefect when the flow body ends.
     """
-    fn = flow.fn
+    fn = cast(types.FunctionType, flow.fn)  # a flow's body is a plain function
     built: list[types.FunctionType] = []
 
     def body() -> types.FunctionType:

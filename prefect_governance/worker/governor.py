@@ -13,17 +13,17 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import anyio
 from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 from sqlalchemy.engine import Connection
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from prefect_governance.core.approvals import approvals_for_run
 from prefect_governance.core.attestation import (
@@ -278,6 +278,11 @@ def signed_grants(assessment: Assessment) -> list[str] | None:
     return assessment.decision.granted(assessment.envelope.capabilities)
 
 
+class _EventCommon(TypedDict):
+    agent_id: str | None
+    flow_run_id: str
+
+
 class Governor:
     """Admits and settles one worker's runs; holds the engines, lineage stores and keys
     it reuses."""
@@ -349,7 +354,9 @@ class Governor:
         async with self._lock:
             if block_name not in self._engines:
                 if block_name:
-                    block = await GovernancePolicyEngine.aload(block_name, client=client)
+                    block: GovernancePolicyEngine = await GovernancePolicyEngine.aload(
+                        block_name, client=client
+                    )
                     built = block.build()
                 elif self.settings.opa_url:
                     token = self.settings.opa_token
@@ -372,7 +379,9 @@ class Governor:
         async with self._lock:
             if block_name not in self._stores:
                 if block_name:
-                    block = await GovernanceLineageStore.aload(block_name, client=client)
+                    block: GovernanceLineageStore = await GovernanceLineageStore.aload(
+                        block_name, client=client
+                    )
                     url = block.url.get_secret_value()
                 else:
                     url = worker_lineage_url(self.settings)
@@ -397,7 +406,9 @@ class Governor:
         async with self._lock:
             if block_name not in self._keys:
                 if block_name:
-                    block = await GovernanceSigningKey.aload(block_name, client=client)
+                    block: GovernanceSigningKey = await GovernanceSigningKey.aload(
+                        block_name, client=client
+                    )
                     key = block.signing_key()
                 elif self.settings.signing_key:
                     key = SigningKey.from_seed(
@@ -777,7 +788,8 @@ class Governor:
         def derive(connection: Connection) -> list[LineageEvent]:
             """Memory and trust, settled in the transaction that records the outcome (once
             per decision, under the agent's chain lock)."""
-            derived, rejected = [], False
+            derived: list[LineageEvent] = []
+            rejected = False
             if assessment.agent is None:
                 return derived
             if proposals:
@@ -807,7 +819,7 @@ class Governor:
         """The run's reported task decisions and capability uses as lineage events, in the
         run's order; each task decision checked by deciding its input again."""
         parent = assessment.decision.id
-        common = {"agent_id": assessment.agent_id, "flow_run_id": flow_run_id}
+        common: _EventCommon = {"agent_id": assessment.agent_id, "flow_run_id": flow_run_id}
         reported, problems = reported_events(batches, parent)
         grants = signed_grants(assessment)
         admitted: dict[str, dict[str, Any]] = {}  # task run id -> its admission, as checked
@@ -978,7 +990,7 @@ def _trust_event(
     connection: Connection,
     assessment: Assessment,
     flow_run_id: str,
-    events: list[str],
+    events: Sequence[str],
 ) -> LineageEvent:
     """The trust update of one run, from the agent's latest vouched score as the append's
     transaction reads it under the chain's lock (not the decision-time one, which another
@@ -1018,7 +1030,7 @@ def last_decided_version(store: LineageStore, agent_id: str) -> int | None:
         rows = session.exec(
             select(LineageEvent)  # the chain's (chain, seq) index, newest first
             .where(LineageEvent.chain == chain_of(agent_id), LineageEvent.kind == "decision")
-            .order_by(LineageEvent.seq.desc())
+            .order_by(col(LineageEvent.seq).desc())
             .limit(50)
         )
         row = next((r for r in rows if store.vouched(r) is not None), None)

@@ -106,7 +106,8 @@ class RunRefused(GovernanceError):
 class GovernedProcessWorker(ProcessWorker):
     type = "governed-process"
     job_configuration = GovernedProcessJobConfiguration
-    job_configuration_variables = GovernedProcessVariables
+    # mypy reads ProcessWorker's attribute as None (Prefect types it ProcessVariables | None)
+    job_configuration_variables = GovernedProcessVariables  # type: ignore[assignment]
 
     _description = (
         "Execute flow runs as subprocesses, each one decided first by a Rego policy "
@@ -191,7 +192,7 @@ class GovernedProcessWorker(ProcessWorker):
         finally:
             await super().__aexit__(*exc_info)
 
-    async def run(
+    async def run(  # type: ignore[override]  # Prefect builds it from job_configuration
         self,
         flow_run: FlowRun,
         configuration: GovernedProcessJobConfiguration,
@@ -209,7 +210,9 @@ class GovernedProcessWorker(ProcessWorker):
                 await self._refuse(flow_run, admission.assessment)
                 logger.warning(refusal_message(admission.decision))
                 if task_status is not None:
-                    task_status.started(RunRefused(refusal_message(admission.decision)))
+                    # typed int, but Prefect's own caller hands exceptions too (int | Exception)
+                    refused = RunRefused(refusal_message(admission.decision))
+                    task_status.started(refused)  # type: ignore[arg-type]
                 return ProcessWorkerResult(status_code=0, identifier="refused")
             await self._annotate(flow_run, admission.assessment)
             self._hand_over(configuration, admission, logger)

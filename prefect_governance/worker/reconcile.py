@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -116,10 +117,12 @@ async def _settle(
 ) -> str | None:
     flow_run_id = event.flow_run_id
     try:
-        flow_run = await client.read_flow_run(flow_run_id)
+        # Typed UUID; Prefect puts any id string in the URL (a missing one is not found).
+        flow_run = await client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
     except ObjectNotFound:
         flow_run = None
     now = datetime.now(timezone.utc)
+    message: str | None
     if flow_run is None:
         state, message = "UNKNOWN", "the flow run no longer exists in Prefect"
     else:
@@ -293,7 +296,7 @@ async def record_gate_refusals(
         if str(state.id) in known:
             continue
         seen = await anyio.to_thread.run_sync(
-            lambda run=flow_run: store.recent(200, flow_run_id=str(run.id))
+            partial(store.recent, 200, flow_run_id=str(flow_run.id))
         )
         if not any(
             e.kind == "gate_refusal" and e.payload.get("state_id") == str(state.id) for e in seen

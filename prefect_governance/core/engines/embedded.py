@@ -20,7 +20,12 @@ from typing import Any
 
 import orjson
 
-from prefect_governance.core.engines.base import EngineAnswer, EngineError, encode_input
+from prefect_governance.core.engines.base import (
+    EngineAnswer,
+    EngineError,
+    FailureKind,
+    encode_input,
+)
 from prefect_governance.core.engines.native import NativeError, Policy
 from prefect_governance.core.models import EngineRef
 
@@ -99,7 +104,7 @@ def racy(stamped: tuple[tuple[int, int], ...]) -> bool:
 
 def native_failure(error: NativeError) -> EngineError:
     """The engine failure for a library error: a passed deadline is a timeout."""
-    kind = "timeout" if error.code == "eval_cancel_error" else "evaluation"
+    kind: FailureKind = "timeout" if error.code == "eval_cancel_error" else "evaluation"
     return EngineError(kind, error.message)
 
 

@@ -20,7 +20,12 @@ def _target_metadata() -> MetaData:
     from prefect_governance.lineage.store import LineageEvent
 
     metadata = MetaData()
-    tables = (LineageEvent.__table__, AgentMemory.__table__, DeploymentParameterSchema.__table__)
+    # SQLModel sets __table__ on a table model; its types do not declare it.
+    tables = (
+        LineageEvent.__table__,  # type: ignore[attr-defined]
+        AgentMemory.__table__,  # type: ignore[attr-defined]
+        DeploymentParameterSchema.__table__,  # type: ignore[attr-defined]
+    )
     for table in tables:
         table.to_metadata(metadata)
     return metadata
