@@ -32,7 +32,6 @@ from prefect_governance.cli.automations import apply_guards
 from prefect_governance.cli.local import PrefectServer, start_worker, stop
 from prefect_governance.core.attestation import DEFAULT_KEY_ID, KEYS_ENV
 from prefect_governance.core.signing import SigningKey
-from prefect_governance.lineage.memory import MemoryStore
 from prefect_governance.lineage.store import LineageStore
 from prefect_governance.worker.blocks import GovernanceAgent
 from prefect_governance.worker.governor import agent_state, trust_history
@@ -44,7 +43,7 @@ from prefect_governance.worker.report import (
     verify_report,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (demo.py is in prefect_governance/cli/)
 POOL = "governed"
 SHADOW_POOL = "governed-shadow"  # audit mode, set by the pool owner in its template
 
@@ -373,7 +372,7 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
 
     print("\n$ prefect-governance agent show learner-agent")
     agent = await GovernanceAgent.aload("learner-agent")
-    trust, memory = agent_state(store, MemoryStore(store.engine), agent)
+    trust, memory = agent_state(store, store.memory, agent)
     print(agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000)))
     print("\n$ prefect-governance lineage list")
     print(lineage_table(store.recent(60)))

@@ -53,6 +53,7 @@ from prefect_governance.lineage.auth import (
     unvouched_ranges,
     vouch_of,
 )
+from prefect_governance.lineage.memory import MemoryStore
 from prefect_governance.lineage.migrations import MEMORY_TABLE, migrate
 
 EventKind = Literal["decision", "outcome"]
@@ -663,6 +664,7 @@ class LineageStore:
             self.keys[signer.key_id] = signer.public_b64
         self._good: dict[tuple[str, str | None], Vouch] = {}  # signatures that verified
         self._heads_vouched: dict[str, tuple[int, str | None, int, int]] = {}
+        self._memory: MemoryStore | None = None
         # JSON is stored in canonical form, so verify can hash the stored text as it is.
         self.engine: Engine = create_engine(url, pool_pre_ping=True, json_serializer=_json_text)
         # Appends retry a connection the database dropped themselves, so their pool does
@@ -921,6 +923,46 @@ class LineageStore:
                 if self.vouched(row) is not None:
                     found.append(float(row.payload["score"]))
         return found[::-1]
+
+    def last_decided_version(self, agent_id: str, *, look_back: int = 50) -> int | None:
+        """The agent version the agent's newest vouched decision (among its ``look_back``
+        newest decisions) was made with; None: none, or it names no version."""
+        query = (
+            select(LineageEvent)  # the chain's (chain, seq) index, newest first
+            .where(LineageEvent.chain == chain_of(agent_id), LineageEvent.kind == "decision")
+            .order_by(LineageEvent.seq.desc())
+            .limit(look_back)
+        )
+        with Session(self.engine) as session:
+            rows = session.exec(query)
+            row = next((r for r in rows if self.vouched(r) is not None), None)
+        version = (row.payload or {}).get("agent_version") if row is not None else None
+        return int(version) if isinstance(version, int) else None
+
+    def decisions_of(
+        self, flow_run_ids: Iterable[str], *, chunk: int = 500
+    ) -> dict[str, list[LineageEvent]]:
+        """The vouched decision records of each of these flow runs, by flow run id (every
+        id given has an entry; a record no pinned key vouches for counts as absent). The
+        ids are asked for ``chunk`` at a time."""
+        ids = list(dict.fromkeys(str(i) for i in flow_run_ids))
+        found: dict[str, list[LineageEvent]] = {i: [] for i in ids}
+        with Session(self.engine) as session:
+            for start in range(0, len(ids), chunk):
+                query = select(LineageEvent).where(
+                    LineageEvent.kind == "decision",
+                    LineageEvent.flow_run_id.in_(ids[start : start + chunk]),  # type: ignore[union-attr]
+                )
+                for event in self.authentic(session.exec(query).all()):
+                    found.setdefault(str(event.flow_run_id), []).append(event)
+        return found
+
+    @property
+    def memory(self) -> MemoryStore:
+        """The agents' memory in this store's database (one per store)."""
+        if self._memory is None:
+            self._memory = MemoryStore(self.engine)
+        return self._memory
 
     def chain(self, chain: str) -> list[LineageEvent]:
         """All records of one chain, by seq."""

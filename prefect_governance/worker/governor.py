@@ -18,7 +18,6 @@ import anyio
 from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 from sqlalchemy.engine import Connection
-from sqlmodel import Session, select
 
 from prefect_governance.core.approvals import approvals_for_run
 from prefect_governance.core.attestation import (
@@ -70,7 +69,6 @@ from prefect_governance.lineage.store import (
     LineageEvent,
     LineageStore,
     capability_use_event,
-    chain_of,
     decision_event,
     outcome_event,
     report_problem_event,
@@ -326,7 +324,7 @@ class Governor:
 
     def memory(self, store: LineageStore) -> MemoryStore:
         if store.url not in self._memories:
-            self._memories[store.url] = MemoryStore(store.engine)
+            self._memories[store.url] = store.memory
         return self._memories[store.url]
 
     async def signing_key(self, block_name: str | None, client: PrefectClient) -> SigningKey:
@@ -821,16 +819,7 @@ def agent_state(
 
 def last_decided_version(store: LineageStore, agent_id: str) -> int | None:
     """The agent version the agent's latest vouched decision was made with (None: none)."""
-    with Session(store.engine) as session:
-        rows = session.exec(
-            select(LineageEvent)  # the chain's (chain, seq) index, newest first
-            .where(LineageEvent.chain == chain_of(agent_id), LineageEvent.kind == "decision")
-            .order_by(LineageEvent.seq.desc())
-            .limit(50)
-        )
-        row = next((r for r in rows if store.vouched(r) is not None), None)
-    version = (row.payload or {}).get("agent_version") if row is not None else None
-    return int(version) if isinstance(version, int) else None
+    return store.last_decided_version(agent_id)
 
 
 def trust_history(store: LineageStore, agent_id: str, k: int) -> list[float]:
