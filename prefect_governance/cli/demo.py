@@ -253,7 +253,7 @@ async def run_in_order(
             if final.state and final.state.name != "Refused":
                 await wait_outcomes(store, [run.id], timeout=60)
             seen = json.loads(marker.read_text()) if marker.exists() else None
-            events = {e.kind: e for e in store.recent(50, flow_run_id=str(run.id))}
+            events: dict[str, Any] = {e.kind: e for e in store.recent(50, flow_run_id=str(run.id))}
             results.append((final, seen, events))
     return results
 

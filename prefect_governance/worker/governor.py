@@ -63,17 +63,21 @@ from prefect_governance.core.settings import (
 )
 from prefect_governance.core.signing import SigningKey, sign
 from prefect_governance.core.trust import next_score, run_events, trust_state
-from prefect_governance.lineage.memory import CommitResult, MemoryStore, commit_in
-from prefect_governance.lineage.parameter_schemas import remembered_schema
-from prefect_governance.lineage.store import (
+from prefect_governance.lineage.events import (
     LineageEvent,
-    LineageStore,
     capability_use_event,
     decision_event,
+    memory_commit_event,
+    memory_discarded_event,
+    memory_rejected_event,
     outcome_event,
     report_problem_event,
     task_decision_event,
+    trust_event,
 )
+from prefect_governance.lineage.memory import CommitResult, MemoryStore, commit_in
+from prefect_governance.lineage.parameter_schemas import remembered_schema
+from prefect_governance.lineage.store import LineageStore
 from prefect_governance.worker.blocks import (
     GovernanceAgent,
     GovernanceLineageStore,
@@ -713,13 +717,8 @@ def _settle_memory(
     }
     patches, problems = _proposal_patches(proposals, assessment.decision.id)
     if state != "COMPLETED":
-        return LineageEvent(
-            kind="memory_discarded",
-            **common,
-            payload={
-                "base_version": base,
-                "reason": f"the run ended {state}, not COMPLETED",
-            },
+        return memory_discarded_event(
+            f"the run ended {state}, not COMPLETED", **common, base_version=base
         ), False
     result: CommitResult | None = None
     if not problems:
@@ -734,25 +733,9 @@ def _settle_memory(
         )
         problems = list(result.errors)
     if problems or result is None or not result.committed:
-        return LineageEvent(
-            kind="memory_rejected",
-            **common,
-            reasons=problems,
-            payload={
-                "base_version": base,
-                "errors": problems,
-            },
-        ), True
-    return LineageEvent(
-        kind="memory_commit",
-        **common,
-        payload={
-            "version": result.version,
-            "content_hash": result.content_hash,
-            "schema_hash": agent.memory_schema_hash,
-            "base_version": base,
-            "rebased": result.rebased,
-        },
+        return memory_rejected_event(problems, **common, base_version=base), True
+    return memory_commit_event(
+        result, **common, schema_hash=agent.memory_schema_hash, base_version=base
     ), False
 
 
@@ -793,12 +776,13 @@ def _trust_event(
     latest = store.scores(agent.id, 1, connection=connection)
     before = latest[-1] if latest else agent.trust_baseline
     after = next_score(before, events, agent.trust_weights)  # type: ignore[arg-type]
-    return LineageEvent(
-        kind="trust",
+    return trust_event(
         agent_id=agent.id,
         flow_run_id=flow_run_id,
         decision_id=assessment.decision.id,
-        payload={"score": after, "previous": before, "events": events},
+        score=after,
+        previous=before,
+        events=events,
     )
 
 
