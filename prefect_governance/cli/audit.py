@@ -352,21 +352,8 @@ def read_decisions(
 ) -> dict[str, list[DecisionFact]]:
     """The decisions the lineage holds for each of these flow runs (those a pinned lineage
     key vouches for: any other record counts as absent)."""
-    from sqlmodel import Session, select
-
-    from prefect_governance.lineage.store import LineageEvent
-
-    ids = list(dict.fromkeys(flow_run_ids))
-    found: dict[str, list[DecisionFact]] = {i: [] for i in ids}
-    with Session(store.engine) as session:
-        for start in range(0, len(ids), _ID_CHUNK):
-            query = select(LineageEvent).where(
-                LineageEvent.kind == "decision",
-                LineageEvent.flow_run_id.in_(ids[start : start + _ID_CHUNK]),  # type: ignore[union-attr]
-            )
-            for event in store.authentic(session.exec(query).all()):  # forged: absent
-                found.setdefault(str(event.flow_run_id), []).extend(decision_facts([event]))
-    return found
+    found = store.decisions_of(flow_run_ids, chunk=_ID_CHUNK)
+    return {flow_run_id: decision_facts(events) for flow_run_id, events in found.items()}
 
 
 async def lineage_url_of(pool: WorkPool, client: PrefectClient, override: str | None) -> str:

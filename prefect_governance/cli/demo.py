@@ -31,7 +31,6 @@ from prefect_governance.cli.automations import apply_guards
 from prefect_governance.cli.local import PrefectServer, start_worker, stop
 from prefect_governance.core.attestation import DEFAULT_KEY_ID, KEYS_ENV
 from prefect_governance.core.signing import SigningKey
-from prefect_governance.lineage.memory import MemoryStore
 from prefect_governance.lineage.store import LineageStore
 from prefect_governance.worker.blocks import GovernanceAgent
 from prefect_governance.worker.governor import agent_state, trust_history
@@ -257,7 +256,7 @@ async def run_in_order(
             if final.state and final.state.name != "Refused":
                 await wait_outcomes(store, [run.id], timeout=60)
             seen = json.loads(marker.read_text()) if marker.exists() else None
-            events = {e.kind: e for e in store.recent(50, flow_run_id=str(run.id))}
+            events: dict[str, Any] = {e.kind: e for e in store.recent(50, flow_run_id=str(run.id))}
             results.append((final, seen, events))
     return results
 
@@ -376,7 +375,7 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
 
     print("\n$ prefect-governance agent show learner-agent")
     agent: GovernanceAgent = await GovernanceAgent.aload("learner-agent")
-    trust, memory = agent_state(store, MemoryStore(store.engine), agent)
+    trust, memory = agent_state(store, store.memory, agent)
     print(agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000)))
     print("\n$ prefect-governance lineage list")
     print(lineage_table(store.recent(60)))

@@ -392,14 +392,13 @@ def agent_show(
     url: UrlOption = None,
 ) -> None:
     """Identity, memory version and content, trust score, slope and history."""
-    from prefect_governance.lineage.memory import MemoryStore
     from prefect_governance.worker.blocks import GovernanceAgent
     from prefect_governance.worker.governor import agent_state, trust_history
     from prefect_governance.worker.report import agent_report
 
     agent: GovernanceAgent = GovernanceAgent.load(name)  # type: ignore[assignment]  # sync here
     store = _store(url)
-    trust, memory = agent_state(store, MemoryStore(store.engine), agent)
+    trust, memory = agent_state(store, store.memory, agent)
     typer.echo(agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000)))
     store.dispose()
 

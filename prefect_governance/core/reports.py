@@ -15,7 +15,15 @@ secret (the run itself) or by the worker. It does not prove the run told the tru
 the run's code holds its own secret, so what it reports is still checked against
 the worker's own record (the signed grant, the re-decided task decisions).
 
-This module holds no credentials and imports no storage: only ``hmac``/``hashlib``.
+The reports are pydantic models (:class:`TaskDecisionReport`, :class:`CapabilityUseReport`,
+:class:`RunEventsReport`, :class:`MemoryProposal`): the run builds them, and the worker
+reads what it accepted through them. A model keeps every key the run sent, and dumps only
+the keys that were set (``report``), so the wire format, and the MAC over it, is what it
+was. What the worker reads is the run's word: the fields that the checks below look at
+are typed ``Any`` there, and the checks say what is wrong with them.
+
+This module holds no credentials and imports no storage: only ``hmac``/``hashlib`` and
+pydantic.
 """
 
 from __future__ import annotations
@@ -23,7 +31,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict
 
 from prefect_governance.core.canonical import canonical_json
 from prefect_governance.core.models import RUNNABLE
@@ -31,6 +42,89 @@ from prefect_governance.core.models import RUNNABLE
 MAC_FIELD = "mac"
 VERSION = 1
 _LABEL = b"prefect-governance report secret v1\x00"
+
+
+class Report(BaseModel):
+    """A report (or one event of a batch) as the run sent it: every key it sent is kept."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    def report(self) -> dict[str, Any]:
+        """The JSON object sent: the keys that were set, and no others."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class TaskDecisionReport(Report):
+    """A governed task's decision inside the run (``runtime.tasks``)."""
+
+    kind: Literal["task_decision"] = "task_decision"
+    seq: Any = None  # 1, 2, ... within the run's events
+    time: Any = None  # ISO time the run numbered it
+    purpose: Any = None
+    task: Any = None  # the task (name, run id, attempt)
+    envelope: Any = None  # the task's envelope, without the parent's (the worker has it)
+    context: Any = None
+    decision: Any = None  # the run's Decision, as JSON
+
+    @property
+    def decided(self) -> dict[str, Any]:
+        """The reported decision (an object, or nothing)."""
+        return self.decision if isinstance(self.decision, dict) else {}
+
+    @property
+    def task_envelope(self) -> dict[str, Any]:
+        return self.envelope if isinstance(self.envelope, dict) else {}
+
+
+class CapabilityUseReport(Report):
+    """One use of a capability inside the run, allowed or blocked (``runtime.capabilities``)."""
+
+    kind: Literal["capability_use"] = "capability_use"
+    seq: Any = None
+    time: Any = None
+    capability: Any = None
+    use: Any = None
+    granted: Any = None  # True when the run's runtime allowed it
+    reason: Any = None  # why it was blocked
+    task: Any = None  # the task that used it (None: the flow itself)
+
+
+RunEvent = TaskDecisionReport | CapabilityUseReport
+_EVENT_MODELS: dict[str, type[TaskDecisionReport] | type[CapabilityUseReport]] = {
+    "task_decision": TaskDecisionReport,
+    "capability_use": CapabilityUseReport,
+}
+
+
+def run_event(kind: str, fields: Mapping[str, Any]) -> RunEvent:
+    """One event of the run as its model (``kind`` one of ``handoff.EVENT_KINDS``)."""
+    return _EVENT_MODELS[kind].model_validate({"kind": kind, **fields})
+
+
+class RunEventsReport(Report):
+    """One batch of the run's events (``runtime.run_log``): its decision, the [first, last]
+    range of its numbers, the events."""
+
+    decision_id: Any = None
+    seq: Any = None
+    events: Any = None
+
+
+class MemoryProposal(Report):
+    """A proposed change to the agent's memory (``runtime.propose_memory``)."""
+
+    decision_id: Any = None
+    seq: Any = None  # 1, 2, ... within the run's proposals
+    patch: Any = None  # a JSON merge patch (RFC 7386)
+    base_version: Any = None  # the memory version the run was granted
+
+
+_R = TypeVar("_R", bound=Report)
+
+
+def as_report(model: type[_R], value: _R | Mapping[str, Any]) -> _R:
+    """A report as its model (a model is taken as it is; a mapping is read into one)."""
+    return value if isinstance(value, model) else model.model_validate(dict(value))
 
 
 def report_secret(root: bytes, decision_id: str) -> str:
@@ -154,30 +248,34 @@ def _numbered(seq: Any) -> bool:
 
 
 def complete_proposals(
-    proposals: list[dict[str, Any]],
+    proposals: list[MemoryProposal] | list[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Authenticated memory proposals in their order, or none when some are missing
     (a deleted proposal would change what the others mean: nothing is committed)."""
-    odd = [p["seq"] for p in proposals if not isinstance(p["seq"], int)]
+    read = [as_report(MemoryProposal, p) for p in proposals]
+    odd = [p.seq for p in read if not isinstance(p.seq, int)]
     if odd:
         return [], [f"memory proposals not numbered one by one (seq {odd}): none is used"]
-    ordered = sorted(proposals, key=lambda p: p["seq"])
-    numbers = [p["seq"] for p in ordered]
+    ordered = sorted(read, key=lambda p: p.seq)
+    numbers = [p.seq for p in ordered]
     if numbers != list(range(1, len(numbers) + 1)):
         missing = sorted(set(range(1, max(numbers, default=0) + 1)) - set(numbers))
         return [], [
             f"memory proposals missing from the run's report (seq {missing}): none of its "
             "proposals is used"
         ]
-    return ordered, []
+    return [p.report() for p in ordered], []
 
 
-def admitted_declarations(item: dict[str, Any], check: dict[str, Any] | None) -> tuple[str, dict]:
+def admitted_declarations(
+    item: TaskDecisionReport | dict[str, Any], check: dict[str, Any] | None
+) -> tuple[str, dict]:
     """What a reported task decision admits: (task run id, {"declared", "check"}); the
     declared capabilities are those of the task input the worker decided again."""
-    envelope = item.get("envelope") or {}
-    task = envelope.get("task") or item.get("task") or {}
-    runs = (item.get("decision") or {}).get("verdict") in RUNNABLE
+    reported = as_report(TaskDecisionReport, item)
+    envelope = reported.task_envelope
+    task = envelope.get("task") or reported.task or {}
+    runs = reported.decided.get("verdict") in RUNNABLE
     declared = envelope.get("capabilities") if runs else []
     return str(task.get("run_id")), {
         "declared": [c for c in declared or [] if isinstance(c, str)],
@@ -187,7 +285,10 @@ def admitted_declarations(item: dict[str, Any], check: dict[str, Any] | None) ->
 
 
 def use_check(
-    use: dict[str, Any], *, grants: list[str] | None, admitted: dict[str, dict[str, Any]]
+    use: CapabilityUseReport | dict[str, Any],
+    *,
+    grants: list[str] | None,
+    admitted: dict[str, dict[str, Any]],
 ) -> dict[str, Any] | None:
     """Does a reported capability use hold? None for a blocked use (nothing was used).
 
@@ -196,9 +297,10 @@ def use_check(
     this use, by task run id (see :func:`admitted_declarations`), as the worker re-decided
     them. ``{"verified": True}``, or False with why, or None when it cannot tell.
     """
-    if use.get("granted") is not True:
+    reported = as_report(CapabilityUseReport, use)
+    if reported.granted is not True:
         return None
-    capability = use.get("capability")
+    capability = reported.capability
     if grants is not None and capability not in grants:
         granted = ", ".join(sorted(grants)) or "none"
         return {
@@ -206,7 +308,7 @@ def use_check(
             "why": f"capability {capability!r} is not among the run's signed grants "
             f"({granted}): the run's runtime claimed a grant it was never given",
         }
-    task = use.get("task")
+    task = reported.task
     unknown = None if grants is not None else "the settling worker does not hold the run's grant"
     if task is not None:
         run_id = str((task or {}).get("run_id")) if isinstance(task, dict) else None

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from prefect_governance.core.canonical import canonical_json
 from prefect_governance.core.signing import SignatureError, SigningKey, sign_bytes, verify_bytes
 
-UNVOUCHED = "unvouched"
+UNVOUCHED: Final = "unvouched"
 _DOMAIN = b"prefect-governance lineage record v1\x00"
 
 
@@ -70,11 +71,6 @@ def vouch_of(
     except SignatureError:
         return None
     return Vouch(kid, *counts)
-
-
-def unvouched_marker(from_seq: int, to_seq: int, why: str) -> dict[str, object]:
-    """The payload of an ``unvouched`` record."""
-    return {"from_seq": from_seq, "to_seq": to_seq, "why": why}
 
 
 def unvouched_ranges(

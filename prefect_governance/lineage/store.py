@@ -22,59 +22,68 @@ import hashlib
 import json
 import random
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    Column,
-    UniqueConstraint,
-    bindparam,
-    event,
-    insert,
-    update,
-)
+from sqlalchemy import Boolean, bindparam, event, insert, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Field, Session, SQLModel, col, create_engine, func, select, text
 
 from prefect_governance.core.canonical import canonical_json, sha256_of
-from prefect_governance.core.models import RUNNABLE, Decision
+from prefect_governance.core.models import RUNNABLE
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.lineage.auth import (
     UNVOUCHED,
     Vouch,
     record_signature,
-    unvouched_marker,
     unvouched_ranges,
     vouch_of,
 )
+from prefect_governance.lineage.events import (  # the records, and their factories (re-exported)
+    CHAIN_SEQ_CONSTRAINT,
+    EVENT_KINDS,
+    EventKind,
+    LineageEvent,
+    capability_use_event,
+    decision_event,
+    decision_from_event,
+    outcome_event,
+    report_problem_event,
+    task_decision_event,
+    unvouched_event,
+)
+from prefect_governance.lineage.memory import MemoryStore
 from prefect_governance.lineage.migrations import MEMORY_TABLE, migrate
 
-EventKind = Literal["decision", "outcome"]
 ProblemKind = Literal["altered", "deleted", "reordered"]
+
+__all__ = [
+    "EVENT_KINDS",
+    "ChainHead",
+    "ChainProblem",
+    "EventKind",
+    "LineageEvent",
+    "LineageStore",
+    "capability_use_event",
+    "chain_of",
+    "decision_event",
+    "decision_from_event",
+    "outcome_event",
+    "report_problem_event",
+    "task_decision_event",
+    "verify_chain",
+]
 
 NO_AGENT_CHAIN = "-"
 APPEND_ATTEMPTS = 20
 VERIFY_PAGE = 2000
-_CHAIN_SEQ_CONSTRAINT = "uq_governance_event_chain_seq"
+_CHAIN_SEQ_CONSTRAINT = CHAIN_SEQ_CONSTRAINT
 _NOT_HASHED = frozenset({"id", "hash", "signature"})
 _GOOD_CACHE = 200_000  # verified signatures a store remembers
 _JSON_COLUMNS = ("reasons", "warnings", "payload")
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _no_items() -> list[str]:
-    # Not ``list`` itself: SQLModel has pydantic inspect the factory's signature on every
-    # new event, and inspecting a builtin's takes ~0.1 ms.
-    return []
 
 
 def as_utc(value: datetime) -> datetime:
@@ -87,42 +96,6 @@ def as_utc(value: datetime) -> datetime:
 def utc_iso(value: datetime) -> str:
     """The fixed ISO 8601 form hashed for datetimes: UTC, with microseconds."""
     return as_utc(value).isoformat(timespec="microseconds")
-
-
-class LineageEvent(SQLModel, table=True):
-    """One governance event. Rows are only ever inserted; append() chains them."""
-
-    __tablename__ = "governance_event"
-    __table_args__ = (UniqueConstraint("chain", "seq", name=_CHAIN_SEQ_CONSTRAINT),)
-
-    id: int | None = Field(default=None, primary_key=True)
-    event_id: str = Field(default_factory=lambda: str(uuid.uuid4()), unique=True, index=True)
-    # SQLModel stores it as UTC and reads it back aware; SQLite keeps no offset.
-    created_at: datetime = Field(default_factory=_now, index=True)
-    kind: str = Field(index=True)
-    agent_id: str | None = Field(default=None, index=True)
-    flow_run_id: str | None = Field(default=None, index=True)
-    envelope_id: str | None = None
-    decision_id: str | None = Field(default=None, index=True)
-    verdict: str | None = None
-    allow: bool | None = None
-    reasons: list[str] = Field(default_factory=_no_items, sa_column=Column(JSON, nullable=False))
-    warnings: list[str] = Field(default_factory=_no_items, sa_column=Column(JSON, nullable=False))
-    engine: str | None = None
-    policy_path: str | None = None
-    policy_revision: str | None = None
-    latency_ms: float | None = None
-    mode: str | None = None
-    state: str | None = Field(default=None, description="The run's final state, for outcomes.")
-    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    # The per-agent hash chain, filled in by LineageStore.append.
-    chain: str = Field(default="", description="The agent id, or '-' for events without one.")
-    seq: int | None = Field(default=None, nullable=False, description="1-based position in chain.")
-    prev_hash: str | None = Field(default=None, description="hash of the previous record.")
-    hash: str | None = Field(default=None, nullable=False, description="sha256 of canonical().")
-    signature: str | None = Field(
-        default=None, description="The worker's signature of hash (lineage_auth), if any."
-    )
 
 
 class ChainHead(SQLModel, table=True):
@@ -280,190 +253,6 @@ def stored_hash(row: Any) -> str:
         if digest == row.hash:
             return digest
     return sha256_of({**record, **{name: json.loads(t) for name, t in texts.items()}})
-
-
-def decision_event(
-    decision: Decision,
-    *,
-    agent_id: str | None,
-    flow_run_id: str,
-    envelope: dict[str, Any] | None,
-    agent_block: str | None = None,
-    worker: str | None = None,
-    agent_version: int | None = None,
-) -> LineageEvent:
-    """The lineage record of a decision (with the envelope it was about, and the version of
-    the signed agent it was made for)."""
-    return LineageEvent(
-        kind="decision",
-        agent_id=agent_id,
-        flow_run_id=flow_run_id,
-        envelope_id=(envelope or {}).get("id"),
-        decision_id=decision.id,
-        verdict=decision.verdict,
-        allow=decision.allow,
-        reasons=decision.deny,
-        warnings=decision.warn,
-        engine=decision.engine,
-        policy_path=decision.policy_path,
-        policy_revision=decision.policy_revision,
-        latency_ms=decision.latency_ms,
-        mode=decision.mode,
-        payload={
-            "envelope": envelope,
-            "agent_block": agent_block,
-            "agent_version": agent_version,
-            "worker": worker,
-            "annotations": decision.annotations,
-            "rules": [reason.model_dump() for reason in decision.reasons],
-            "fail_mode": decision.fail_mode,
-            "error": decision.error,
-            "rejected_approvals": decision.rejected_approvals,
-        },
-    )
-
-
-def decision_from_event(event: LineageEvent) -> Decision:
-    """The decision a decision record holds (the inverse of ``decision_event``)."""
-    payload = event.payload or {}
-    return Decision(
-        id=event.decision_id or "",
-        verdict=event.verdict,
-        allow=bool(event.allow),
-        deny=list(event.reasons or []),
-        warn=list(event.warnings or []),
-        annotations=payload.get("annotations") or {},
-        reasons=payload.get("rules") or [],
-        engine=event.engine or "-",
-        policy_path=event.policy_path or "",
-        policy_revision=event.policy_revision,
-        latency_ms=event.latency_ms or 0.0,
-        mode=event.mode or "enforce",
-        fail_mode=payload.get("fail_mode") or "closed",
-        error=payload.get("error"),
-        rejected_approvals=payload.get("rejected_approvals") or [],
-    )
-
-
-def outcome_event(
-    *,
-    agent_id: str | None,
-    flow_run_id: str,
-    decision_id: str | None,
-    state: str,
-    message: str | None = None,
-    status_code: int | None = None,
-) -> LineageEvent:
-    """The lineage record of how a run ended."""
-    return LineageEvent(
-        kind="outcome",
-        agent_id=agent_id,
-        flow_run_id=flow_run_id,
-        decision_id=decision_id,
-        state=state,
-        payload={"message": message, "status_code": status_code},
-    )
-
-
-def task_decision_event(
-    reported: dict[str, Any],
-    *,
-    agent_id: str | None,
-    flow_run_id: str,
-    parent_decision_id: str,
-    check: dict[str, Any],
-) -> LineageEvent:
-    """The lineage record of a task decision made inside a run (as the run reported it).
-
-    ``check`` is what the worker found when it decided the same input again.
-    """
-    decision = reported.get("decision") or {}
-    envelope = reported.get("envelope") or {}
-    return LineageEvent(
-        kind="task_decision",
-        agent_id=agent_id,
-        flow_run_id=flow_run_id,
-        envelope_id=envelope.get("id"),
-        decision_id=decision.get("id"),
-        verdict=decision.get("verdict"),
-        allow=decision.get("allow"),
-        reasons=list(decision.get("deny") or []),
-        warnings=list(decision.get("warn") or []),
-        engine=decision.get("engine"),
-        policy_path=decision.get("policy_path"),
-        policy_revision=decision.get("policy_revision"),
-        latency_ms=decision.get("latency_ms"),
-        mode=decision.get("mode"),
-        payload={
-            "seq": reported.get("seq"),
-            "time": reported.get("time"),
-            "purpose": reported.get("purpose"),
-            "parent_decision_id": parent_decision_id,
-            "task": reported.get("task"),
-            "envelope": envelope,
-            "context": reported.get("context"),
-            "rules": decision.get("reasons") or [],
-            "annotations": decision.get("annotations") or {},
-            "fail_mode": decision.get("fail_mode"),
-            "error": decision.get("error"),
-            "check": check,
-        },
-    )
-
-
-def capability_use_event(
-    reported: dict[str, Any],
-    *,
-    agent_id: str | None,
-    flow_run_id: str,
-    parent_decision_id: str,
-    check: dict[str, Any] | None = None,
-) -> LineageEvent:
-    """The lineage record of one use of a capability inside a run (allowed or blocked).
-
-    ``check``: whether the worker found the use covered by the run's signed grant and its
-    task's declarations; a use it found not covered is ``flagged``, never ``used``.
-    """
-    granted = reported.get("granted") is True
-    flagged = granted and check is not None and check.get("verified") is False
-    if flagged:
-        verdict, reasons = "flagged", [str(check.get("why"))]  # type: ignore[union-attr]
-    elif granted:
-        verdict, reasons = "used", []
-    else:
-        verdict, reasons = "blocked", [str(reported.get("reason"))]
-    payload = {
-        "seq": reported.get("seq"),
-        "time": reported.get("time"),
-        "capability": reported.get("capability"),
-        "use": reported.get("use"),
-        "task": reported.get("task"),
-    }
-    if check is not None:
-        payload["check"] = check
-    return LineageEvent(
-        kind="capability_use",
-        agent_id=agent_id,
-        flow_run_id=flow_run_id,
-        decision_id=parent_decision_id,
-        verdict=verdict,
-        allow=granted and not flagged,
-        reasons=reasons,
-        payload=payload,
-    )
-
-
-def report_problem_event(
-    problems: list[str], *, agent_id: str | None, flow_run_id: str, parent_decision_id: str
-) -> LineageEvent:
-    """What was wrong with a run's report of its governance events (missing, foreign, garbled)."""
-    return LineageEvent(
-        kind="report_problem",
-        agent_id=agent_id,
-        flow_run_id=flow_run_id,
-        decision_id=parent_decision_id,
-        reasons=problems,
-    )
 
 
 def _json_text(value: Any) -> str:
@@ -663,6 +452,7 @@ class LineageStore:
             self.keys[signer.key_id] = signer.public_b64
         self._good: dict[tuple[str, str | None], Vouch] = {}  # signatures that verified
         self._heads_vouched: dict[str, tuple[int, str | None, int, int]] = {}
+        self._memory: MemoryStore | None = None
         # JSON is stored in canonical form, so verify can hash the stored text as it is.
         self.engine: Engine = create_engine(url, pool_pre_ping=True, json_serializer=_json_text)
         # Appends retry a connection the database dropped themselves, so their pool does
@@ -833,11 +623,8 @@ class LineageStore:
         base = self._vouched_head(connection, chain, head)
         if base is None:
             return None
-        marker = LineageEvent(
-            kind=UNVOUCHED,
-            agent_id=_agent_of_chain(chain),
-            reasons=[f"records {base + 1}..{head.seq} were not written by a governed worker"],
-            payload=unvouched_marker(base + 1, head.seq, "no signature by a pinned key"),
+        marker = unvouched_event(
+            _agent_of_chain(chain), base + 1, head.seq, "no signature by a pinned key"
         )
         _normalise(marker)
         return marker
@@ -924,6 +711,46 @@ class LineageStore:
                 if self.vouched(row) is not None:
                     found.append(float(row.payload["score"]))
         return found[::-1]
+
+    def last_decided_version(self, agent_id: str, *, look_back: int = 50) -> int | None:
+        """The agent version the agent's newest vouched decision (among its ``look_back``
+        newest decisions) was made with; None: none, or it names no version."""
+        query = (
+            select(LineageEvent)  # the chain's (chain, seq) index, newest first
+            .where(LineageEvent.chain == chain_of(agent_id), LineageEvent.kind == "decision")
+            .order_by(col(LineageEvent.seq).desc())
+            .limit(look_back)
+        )
+        with Session(self.engine) as session:
+            rows = session.exec(query)
+            row = next((r for r in rows if self.vouched(r) is not None), None)
+        version = (row.payload or {}).get("agent_version") if row is not None else None
+        return int(version) if isinstance(version, int) else None
+
+    def decisions_of(
+        self, flow_run_ids: Iterable[str], *, chunk: int = 500
+    ) -> dict[str, list[LineageEvent]]:
+        """The vouched decision records of each of these flow runs, by flow run id (every
+        id given has an entry; a record no pinned key vouches for counts as absent). The
+        ids are asked for ``chunk`` at a time."""
+        ids = list(dict.fromkeys(str(i) for i in flow_run_ids))
+        found: dict[str, list[LineageEvent]] = {i: [] for i in ids}
+        with Session(self.engine) as session:
+            for start in range(0, len(ids), chunk):
+                query = select(LineageEvent).where(
+                    LineageEvent.kind == "decision",
+                    LineageEvent.flow_run_id.in_(ids[start : start + chunk]),  # type: ignore[union-attr]
+                )
+                for event in self.authentic(session.exec(query).all()):
+                    found.setdefault(str(event.flow_run_id), []).append(event)
+        return found
+
+    @property
+    def memory(self) -> MemoryStore:
+        """The agents' memory in this store's database (one per store)."""
+        if self._memory is None:
+            self._memory = MemoryStore(self.engine)
+        return self._memory
 
     def chain(self, chain: str) -> list[LineageEvent]:
         """All records of one chain, by seq."""

@@ -228,6 +228,7 @@ def propose_memory(patch: dict[str, Any]) -> None:
     from prefect.client.schemas.actions import ArtifactCreate
 
     from prefect_governance.core.handoff import REPORT_SECRET_ENV
+    from prefect_governance.core.reports import MemoryProposal
     from prefect_governance.runtime.run_log import sealed
 
     run_id = grant.envelope.flow_run.id
@@ -239,7 +240,7 @@ def propose_memory(patch: dict[str, Any]) -> None:
             run_id,
             grant.decision_id,
             PROPOSAL_KEY,
-            {"seq": seq, "patch": patch, "base_version": grant.memory.version},
+            MemoryProposal(seq=seq, patch=patch, base_version=grant.memory.version),
         )
         client.create_artifact(
             ArtifactCreate(

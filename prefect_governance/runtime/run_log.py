@@ -21,17 +21,14 @@ import atexit
 import logging
 import os
 import threading
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prefect.context import SettingsContext
 
 from prefect_governance.core.handoff import REPORT_SECRET_ENV, RUN_EVENTS_KEY
-from prefect_governance.core.reports import seal
-
-if TYPE_CHECKING:
-    pass
-
+from prefect_governance.core.reports import Report, RunEvent, RunEventsReport, run_event, seal
 
 logger = logging.getLogger("prefect_governance.runtime.run_log")
 
@@ -46,7 +43,7 @@ class RunLog:
         self.decision_id = decision_id
         self.batch = batch
         self.interval = interval
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[RunEvent] = []
         self._seq = 0
         self._lock = threading.Lock()  # numbering and the pending list
         self._sending = threading.Lock()  # one batch on its way at a time, in order
@@ -57,14 +54,14 @@ class RunLog:
         self._thread = threading.Thread(target=self._loop, name="governance-run-log", daemon=True)
         self._thread.start()
 
-    def add(self, kind: str, event: dict[str, Any], *, urgent: bool = False) -> int:
-        """Number an event and queue it; an urgent one (a refusal) is sent at once."""
+    def add(self, kind: str, event: Mapping[str, Any], *, urgent: bool = False) -> int:
+        """Number an event (of one of ``handoff.EVENT_KINDS``) and queue it as its report
+        model; an urgent one (a refusal) is sent at once."""
         with self._lock:
             self._seq += 1
             seq = self._seq
-            self._pending.append(
-                {"seq": seq, "kind": kind, "time": datetime.now(timezone.utc).isoformat(), **event}
-            )
+            fields = {"seq": seq, "time": datetime.now(timezone.utc).isoformat(), **event}
+            self._pending.append(run_event(kind, fields))
             full = len(self._pending) >= self.batch
         if urgent:
             self.flush()
@@ -109,11 +106,15 @@ _unsealed_said: list[bool] = []
 
 
 def sealed(
-    secret: str | None, flow_run_id: str, decision_id: str, key: str, body: dict[str, Any]
+    secret: str | None,
+    flow_run_id: str,
+    decision_id: str,
+    key: str,
+    body: Report | dict[str, Any],
 ) -> dict[str, Any]:
     """A report's data as sent: authenticated with the run's secret (without one, as it
     is, and the worker will not believe it)."""
-    body = {"decision_id": decision_id, **body}
+    body = {"decision_id": decision_id, **(body.report() if isinstance(body, Report) else body)}
     if not secret:
         if not _unsealed_said:  # once per process (not a failed send: the send goes on)
             _unsealed_said.append(True)
@@ -126,14 +127,18 @@ def sealed(
 
 
 def events_report(
-    secret: str | None, flow_run_id: str, decision_id: str, events: list[dict[str, Any]]
+    secret: str | None,
+    flow_run_id: str,
+    decision_id: str,
+    events: Sequence[RunEvent | dict[str, Any]],
 ) -> dict[str, Any]:
     """One batch of events as sent: its decision, the range of its numbers, the events."""
-    body = {"seq": [events[0]["seq"], events[-1]["seq"]], "events": events}
+    sent = [e.report() if isinstance(e, Report) else e for e in events]
+    body = RunEventsReport(seq=[sent[0]["seq"], sent[-1]["seq"]], events=sent)
     return sealed(secret, flow_run_id, decision_id, RUN_EVENTS_KEY, body)
 
 
-def _send(flow_run_id: str, decision_id: str, events: list[dict[str, Any]]) -> None:
+def _send(flow_run_id: str, decision_id: str, events: list[RunEvent]) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import ArtifactCreate
 
@@ -144,7 +149,7 @@ def _send(flow_run_id: str, decision_id: str, events: list[dict[str, Any]]) -> N
             ArtifactCreate(
                 key=RUN_EVENTS_KEY,
                 type="json",
-                description=f"Governance events {events[0]['seq']}-{events[-1]['seq']} "
+                description=f"Governance events {events[0].seq}-{events[-1].seq} "
                 f"of decision {decision_id}",
                 data=data,
                 flow_run_id=flow_run_id,

@@ -23,7 +23,6 @@ import anyio
 from prefect.exceptions import ObjectNotFound
 from pydantic import ValidationError
 from sqlalchemy.engine import Connection
-from sqlmodel import Session, col, select
 
 from prefect_governance.core.approvals import approvals_for_run
 from prefect_governance.core.attestation import (
@@ -79,18 +78,21 @@ from prefect_governance.core.settings import (
 )
 from prefect_governance.core.signing import SigningKey, sign
 from prefect_governance.core.trust import next_score, run_events, trust_state
-from prefect_governance.lineage.memory import CommitResult, MemoryStore, commit_in
-from prefect_governance.lineage.parameter_schemas import remembered_schema
-from prefect_governance.lineage.store import (
+from prefect_governance.lineage.events import (
     LineageEvent,
-    LineageStore,
     capability_use_event,
-    chain_of,
     decision_event,
+    memory_commit_event,
+    memory_discarded_event,
+    memory_rejected_event,
     outcome_event,
     report_problem_event,
     task_decision_event,
+    trust_event,
 )
+from prefect_governance.lineage.memory import CommitResult, MemoryStore, commit_in
+from prefect_governance.lineage.parameter_schemas import remembered_schema
+from prefect_governance.lineage.store import LineageStore
 from prefect_governance.worker.blocks import (
     GovernanceAgent,
     GovernanceLineageStore,
@@ -291,7 +293,6 @@ class Governor:
         self.settings = settings or GovernanceSettings()
         self._engines: dict[str | None, PolicyEngine] = {}
         self._stores: dict[str | None, LineageStore] = {}
-        self._memories: dict[str, MemoryStore] = {}
         self._keys: dict[str | None, SigningKey] = {}
         self._lock = anyio.Lock()
         # The key this worker signs lineage records with: configured, or this process's own.
@@ -395,11 +396,6 @@ class Governor:
                     )
                 )
             return self._stores[block_name]
-
-    def memory(self, store: LineageStore) -> MemoryStore:
-        if store.url not in self._memories:
-            self._memories[store.url] = MemoryStore(store.engine)
-        return self._memories[store.url]
 
     async def signing_key(self, block_name: str | None, client: PrefectClient) -> SigningKey:
         """The worker's signing key; its public half is published as a verify-key block."""
@@ -601,9 +597,8 @@ class Governor:
             )
 
         # One trip to the store for what it holds of the agent (read for a refusal too).
-        memories = self.memory(store)
         last_version, (trust, memory) = await anyio.to_thread.run_sync(
-            lambda: (last_decided_version(store, agent.id), agent_state(store, memories, agent))
+            lambda: (last_decided_version(store, agent.id), agent_state(store, store.memory, agent))
         )
         rolled_back = rollback_reason(controls.agent, agent.version, last_version)
         if rolled_back:
@@ -920,13 +915,8 @@ def _settle_memory(
     }
     patches, problems = _proposal_patches(proposals, assessment.decision.id)
     if state != "COMPLETED":
-        return LineageEvent(
-            kind="memory_discarded",
-            **common,
-            payload={
-                "base_version": base,
-                "reason": f"the run ended {state}, not COMPLETED",
-            },
+        return memory_discarded_event(
+            f"the run ended {state}, not COMPLETED", **common, base_version=base
         ), False
     result: CommitResult | None = None
     if not problems:
@@ -941,25 +931,9 @@ def _settle_memory(
         )
         problems = list(result.errors)
     if problems or result is None or not result.committed:
-        return LineageEvent(
-            kind="memory_rejected",
-            **common,
-            reasons=problems,
-            payload={
-                "base_version": base,
-                "errors": problems,
-            },
-        ), True
-    return LineageEvent(
-        kind="memory_commit",
-        **common,
-        payload={
-            "version": result.version,
-            "content_hash": result.content_hash,
-            "schema_hash": agent.memory_schema_hash,
-            "base_version": base,
-            "rebased": result.rebased,
-        },
+        return memory_rejected_event(problems, **common, base_version=base), True
+    return memory_commit_event(
+        result, **common, schema_hash=agent.memory_schema_hash, base_version=base
     ), False
 
 
@@ -1000,12 +974,13 @@ def _trust_event(
     latest = store.scores(agent.id, 1, connection=connection)
     before = latest[-1] if latest else agent.trust_baseline
     after = next_score(before, events, agent.trust_weights)  # type: ignore[arg-type]
-    return LineageEvent(
-        kind="trust",
+    return trust_event(
         agent_id=agent.id,
         flow_run_id=flow_run_id,
         decision_id=assessment.decision.id,
-        payload={"score": after, "previous": before, "events": events},
+        score=after,
+        previous=before,
+        events=events,
     )
 
 
@@ -1026,16 +1001,7 @@ def agent_state(
 
 def last_decided_version(store: LineageStore, agent_id: str) -> int | None:
     """The agent version the agent's latest vouched decision was made with (None: none)."""
-    with Session(store.engine) as session:
-        rows = session.exec(
-            select(LineageEvent)  # the chain's (chain, seq) index, newest first
-            .where(LineageEvent.chain == chain_of(agent_id), LineageEvent.kind == "decision")
-            .order_by(col(LineageEvent.seq).desc())
-            .limit(50)
-        )
-        row = next((r for r in rows if store.vouched(r) is not None), None)
-    version = (row.payload or {}).get("agent_version") if row is not None else None
-    return int(version) if isinstance(version, int) else None
+    return store.last_decided_version(agent_id)
 
 
 def trust_history(store: LineageStore, agent_id: str, k: int) -> list[float]:

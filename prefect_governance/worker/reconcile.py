@@ -29,6 +29,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import Crashed
 
 from prefect_governance.core.models import MemorySnapshot
+from prefect_governance.lineage.events import gate_refusal_event
 from prefect_governance.lineage.store import LineageEvent, as_utc, decision_from_event
 from prefect_governance.worker.governor import AgentUnavailable, Assessment, load_agent
 
@@ -206,27 +207,6 @@ def foreign_start(flow_run: Any, governed_type: str) -> str | None:
         f"({labels.get('prefect.worker.name')}) took this run of a governed pool; its runs "
         f"start only through a {governed_type} worker (the pool's command cannot start "
         "elsewhere), so nothing ran"
-    )
-
-
-def gate_refusal_event(flow_run: Any, agent_id: str | None) -> LineageEvent:
-    """The lineage record of a start the gate refused (by whatever worker made it)."""
-    labels = flow_run.labels or {}
-    state = flow_run.state
-    return LineageEvent(
-        kind="gate_refusal",
-        agent_id=agent_id,
-        flow_run_id=str(flow_run.id),
-        decision_id=labels.get("governance.decision_id"),
-        verdict="refused",
-        allow=False,
-        reasons=[state.message],
-        payload={
-            "state_id": str(state.id),
-            "state_time": state.timestamp.isoformat() if state.timestamp else None,
-            "worker": labels.get("prefect.worker.name"),
-            "worker_type": labels.get("prefect.worker.type"),
-        },
     )
 
 
