@@ -44,7 +44,7 @@ from prefect_governance.worker.report import (
     verify_report,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: blocks/, examples/
 POOL = "governed"
 SHADOW_POOL = "governed-shadow"  # audit mode, set by the pool owner in its template
 
