@@ -28,6 +28,7 @@ from uuid import UUID
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import FlowRun
+from pydantic import SecretStr
 
 from prefect_governance.cli.demo import (
     deploy_example,
@@ -78,16 +79,20 @@ def signed_agent(agent: GovernanceAgent, name: str, owner: SigningKey) -> Govern
     return signed(name, agent, owner)
 
 
-async def create_pool(name: str, template: dict[str, Any] | None = None, **defaults: Any) -> str:
+async def create_pool(
+    name: str, template: dict[str, Any] | None = None, *, overwrite: bool = False, **defaults: Any
+) -> str:
     """Create a governed-process pool from ``template``, or from the governed worker's
-    template with these variables defaulted (``lineage_store``, ``engine``, ``mode`` ...)."""
+    template with these variables defaulted (``lineage_store``, ``engine``, ``mode`` ...);
+    ``overwrite`` replaces a pool of that name."""
     async with get_client() as client:
         await client.create_work_pool(
             WorkPoolCreate(
                 name=name,
                 type=GovernedProcessWorker.type,
                 base_job_template=template or pool_template(**defaults),
-            )
+            ),
+            overwrite=overwrite,
         )
     return name
 
@@ -127,7 +132,8 @@ class Harness:
     async def save_lineage(self, name: str | None = None, url: str | None = None) -> str:
         """Save a lineage store block (by default this harness's) and return its name."""
         name = name or self.lineage_block
-        await GovernanceLineageStore(url=url or self.lineage_url).asave(name, overwrite=True)
+        store = GovernanceLineageStore(url=SecretStr(url or self.lineage_url))
+        await store.asave(name, overwrite=True)
         return name
 
     async def save_engine(self, name: str, **fields: Any) -> str:
