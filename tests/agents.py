@@ -9,9 +9,12 @@ a convenience of the tests only; the product's default binds nothing.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
-from prefect_governance.core.attestation import signed
 from prefect_governance.core.signing import SigningKey
+from prefect_governance.testing import Harness, Server
+from prefect_governance.testing import signed_agent as _signed_agent
 from prefect_governance.worker.blocks import GovernanceAgent
 
 TEST_AGENT_KEY = SigningKey.from_seed(
@@ -21,14 +24,17 @@ TEST_AGENT_KEY = SigningKey.from_seed(
 TEST_AGENT_KEYS = json.dumps({TEST_AGENT_KEY.key_id: TEST_AGENT_KEY.public_b64})
 
 
+def harness(server: Server, workdir: Path, **options: Any) -> Harness:
+    """The test harness whose pool owner is the test key every worker here pins."""
+    return Harness(server, workdir, owner=TEST_AGENT_KEY, **options)
+
+
 def signed_agent(
     agent: GovernanceAgent, name: str, key: SigningKey = TEST_AGENT_KEY
 ) -> GovernanceAgent:
     """The agent as the pool owner applies it under this block name (bound to every
     deployment when it names none)."""
-    if not agent.deployments:
-        agent = agent.model_copy(update={"deployments": ["*"]})
-    return signed(name, agent, key)
+    return _signed_agent(agent, name, key)
 
 
 def save_agent(agent: GovernanceAgent, name: str) -> GovernanceAgent:

@@ -32,6 +32,18 @@ POLICIES = ROOT / "policies"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+# The fixtures that give a test a real Prefect server. A test that gets one, through any
+# of its fixtures, is marked e2e whether or not its file says so (a test that starts a
+# server of its own, like the demo's, says so itself).
+PREFECT_SERVERS = {"prefect_server", "pg_prefect"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if PREFECT_SERVERS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
 def missing(part: str) -> None:
     """A real part is not here: a failure in CI, a skip elsewhere."""
     message = f"{part} is not available"

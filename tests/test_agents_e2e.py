@@ -17,20 +17,14 @@ from datetime import timedelta
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 
-from prefect_governance.cli.demo import deploy_example, pool_template, run_in_order
-from prefect_governance.cli.local import prefect_env, start_worker, stop
+from prefect_governance.cli.local import prefect_env
 from prefect_governance.core.keys import GovernanceVerifyKey
 from prefect_governance.core.signing import SigningKey, sign
 from prefect_governance.lineage.memory import MemoryStore
-from prefect_governance.lineage.store import LineageStore
-from prefect_governance.worker.blocks import (
-    GovernanceAgent,
-    GovernanceLineageStore,
-    GovernancePolicyEngine,
-)
-from tests.agents import asave_agent
+from prefect_governance.testing import create_pool, deploy_example, run_in_order
+from prefect_governance.worker.blocks import GovernanceAgent
+from tests.agents import asave_agent, harness
 from tests.conftest import ROOT
 from tests.grants import example_grant
 from tests.test_openlineage import check_event, openlineage_registry
@@ -54,78 +48,52 @@ PLAN = [
 ]
 
 
-async def _setup(tmp, opa_url):
-    await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave(
-        "agents-lineage", overwrite=True
-    )
-    await GovernancePolicyEngine(kind="embedded").asave("agents-embedded", overwrite=True)
-    await GovernancePolicyEngine(kind="opa", opa_url=opa_url).asave("agents-opa", overwrite=True)
-    deployments = {}
-    async with get_client() as client:
-        for engine in ("embedded", "opa"):
-            pool = f"learn-{engine}"
-            await asave_agent(
-                GovernanceAgent(
-                    id=f"learner-{engine}",
-                    owner="ml@example.com",
-                    trust_scope=[pool],
-                    capabilities=["read:warehouse"],
-                    memory_schema=MEMORY_SCHEMA,
-                    trust_baseline=0.8,
-                ),
-                f"learner-{engine}",
-            )
-            await client.create_work_pool(
-                WorkPoolCreate(
-                    name=pool,
-                    type="governed-process",
-                    base_job_template=pool_template(
-                        engine=f"agents-{engine}", lineage_store="agents-lineage"
-                    ),
-                )
-            )
-            deployments[engine] = await deploy_example(
-                f"learn-{engine}", pool, {"agent": f"learner-{engine}"}, flow_name="learn"
-            )
-    return deployments
-
-
 @pytest.fixture(scope="module")
 def learned(prefect_server, opa_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("agents")
-    deployments = asyncio.run(_setup(tmp, opa_server.url))
-    store = LineageStore(f"sqlite:///{tmp / 'lineage.db'}")
-    workers = [
-        start_worker(
-            f"learn-{engine}",
-            prefect_server.home,
-            prefect_server.api_url,
-            tmp / f"worker-{engine}.log",
-        )
-        for engine in deployments
-    ]
+    with harness(prefect_server, tmp, lineage_block="agents-lineage") as gov:
 
-    async def both():
-        return dict(
-            zip(
-                deployments,
-                await asyncio.gather(
-                    *(
-                        run_in_order(deployment_id, PLAN, tmp, store)
-                        for engine, deployment_id in deployments.items()
-                    )
-                ),
-                strict=True,
+        async def setup():
+            await gov.save_engine("agents-embedded", kind="embedded")
+            await gov.save_engine("agents-opa", kind="opa", opa_url=opa_server.url)
+            deployments = {}
+            for engine in ("embedded", "opa"):
+                agent = GovernanceAgent(
+                    id=f"learner-{engine}",
+                    owner="ml@example.com",
+                    trust_scope=[f"learn-{engine}"],
+                    capabilities=["read:warehouse"],
+                    memory_schema=MEMORY_SCHEMA,
+                    trust_baseline=0.8,
+                )
+                deployments[engine] = await gov.governed_pool(
+                    f"learn-{engine}", agent, flow_name="learn", engine=f"agents-{engine}"
+                )
+            return deployments
+
+        deployments = asyncio.run(setup())
+        for engine in deployments:
+            gov.start_worker(f"learn-{engine}", log=tmp / f"worker-{engine}.log")
+
+        async def both():
+            return dict(
+                zip(
+                    deployments,
+                    await asyncio.gather(
+                        *(
+                            run_in_order(deployment_id, PLAN, tmp, gov.store)
+                            for engine, deployment_id in deployments.items()
+                        )
+                    ),
+                    strict=True,
+                )
             )
-        )
 
-    try:
-        results = asyncio.run(both())
-    finally:
-        for worker in workers:
-            stop(worker)
-    yield results, store
-    store.dispose()
+        try:
+            results = asyncio.run(both())
+        finally:
+            gov.stop_workers()
+        yield results, gov.store
 
 
 ENGINES = pytest.mark.parametrize("engine", ["embedded", "opa"])
@@ -187,12 +155,7 @@ def unattended(prefect_server):
 
     async def setup():
         await GovernanceVerifyKey(public_key=key.public_b64).asave("test-signer", overwrite=True)
-        async with get_client() as client:
-            await client.create_work_pool(
-                WorkPoolCreate(
-                    name="unattended", type="governed-process", base_job_template=pool_template()
-                )
-            )
+        await create_pool("unattended")
         return await deploy_example("unattended", "unattended", {}, flow_name="learn")
 
     return asyncio.run(setup()), key

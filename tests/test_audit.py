@@ -22,7 +22,6 @@ from uuid import UUID
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.states import Running, Scheduled
 from prefect.workers.process import ProcessWorker
 
@@ -35,12 +34,19 @@ from prefect_governance.cli.audit import (
     judge,
     parse_when,
 )
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final, wait_outcomes
-from prefect_governance.cli.local import free_port, prefect_env, start_worker, stop
+from prefect_governance.cli.local import free_port, prefect_env
 from prefect_governance.core.trust import TrustWeights
 from prefect_governance.lineage.store import LineageEvent, LineageStore
-from prefect_governance.worker.blocks import GovernanceAgent, GovernanceLineageStore
-from tests.agents import asave_agent
+from prefect_governance.testing import (
+    Harness,
+    create_pool,
+    deploy_example,
+    pool_template,
+    wait_final,
+    wait_outcomes,
+)
+from prefect_governance.worker.blocks import GovernanceAgent
+from tests.agents import harness
 
 CLI = [sys.executable, "-m", "prefect_governance.cli"]
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
@@ -363,31 +369,23 @@ def _bypass_template() -> dict[str, Any]:
     return template
 
 
-async def _setup(tmp: Path) -> tuple[dict[str, UUID], dict[str, Path]]:
-    lineage_url = f"sqlite:///{tmp / 'lineage.db'}"
-    await GovernanceLineageStore(url=lineage_url).asave("audit-lineage", overwrite=True)
+async def _setup(gov: Harness) -> tuple[dict[str, UUID], dict[str, Path]]:
+    tmp = gov.workdir
+    lineage = await gov.save_lineage()
     still = TrustWeights(completed=0, failed=0, crashed=0, refused=0, warned=0, memory_rejected=0)
-    await asave_agent(
+    await gov.save_agent(
         GovernanceAgent(
             id="audit-etl",
             trust_weights=still,
             owner="data@example.com",
             trust_scope=[CLEAN, FORCED, BYPASS, MANY],
             capabilities=["read:warehouse"],
-        ),
-        "audit-etl",
+        )
     )
-    pools = {
-        CLEAN: pool_template(lineage_store="audit-lineage"),
-        FORCED: pool_template(lineage_store="audit-lineage"),
-        BYPASS: _bypass_template(),
-        MANY: pool_template(lineage_store="audit-lineage"),
-    }
-    async with get_client() as client:
-        for name, template in pools.items():
-            await client.create_work_pool(
-                WorkPoolCreate(name=name, type="governed-process", base_job_template=template)
-            )
+    await create_pool(CLEAN, lineage_store=lineage)
+    await create_pool(FORCED, lineage_store=lineage)
+    await create_pool(BYPASS, _bypass_template())
+    await create_pool(MANY, lineage_store=lineage)
     allowed = {"agent": "audit-etl", "capabilities": ["read:warehouse"]}
     refused = {"agent": "audit-etl", "capabilities": ["delete:warehouse"]}
     plan = {
@@ -435,33 +433,23 @@ def world(prefect_server, tmp_path_factory) -> World:
     tmp = tmp_path_factory.mktemp("audit")
     (tmp / "markers").mkdir()
     began = datetime.now(timezone.utc)
-    runs, markers = asyncio.run(_setup(tmp))
-    server = prefect_server
-    workers = [
-        start_worker(CLEAN, server.home, server.api_url, tmp / "worker-clean.log"),
-        start_worker(FORCED, server.home, server.api_url, tmp / "worker-forced.log"),
+    with harness(prefect_server, tmp, lineage_block="audit-lineage") as gov:
+        runs, markers = asyncio.run(_setup(gov))
+        gov.start_worker(CLEAN, log=tmp / "worker-clean.log")
+        gov.start_worker(FORCED, log=tmp / "worker-forced.log")
         # Prefect's stock process worker on a governed pool: no gate at all.
-        start_worker(
-            BYPASS, server.home, server.api_url, tmp / "worker-bypass.log", worker_type="process"
-        ),
-    ]
-    worked = ["clean-allowed", "clean-refused", "forced-refused", "forced-relabelled", "bypass"]
-    store = LineageStore(f"sqlite:///{tmp / 'lineage.db'}")
-    try:
+        gov.start_worker(BYPASS, log=tmp / "worker-bypass.log", worker_type="process")
+        worked = ["clean-allowed", "clean-refused", "forced-refused", "forced-relabelled", "bypass"]
         by_id = asyncio.run(wait_final([runs[k] for k in worked], timeout=240))
         asyncio.run(
-            wait_outcomes(store, [runs["clean-allowed"], runs["forced-relabelled"]], timeout=60)
+            wait_outcomes(gov.store, [runs["clean-allowed"], runs["forced-relabelled"]], timeout=60)
         )
-    finally:
-        for worker in workers:
-            stop(worker)
-        store.dispose()
     final = {k: by_id[runs[k]] for k in worked}
     for key, run in final.items():
         logs = "\n".join(log.read_text()[-2000:] for log in tmp.glob("worker-*.log"))
         assert run.state and run.state.is_final(), f"{key}: {run.state}\n{logs}"
     forced = asyncio.run(_after_workers(runs))
-    return World(tmp, f"sqlite:///{tmp / 'lineage.db'}", runs, markers, final, forced, began)
+    return World(tmp, gov.lineage_url, runs, markers, final, forced, began)
 
 
 def _cli(server, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

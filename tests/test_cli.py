@@ -16,17 +16,16 @@ from prefect import get_client
 from prefect_governance.cli.apply import DocumentError, apply_documents, load_documents
 from prefect_governance.cli.automations import GUARDS, REFUSED_STAYS_REFUSED
 from prefect_governance.cli.automations import remove_guards as guards_removed
-from prefect_governance.cli.demo import deploy_example, pool_template
 from prefect_governance.cli.local import prefect_env
 from prefect_governance.core.attestation import verify_agent
 from prefect_governance.core.decision import worker_refusal
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.lineage.store import LineageStore, decision_event
+from prefect_governance.testing import create_pool, deploy_example
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import TEST_AGENT_KEY
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.e2e
 CLI = [sys.executable, "-m", "prefect_governance.cli"]
 
 
@@ -246,14 +245,7 @@ def test_decide_prints_the_decision_and_the_input_without_running(prefect_server
         await GovernanceAgent(
             id="self-made", owner="o", trust_scope=["governed"], deployments=["*"]
         ).asave("self-made", overwrite=True)
-        async with get_client() as client:
-            from prefect.client.schemas.actions import WorkPoolCreate
-
-            await client.create_work_pool(
-                WorkPoolCreate(
-                    name="governed", type="governed-process", base_job_template=pool_template()
-                )
-            )
+        await create_pool("governed")
         await deploy_example(
             "nightly-load", "governed", {"agent": "etl-agent", "capabilities": ["write:warehouse"]}
         )
@@ -348,6 +340,7 @@ def test_lineage_on_postgresql(postgres):
     store.dispose()
 
 
+@pytest.mark.e2e  # the demo starts a Prefect server and workers of its own
 def test_the_demo_runs_end_to_end(tmp_path):
     """The README's main command: one allowed, one refused, one warned, one audited run."""
     result = subprocess.run(

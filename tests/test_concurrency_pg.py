@@ -29,27 +29,23 @@ from uuid import UUID
 import pytest
 from prefect import flow as prefect_flow
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from sqlmodel import Session, select
 
-from prefect_governance.cli.demo import pool_template
-from prefect_governance.cli.local import PrefectServer, start_worker, stop
+from prefect_governance.cli.local import PrefectServer
 from prefect_governance.core.trust import TrustWeights
 from prefect_governance.lineage.memory import MemoryStore
 from prefect_governance.lineage.migrations import VERSION_TABLE, heads
 from prefect_governance.lineage.migrations import config as migrations_config
 from prefect_governance.lineage.store import LineageEvent, LineageStore
-from prefect_governance.worker.blocks import (
-    GovernanceAgent,
-    GovernanceLineageStore,
-    GovernancePolicyEngine,
-)
-from tests.agents import asave_agent
+from prefect_governance.testing import Harness, create_pool
+from prefect_governance.worker.blocks import GovernanceAgent
+from tests.agents import harness
 from tests.concurrency_support import MEMORY_SCHEMA
 from tests.pg_support import scratch_database
 
-pytestmark = [pytest.mark.e2e, pytest.mark.concurrency]
+# The Prefect-server tests are marked e2e too (conftest: they get `pg_prefect`).
+pytestmark = pytest.mark.concurrency
 
 TESTS = Path(__file__).resolve().parent
 AGENTS = 4
@@ -96,13 +92,13 @@ async def _deploy(name: str, agent: str) -> UUID:
         )
 
 
-async def _setup(lineage_url: str, markers: Path) -> dict[str, tuple[str, Path]]:
+async def _setup(gov: Harness, markers: Path) -> dict[str, tuple[str, Path]]:
     """Blocks, the pool, one deployment per agent and all the runs, queued up front."""
-    await GovernanceLineageStore(url=lineage_url).asave("crowd-lineage", overwrite=True)
-    await GovernancePolicyEngine(kind="embedded").asave("crowd-embedded", overwrite=True)
+    lineage = await gov.save_lineage()
+    engine = await gov.save_engine("crowd-embedded", kind="embedded")
     deployments = {}
     for i in range(AGENTS):
-        await asave_agent(
+        await gov.save_agent(
             GovernanceAgent(
                 id=_agent(i),
                 owner="ops@example.com",
@@ -110,19 +106,10 @@ async def _setup(lineage_url: str, markers: Path) -> dict[str, tuple[str, Path]]
                 capabilities=["read:warehouse"],
                 memory_schema=MEMORY_SCHEMA,
                 trust_weights=STILL,  # many runs of one agent: keep trust (and the policy) still
-            ),
-            _agent(i),
-        )
-    async with get_client() as client:
-        await client.create_work_pool(
-            WorkPoolCreate(
-                name=POOL,
-                type="governed-process",
-                base_job_template=pool_template(
-                    engine="crowd-embedded", lineage_store="crowd-lineage"
-                ),
             )
         )
+    await create_pool(POOL, engine=engine, lineage_store=lineage)
+    async with get_client() as client:
         for i in range(AGENTS):
             deployments[_agent(i)] = await _deploy(f"crowd-{i}", _agent(i))
         runs = {}
@@ -208,26 +195,20 @@ def crowd(pg_prefect, postgres, tmp_path_factory):
     markers = tmp / "markers"
     markers.mkdir()
     with scratch_database(postgres.url, "crowd") as url:
-        runs = asyncio.run(_setup(url, markers))
-        logs = [tmp / f"worker-{w}.log" for w in range(WORKERS)]
-        started = time.monotonic()
-        workers = [
-            start_worker(POOL, prefect_server.home, prefect_server.api_url, log, limit=WORKER_LIMIT)
-            for log in logs
-        ]
-        store = None
-        try:
-            final = asyncio.run(_wait_final(list(runs), TIMEOUT))
-            store = LineageStore(url)
-            _wait_outcomes(store, len(runs), 120)
-            seconds = time.monotonic() - started
-        finally:
-            for worker in workers:
-                stop(worker)
-        try:
+        with harness(prefect_server, tmp, lineage_url=url, lineage_block="crowd-lineage") as gov:
+            runs = asyncio.run(_setup(gov, markers))
+            logs = [tmp / f"worker-{w}.log" for w in range(WORKERS)]
+            started = time.monotonic()
+            for log in logs:
+                gov.start_worker(POOL, log=log, limit=WORKER_LIMIT)
+            try:
+                final = asyncio.run(_wait_final(list(runs), TIMEOUT))
+                store = gov.store
+                _wait_outcomes(store, len(runs), 120)
+                seconds = time.monotonic() - started
+            finally:
+                gov.stop_workers()
             events, problems, chains, memory = _read(store, runs)
-        finally:
-            store.dispose()
         taken = {log.stem: _taken(log) for log in logs}
         crowd = Crowd(
             runs,

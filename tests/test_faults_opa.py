@@ -18,20 +18,15 @@ from pathlib import Path
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
-from prefect_governance.cli.local import free_port, start_worker, stop
+from prefect_governance.cli.local import free_port, stop
 from prefect_governance.core.decision import decide
 from prefect_governance.core.engines.breaker import Breaker
 from prefect_governance.core.engines.opa import OpaEngine
 from prefect_governance.core.models import DEFAULT_POLICY_PATH, Decision
-from prefect_governance.worker.blocks import (
-    GovernanceAgent,
-    GovernanceLineageStore,
-    GovernancePolicyEngine,
-)
-from tests.agents import asave_agent
+from prefect_governance.testing import create_pool, deploy_example, wait_final
+from prefect_governance.worker.blocks import GovernanceAgent
+from tests.agents import harness
 from tests.conftest import POLICIES, OpaServer
 from tests.faults_support import ALLOW, FAULTS, FaultyOpa, start_opa
 
@@ -432,10 +427,8 @@ def test_a_worker_refuses_while_opa_is_down_and_runs_once_it_is_back(
     markers.mkdir()
 
     async def setup() -> object:
-        await GovernanceLineageStore(url=f"sqlite:///{tmp_path / 'lineage.db'}").asave(
-            "faults-lineage", overwrite=True
-        )
-        await asave_agent(
+        lineage = await gov.save_lineage()
+        await gov.save_agent(
             GovernanceAgent(
                 id="faults-etl",
                 owner="data@example.com",
@@ -443,27 +436,18 @@ def test_a_worker_refuses_while_opa_is_down_and_runs_once_it_is_back(
                 capabilities=["read:warehouse"],
                 # Default trust weights: refusals for an engine outage must not cost the agent
                 # trust, or after three of them the trust rule would refuse it once OPA is back.
-            ),
-            "faults-etl",
+            )
         )
-        await GovernancePolicyEngine(
+        await gov.save_engine(
+            "faults-opa",
             kind="opa",
             opa_url=faulty.url,
             timeout_seconds=1,
             retries=0,
             breaker_failures=2,
             breaker_reset_seconds=8,
-        ).asave("faults-opa", overwrite=True)
-        async with get_client() as client:
-            await client.create_work_pool(
-                WorkPoolCreate(
-                    name=pool,
-                    type="governed-process",
-                    base_job_template=pool_template(
-                        engine="faults-opa", lineage_store="faults-lineage"
-                    ),
-                )
-            )
+        )
+        await create_pool(pool, engine="faults-opa", lineage_store=lineage)
         return await deploy_example(
             "faults-opa-load", pool, {"agent": "faults-etl", "capabilities": ["read:warehouse"]}
         )
@@ -477,25 +461,27 @@ def test_a_worker_refuses_while_opa_is_down_and_runs_once_it_is_back(
         final = (await wait_final([created.id], timeout=90))[created.id]
         return final, marker
 
-    deployment_id = asyncio.run(setup())
-    worker = start_worker(pool, prefect_server.home, prefect_server.api_url, tmp_path / "w.log")
+    gov = harness(prefect_server, tmp_path, lineage_block="faults-lineage")
     opa = None
-    try:
-        down, down_marker = asyncio.run(run(deployment_id, "down-503"))
-        faulty.stop()  # now nothing listens on the port
-        gone, gone_marker = asyncio.run(run(deployment_id, "down-gone"))
-        gone_at = time.monotonic()
-        tripped, tripped_marker = asyncio.run(run(deployment_id, "down-circuit"))
-        assert worker.poll() is None, "the worker keeps polling through the faults"
+    with gov:
+        deployment_id = asyncio.run(setup())
+        worker = gov.start_worker(pool, log=tmp_path / "w.log")
+        try:
+            down, down_marker = asyncio.run(run(deployment_id, "down-503"))
+            faulty.stop()  # now nothing listens on the port
+            gone, gone_marker = asyncio.run(run(deployment_id, "down-gone"))
+            gone_at = time.monotonic()
+            tripped, tripped_marker = asyncio.run(run(deployment_id, "down-circuit"))
+            assert worker.poll() is None, "the worker keeps polling through the faults"
 
-        opa = start_opa(opa_bin, port, tmp_path / "opa.log", POLICIES)  # back, same port
-        time.sleep(max(0.0, 8 - (time.monotonic() - gone_at)))  # the circuit's interval
-        back, back_marker = asyncio.run(run(deployment_id, "back"))
-    finally:
-        stop(worker)
-        faulty.stop()
-        if opa is not None:
-            stop(opa)
+            opa = start_opa(opa_bin, port, tmp_path / "opa.log", POLICIES)  # back, same port
+            time.sleep(max(0.0, 8 - (time.monotonic() - gone_at)))  # the circuit's interval
+            back, back_marker = asyncio.run(run(deployment_id, "back"))
+        finally:
+            gov.stop_workers()
+            faulty.stop()
+            if opa is not None:
+                stop(opa)
 
     for state, marker, reason in (
         (down.state, down_marker, "policy engine failed (http): OPA answered HTTP 503"),

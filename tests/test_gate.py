@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 from prefect import flow, get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.states import Cancelled, Running
 
 from prefect_governance.cli.automations import (
@@ -33,13 +32,11 @@ from prefect_governance.cli.automations import (
     refused_stays_refused,
     remove_guards,
 )
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
-from prefect_governance.cli.local import prefect_env, start_worker, stop
+from prefect_governance.cli.local import prefect_env
 from prefect_governance.core.handoff import ENVELOPE_ENV, GATE_COMMAND, TRUSTED_KEYS_ENV
 from prefect_governance.core.keys import GovernanceVerifyKey
 from prefect_governance.core.models import EngineRef, Grant
 from prefect_governance.core.signing import SigningKey, sign
-from prefect_governance.lineage.store import LineageStore
 from prefect_governance.runtime.gate import (
     REFUSED_EXIT,
     GateRefusal,
@@ -47,9 +44,10 @@ from prefect_governance.runtime.gate import (
     check_run,
     trusted_keys,
 )
+from prefect_governance.testing import Harness, create_pool, deploy_example, wait_final
 from prefect_governance.worker.blocks import GovernanceAgent
 from prefect_governance.worker.process import GovernedProcessWorker
-from tests.agents import asave_agent
+from tests.agents import harness
 from tests.conftest import POLICIES, ROOT
 from tests.grants import example_grant
 
@@ -129,21 +127,15 @@ def gated(prefect_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gate")
 
     async def setup():
-        await asave_agent(
+        await harness(prefect_server, tmp).save_agent(
             GovernanceAgent(
                 id="gated-agent",
                 owner="sec@example.com",
                 trust_scope=["gated"],
                 capabilities=["read:warehouse"],
-            ),
-            "gated-agent",
-        )
-        async with get_client() as client:
-            await client.create_work_pool(
-                WorkPoolCreate(
-                    name="gated", type="governed-process", base_job_template=pool_template()
-                )
             )
+        )
+        await create_pool("gated")
         return {
             "plain": await deploy_example("gated-plain", "gated", {"agent": "gated-agent"}),
             # A deployment that asks for Prefect's bare engine as its command.
@@ -189,53 +181,43 @@ def default_lineage_url_in(home: Path) -> str:
     return f"sqlite:///{home / 'governance' / 'lineage.db'}"
 
 
-def _stock_worker(prefect_server, log: Path):
+def _stock_worker(gov: Harness, log: Path):
     """Prefect's own process worker, on the governed pool (as a new user might start it)."""
     path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # `python` is this venv's
-    return start_worker(
-        "gated",
-        prefect_server.home,
-        prefect_server.api_url,
-        log,
-        worker_type="process",
-        extra_env={"PATH": path},
-    )
+    return gov.start_worker("gated", log=log, worker_type="process", extra_env={"PATH": path})
 
 
 def test_a_stock_worker_on_a_governed_pool_executes_nothing(gated, prefect_server):
     deployments, tmp = gated
     markers = {name: tmp / f"stock-{name}" for name in ("plain", "bare")}
     runs = {name: _run(deployments[name], marker) for name, marker in markers.items()}
-    worker = _stock_worker(prefect_server, tmp / "stock-worker.log")
-    try:
+    with harness(prefect_server, tmp) as gov:
+        _stock_worker(gov, tmp / "stock-worker.log")
         finals = asyncio.run(wait_final([r.id for r in runs.values()], timeout=120))
-    finally:
-        stop(worker)
     for name, run in runs.items():
         state = finals[run.id].state
         assert state is not None and state.is_crashed(), (name, state)
         assert not markers[name].exists(), f"the {name} run executed under a stock worker"
 
     # A governed worker on the pool records each refused start in the agent's chain.
-    governed = start_worker("gated", prefect_server.home, prefect_server.api_url, tmp / "gr.log")
-    store = LineageStore(default_lineage_url_in(prefect_server.home))
-    try:
+    lineage = default_lineage_url_in(prefect_server.home)
+    with harness(prefect_server, tmp, lineage_url=lineage) as gov:
+        gov.start_worker("gated", log=tmp / "gr.log")
+        store = gov.store
         deadline = time.monotonic() + 60
         while True:
             refusals = {e.flow_run_id: e for e in store.recent(500) if e.kind == "gate_refusal"}
             if {str(r.id) for r in runs.values()} <= set(refusals) or time.monotonic() > deadline:
                 break
             time.sleep(1)
-    finally:
-        stop(governed)
-    for run in runs.values():
-        event = refusals[str(run.id)]
-        assert event.agent_id == "gated-agent" and event.payload["worker_type"] == "process"
-        assert "a worker of type 'process'" in event.reasons[0], event.reasons
-        state = _read(run.id).state  # the run's state now says why nothing ran
-        assert state.is_crashed() and "prefect-governance gate: refused" in state.message
-    assert store.verify() == []
-    store.dispose()
+        gov.stop_workers()
+        for run in runs.values():
+            event = refusals[str(run.id)]
+            assert event.agent_id == "gated-agent" and event.payload["worker_type"] == "process"
+            assert "a worker of type 'process'" in event.reasons[0], event.reasons
+            state = _read(run.id).state  # the run's state now says why nothing ran
+            assert state.is_crashed() and "prefect-governance gate: refused" in state.message
+        assert store.verify() == []
 
 
 def _gate(run_id: str, envelope: str | None, prefect_server, *keys: str, **env: str):
@@ -322,11 +304,9 @@ def test_a_refused_run_forced_back_to_running_does_not_execute(gated, prefect_se
     deployments, tmp = gated
     marker = tmp / "refused"
     run = _run(deployments["refused"], marker)
-    worker = start_worker("gated", prefect_server.home, prefect_server.api_url, tmp / "gw.log")
-    try:
+    with harness(prefect_server, tmp) as gov:
+        gov.start_worker("gated", log=tmp / "gw.log")
         final = asyncio.run(wait_final([run.id], timeout=120))[run.id]
-    finally:
-        stop(worker)
     assert final.state.name == "Refused", final.state
     decision_id = final.labels["governance.decision_id"]
 

@@ -24,18 +24,19 @@ from typing import Any
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final, wait_outcomes
-from prefect_governance.cli.local import prefect_env, start_worker, stop
+from prefect_governance.cli.local import prefect_env
 from prefect_governance.lineage.store import LineageEvent, LineageStore
-from prefect_governance.worker.blocks import (
-    GovernanceAgent,
-    GovernanceLineageStore,
-    GovernancePolicyEngine,
+from prefect_governance.testing import (
+    Harness,
+    create_pool,
+    deploy_example,
+    wait_final,
+    wait_outcomes,
 )
-from tests.agents import asave_agent
+from prefect_governance.worker.blocks import GovernanceAgent
+from tests.agents import harness
 
 pytestmark = pytest.mark.e2e
 
@@ -60,58 +61,46 @@ class Observed:
         return [e for e in self.events if e.kind in ("task_decision", "capability_use")]
 
 
-async def _setup(tmp: Path, opa_url: str) -> dict[str, dict[str, Any]]:
-    await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave(
-        "tasks-lineage", overwrite=True
-    )
-    await GovernancePolicyEngine(kind="embedded").asave("tasks-embedded", overwrite=True)
-    await GovernancePolicyEngine(kind="opa", opa_url=opa_url).asave("tasks-opa", overwrite=True)
+async def _setup(gov: Harness, opa_url: str) -> dict[str, dict[str, Any]]:
+    lineage = await gov.save_lineage()
+    await gov.save_engine("tasks-embedded", kind="embedded")
+    await gov.save_engine("tasks-opa", kind="opa", opa_url=opa_url)
     deployments: dict[str, dict[str, Any]] = {}
-    async with get_client() as client:
-        for engine in ENGINES:
-            pool = f"tasks-{engine}"
-            common = {
-                "owner": "data@example.com",
-                "trust_scope": [pool],
-                "capabilities": CAPABILITIES,
-                "constraints": {"tasks": {"deny": ["drop_tables"]}},
-            }
-            await asave_agent(GovernanceAgent(id=f"tasker-{engine}", **common), f"tasker-{engine}")
-            await asave_agent(
-                GovernanceAgent(
-                    id=f"probation-{engine}",
-                    trust_baseline=0.6,
-                    **{
-                        **common,
-                        "constraints": {"capability_trust": {"write:warehouse": 0.9}},
-                    },
-                ),
-                f"probation-{engine}",
+    for engine in ENGINES:
+        pool = f"tasks-{engine}"
+        common = {
+            "owner": "data@example.com",
+            "trust_scope": [pool],
+            "capabilities": CAPABILITIES,
+            "constraints": {"tasks": {"deny": ["drop_tables"]}},
+        }
+        await gov.save_agent(GovernanceAgent(id=f"tasker-{engine}", **common))
+        await gov.save_agent(
+            GovernanceAgent(
+                id=f"probation-{engine}",
+                trust_baseline=0.6,
+                **{
+                    **common,
+                    "constraints": {"capability_trust": {"write:warehouse": 0.9}},
+                },
             )
-            await client.create_work_pool(
-                WorkPoolCreate(
-                    name=pool,
-                    type="governed-process",
-                    base_job_template=pool_template(
-                        engine=f"tasks-{engine}", lineage_store="tasks-lineage"
-                    ),
-                )
-            )
-            variables = {"agent": f"tasker-{engine}", "capabilities": CAPABILITIES}
-            deployments[engine] = {
-                "pipeline": await deploy_example(
-                    f"pipeline-{engine}", pool, variables, flow_name="governed_pipeline"
-                ),
-                "granted": await deploy_example(
-                    f"granted-{engine}", pool, variables, flow_name="narrowed_write"
-                ),
-                "narrowed": await deploy_example(
-                    f"narrowed-{engine}",
-                    pool,
-                    {**variables, "agent": f"probation-{engine}"},
-                    flow_name="narrowed_write",
-                ),
-            }
+        )
+        await create_pool(pool, engine=f"tasks-{engine}", lineage_store=lineage)
+        variables = {"agent": f"tasker-{engine}", "capabilities": CAPABILITIES}
+        deployments[engine] = {
+            "pipeline": await deploy_example(
+                f"pipeline-{engine}", pool, variables, flow_name="governed_pipeline"
+            ),
+            "granted": await deploy_example(
+                f"granted-{engine}", pool, variables, flow_name="narrowed_write"
+            ),
+            "narrowed": await deploy_example(
+                f"narrowed-{engine}",
+                pool,
+                {**variables, "agent": f"probation-{engine}"},
+                flow_name="narrowed_write",
+            ),
+        }
     return deployments
 
 
@@ -150,24 +139,16 @@ async def _run_all(deployments, tmp: Path, store: LineageStore) -> dict[tuple[st
 @pytest.fixture(scope="module")
 def inside(prefect_server, opa_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tasks")
-    deployments = asyncio.run(_setup(tmp, opa_server.url))
-    store = LineageStore(f"sqlite:///{tmp / 'lineage.db'}")
-    workers = [
-        start_worker(
-            f"tasks-{engine}",
-            prefect_server.home,
-            prefect_server.api_url,
-            tmp / f"worker-{engine}.log",
-        )
-        for engine in ENGINES
-    ]
-    try:
-        observed = asyncio.run(_run_all(deployments, tmp, store))
-    finally:
-        for worker in workers:
-            stop(worker)
-    yield observed, store
-    store.dispose()
+    with harness(prefect_server, tmp, lineage_block="tasks-lineage") as gov:
+        deployments = asyncio.run(_setup(gov, opa_server.url))
+        store = gov.store
+        for engine in ENGINES:
+            gov.start_worker(f"tasks-{engine}", log=tmp / f"worker-{engine}.log")
+        try:
+            observed = asyncio.run(_run_all(deployments, tmp, store))
+        finally:
+            gov.stop_workers()
+        yield observed, store
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -7,54 +7,53 @@ again on the same port; a real SQLite lineage is locked by another connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
-from prefect_governance.cli.local import start_worker, stop
 from prefect_governance.lineage.store import LineageStore
-from prefect_governance.worker.blocks import GovernanceAgent, GovernanceLineageStore
-from tests.agents import asave_agent
+from prefect_governance.testing import Harness
+from prefect_governance.worker.blocks import GovernanceAgent
+from tests.agents import harness
 from tests.conftest import own_postgres
 
 pytestmark = pytest.mark.e2e
 
 
-async def _pool(name: str, lineage_url: str) -> object:
-    await GovernanceLineageStore(url=lineage_url).asave(f"{name}-lineage", overwrite=True)
-    await asave_agent(
-        GovernanceAgent(
-            id=f"{name}-agent",
-            owner="data@example.com",
-            trust_scope=[name],
-            capabilities=["read:warehouse"],
-        ),
-        f"{name}-agent",
-    )
-    async with get_client() as client:
-        await client.create_work_pool(
-            WorkPoolCreate(
-                name=name,
-                type="governed-process",
-                base_job_template=pool_template(lineage_store=f"{name}-lineage"),
+@pytest.fixture
+def pool(prefect_server, tmp_path) -> Iterator[Any]:
+    """``pool(name, lineage_url)``: a governed pool of its own agent on that lineage, its
+    worker started; returns the harness and the deployment."""
+    with contextlib.ExitStack() as stack:
+
+        def make(name: str, lineage_url: str, **env: str) -> tuple[Harness, Any]:
+            gov = stack.enter_context(
+                harness(
+                    prefect_server,
+                    tmp_path,
+                    lineage_url=lineage_url,
+                    lineage_block=f"{name}-lineage",
+                )
             )
-        )
-    return await deploy_example(name, name, {"agent": f"{name}-agent"})
-
-
-def _run_once(deployment: object, marker: Path):
-    async def go():
-        async with get_client() as client:
-            run = await client.create_flow_run_from_deployment(
-                deployment, parameters={"rows": 10, "marker": str(marker)}
+            agent = GovernanceAgent(
+                id=f"{name}-agent",
+                owner="data@example.com",
+                trust_scope=[name],
+                capabilities=["read:warehouse"],
             )
-        return (await wait_final([run.id], timeout=120))[run.id]
+            deployment = asyncio.run(gov.governed_pool(name, agent))
+            gov.start_worker(name, log=tmp_path / "worker.log", extra_env=env)
+            return gov, deployment
 
-    return asyncio.run(go())
+        yield make
+
+
+def _run_once(gov: Harness, deployment: object, marker: Path):
+    return asyncio.run(gov.run(deployment, {"rows": 10, "marker": str(marker)}))
 
 
 def _decisions(store: LineageStore, run) -> list:
@@ -62,24 +61,19 @@ def _decisions(store: LineageStore, run) -> list:
 
 
 @pytest.fixture
-def pg_down_and_back(prefect_server, tmp_path):
+def pg_down_and_back(pool, tmp_path):
     with own_postgres("governance-pg-fault-") as server:
-        deployment = asyncio.run(_pool("gov-pg-fault", server.url))
-        worker = start_worker(
-            "gov-pg-fault", prefect_server.home, prefect_server.api_url, tmp_path / "worker.log"
-        )
+        gov, deployment = pool("gov-pg-fault", server.url)
         runs = {}
+        runs["before"] = (_run_once(gov, deployment, tmp_path / "before"), tmp_path / "before")
+        server.stop()
+        runs["down"] = (_run_once(gov, deployment, tmp_path / "down"), tmp_path / "down")
+        server.start()
+        runs["back"] = (_run_once(gov, deployment, tmp_path / "back"), tmp_path / "back")
         try:
-            runs["before"] = (_run_once(deployment, tmp_path / "before"), tmp_path / "before")
-            server.stop()
-            runs["down"] = (_run_once(deployment, tmp_path / "down"), tmp_path / "down")
-            server.start()
-            runs["back"] = (_run_once(deployment, tmp_path / "back"), tmp_path / "back")
-            store = LineageStore(server.url)
-            yield runs, store
-            store.dispose()
+            yield runs, gov.store
         finally:
-            stop(worker)
+            gov.close()
 
 
 def test_postgresql_stopped_refuses_and_recovers(pg_down_and_back):
@@ -99,33 +93,21 @@ def test_postgresql_stopped_refuses_and_recovers(pg_down_and_back):
 
 
 @pytest.fixture
-def sqlite_locked(prefect_server, tmp_path):
+def sqlite_locked(pool, tmp_path):
     path = tmp_path / "lineage.db"
     url = f"sqlite:///{path}"
     LineageStore(url).dispose()  # created, as a worker would
-    deployment = asyncio.run(_pool("gov-sqlite-lock", url))
-    worker = start_worker(
-        "gov-sqlite-lock",
-        prefect_server.home,
-        prefect_server.api_url,
-        tmp_path / "worker.log",
-        extra_env={"PREFECT_GOVERNANCE_LINEAGE_APPEND_TIMEOUT": "3"},
-    )
+    gov, deployment = pool("gov-sqlite-lock", url, PREFECT_GOVERNANCE_LINEAGE_APPEND_TIMEOUT="3")
     runs = {}
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
     try:
-        holder = sqlite3.connect(path, isolation_level=None)
-        holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
-        try:
-            runs["locked"] = (_run_once(deployment, tmp_path / "locked"), tmp_path / "locked")
-        finally:
-            holder.execute("COMMIT")
-            holder.close()
-        runs["free"] = (_run_once(deployment, tmp_path / "free"), tmp_path / "free")
-        store = LineageStore(url)
-        yield runs, store
-        store.dispose()
+        runs["locked"] = (_run_once(gov, deployment, tmp_path / "locked"), tmp_path / "locked")
     finally:
-        stop(worker)
+        holder.execute("COMMIT")
+        holder.close()
+    runs["free"] = (_run_once(gov, deployment, tmp_path / "free"), tmp_path / "free")
+    yield runs, gov.store
 
 
 def test_sqlite_locked_refuses_and_recovers(sqlite_locked):
@@ -139,19 +121,14 @@ def test_sqlite_locked_refuses_and_recovers(sqlite_locked):
     assert store.verify() == []
 
 
-def test_a_read_only_sqlite_lineage_refuses(prefect_server, tmp_path):
+def test_a_read_only_sqlite_lineage_refuses(pool, tmp_path):
     """A lineage that cannot be written (opened read-only): no run starts."""
     path = tmp_path / "lineage.db"
     LineageStore(f"sqlite:///{path}").dispose()  # it exists, migrated
     read_only = f"sqlite:///file:{path}?mode=ro&uri=true"
-    deployment = asyncio.run(_pool("gov-sqlite-ro", read_only))
-    worker = start_worker(
-        "gov-sqlite-ro", prefect_server.home, prefect_server.api_url, tmp_path / "worker.log"
-    )
-    try:
-        run = _run_once(deployment, tmp_path / "marker")
-    finally:
-        stop(worker)
+    gov, deployment = pool("gov-sqlite-ro", read_only)
+    run = _run_once(gov, deployment, tmp_path / "marker")
+    gov.stop_workers()
     assert run.state.name == "Refused", run.state
     assert not (tmp_path / "marker").exists()
     assert "lineage" in run.state.message and "readonly" in run.state.message.replace(" ", "")

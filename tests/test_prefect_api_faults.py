@@ -14,14 +14,12 @@ import httpx
 import pytest
 import respx
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
-from prefect_governance.lineage.store import LineageStore
-from prefect_governance.worker.blocks import GovernanceAgent, GovernanceLineageStore
+from prefect_governance.testing import wait_final
+from prefect_governance.worker.blocks import GovernanceAgent
 from prefect_governance.worker.process import GovernedProcessWorker
-from tests.agents import asave_agent
+from tests.agents import harness
 
 pytestmark = pytest.mark.e2e
 
@@ -31,31 +29,13 @@ AGENT = "api-fault-agent"
 
 @pytest.fixture(scope="module")
 def deployment(prefect_server, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("api-faults")
-
-    async def setup():
-        await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave(
-            "api-faults-lineage", overwrite=True
+    with harness(
+        prefect_server, tmp_path_factory.mktemp("api-faults"), lineage_block="api-faults-lineage"
+    ) as gov:
+        agent = GovernanceAgent(
+            id=AGENT, owner="data@example.com", trust_scope=[POOL], capabilities=[]
         )
-        await asave_agent(
-            GovernanceAgent(
-                id=AGENT, owner="data@example.com", trust_scope=[POOL], capabilities=[]
-            ),
-            AGENT,
-        )
-        async with get_client() as client:
-            await client.create_work_pool(
-                WorkPoolCreate(
-                    name=POOL,
-                    type="governed-process",
-                    base_job_template=pool_template(lineage_store="api-faults-lineage"),
-                )
-            )
-        return await deploy_example("api-faults", POOL, {"agent": AGENT})
-
-    store = LineageStore(f"sqlite:///{tmp / 'lineage.db'}")
-    yield asyncio.run(setup()), store
-    store.dispose()
+        yield asyncio.run(gov.governed_pool(POOL, agent)), gov.store
 
 
 def _governed_run(deployment_id, marker: Path, faults) -> object:

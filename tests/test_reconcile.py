@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
-from prefect_governance.cli.local import prefect_env, spawn, start_worker, stop
+from prefect_governance.cli.local import prefect_env, spawn
 from prefect_governance.core.models import Decision
 from prefect_governance.lineage.store import LineageStore, decision_event, outcome_event
-from prefect_governance.worker.blocks import GovernanceAgent, GovernanceLineageStore
+from prefect_governance.testing import Harness, create_pool, deploy_example, wait_final
+from prefect_governance.worker.blocks import GovernanceAgent
 from prefect_governance.worker.reconcile import NEVER_STARTED, is_orphan, settle_action
-from tests.agents import asave_agent
+from tests.agents import asave_agent, harness
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
 GRACE = timedelta(seconds=60)
@@ -119,27 +118,17 @@ app()
 """
 
 
-async def _setup(tmp: Path) -> dict[str, tuple]:
-    await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave(
-        "reconcile-lineage", overwrite=True
-    )
-    await asave_agent(
+async def _setup(gov: Harness) -> dict[str, tuple]:
+    lineage = await gov.save_lineage()
+    await gov.save_agent(
         GovernanceAgent(
             id="reconcile-agent",
             owner="data@example.com",
             trust_scope=[POOL],
             capabilities=["read:warehouse"],
-        ),
-        "reconcile-agent",
-    )
-    async with get_client() as client:
-        await client.create_work_pool(
-            WorkPoolCreate(
-                name=POOL,
-                type="governed-process",
-                base_job_template=pool_template(lineage_store="reconcile-lineage"),
-            )
         )
+    )
+    await create_pool(POOL, lineage_store=lineage)
     deployment = await deploy_example("reconcile", POOL, {"agent": "reconcile-agent"})
     return {"deployment": deployment}
 
@@ -186,11 +175,10 @@ def _wait_outcome(store: LineageStore, run_id, timeout: float):
 def killed(prefect_server, tmp_path_factory):
     """Two runs whose workers were SIGKILLed: before the start, and during the run."""
     tmp = tmp_path_factory.mktemp("reconcile")
-    setup = asyncio.run(_setup(tmp))
-    home, api = prefect_server.home, prefect_server.api_url
-    store = LineageStore(f"sqlite:///{tmp / 'lineage.db'}")
-    workers = []
-    try:
+    with harness(prefect_server, tmp, lineage_block="reconcile-lineage") as gov:
+        setup = asyncio.run(_setup(gov))
+        home, api = prefect_server.home, prefect_server.api_url
+        store = gov.store
         # 1. The worker dies between the decision and the start.
         never = tmp / "never-started"
         never_id = asyncio.run(_run(setup["deployment"], never))
@@ -199,32 +187,27 @@ def killed(prefect_server, tmp_path_factory):
             prefect_env(home, api, **FAST_HEARTBEAT),
             tmp / "worker-dies-before-start.log",
         )
-        workers.append(dying)
+        gov.workers.append(dying)  # stopped with the harness, were it still alive
         dying.wait(timeout=120)
         assert dying.returncode == -signal.SIGKILL, "the worker was killed"
 
         # 2. The worker dies while the run's process runs (Prefect then ends the run itself).
         orphan = tmp / "orphan"
         orphan_id = asyncio.run(_run(setup["deployment"], orphan, seconds=6))
-        first = start_worker(POOL, home, api, tmp / "worker-first.log", extra_env=FAST_HEARTBEAT)
-        workers.append(first)
+        first = gov.start_worker(POOL, log=tmp / "worker-first.log", extra_env=FAST_HEARTBEAT)
         _wait_for(orphan, timeout=120)  # the flow's body is running (RUNNING comes earlier)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         asyncio.run(_wait_state(orphan_id, FINAL, timeout=120))
 
         # A new worker (short grace and interval) reconciles both from Prefect's state.
-        workers.append(
-            start_worker(
-                POOL,
-                home,
-                api,
-                tmp / "worker-second.log",
-                extra_env={
-                    "PREFECT_GOVERNANCE_RECONCILE_GRACE": "2",
-                    "PREFECT_GOVERNANCE_RECONCILE_INTERVAL": "1",
-                },
-            )
+        gov.start_worker(
+            POOL,
+            log=tmp / "worker-second.log",
+            extra_env={
+                "PREFECT_GOVERNANCE_RECONCILE_GRACE": "2",
+                "PREFECT_GOVERNANCE_RECONCILE_INTERVAL": "1",
+            },
         )
         events = {
             "never": _wait_outcome(store, never_id, timeout=150),
@@ -236,10 +219,6 @@ def killed(prefect_server, tmp_path_factory):
             "orphan": (runs[orphan_id], orphan, events["orphan"]),
             "store": store,
         }
-    finally:
-        for worker in workers:
-            stop(worker)
-        store.dispose()
 
 
 def _kinds(events) -> list[str]:

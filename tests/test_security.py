@@ -28,7 +28,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prefect import flow as prefect_flow
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
@@ -41,8 +40,6 @@ from prefect.utilities.callables import parameter_schema
 from pydantic import BaseModel, SecretStr, ValidationError
 from sqlalchemy import create_engine, text
 
-from prefect_governance.cli.demo import pool_template, wait_final, wait_outcomes
-from prefect_governance.cli.local import start_worker, stop
 from prefect_governance.core.controls import DEFAULTS, POOL_ONLY, pool_defaults, resolve_controls
 from prefect_governance.core.decision import decide, decision_for, interpret
 from prefect_governance.core.engines import EngineAnswer, EngineError, OpaEngine
@@ -70,14 +67,19 @@ from prefect_governance.core.models import (
 from prefect_governance.core.settings import WORKER_SECRETS, GovernanceSettings
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.core.trust import TrustWeights
-from prefect_governance.lineage.store import LineageStore
+from prefect_governance.testing import (
+    Harness,
+    create_pool,
+    pool_template,
+    wait_final,
+    wait_outcomes,
+)
 from prefect_governance.worker.blocks import (
     GovernanceAgent,
-    GovernanceLineageStore,
     GovernancePolicyEngine,
 )
 from tests import security_support
-from tests.agents import asave_agent
+from tests.agents import harness
 from tests.conftest import POLICIES
 from tests.security_support import Pki, SecuredOpa, make_pki
 
@@ -702,20 +704,20 @@ async def _deploy(
         )
 
 
-async def _setup(tmp: Path, opa_url: str, lineage_url: str, pool_key: SigningKey, runs):
+async def _setup(gov: Harness, opa_url: str, pool_key: SigningKey, runs):
+    tmp = gov.workdir
     still = TrustWeights(completed=0, failed=0, crashed=0, refused=0, warned=0, memory_rejected=0)
-    await asave_agent(
+    await gov.save_agent(
         GovernanceAgent(
             id="sec-agent",
             owner="sec@example.com",
             trust_scope=["sec-pool"],
             capabilities=["read:warehouse"],
             trust_weights=still,
-        ),
-        "sec-agent",
+        )
     )
-    await GovernanceLineageStore(url=lineage_url).asave("sec-lineage", overwrite=True)
-    await GovernancePolicyEngine(kind="opa", opa_url=opa_url).asave("sec-opa", overwrite=True)
+    await gov.save_lineage()
+    await gov.save_engine("sec-opa", kind="opa", opa_url=opa_url)
     await GovernanceSigningKey(key_id="sec-pool-key", private_key=pool_key.seed_b64).asave(
         "sec-pool-key", overwrite=True
     )
@@ -723,24 +725,16 @@ async def _setup(tmp: Path, opa_url: str, lineage_url: str, pool_key: SigningKey
     allow_dir = tmp / "allow-everything"
     allow_dir.mkdir()
     (allow_dir / "allow.rego").write_text(ALLOW_EVERYTHING)
-    await GovernancePolicyEngine(kind="embedded", policy_dir=str(allow_dir)).asave(
-        ATTACKER["engine"], overwrite=True
-    )
-    await GovernanceLineageStore(url=f"sqlite:///{tmp / 'attacker.db'}").asave(
-        ATTACKER["lineage_store"], overwrite=True
-    )
+    await gov.save_engine(ATTACKER["engine"], kind="embedded", policy_dir=str(allow_dir))
+    await gov.save_lineage(ATTACKER["lineage_store"], f"sqlite:///{tmp / 'attacker.db'}")
     attacker_key = SigningKey.generate(ATTACKER["signing_key"])
     await GovernanceSigningKey(
         key_id=ATTACKER["signing_key"], private_key=attacker_key.seed_b64
     ).asave(ATTACKER["signing_key"], overwrite=True)
 
-    template = pool_template(
-        engine="sec-opa", lineage_store="sec-lineage", signing_key="sec-pool-key"
+    await create_pool(
+        "sec-pool", engine="sec-opa", lineage_store=gov.lineage_block, signing_key="sec-pool-key"
     )
-    async with get_client() as client:
-        await client.create_work_pool(
-            WorkPoolCreate(name="sec-pool", type="governed-process", base_job_template=template)
-        )
     reader = {"agent": "sec-agent", "capabilities": ["read:warehouse"]}
     deployments = {
         "secret": await _deploy("sec-secret", "secret_flow", reader),
@@ -860,31 +854,32 @@ def secured(prefect_server, opa_server, postgres, tmp_path_factory) -> Secured:
     lineage_url = _lineage_database(postgres, planted["lineage_password"])
     pool_key = SigningKey.from_seed("sec-pool-key", planted["signing_seed"])
     runs = _runs(planted)
-    asyncio.run(_setup(tmp, opa_server.url, lineage_url, pool_key, runs))
-    # Worker credentials in the environment too: they must not reach the runs either.
-    env = {
-        "PREFECT_GOVERNANCE_LINEAGE_URL": "postgresql+psycopg://governance:"
-        f"{planted['env_lineage_password']}@127.0.0.1:{postgres.port}/postgres",
-        "PREFECT_GOVERNANCE_SIGNING_KEY": planted["env_signing_seed"],
-        # the pool owner's agent key, were it (wrongly) on the worker's host
-        "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY": planted["env_agent_signing_seed"],
-        "PREFECT_GOVERNANCE_MAX_PARAMETER_BYTES": str(WORKER_MAX_BYTES),
-    }
-    worker_log = tmp / "worker.log"
-    worker = start_worker(
-        "sec-pool", prefect_server.home, prefect_server.api_url, worker_log, extra_env=env
-    )
-    store = LineageStore(lineage_url)
-    ids = [run.id for run in runs.values()]
-    try:
-        final = asyncio.run(wait_final(ids, timeout=240))
-        executed = [i for i, r in final.items() if r.state and r.state.name != "Refused"]
-        asyncio.run(wait_outcomes(store, executed, timeout=60))
-    finally:
-        stop(worker)  # flushes its logs to the API
-    time.sleep(1)
-    events = {name: list(store.recent(50, flow_run_id=str(run.id))) for name, run in runs.items()}
-    store.dispose()
+    gov = harness(prefect_server, tmp, lineage_url=lineage_url, lineage_block="sec-lineage")
+    with gov:
+        asyncio.run(_setup(gov, opa_server.url, pool_key, runs))
+        # Worker credentials in the environment too: they must not reach the runs either.
+        env = {
+            "PREFECT_GOVERNANCE_LINEAGE_URL": "postgresql+psycopg://governance:"
+            f"{planted['env_lineage_password']}@127.0.0.1:{postgres.port}/postgres",
+            "PREFECT_GOVERNANCE_SIGNING_KEY": planted["env_signing_seed"],
+            # the pool owner's agent key, were it (wrongly) on the worker's host
+            "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY": planted["env_agent_signing_seed"],
+            "PREFECT_GOVERNANCE_MAX_PARAMETER_BYTES": str(WORKER_MAX_BYTES),
+        }
+        worker_log = tmp / "worker.log"
+        gov.start_worker("sec-pool", log=worker_log, extra_env=env)
+        store = gov.store
+        ids = [run.id for run in runs.values()]
+        try:
+            final = asyncio.run(wait_final(ids, timeout=240))
+            executed = [i for i, r in final.items() if r.state and r.state.name != "Refused"]
+            asyncio.run(wait_outcomes(store, executed, timeout=60))
+        finally:
+            gov.stop_workers()  # flushes its logs to the API
+        time.sleep(1)
+        events = {
+            name: list(store.recent(50, flow_run_id=str(run.id))) for name, run in runs.items()
+        }
     artifacts, flow_run_logs = asyncio.run(_artifacts_and_logs(ids))
     # What governance wrote on the runs (not their parameters: Prefect's own record).
     final_text = "\n".join(

@@ -16,19 +16,20 @@ from uuid import UUID
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.actions import BlockDocumentCreate, WorkPoolCreate
+from prefect.client.schemas.actions import BlockDocumentCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final, wait_outcomes
-from prefect_governance.cli.local import start_worker, stop
 from prefect_governance.core.trust import TrustWeights
 from prefect_governance.lineage.store import LineageStore
-from prefect_governance.worker.blocks import (
-    GovernanceAgent,
-    GovernanceLineageStore,
-    GovernancePolicyEngine,
+from prefect_governance.testing import (
+    Harness,
+    create_pool,
+    deploy_example,
+    wait_final,
+    wait_outcomes,
 )
-from tests.agents import asave_agent
+from prefect_governance.worker.blocks import GovernanceAgent
+from tests.agents import harness
 from tests.conftest import OpaServer
 
 pytestmark = pytest.mark.e2e
@@ -101,19 +102,15 @@ class Observed:
 
 
 async def _setup(
-    tmp: Path, opa_url: str, down_url: str
+    gov: Harness, opa_url: str, down_url: str
 ) -> dict[tuple[str, str], tuple[UUID, Path]]:
-    scope = ALL_POOLS
-    await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave(
-        "e2e-lineage", overwrite=True
-    )
+    tmp, scope = gov.workdir, ALL_POOLS
+    await gov.save_lineage()
     # A lineage database that cannot be opened: a directory that does not exist.
-    await GovernanceLineageStore(url=f"sqlite:///{tmp / 'missing-dir' / 'lineage.db'}").asave(
-        "e2e-no-lineage", overwrite=True
-    )
+    await gov.save_lineage("e2e-no-lineage", f"sqlite:///{tmp / 'missing-dir' / 'lineage.db'}")
     # These tests are about the gate, and many runs share each agent: keep trust still.
     still = TrustWeights(completed=0, failed=0, crashed=0, refused=0, warned=0, memory_rejected=0)
-    await asave_agent(
+    await gov.save_agent(
         GovernanceAgent(
             id="e2e-etl",
             trust_weights=still,
@@ -121,10 +118,9 @@ async def _setup(
             trust_scope=scope,
             capabilities=["read:warehouse", "write:warehouse"],
             constraints={"parameters": {"rows": {"type": "integer", "maximum": 1000}}},
-        ),
-        "e2e-etl",
+        )
     )
-    await asave_agent(
+    await gov.save_agent(
         GovernanceAgent(
             id="e2e-probation",
             trust_weights=still,
@@ -132,24 +128,20 @@ async def _setup(
             trust_scope=scope,
             capabilities=["read:warehouse"],
             trust_baseline=0.3,
-        ),
-        "e2e-probation",
+        )
     )
-    await asave_agent(
+    await gov.save_agent(
         GovernanceAgent(
             id="e2e-shadow",
             trust_weights=still,
             owner="sec@example.com",
             trust_scope=scope,
             capabilities=["read:warehouse"],
-        ),
-        "e2e-shadow",
+        )
     )
-    await GovernancePolicyEngine(kind="embedded").asave("e2e-embedded", overwrite=True)
-    await GovernancePolicyEngine(kind="opa", opa_url=opa_url).asave("e2e-opa", overwrite=True)
-    await GovernancePolicyEngine(kind="opa", opa_url=down_url, retries=0).asave(
-        "e2e-down", overwrite=True
-    )
+    await gov.save_engine("e2e-embedded", kind="embedded")
+    await gov.save_engine("e2e-opa", kind="opa", opa_url=opa_url)
+    await gov.save_engine("e2e-down", kind="opa", opa_url=down_url, retries=0)
 
     async with get_client() as client:
         # An agent document that does not validate (as if edited by hand in the UI).
@@ -163,25 +155,17 @@ async def _setup(
                 data={"id": "no spaces allowed", "owner": "", "trust_scope": "everywhere"},
             )
         )
-        pools = {
-            "gov-embedded": pool_template(engine="e2e-embedded", lineage_store="e2e-lineage"),
-            "gov-opa": pool_template(engine="e2e-opa", lineage_store="e2e-lineage"),
-            "gov-audit-embedded": pool_template(
-                engine="e2e-embedded", lineage_store="e2e-lineage", mode="audit"
-            ),
-            "gov-audit-opa": pool_template(
-                engine="e2e-opa", lineage_store="e2e-lineage", mode="audit"
-            ),
-            "gov-down": pool_template(engine="e2e-down", lineage_store="e2e-lineage"),
-            "gov-down-open": pool_template(
-                engine="e2e-down", lineage_store="e2e-lineage", fail_mode="open"
-            ),
-            "gov-no-lineage": pool_template(engine="e2e-embedded", lineage_store="e2e-no-lineage"),
-        }
-        for name, template in pools.items():
-            await client.create_work_pool(
-                WorkPoolCreate(name=name, type="governed-process", base_job_template=template)
-            )
+    pools = {
+        "gov-embedded": dict(engine="e2e-embedded"),
+        "gov-opa": dict(engine="e2e-opa"),
+        "gov-audit-embedded": dict(engine="e2e-embedded", mode="audit"),
+        "gov-audit-opa": dict(engine="e2e-opa", mode="audit"),
+        "gov-down": dict(engine="e2e-down"),
+        "gov-down-open": dict(engine="e2e-down", fail_mode="open"),
+        "gov-no-lineage": dict(engine="e2e-embedded", lineage_store="e2e-no-lineage"),
+    }
+    for name, defaults in pools.items():
+        await create_pool(name, **{"lineage_store": gov.lineage_block, **defaults})
 
     runs: dict[tuple[str, str], tuple[UUID, Path]] = {}
     plan = [(pool, s) for s in SCENARIOS for pool in s.pools.values()]
@@ -226,21 +210,18 @@ def governed(prefect_server, opa_server, opa_bin, tmp_path_factory):
     (tmp / "markers").mkdir()
     down = OpaServer(opa_bin, tmp)
     down.stop()  # a real OPA that was there and is gone: its port now refuses
-    runs = asyncio.run(_setup(tmp, opa_server.url, down.url))
-    store = LineageStore(f"sqlite:///{tmp / 'lineage.db'}")
-    workers = [
-        start_worker(pool, prefect_server.home, prefect_server.api_url, tmp / f"worker-{pool}.log")
-        for pool in ALL_POOLS
-    ]
-    started = time.monotonic()
-    try:
-        observed = asyncio.run(_observe(runs, store))
-    finally:
-        for worker in workers:
-            stop(worker)
-    observed["_elapsed"] = time.monotonic() - started
-    yield observed
-    store.dispose()
+    with harness(prefect_server, tmp, lineage_block="e2e-lineage") as gov:
+        runs = asyncio.run(_setup(gov, opa_server.url, down.url))
+        store = gov.store
+        for pool in ALL_POOLS:
+            gov.start_worker(pool)
+        started = time.monotonic()
+        try:
+            observed = asyncio.run(_observe(runs, store))
+        finally:
+            gov.stop_workers()
+        observed["_elapsed"] = time.monotonic() - started
+        yield observed
 
 
 ENGINES = pytest.mark.parametrize("engine", list(ENGINE_POOLS))

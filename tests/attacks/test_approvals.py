@@ -29,7 +29,6 @@ from prefect import get_client
 from prefect.client.schemas.actions import VariableCreate, WorkPoolCreate
 from prefect.states import Scheduled
 
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
 from prefect_governance.cli.local import prefect_env, start_worker, stop
 from prefect_governance.core.approvals import (
     DeploymentBinding,
@@ -42,6 +41,7 @@ from prefect_governance.core.approvals import (
 )
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.lineage.store import LineageStore
+from prefect_governance.testing import deploy_example, pool_template, wait_final
 from prefect_governance.worker.blocks import GovernanceAgent, GovernanceLineageStore
 from tests.agents import asave_agent
 from tests.approvers import ALICE, BOB, MALLORY_AS_ALICE, approver_keys_env

@@ -675,7 +675,7 @@ def _e2e_pool(prefect_server, tmp: Path, pool: str, agent: str, timeout: float) 
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
 
-    from prefect_governance.cli.demo import pool_template
+    from prefect_governance.testing import pool_template
     from prefect_governance.worker.blocks import GovernanceAgent, GovernancePolicyEngine
     from tests.agents import save_agent
 
@@ -713,7 +713,7 @@ def _e2e_runs(pool: str, agent: str, tables: list[str], tmp: Path, worker=None) 
 
     from prefect import get_client
 
-    from prefect_governance.cli.demo import deploy_example, wait_final
+    from prefect_governance.testing import deploy_example, wait_final
 
     async def go() -> dict:
         deployment = await deploy_example(

@@ -22,12 +22,12 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.states import Scheduled
 
 from examples.flows import load_warehouse
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
 from prefect_governance.cli.local import start_worker, stop
 from prefect_governance.core.attestation import signed
 from prefect_governance.core.keys import GovernanceVerifyKey
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.lineage.store import LineageStore
+from prefect_governance.testing import deploy_example, pool_template, wait_final
 from prefect_governance.worker.blocks import GovernanceAgent, GovernanceLineageStore
 from tests.agents import TEST_AGENT_KEY, asave_agent
 

@@ -25,11 +25,11 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final, wait_outcomes
 from prefect_governance.cli.local import prefect_env, start_worker, stop
 from prefect_governance.core.trust import TrustWeights
 from prefect_governance.lineage.auth import UNVOUCHED
 from prefect_governance.lineage.memory import MemoryStore
+from prefect_governance.testing import deploy_example, pool_template, wait_final, wait_outcomes
 from prefect_governance.worker.blocks import GovernanceAgent
 from prefect_governance.worker.governor import agent_state, trust_history
 from tests.agents import save_agent

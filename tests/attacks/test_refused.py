@@ -28,11 +28,11 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.states import Running, Scheduled
 
 from prefect_governance.cli.automations import REFUSED_AGAIN, apply_guards, remove_guards
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
 from prefect_governance.cli.local import prefect_env, start_worker, stop
 from prefect_governance.core.handoff import ENVELOPE_ENV
 from prefect_governance.core.signing import SigningKey, sign
 from prefect_governance.runtime.gate import REFUSED_EXIT
+from prefect_governance.testing import deploy_example, pool_template, wait_final
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import save_agent
 from tests.attacks.support import home_lineage

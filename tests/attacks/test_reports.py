@@ -26,13 +26,13 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import ArtifactCreate, WorkPoolCreate
 
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final, wait_outcomes
 from prefect_governance.cli.local import start_worker, stop
 from prefect_governance.core.handoff import PROPOSAL_KEY, RUN_EVENTS_KEY
 from prefect_governance.core.reports import report_secret
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.lineage.memory import MemoryStore
 from prefect_governance.runtime.run_log import sealed
+from prefect_governance.testing import deploy_example, pool_template, wait_final, wait_outcomes
 from prefect_governance.worker.blocks import GovernanceAgent
 from prefect_governance.worker.governor import report_root
 from prefect_governance.worker.run_reports import read_artifacts

@@ -31,9 +31,9 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
 
-from prefect_governance.cli.demo import pool_template, wait_final, wait_outcomes
 from prefect_governance.cli.local import start_worker, stop
 from prefect_governance.core.envelope import REDACTED
+from prefect_governance.testing import pool_template, wait_final, wait_outcomes
 from prefect_governance.worker.blocks import GovernanceAgent, GovernancePolicyEngine
 from tests.agents import asave_agent
 from tests.attacks.support import home_lineage

@@ -32,8 +32,8 @@ from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 
 from prefect_governance.cli.automations import FOREIGN_WORKER, apply_guards, remove_guards
-from prefect_governance.cli.demo import deploy_example, pool_template, wait_final
 from prefect_governance.cli.local import start_worker, stop
+from prefect_governance.testing import deploy_example, pool_template, wait_final
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import save_agent
 from tests.attacks.support import home_lineage
