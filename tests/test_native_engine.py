@@ -12,10 +12,12 @@ import textwrap
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from email.parser import Parser
 from pathlib import Path
 
 import pytest
 
+import prefect_governance
 from prefect_governance.core.decision import decide_sync
 from prefect_governance.core.engines import EmbeddedEngine, native
 from prefect_governance.core.engines.base import EngineAnswer
@@ -218,6 +220,11 @@ def test_a_library_built_elsewhere_is_shipped_as_it_is_without_go(tmp_path):
         "PREFECT_GOVERNANCE_PREBUILT_ENGINE": str(prebuilt),
     }
     wheel = build_wheel(tmp_path / "wheels", env)
+    version = prefect_governance.__version__
     with zipfile.ZipFile(wheel) as archive:
         shipped = archive.read(f"prefect_governance/core/engines/{native.LIBRARY_NAME}")
+        metadata = archive.read(f"prefect_governance-{version}.dist-info/METADATA").decode()
     assert shipped == prebuilt.read_bytes()
+    # The version, read from the source by setuptools, is the package's own.
+    assert wheel.name.startswith(f"prefect_governance-{version}-")
+    assert Parser().parsestr(metadata)["Version"] == version

@@ -2,22 +2,17 @@
 
 pyproject.toml takes it as setuptools dynamic metadata (read from the source, without
 importing the package), so the installed metadata, a built wheel and the attribute
-agree; the deployment files name the image by it and are checked here.
+agree (the wheel is checked in test_native_engine, which builds it); the deployment
+files name the image by it and are checked here.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import zipfile
-from email.parser import Parser
 from importlib.metadata import version
 from pathlib import Path
 
 import prefect_governance
-from prefect_governance.core.engines import native
 
 try:
     import tomllib
@@ -53,35 +48,3 @@ def test_the_deployment_files_name_the_image_of_this_version():
         found = re.findall(pattern, (ROOT / path).read_text())
         assert found, f"{path}: no image tag found"
         assert set(found) == {VERSION}, f"{path} names {found}, the package is {VERSION}"
-
-
-def test_a_wheel_built_without_go_carries_the_same_version(tmp_path):
-    """The Dockerfile's way (a library built elsewhere, no Go): the wheel's metadata."""
-    prebuilt = tmp_path / native.LIBRARY_NAME
-    prebuilt.write_bytes(native.LIBRARY_PATH.read_bytes())
-    path = [p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "go").exists()]
-    env = {
-        **os.environ,
-        "PATH": os.pathsep.join(path),
-        "PREFECT_GOVERNANCE_PREBUILT_ENGINE": str(prebuilt),
-    }
-    wheels = tmp_path / "wheels"
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "wheel",
-        "-q",
-        "--no-deps",
-        "-w",
-        str(wheels),
-        str(ROOT),
-    ]
-    subprocess.run(command, check=True, timeout=600, env=env)
-    (wheel,) = wheels.glob("prefect_governance-*.whl")
-    assert wheel.name.startswith(f"prefect_governance-{VERSION}-")
-    with zipfile.ZipFile(wheel) as archive:
-        metadata = archive.read(f"prefect_governance-{VERSION}.dist-info/METADATA").decode()
-        init = archive.read("prefect_governance/__init__.py").decode()
-    assert Parser().parsestr(metadata)["Version"] == VERSION
-    assert f'__version__ = "{VERSION}"' in init
