@@ -191,15 +191,15 @@ async def check_reports(flow_run_id: Any, decision_id: str, n: int) -> list[floa
     async with get_client() as client:
         batches = await read_reports(client, flow_run_id)
     events, problems = reported_events(batches, decision_id)
-    decisions = [e for e in events if e.get("kind") == "task_decision"]
-    refused = [e for e in decisions if e["decision"]["verdict"] != "allowed"]
+    decisions = [e for e in events if e.kind == "task_decision"]
+    refused = [e for e in decisions if e.decided.get("verdict") != "allowed"]
     if problems or len(decisions) != n or len(events) != n or refused:
         raise SystemExit(
             f"flow run {flow_run_id}: {len(decisions)} task decisions reported of {n}"
             f" ({len(events)} events, {len(refused)} not allowed): {problems[:3]}"
-            + (f"; first refused: {refused[0]['decision']}" if refused else "")
+            + (f"; first refused: {refused[0].decision}" if refused else "")
         )
-    return [float(e["decision"]["latency_ms"]) for e in decisions]
+    return [float(e.decided["latency_ms"]) for e in decisions]
 
 
 async def settle(flow_run_id: Any, n: int, timeout: float = 300) -> float:

@@ -130,7 +130,7 @@ def test_reported_events_are_ordered_once_each_and_gaps_named():
         {"decision_id": "d", "events": [event(6), {"seq": 7, "kind": "rm -rf"}]},
     ]
     events, problems = reported_events(batches, "d")
-    assert [e["seq"] for e in events] == [1, 3, 4, 6]
+    assert [e.seq for e in events] == [1, 3, 4, 6]
     assert any("another decision" in p for p in problems)
     assert any("not a governance event" in p for p in problems)
     assert any("seq 2, 5" in p for p in problems)
@@ -164,7 +164,7 @@ def test_govern_governs_closure_tasks_and_a_refused_body_never_runs(
     assert not (tmp_path / "forbidden").exists(), "the refused task's body ran"
     assert "governance refused task 'forbidden_step'" in state.result()
     assert problems == []
-    assert [(e["task"]["name"], e["decision"]["verdict"]) for e in events] == [
+    assert [(e.task["name"], e.decision["verdict"]) for e in events] == [
         ("allowed_step", "allowed"),
         ("forbidden_step", "refused"),
     ]
@@ -192,7 +192,7 @@ def test_async_tasks_are_governed_alike(prefect_server, signed_env, tmp_path):
     assert state.is_completed(), state
     assert (tmp_path / "fetch").exists() and not (tmp_path / "forbidden").exists()
     assert "governance refused task 'forbidden_step'" in state.result()
-    assert [e["decision"]["verdict"] for e in events] == ["allowed", "refused"]
+    assert [e.decision["verdict"] for e in events] == ["allowed", "refused"]
 
 
 def test_a_task_in_a_run_without_a_grant_is_refused(
@@ -251,7 +251,7 @@ def test_capabilities_are_checked_before_use_and_every_use_reported(
     assert "task 'reader' did not declare it" in outcomes[1]
     assert "not granted to this flow run" in outcomes[2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["read:warehouse"], "a denied use touched"
-    uses_ = [(e["capability"], e["granted"]) for e in events if e["kind"] == "capability_use"]
+    uses_ = [(e.capability, e.granted) for e in events if e.kind == "capability_use"]
     assert uses_ == [
         ("read:warehouse", True),
         ("write:warehouse", False),
@@ -276,7 +276,7 @@ def test_blocks_load_through_the_runtime_only_when_granted(prefect_server, signe
     loaded, denied = state.result()
     assert loaded == "warehouse-password"
     assert "capability 'block:secret/other-creds' denied" in denied
-    assert [e["use"] for e in events] == [
+    assert [e.use for e in events] == [
         "load block secret/warehouse-creds",
         "load block secret/other-creds",
     ]
@@ -379,4 +379,4 @@ def test_the_run_log_keeps_events_until_prefect_takes_them(prefect_server):
             return await read_reports(client, flow_run.id)
 
     events, problems = reported_events(asyncio.run(reports()), "d")
-    assert [e["capability"] for e in events] == ["a", "b"] and problems == []
+    assert [e.capability for e in events] == ["a", "b"] and problems == []

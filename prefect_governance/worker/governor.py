@@ -64,6 +64,8 @@ from prefect_governance.core.models import (
     describe_validation,
 )
 from prefect_governance.core.reports import (
+    CapabilityUseReport,
+    TaskDecisionReport,
     accepted,
     admitted_declarations,
     complete_proposals,
@@ -820,15 +822,14 @@ class Governor:
         admitted: dict[str, dict[str, Any]] = {}  # task run id -> its admission, as checked
         events = []
         for item in reported:
-            if item["kind"] == "capability_use":
+            if isinstance(item, CapabilityUseReport):
                 use = use_check(item, grants=grants, admitted=admitted)
                 events.append(
                     capability_use_event(item, parent_decision_id=parent, check=use, **common)
                 )
                 if use is not None and use["verified"] is False:
                     problems.append(
-                        f"capability use seq {item.get('seq')} ({item.get('capability')!r}) "
-                        f"flagged: {use['why']}"
+                        f"capability use seq {item.seq} ({item.capability!r}) flagged: {use['why']}"
                     )
             else:
                 check = await self._check_task_decision(assessment, item)
@@ -843,7 +844,7 @@ class Governor:
         return events
 
     async def _check_task_decision(
-        self, assessment: Assessment, item: dict[str, Any]
+        self, assessment: Assessment, item: TaskDecisionReport
     ) -> dict[str, Any]:
         """Decide a reported task input again: does the run's report hold?
 
@@ -854,9 +855,9 @@ class Governor:
         engine, envelope = assessment.engine, assessment.envelope
         if engine is None or envelope is None or assessment.policy_input is None:
             return {"verified": None, "why": "the worker that decided the run cannot check it"}
-        reported = item.get("decision") or {}
+        reported = item.decided
         try:
-            parent = dict((item.get("envelope") or {}).get("parent") or {})
+            parent = dict(item.task_envelope.get("parent") or {})
             if assessment.signature is not None and parent.get("signature") != assessment.signature:
                 return {"verified": False, "why": "it names another grant than the run's"}
             parent["envelope"] = envelope.model_dump(mode="json")
@@ -865,8 +866,8 @@ class Governor:
             policy_input = TaskPolicyInput.model_validate(
                 {
                     "agent": assessment.policy_input["agent"],
-                    "envelope": {**item["envelope"], "parent": parent},
-                    "context": item.get("context"),
+                    "envelope": {**item.envelope, "parent": parent},
+                    "context": item.context,
                 }
             ).model_dump(mode="json")
         except (ValidationError, KeyError, TypeError) as exc:

@@ -17,6 +17,7 @@ from prefect.client.schemas.filters import (
 )
 
 from prefect_governance.core.handoff import EVENT_KINDS
+from prefect_governance.core.reports import RunEvent, run_event
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -64,13 +65,13 @@ async def read_artifact_data(
 
 def reported_events(
     batches: Iterable[dict[str, Any]], decision_id: str
-) -> tuple[list[dict[str, Any]], list[str]]:
+) -> tuple[list[RunEvent], list[str]]:
     """The run's events in order (each once), and what is wrong with what was reported.
 
     A ``{"rejected": [...]}`` item carries what the worker rejected before (artifacts
     whose MAC did not verify: see ``Governor.run_reports``), reported with the rest.
     """
-    by_seq: dict[int, dict[str, Any]] = {}
+    by_seq: dict[int, RunEvent] = {}
     problems: list[str] = []
     for batch in batches:
         if "rejected" in batch:
@@ -86,7 +87,8 @@ def reported_events(
             if not isinstance(seq, int) or event.get("kind") not in EVENT_KINDS:
                 problems.append(f"an event that is not a governance event: {str(event)[:200]}")
                 continue
-            by_seq.setdefault(seq, event)  # a batch sent twice (a retried send) counts once
+            if seq not in by_seq:  # a batch sent twice (a retried send) counts once
+                by_seq[seq] = run_event(event["kind"], event)
     if by_seq:
         missing = sorted(set(range(1, max(by_seq) + 1)) - set(by_seq))
         if missing:
