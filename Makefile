@@ -47,6 +47,7 @@ bench: install opa
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/python benchmarks/tasks.py
 	$(BIN)/python benchmarks/lineage.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/imports.py
 	$(BIN)/python benchmarks/report.py --readme
 
 clean:
