@@ -209,6 +209,11 @@ class Harness:
         self.workers.append(worker)
         return worker
 
+    def stop_worker(self, worker: subprocess.Popen[bytes]) -> None:
+        """Stop one worker this harness started."""
+        self.workers.remove(worker)
+        stop(worker)
+
     def stop_workers(self) -> None:
         """Stop every worker started so far."""
         while self.workers:
