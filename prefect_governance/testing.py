@@ -154,16 +154,24 @@ class Harness:
         *,
         job_variables: Mapping[str, Any] | None = None,
         flow_name: str = "load_warehouse",
+        deployment: str | None = None,
+        directory: Path | None = None,
         **defaults: Any,
     ) -> UUID:
         """One pool and its blocks: the lineage block, the agent (signed), the pool on
-        that lineage, and a deployment of an example flow that runs as the agent.
-        Returns the deployment's id."""
-        lineage = await self.save_lineage()
+        that lineage, and a deployment (named after the pool unless told) of a flow of
+        ``directory``/flows.py (examples/ unless told) that runs as the agent. A
+        ``lineage_store`` default names the pool's store instead (``None``: the worker's
+        own in PREFECT_HOME) and saves no block. Returns the deployment's id."""
+        if "lineage_store" not in defaults:
+            defaults["lineage_store"] = await self.save_lineage()
         await self.save_agent(agent)
-        await create_pool(name, **{"lineage_store": lineage, **defaults})
+        await create_pool(name, **defaults)
         variables = {"agent": agent.id, **(job_variables or {})}
-        return await deploy_example(name, name, variables, flow_name=flow_name)
+        where = {"directory": directory} if directory is not None else {}
+        return await deploy_example(
+            deployment or name, name, variables, flow_name=flow_name, **where
+        )
 
     async def run(
         self, deployment_id: UUID, parameters: Mapping[str, Any], timeout: float = 120
@@ -200,6 +208,11 @@ class Harness:
         )
         self.workers.append(worker)
         return worker
+
+    def stop_worker(self, worker: subprocess.Popen[bytes]) -> None:
+        """Stop one worker this harness started."""
+        self.workers.remove(worker)
+        stop(worker)
 
     def stop_workers(self) -> None:
         """Stop every worker started so far."""

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect_governance.lineage.store import LineageStore
 
-
-def home_lineage(home: Path) -> LineageStore:
+def home_lineage_url(home: Path) -> str:
     """The lineage a worker in this Prefect home uses when its pool names no store."""
     (home / "governance").mkdir(parents=True, exist_ok=True)
-    return LineageStore(f"sqlite:///{home / 'governance' / 'lineage.db'}")
+    return f"sqlite:///{home / 'governance' / 'lineage.db'}"

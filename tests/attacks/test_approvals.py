@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.actions import VariableCreate, WorkPoolCreate
+from prefect.client.schemas.actions import VariableCreate
 from prefect.states import Scheduled
 
-from prefect_governance.cli.local import prefect_env, start_worker, stop
+from prefect_governance.cli.local import prefect_env
 from prefect_governance.core.approvals import (
     DeploymentBinding,
     FlowRunBinding,
@@ -40,10 +40,9 @@ from prefect_governance.core.approvals import (
     store_approval,
 )
 from prefect_governance.core.signing import SigningKey
-from prefect_governance.lineage.store import LineageStore
-from prefect_governance.testing import deploy_example, pool_template, wait_final
-from prefect_governance.worker.blocks import GovernanceAgent, GovernanceLineageStore
-from tests.agents import asave_agent
+from prefect_governance.testing import Harness, create_pool, deploy_example, wait_final
+from prefect_governance.worker.blocks import GovernanceAgent
+from tests.agents import harness
 from tests.approvers import ALICE, BOB, MALLORY_AS_ALICE, approver_keys_env
 
 pytestmark = pytest.mark.e2e
@@ -108,27 +107,18 @@ def _statement(binding, *, approver="alice", issued=None, ttl=timedelta(hours=1)
     )
 
 
-async def _setup(tmp: Path, server) -> dict[str, Any]:
+async def _setup(gov: Harness) -> dict[str, Any]:
     """Agents, deployments and runs of every case, with what the requester (and alice) did;
     no worker polls the pool yet, so every run is still Scheduled."""
-    await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave(
-        "approvals-lineage", overwrite=True
-    )
+    tmp, server = gov.workdir, gov.server
+    await create_pool(POOL, lineage_store=await gov.save_lineage(), overwrite=True)
     key_file = tmp / "alice.key"
     key_file.write_text(ALICE.seed_b64 + "\n")
     runs: dict[str, Any] = {}
     async with get_client() as client:
-        await client.create_work_pool(
-            WorkPoolCreate(
-                name=POOL,
-                type="governed-process",
-                base_job_template=pool_template(lineage_store="approvals-lineage"),
-            ),
-            overwrite=True,
-        )
         for case in [*REFUSED, *ALLOWED]:
             slug = _slug(case)
-            await asave_agent(
+            await gov.save_agent(
                 GovernanceAgent(
                     id=f"approved-{slug}",
                     owner="sec@example.com",
@@ -234,28 +224,22 @@ async def _setup(tmp: Path, server) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def decided(prefect_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("approvals")
-    runs = asyncio.run(_setup(tmp, prefect_server))
-    worker = start_worker(
-        POOL,
-        prefect_server.home,
-        prefect_server.api_url,
-        tmp / "worker.log",
-        extra_env=approver_keys_env(),
-    )
-    try:
-        finals = asyncio.run(wait_final([r["id"] for r in runs.values()], timeout=240))
-    finally:
-        stop(worker)
-    store = LineageStore(f"sqlite:///{tmp / 'lineage.db'}")
-    decisions = {
-        e.flow_run_id: e for e in store.recent(1000) if e.kind == "decision" and e.flow_run_id
-    }
-    yield {
-        case: {**run, "final": finals[run["id"]], "decision": decisions.get(str(run["id"]))}
-        for case, run in runs.items()
-    }
-    assert store.verify() == []
-    store.dispose()
+    with harness(prefect_server, tmp, lineage_block="approvals-lineage") as gov:
+        runs = asyncio.run(_setup(gov))
+        gov.start_worker(POOL, log=tmp / "worker.log", extra_env=approver_keys_env())
+        try:
+            finals = asyncio.run(wait_final([r["id"] for r in runs.values()], timeout=240))
+        finally:
+            gov.stop_workers()
+        store = gov.store
+        decisions = {
+            e.flow_run_id: e for e in store.recent(1000) if e.kind == "decision" and e.flow_run_id
+        }
+        yield {
+            case: {**run, "final": finals[run["id"]], "decision": decisions.get(str(run["id"]))}
+            for case, run in runs.items()
+        }
+        assert store.verify() == []
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))

@@ -668,41 +668,33 @@ deny contains message if {
 """
 
 
-def _e2e_pool(prefect_server, tmp: Path, pool: str, agent: str, timeout: float) -> None:
+def _e2e_pool(gov, pool: str, agent: str, timeout: float) -> None:
+    """The pool (no store named: the worker's own in its home) on an embedded engine whose
+    policies hold the attack rules, and its agent."""
     import asyncio
     import shutil
 
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect_governance.testing import create_pool
+    from prefect_governance.worker.blocks import GovernanceAgent
 
-    from prefect_governance.testing import pool_template
-    from prefect_governance.worker.blocks import GovernanceAgent, GovernancePolicyEngine
-    from tests.agents import save_agent
-
-    policies = tmp / "policies"
+    policies = gov.workdir / "policies"
     shutil.copytree(ROOT / "policies" / "prefect", policies / "prefect")
     (policies / "prefect" / "governance" / "rules" / "attack.rego").write_text(E2E_RULES)
-    save_agent(
-        GovernanceAgent(
-            id=agent, owner="sec@example.com", trust_scope=[pool], capabilities=["read:warehouse"]
-        ),
-        agent,
-    )
-    engine = GovernancePolicyEngine(
-        kind="embedded", policy_dir=str(policies), timeout_seconds=timeout
-    )
-    engine.save(f"{pool}-engine", overwrite=True)
 
     async def create() -> None:
-        async with get_client() as client:
-            await client.create_work_pool(
-                WorkPoolCreate(
-                    name=pool,
-                    type="governed-process",
-                    base_job_template=pool_template(engine=f"{pool}-engine"),
-                ),
-                overwrite=True,
-            )
+        await gov.save_agent(
+            GovernanceAgent(
+                id=agent,
+                owner="sec@example.com",
+                trust_scope=[pool],
+                capabilities=["read:warehouse"],
+            ),
+            agent,
+        )
+        engine = await gov.save_engine(
+            f"{pool}-engine", policy_dir=str(policies), timeout_seconds=timeout
+        )
+        await create_pool(pool, engine=engine, overwrite=True)
 
     asyncio.run(create())
 
@@ -744,16 +736,19 @@ def _e2e_runs(pool: str, agent: str, tables: list[str], tmp: Path, worker=None) 
 def test_e2e_a_policy_that_never_ends_refuses_by_the_deadline_and_the_worker_serves_on(
     prefect_server, tmp_path
 ):
-    from prefect_governance.cli.local import start_worker, stop
+    from tests.agents import harness
 
     pool, agent = "attack-embedded-forever", "embedded-forever-agent"
-    _e2e_pool(prefect_server, tmp_path, pool, agent, timeout=1.0)
-    worker = start_worker(pool, prefect_server.home, prefect_server.api_url, tmp_path / "w.log")
-    try:
-        runs = _e2e_runs(pool, agent, ["forever", "orders", "forever", "orders"], tmp_path, worker)
-        alive = worker.poll() is None
-    finally:
-        stop(worker)
+    with harness(prefect_server, tmp_path) as gov:
+        _e2e_pool(gov, pool, agent, timeout=1.0)
+        worker = gov.start_worker(pool, log=tmp_path / "w.log")
+        try:
+            runs = _e2e_runs(
+                pool, agent, ["forever", "orders", "forever", "orders"], tmp_path, worker
+            )
+            alive = worker.poll() is None
+        finally:
+            gov.stop_workers()
     log = (tmp_path / "w.log").read_text(errors="replace")[-3000:]
     for name, (run, marker) in runs.items():
         if name.endswith("forever"):
@@ -779,10 +774,13 @@ def test_e2e_a_policy_that_allocates_without_bound_does_not_kill_the_worker(
     machine cannot let the deadline win the race. (With 1 s and 6 GB the deadline wins.)
     """
     from prefect_governance.cli.local import prefect_env, spawn, stop
+    from tests.agents import harness
 
     pool, agent = "attack-embedded-boom", "embedded-boom-agent"
-    _e2e_pool(prefect_server, tmp_path, pool, agent, timeout=30.0)
+    with harness(prefect_server, tmp_path) as gov:
+        _e2e_pool(gov, pool, agent, timeout=30.0)
     log = tmp_path / "w.log"
+    # Started by hand, not by the harness: under an address-space limit (prlimit).
     limited = ["prlimit", f"--as={3 * 2**30}", sys.executable, "-m", "prefect"]
     worker = spawn(
         [*limited, "worker", "start", "--pool", pool],

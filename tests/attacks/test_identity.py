@@ -18,18 +18,15 @@ from uuid import UUID
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.states import Scheduled
 
 from examples.flows import load_warehouse
-from prefect_governance.cli.local import start_worker, stop
 from prefect_governance.core.attestation import signed
 from prefect_governance.core.keys import GovernanceVerifyKey
 from prefect_governance.core.signing import SigningKey
-from prefect_governance.lineage.store import LineageStore
-from prefect_governance.testing import deploy_example, pool_template, wait_final
-from prefect_governance.worker.blocks import GovernanceAgent, GovernanceLineageStore
-from tests.agents import TEST_AGENT_KEY, asave_agent
+from prefect_governance.testing import Harness, create_pool, deploy_example, wait_final
+from prefect_governance.worker.blocks import GovernanceAgent
+from tests.agents import TEST_AGENT_KEY, harness
 
 pytestmark = pytest.mark.e2e
 
@@ -133,12 +130,12 @@ ROLLBACK_V1 = _agent("id-rollback", version=1, capabilities=["read:warehouse", "
 ROLLBACK_V2 = _agent("id-rollback", version=2)
 
 
-async def _agents() -> None:
+async def _agents(gov: Harness) -> None:
     """The pool owner's agents, and what an attacker did to them or beside them."""
     bound = [f"{FLOW}/id-{ALLOWED}", f"{FLOW}/id-audit-job-variable"]
-    await asave_agent(_agent("id-etl", deployments=bound), "id-etl")
-    await asave_agent(_agent("id-shadow", mode="audit"), "id-shadow")
-    await asave_agent(_agent("id-any-deployment", deployments=["*"]), "id-any-deployment")
+    await gov.save_agent(_agent("id-etl", deployments=bound), "id-etl")
+    await gov.save_agent(_agent("id-shadow", mode="audit"), "id-shadow")
+    await gov.save_agent(_agent("id-any-deployment", deployments=["*"]), "id-any-deployment")
     # the deployment author's own block: unsigned, audit mode, every capability
     await _agent(
         "id-self-made",
@@ -147,12 +144,12 @@ async def _agents() -> None:
         deployments=["*"],
     ).asave("id-self-made", overwrite=True)
     # signed, then widened by an API client through the blocks API
-    await asave_agent(_agent("id-altered"), "id-altered")
+    await gov.save_agent(_agent("id-altered"), "id-altered")
     altered = await GovernanceAgent.aload("id-altered")
     altered.capabilities = [*altered.capabilities, "delete:warehouse"]
     await altered.asave("id-altered", overwrite=True)
     # a signed agent's fields and attestation, saved unchanged under another block name
-    origin = await asave_agent(_agent("id-origin", deployments=["*"]), "id-origin")
+    origin = await gov.save_agent(_agent("id-origin", deployments=["*"]), "id-origin")
     await origin.asave("id-copied", overwrite=True)
     # a rogue key under the pinned id, also published as a verify-key block of that id
     rogue = signed(
@@ -165,29 +162,21 @@ async def _agents() -> None:
     stranger = signed("id-stranger", _agent("id-stranger", deployments=["*"]), STRANGER)
     await stranger.asave("id-stranger", overwrite=True)
     # the owner signed version 1 once (the attacker kept a copy), and applies version 2 now
-    await asave_agent(ROLLBACK_V2, "id-rollback")
+    await gov.save_agent(ROLLBACK_V2, "id-rollback")
 
 
-async def _setup(tmp: Path) -> dict[str, tuple[UUID, Path]]:
-    await GovernanceLineageStore(url=f"sqlite:///{tmp / 'lineage.db'}").asave(
-        "identity-lineage", overwrite=True
-    )
-    await _agents()
-    async with get_client() as client:
-        await client.create_work_pool(
-            WorkPoolCreate(
-                name=POOL,
-                type="governed-process",
-                base_job_template=pool_template(lineage_store="identity-lineage"),
-            )
-        )
-    return await _start(tmp, [*ATTACKS, Attack(ALLOWED, {"agent": "id-etl"}, ""), BEFORE_ROLLBACK])
+async def _setup(gov: Harness) -> dict[str, tuple[UUID, Path]]:
+    await gov.save_lineage()
+    await _agents(gov)
+    await create_pool(POOL, lineage_store=gov.lineage_block)
+    plan = [*ATTACKS, Attack(ALLOWED, {"agent": "id-etl"}, ""), BEFORE_ROLLBACK]
+    return await _start(gov.workdir, plan)
 
 
-async def _roll_back(tmp: Path) -> dict[str, tuple[UUID, Path]]:
+async def _roll_back(gov: Harness) -> dict[str, tuple[UUID, Path]]:
     """After version 2 ran: the signed version 1 saved over it, and a run that needs it."""
-    await asave_agent(ROLLBACK_V1, "id-rollback")
-    return await _start(tmp, [ROLLBACK])
+    await gov.save_agent(ROLLBACK_V1, "id-rollback")
+    return await _start(gov.workdir, [ROLLBACK])
 
 
 async def _start(tmp: Path, plan: list[Attack]) -> dict[str, tuple[UUID, Path]]:
@@ -231,24 +220,21 @@ def attacked(prefect_server, tmp_path_factory):
     """Every attack and the control, through one governed worker, observed once."""
     tmp = tmp_path_factory.mktemp("identity")
     (tmp / "markers").mkdir()
-    runs = asyncio.run(_setup(tmp))
-    worker = start_worker(POOL, prefect_server.home, prefect_server.api_url, tmp / "worker.log")
-    try:
+    with harness(prefect_server, tmp, lineage_block="identity-lineage") as gov:
+        runs = asyncio.run(_setup(gov))
+        gov.start_worker(POOL, log=tmp / "worker.log")
         final = asyncio.run(wait_final([run_id for run_id, _ in runs.values()], timeout=180))
-        later = asyncio.run(_roll_back(tmp))
+        later = asyncio.run(_roll_back(gov))
         final.update(asyncio.run(wait_final([run_id for run_id, _ in later.values()], 120)))
         runs.update(later)
-    finally:
-        stop(worker)
-    store = LineageStore(f"sqlite:///{tmp / 'lineage.db'}")
-    observed = {
-        name: Observed(
-            final[run_id], marker.exists(), list(store.recent(50, flow_run_id=str(run_id)))
-        )
-        for name, (run_id, marker) in runs.items()
-    }
-    store.dispose()
-    return observed
+        gov.stop_workers()
+        store = gov.store
+        return {
+            name: Observed(
+                final[run_id], marker.exists(), list(store.recent(50, flow_run_id=str(run_id)))
+            )
+            for name, (run_id, marker) in runs.items()
+        }
 
 
 def _assert_refused(observed: Observed, why: str) -> None:

@@ -22,18 +22,16 @@ import subprocess
 import sys
 
 import pytest
-from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 
-from prefect_governance.cli.local import prefect_env, start_worker, stop
+from prefect_governance.cli.local import prefect_env
 from prefect_governance.core.trust import TrustWeights
 from prefect_governance.lineage.auth import UNVOUCHED
 from prefect_governance.lineage.memory import MemoryStore
-from prefect_governance.testing import deploy_example, pool_template, wait_final, wait_outcomes
+from prefect_governance.testing import wait_outcomes
 from prefect_governance.worker.blocks import GovernanceAgent
 from prefect_governance.worker.governor import agent_state, trust_history
-from tests.agents import save_agent
-from tests.attacks.support import home_lineage
+from tests.agents import harness, signed_agent
+from tests.attacks.support import home_lineage_url
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -43,55 +41,43 @@ CLI = [sys.executable, "-m", "prefect_governance.cli"]
 
 
 def test_records_flow_code_writes_into_the_lineage_count_as_absent(prefect_server, tmp_path):
-    agent = save_agent(
-        GovernanceAgent(
-            id=AGENT,
-            owner="sec@example.com",
-            trust_scope=[POOL],
-            capabilities=["read:warehouse"],
-            trust_baseline=0.3,
-            trust_weights=TrustWeights(completed=0.05),
-        ),
-        AGENT,
+    agent = GovernanceAgent(
+        id=AGENT,
+        owner="sec@example.com",
+        trust_scope=[POOL],
+        capabilities=["read:warehouse"],
+        trust_baseline=0.3,
+        trust_weights=TrustWeights(completed=0.05),
     )
     forger, honest = tmp_path / "forger.json", tmp_path / "honest.json"
-
-    async def deploy():
-        async with get_client() as client:
-            await client.create_work_pool(
-                WorkPoolCreate(
-                    name=POOL, type="governed-process", base_job_template=pool_template()
-                )
-            )
-            deployment = await deploy_example(
-                "lineage-forger",
+    # The pool names no store: the worker and the flow share the default one in the home.
+    with harness(
+        prefect_server, tmp_path, lineage_url=home_lineage_url(prefect_server.home)
+    ) as gov:
+        deployment = asyncio.run(
+            gov.governed_pool(
                 POOL,
-                {"agent": AGENT, "capabilities": ["read:warehouse"]},
+                agent,
+                job_variables={"capabilities": ["read:warehouse"]},
                 flow_name="forge_lineage",
+                deployment="lineage-forger",
                 directory=ROOT / "tests" / "attacks" / "lineage_flows",
+                lineage_store=None,
             )
-            return deployment
-
-    async def run(deployment, parameters):
-        async with get_client() as client:
-            return (
-                await client.create_flow_run_from_deployment(deployment, parameters=parameters)
-            ).id
-
-    deployment = asyncio.run(deploy())
-    worker = start_worker(POOL, prefect_server.home, prefect_server.api_url, tmp_path / "w.log")
-    store = home_lineage(prefect_server.home)
-    try:
-        first = asyncio.run(run(deployment, {"marker": str(forger)}))
-        final = asyncio.run(wait_final([first], timeout=120))[first]
+        )
+        gov.start_worker(POOL, log=tmp_path / "w.log")
+        store = gov.store
+        final = asyncio.run(gov.run(deployment, {"marker": str(forger)}))
         assert final.state.is_completed(), final.state
-        asyncio.run(wait_outcomes(store, [first], timeout=60))
-        second = asyncio.run(run(deployment, {"marker": str(honest), "forge": False}))
-        final = asyncio.run(wait_final([second], timeout=120))[second]
+        asyncio.run(wait_outcomes(store, [final.id], timeout=60))
+        final = asyncio.run(gov.run(deployment, {"marker": str(honest), "forge": False}))
         assert final.state.is_completed(), final.state
-        asyncio.run(wait_outcomes(store, [second], timeout=60))
-    finally:
-        stop(worker)
+        asyncio.run(wait_outcomes(store, [final.id], timeout=60))
+        gov.stop_workers()
+        _assert_ignored(prefect_server, store, signed_agent(agent, AGENT), forger, honest)
+
+
+def _assert_ignored(prefect_server, store, agent, forger, honest):
     seen = json.loads(forger.read_text())
     assert seen["lineage_key_in_env"] is False and seen["can_sign"] is False, seen
     forged = seen["forged_seqs"]
@@ -125,4 +111,3 @@ def test_records_flow_code_writes_into_the_lineage_count_as_absent(prefect_serve
     assert store.decision_counts(AGENT) == (2, 0)
     assert (state.runs, state.refusals) == (2, 0)
     assert json.loads(honest.read_text())["can_sign"] is False
-    store.dispose()

@@ -24,18 +24,17 @@ from datetime import timedelta
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.states import Running, Scheduled
 
 from prefect_governance.cli.automations import REFUSED_AGAIN, apply_guards, remove_guards
-from prefect_governance.cli.local import prefect_env, start_worker, stop
+from prefect_governance.cli.local import prefect_env
 from prefect_governance.core.handoff import ENVELOPE_ENV
 from prefect_governance.core.signing import SigningKey, sign
 from prefect_governance.runtime.gate import REFUSED_EXIT
-from prefect_governance.testing import deploy_example, pool_template, wait_final
+from prefect_governance.testing import wait_final
 from prefect_governance.worker.blocks import GovernanceAgent
-from tests.agents import save_agent
-from tests.attacks.support import home_lineage
+from tests.agents import harness
+from tests.attacks.support import home_lineage_url
 from tests.grants import example_grant
 
 pytestmark = pytest.mark.e2e
@@ -50,24 +49,22 @@ async def _state(client, run_id):
 
 
 def test_a_refused_run_stays_refused_long_after(prefect_server, tmp_path):
-    save_agent(
-        GovernanceAgent(
-            id=AGENT, owner="sec@example.com", trust_scope=[POOL], capabilities=["read:warehouse"]
-        ),
-        AGENT,
+    agent = GovernanceAgent(
+        id=AGENT, owner="sec@example.com", trust_scope=[POOL], capabilities=["read:warehouse"]
     )
     markers = {name: tmp_path / f"{name}.ran" for name in ("guard", "rescheduled", "gate")}
+    # The pool names no store: the worker keeps the default one in the home.
+    gov = harness(prefect_server, tmp_path, lineage_url=home_lineage_url(prefect_server.home))
 
     async def setup():
         async with get_client() as client:
             await apply_guards(client)
-            await client.create_work_pool(
-                WorkPoolCreate(
-                    name=POOL, type="governed-process", base_job_template=pool_template()
-                )
-            )
-            deployment = await deploy_example(
-                "refused-attack", POOL, {"agent": AGENT, "capabilities": ["delete:warehouse"]}
+            deployment = await gov.governed_pool(
+                POOL,
+                agent,
+                job_variables={"capabilities": ["delete:warehouse"]},
+                deployment="refused-attack",
+                lineage_store=None,
             )
             return {
                 name: (
@@ -78,9 +75,13 @@ def test_a_refused_run_stays_refused_long_after(prefect_server, tmp_path):
                 for name, marker in markers.items()
             }
 
-    runs = asyncio.run(setup())
-    worker = start_worker(POOL, prefect_server.home, prefect_server.api_url, tmp_path / "w.log")
-    store = home_lineage(prefect_server.home)
+    with gov:
+        _attack(prefect_server, gov, asyncio.run(setup()), markers)
+
+
+def _attack(prefect_server, gov, runs, markers):
+    gov.start_worker(POOL, log=gov.workdir / "w.log")
+    store = gov.store
     try:
         finals = asyncio.run(wait_final(list(runs.values()), timeout=120))
         for name, run_id in runs.items():
@@ -123,7 +124,7 @@ def test_a_refused_run_stays_refused_long_after(prefect_server, tmp_path):
             time.sleep(1)
         again = asyncio.run(wait_final([runs["rescheduled"]], timeout=60))[runs["rescheduled"]]
     finally:
-        stop(worker)
+        gov.stop_workers()
         asyncio.run(_remove_guard())
     assert len(decisions) == 2, [d.verdict for d in decisions]
     newest = decisions[0]
@@ -166,7 +167,6 @@ def test_a_refused_run_stays_refused_long_after(prefect_server, tmp_path):
     for name, marker in markers.items():
         assert not marker.exists(), f"the refused {name} run executed"
     assert store.verify() == []
-    store.dispose()
 
 
 async def _remove_guard():

@@ -24,20 +24,19 @@ from pathlib import Path
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.actions import ArtifactCreate, WorkPoolCreate
+from prefect.client.schemas.actions import ArtifactCreate
 
-from prefect_governance.cli.local import start_worker, stop
 from prefect_governance.core.handoff import PROPOSAL_KEY, RUN_EVENTS_KEY
 from prefect_governance.core.reports import report_secret
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.lineage.memory import MemoryStore
 from prefect_governance.runtime.run_log import sealed
-from prefect_governance.testing import deploy_example, pool_template, wait_final, wait_outcomes
+from prefect_governance.testing import wait_final, wait_outcomes
 from prefect_governance.worker.blocks import GovernanceAgent
 from prefect_governance.worker.governor import report_root
 from prefect_governance.worker.run_reports import read_artifacts
-from tests.agents import asave_agent
-from tests.attacks.support import home_lineage
+from tests.agents import harness
+from tests.attacks.support import home_lineage_url
 
 pytestmark = pytest.mark.e2e
 
@@ -155,30 +154,26 @@ def attacked(prefect_server, tmp_path_factory):
     victim_dir.mkdir()
     patcher_dir.mkdir()
     release = tmp / "release"
+    # The pool names no store: the worker keeps the default one in the home.
+    gov = harness(prefect_server, tmp, lineage_url=home_lineage_url(prefect_server.home))
 
     async def setup():
-        await asave_agent(
-            GovernanceAgent(
-                id=AGENT,
-                owner="sec@example.com",
-                trust_scope=[POOL],
-                capabilities=["read:warehouse"],
-            ),
-            AGENT,
+        agent = GovernanceAgent(
+            id=AGENT,
+            owner="sec@example.com",
+            trust_scope=[POOL],
+            capabilities=["read:warehouse"],
+        )
+        deployment = await gov.governed_pool(
+            POOL,
+            agent,
+            job_variables={"capabilities": ["read:warehouse"]},
+            flow_name="reporter",
+            deployment="reports-attack",
+            directory=tmp / "flows",
+            lineage_store=None,
         )
         async with get_client() as client:
-            await client.create_work_pool(
-                WorkPoolCreate(
-                    name=POOL, type="governed-process", base_job_template=pool_template()
-                )
-            )
-            deployment = await deploy_example(
-                "reports-attack",
-                POOL,
-                {"agent": AGENT, "capabilities": ["read:warehouse"]},
-                flow_name="reporter",
-                directory=tmp / "flows",
-            )
             victim = await client.create_flow_run_from_deployment(
                 deployment, parameters={"marker_dir": str(victim_dir), "release": str(release)}
             )
@@ -187,13 +182,17 @@ def attacked(prefect_server, tmp_path_factory):
             )
             return victim.id, patcher.id
 
-    victim, patcher = asyncio.run(setup())
-    store = home_lineage(prefect_server.home)
-    worker = start_worker(
+    with gov:
+        yield _attack(gov, asyncio.run(setup()), victim_dir, patcher_dir, release)
+
+
+def _attack(gov, runs, victim_dir, patcher_dir, release):
+    victim, patcher = runs
+    tmp = gov.workdir
+    store = gov.store
+    gov.start_worker(
         POOL,
-        prefect_server.home,
-        prefect_server.api_url,
-        tmp / "worker.log",
+        log=tmp / "worker.log",
         extra_env={"PREFECT_GOVERNANCE_LINEAGE_KEY": LINEAGE_SEED},
     )
     try:
@@ -213,9 +212,9 @@ def attacked(prefect_server, tmp_path_factory):
         final = asyncio.run(wait_final([victim], timeout=120))[victim]
         asyncio.run(wait_outcomes(store, [victim, patcher], timeout=60))
     finally:
-        stop(worker)
+        gov.stop_workers()
     chain = store.chain(AGENT)
-    yield {
+    return {
         "victim": (final, [e for e in chain if e.flow_run_id == str(victim)], victim_dir),
         "patcher": (patched, [e for e in chain if e.flow_run_id == str(patcher)], patcher_dir),
         "forged": forged,
@@ -225,7 +224,6 @@ def attacked(prefect_server, tmp_path_factory):
         "decisions": (victim_decision, patcher_decision),
         "worker_log": tmp / "worker.log",
     }
-    store.dispose()
 
 
 def _of(events, kind):

@@ -29,14 +29,13 @@ from typing import Any
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
+from prefect.client.schemas.actions import DeploymentUpdate
 
-from prefect_governance.cli.local import start_worker, stop
 from prefect_governance.core.envelope import REDACTED
-from prefect_governance.testing import pool_template, wait_final, wait_outcomes
-from prefect_governance.worker.blocks import GovernanceAgent, GovernancePolicyEngine
-from tests.agents import asave_agent
-from tests.attacks.support import home_lineage
+from prefect_governance.testing import Harness, create_pool, wait_final, wait_outcomes
+from prefect_governance.worker.blocks import GovernanceAgent
+from tests.agents import harness
+from tests.attacks.support import home_lineage_url
 from tests.test_security import _artifacts_and_logs, _deploy
 
 pytestmark = pytest.mark.e2e
@@ -72,20 +71,15 @@ def _planted() -> dict[str, str]:
     }
 
 
-async def _setup(tmp: Path, opa_url: str, planted: dict[str, str]) -> dict[str, Any]:
-    await asave_agent(
+async def _setup(gov: Harness, opa_url: str, planted: dict[str, str]) -> dict[str, Any]:
+    await gov.save_agent(
         GovernanceAgent(
             id=AGENT, owner="sec@example.com", trust_scope=[POOL], capabilities=["read:warehouse"]
         ),
         AGENT,
     )
-    await GovernancePolicyEngine(kind="opa", opa_url=opa_url).asave(ENGINE, overwrite=True)
-    async with get_client() as client:
-        await client.create_work_pool(
-            WorkPoolCreate(
-                name=POOL, type="governed-process", base_job_template=pool_template(engine=ENGINE)
-            )
-        )
+    await gov.save_engine(ENGINE, kind="opa", opa_url=opa_url)
+    await create_pool(POOL, engine=ENGINE)  # no store named: the worker's own in its home
     reader = {"agent": AGENT, "capabilities": ["read:warehouse"]}
     deployments = {
         name: await _deploy(f"secrets-{name}", f"{name}_flow", reader, pool=POOL)
@@ -160,34 +154,34 @@ def _wait_decided(store: Any, run_id: Any, timeout: float) -> None:
 def attacked(prefect_server, opa_server, tmp_path_factory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("secrets")
     planted = _planted()
-    plan = asyncio.run(_setup(tmp, opa_server.url, planted))
-    deployments = plan["deployments"]
-    runs = {
-        name: asyncio.run(_start(deployments[kind], tmp, name, params))
-        for name, (kind, params) in plan["parameters"].items()
-    }
-    worker_log = tmp / "worker.log"
-    worker = start_worker(POOL, prefect_server.home, prefect_server.api_url, worker_log)
-    store = home_lineage(prefect_server.home)
-    try:
-        # Once the worker has decided a run of it (and so remembered its schema), the
-        # schema is edited, and a run carries a real secret.
-        _wait_decided(store, runs["edited-before"], timeout=180)
-        edited_schema = asyncio.run(_edit_schema(deployments["edited"]))
-        runs["edited"] = asyncio.run(
-            _start(deployments["edited"], tmp, "edited", {"unlock": planted["edited"]})
-        )
-        final = asyncio.run(wait_final(list(runs.values()), timeout=180))
-        asyncio.run(wait_outcomes(store, list(runs.values()), timeout=60))
-    finally:
-        stop(worker)
-    time.sleep(1)
-    decisions = {}
-    for name, run_id in runs.items():
-        found = [e for e in store.recent(20, flow_run_id=str(run_id)) if e.kind == "decision"]
-        decisions[name] = found
-    database = Path(store.url.removeprefix("sqlite:///"))
-    store.dispose()
+    with harness(prefect_server, tmp, lineage_url=home_lineage_url(prefect_server.home)) as gov:
+        plan = asyncio.run(_setup(gov, opa_server.url, planted))
+        deployments = plan["deployments"]
+        runs = {
+            name: asyncio.run(_start(deployments[kind], tmp, name, params))
+            for name, (kind, params) in plan["parameters"].items()
+        }
+        worker_log = tmp / "worker.log"
+        gov.start_worker(POOL, log=worker_log)
+        store = gov.store
+        try:
+            # Once the worker has decided a run of it (and so remembered its schema), the
+            # schema is edited, and a run carries a real secret.
+            _wait_decided(store, runs["edited-before"], timeout=180)
+            edited_schema = asyncio.run(_edit_schema(deployments["edited"]))
+            runs["edited"] = asyncio.run(
+                _start(deployments["edited"], tmp, "edited", {"unlock": planted["edited"]})
+            )
+            final = asyncio.run(wait_final(list(runs.values()), timeout=180))
+            asyncio.run(wait_outcomes(store, list(runs.values()), timeout=60))
+        finally:
+            gov.stop_workers()
+        time.sleep(1)
+        decisions = {}
+        for name, run_id in runs.items():
+            found = [e for e in store.recent(20, flow_run_id=str(run_id)) if e.kind == "decision"]
+            decisions[name] = found
+        database = Path(store.url.removeprefix("sqlite:///"))
     artifacts, logs = asyncio.run(_artifacts_and_logs(list(runs.values())))
     lineage_bytes = b"".join(
         p.read_bytes() for p in database.parent.glob(database.name + "*") if p.is_file()

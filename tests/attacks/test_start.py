@@ -29,14 +29,12 @@ from pathlib import Path
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 
 from prefect_governance.cli.automations import FOREIGN_WORKER, apply_guards, remove_guards
-from prefect_governance.cli.local import start_worker, stop
-from prefect_governance.testing import deploy_example, pool_template, wait_final
+from prefect_governance.testing import create_pool, deploy_example, wait_final
 from prefect_governance.worker.blocks import GovernanceAgent
-from tests.agents import save_agent
-from tests.attacks.support import home_lineage
+from tests.agents import harness
+from tests.attacks.support import home_lineage_url
 
 pytestmark = pytest.mark.e2e
 
@@ -102,40 +100,33 @@ def kit(prefect_server, tmp_path_factory):
         check=True,
         capture_output=True,
     )
-    for name in (AGENT, HERMETIC):
-        save_agent(
-            GovernanceAgent(
-                id=name,
-                owner="sec@example.com",
-                trust_scope=[POOL, OPEN_POOL],
-                capabilities=["read:warehouse"],
-            ),
-            name,
-        )
+    # The pools name no store: the workers keep the default one in the home.
+    gov = harness(prefect_server, tmp, lineage_url=home_lineage_url(prefect_server.home))
 
     async def pools():
+        for name in (AGENT, HERMETIC):
+            await gov.save_agent(
+                GovernanceAgent(
+                    id=name,
+                    owner="sec@example.com",
+                    trust_scope=[POOL, OPEN_POOL],
+                    capabilities=["read:warehouse"],
+                ),
+                name,
+            )
+        await create_pool(POOL)
+        await create_pool(OPEN_POOL, env_allow=["PYTHONPATH", "LD_PRELOAD"])
         async with get_client() as client:
-            await client.create_work_pool(
-                WorkPoolCreate(
-                    name=POOL, type="governed-process", base_job_template=pool_template()
-                )
-            )
-            await client.create_work_pool(
-                WorkPoolCreate(
-                    name=OPEN_POOL,
-                    type="governed-process",
-                    base_job_template=pool_template(env_allow=["PYTHONPATH", "LD_PRELOAD"]),
-                )
-            )
             await apply_guards(client)  # as `prefect-governance apply` does, pools known
 
     async def remove():
         async with get_client() as client:
             await remove_guards(client)
 
-    asyncio.run(pools())
-    yield {"tmp": tmp, "fake": fake, "library": library}
-    asyncio.run(remove())
+    with gov:
+        asyncio.run(pools())
+        yield {"tmp": tmp, "fake": fake, "library": library, "gov": gov}
+        asyncio.run(remove())
 
 
 def _attacker_env(kit, name: str) -> dict[str, str]:
@@ -226,18 +217,14 @@ def test_a_stock_worker_starts_nothing_whatever_the_job_variables(kit, prefect_s
         name: _deploy_and_run(kit, POOL, f"stock-{name}", a(kit)) for name, a in ATTACKS.items()
     }
     path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # `python` is this venv's
-    worker = start_worker(
-        POOL,
-        prefect_server.home,
-        prefect_server.api_url,
-        kit["tmp"] / "stock.log",
-        worker_type="process",
-        extra_env={"PATH": path},
+    gov = kit["gov"]
+    worker = gov.start_worker(
+        POOL, log=kit["tmp"] / "stock.log", worker_type="process", extra_env={"PATH": path}
     )
     try:
         finals = asyncio.run(wait_final([r[0] for r in runs.values()], timeout=120))
     finally:
-        stop(worker)
+        gov.stop_worker(worker)
     for name, (run_id, marker, traces) in runs.items():
         state = finals[run_id].state
         assert state is not None and state.is_crashed(), (name, state)
@@ -254,8 +241,8 @@ def test_a_stock_worker_starts_nothing_whatever_the_job_variables(kit, prefect_s
     assert all(said.values()), said
 
     # The governed worker finds each attempt: the run's state says why, the lineage keeps it.
-    governed = start_worker(POOL, prefect_server.home, prefect_server.api_url, kit["tmp"] / "g.log")
-    store = home_lineage(prefect_server.home)
+    governed = gov.start_worker(POOL, log=kit["tmp"] / "g.log")
+    store = gov.store
     wanted = {str(r[0]) for r in runs.values()}
     try:
         deadline = time.monotonic() + 90
@@ -265,7 +252,7 @@ def test_a_stock_worker_starts_nothing_whatever_the_job_variables(kit, prefect_s
                 break
             time.sleep(1)
     finally:
-        stop(governed)
+        gov.stop_worker(governed)
     for name, (run_id, marker, _) in runs.items():
         event = found.get(str(run_id))
         assert event is not None, f"{name}: the attempt is not in the lineage"
@@ -274,18 +261,15 @@ def test_a_stock_worker_starts_nothing_whatever_the_job_variables(kit, prefect_s
         assert state.is_crashed() and "start only through a governed" in state.message
         assert not marker.exists()
     assert store.verify() == []
-    store.dispose()
 
 
 @pytest.fixture(scope="module")
-def governed_worker(kit, prefect_server):
-    workers = [
-        start_worker(pool, prefect_server.home, prefect_server.api_url, kit["tmp"] / f"{pool}.log")
-        for pool in (POOL, OPEN_POOL)
-    ]
+def governed_worker(kit):
+    gov = kit["gov"]
+    workers = [gov.start_worker(pool, log=kit["tmp"] / f"{pool}.log") for pool in (POOL, OPEN_POOL)]
     yield
     for worker in workers:
-        stop(worker)
+        gov.stop_worker(worker)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED_KEY))
@@ -299,11 +283,10 @@ def test_the_governed_worker_refuses_a_job_that_changes_what_starts(
     assert f"the job sets {key}" in final.state.message and "env_allow" in final.state.message
     assert not marker.exists(), f"{name}: a refused run executed"
     _no_attacker_code_ran(name, traces)
-    store = home_lineage(prefect_server.home)
+    store = kit["gov"].store
     decisions = [e for e in store.recent(200, flow_run_id=str(run_id)) if e.kind == "decision"]
     assert [e.verdict for e in decisions] == ["refused"] and decisions[0].agent_id == AGENT
     assert any(f"the job sets {key}" in r for r in decisions[0].reasons)
-    store.dispose()
 
 
 @pytest.mark.parametrize("name", ["working_dir", "pythonpath", "ld_preload"])
