@@ -57,7 +57,8 @@ from prefect_governance.cli.demo import deploy_example, pool_template, wait_outc
 from prefect_governance.cli.local import PrefectServer, prefect_env, start_worker, stop
 from prefect_governance.core.attestation import KEYS_ENV
 from prefect_governance.core.signing import SigningKey
-from prefect_governance.lineage.store import LineageEvent, LineageStore, as_utc
+from prefect_governance.lineage.events import LineageEvent
+from prefect_governance.lineage.store import LineageStore, as_utc
 from prefect_governance.worker.process import GovernedProcessWorker
 from prefect_governance.worker.report import format_table
 

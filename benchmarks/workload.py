@@ -15,7 +15,7 @@ from common import ROOT
 
 from prefect_governance.core.models import Decision
 from prefect_governance.core.signing import SigningKey
-from prefect_governance.lineage.store import LineageEvent, decision_event, outcome_event
+from prefect_governance.lineage.events import LineageEvent, decision_event, outcome_event
 
 EXAMPLE = ROOT / "policies/examples/allowed/input.json"
 

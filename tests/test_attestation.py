@@ -26,7 +26,8 @@ from prefect_governance.core.decision import worker_refusal
 from prefect_governance.core.models import Constraints
 from prefect_governance.core.settings import GovernanceSettings
 from prefect_governance.core.signing import SigningKey
-from prefect_governance.lineage.store import LineageStore, decision_event
+from prefect_governance.lineage.events import decision_event
+from prefect_governance.lineage.store import LineageStore
 from prefect_governance.worker.blocks import GovernanceAgent
 from prefect_governance.worker.governor import effective_mode, last_decided_version
 from tests.agents import TEST_AGENT_KEY, TEST_AGENT_KEYS

@@ -36,7 +36,8 @@ from prefect_governance.cli.audit import (
 )
 from prefect_governance.cli.local import free_port, prefect_env
 from prefect_governance.core.trust import TrustWeights
-from prefect_governance.lineage.store import LineageEvent, LineageStore
+from prefect_governance.lineage.events import LineageEvent
+from prefect_governance.lineage.store import LineageStore
 from prefect_governance.testing import (
     Harness,
     create_pool,

@@ -15,14 +15,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from prefect_governance.lineage import store as lineage
-from prefect_governance.lineage.store import (
-    ChainProblem,
-    LineageEvent,
-    LineageStore,
-    event_hash,
-    outcome_event,
-    verify_chain,
-)
+from prefect_governance.lineage.events import LineageEvent, outcome_event
+from prefect_governance.lineage.store import ChainProblem, LineageStore, event_hash, verify_chain
 
 
 def _event(agent: str | None, n: int = 0, **fields) -> LineageEvent:

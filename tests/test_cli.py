@@ -20,7 +20,8 @@ from prefect_governance.cli.local import prefect_env
 from prefect_governance.core.attestation import verify_agent
 from prefect_governance.core.decision import worker_refusal
 from prefect_governance.core.signing import SigningKey
-from prefect_governance.lineage.store import LineageStore, decision_event
+from prefect_governance.lineage.events import decision_event
+from prefect_governance.lineage.store import LineageStore
 from prefect_governance.testing import create_pool, deploy_example
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import TEST_AGENT_KEY
@@ -399,7 +400,7 @@ def _inside_run_store(tmp_path):
     """An allowed run's chain with what happened inside it: task decisions (one refused),
     capability uses (one blocked) and a problem with the run's report."""
     from prefect_governance.core.models import Decision
-    from prefect_governance.lineage.store import (
+    from prefect_governance.lineage.events import (
         capability_use_event,
         report_problem_event,
         task_decision_event,

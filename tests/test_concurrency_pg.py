@@ -34,10 +34,11 @@ from sqlmodel import Session, select
 
 from prefect_governance.cli.local import PrefectServer
 from prefect_governance.core.trust import TrustWeights
+from prefect_governance.lineage.events import LineageEvent
 from prefect_governance.lineage.memory import MemoryStore
 from prefect_governance.lineage.migrations import VERSION_TABLE, heads
 from prefect_governance.lineage.migrations import config as migrations_config
-from prefect_governance.lineage.store import LineageEvent, LineageStore
+from prefect_governance.lineage.store import LineageStore
 from prefect_governance.testing import Harness, create_pool
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import harness
@@ -337,7 +338,8 @@ CHAINS = 3
 def _writer(url: str, writer: int, start_at: float) -> int:
     """Open the store at ``start_at`` (all writers at once: the migration races too),
     then append: mostly one event, every tenth call one event in each of two chains."""
-    from prefect_governance.lineage.store import LineageEvent, LineageStore
+    from prefect_governance.lineage.events import LineageEvent
+    from prefect_governance.lineage.store import LineageStore
 
     time.sleep(max(0.0, start_at - time.time()))
     store = LineageStore(url)

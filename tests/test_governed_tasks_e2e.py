@@ -27,7 +27,8 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from prefect_governance.cli.local import prefect_env
-from prefect_governance.lineage.store import LineageEvent, LineageStore
+from prefect_governance.lineage.events import LineageEvent
+from prefect_governance.lineage.store import LineageStore
 from prefect_governance.testing import (
     Harness,
     create_pool,

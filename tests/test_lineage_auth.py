@@ -8,7 +8,8 @@ from sqlalchemy import text
 from prefect_governance.core.models import Decision
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.lineage.auth import UNVOUCHED, record_signature, unvouched_ranges, vouch_of
-from prefect_governance.lineage.store import LineageEvent, LineageStore, decision_event
+from prefect_governance.lineage.events import LineageEvent, decision_event
+from prefect_governance.lineage.store import LineageStore
 
 WORKER = SigningKey.generate("worker-lineage")
 OTHER = SigningKey.generate("someone-else")

@@ -9,8 +9,8 @@ from typing import get_args
 
 from prefect_governance.core.models import Decision
 from prefect_governance.lineage import events
+from prefect_governance.lineage.events import LineageEvent
 from prefect_governance.lineage.memory import CommitResult
-from prefect_governance.lineage.store import LineageEvent
 
 
 def _written() -> list[LineageEvent]:

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, select
 
 from prefect_governance.core.canonical import sha256_of
+from prefect_governance.lineage.events import LineageEvent
 from prefect_governance.lineage.memory import AgentMemory, MemoryStore
 from prefect_governance.lineage.migrations import (
     BASELINE_TABLES,
@@ -31,7 +32,7 @@ from prefect_governance.lineage.migrations import (
     migrate,
     upgrade,
 )
-from prefect_governance.lineage.store import LineageEvent, LineageStore, event_hash, verify_chain
+from prefect_governance.lineage.store import LineageStore, event_hash, verify_chain
 from tests.pg_support import scratch_database
 
 HEAD = heads(config())

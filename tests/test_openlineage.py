@@ -31,15 +31,15 @@ from prefect_governance.cli.openlineage import (
     write_jsonl,
 )
 from prefect_governance.core.models import Decision, MutationEnvelope
-from prefect_governance.lineage.store import (
+from prefect_governance.lineage.events import (
     LineageEvent,
-    LineageStore,
     capability_use_event,
     decision_event,
     outcome_event,
     report_problem_event,
     task_decision_event,
 )
+from prefect_governance.lineage.store import LineageStore
 
 DATA = Path(__file__).parent / "data" / "openlineage"
 CORE = "https://openlineage.io/spec/2-0-2/OpenLineage.json"

@@ -20,7 +20,8 @@ from prefect import get_client
 
 from prefect_governance.cli.local import prefect_env, spawn
 from prefect_governance.core.models import Decision
-from prefect_governance.lineage.store import LineageStore, decision_event, outcome_event
+from prefect_governance.lineage.events import decision_event, outcome_event
+from prefect_governance.lineage.store import LineageStore
 from prefect_governance.testing import Harness, create_pool, deploy_example, wait_final
 from prefect_governance.worker.blocks import GovernanceAgent
 from prefect_governance.worker.reconcile import NEVER_STARTED, is_orphan, settle_action

@@ -19,7 +19,7 @@ from prefect_governance.core.reports import (
     use_check,
 )
 from prefect_governance.core.settings import GovernanceSettings
-from prefect_governance.lineage.store import capability_use_event
+from prefect_governance.lineage.events import capability_use_event
 from prefect_governance.runtime.run_log import events_report, sealed
 from prefect_governance.worker.governor import NO_REPORT_SECRET, Governor
 from prefect_governance.worker.run_reports import reported_events

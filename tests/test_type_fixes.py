@@ -13,7 +13,8 @@ from prefect_governance.core.handoff import TRUSTED_KEYS_ENV
 from prefect_governance.core.keys import GovernanceVerifyKey
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.lineage import store as store_module
-from prefect_governance.lineage.store import LineageStore, outcome_event
+from prefect_governance.lineage.events import outcome_event
+from prefect_governance.lineage.store import LineageStore
 from prefect_governance.runtime import _public_key
 from prefect_governance.runtime.tasks import _retry_condition
 

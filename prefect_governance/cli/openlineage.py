@@ -47,7 +47,7 @@ from openlineage.client.facet_v2 import (
 from openlineage.client.serde import Serde
 
 from prefect_governance import __version__
-from prefect_governance.lineage.store import LineageEvent
+from prefect_governance.lineage.events import LineageEvent
 
 DEFAULT_NAMESPACE = "prefect-governance"
 

@@ -42,17 +42,9 @@ from prefect_governance.lineage.auth import (
     unvouched_ranges,
     vouch_of,
 )
-from prefect_governance.lineage.events import (  # the records, and their factories (re-exported)
+from prefect_governance.lineage.events import (
     CHAIN_SEQ_CONSTRAINT,
-    EVENT_KINDS,
-    EventKind,
     LineageEvent,
-    capability_use_event,
-    decision_event,
-    decision_from_event,
-    outcome_event,
-    report_problem_event,
-    task_decision_event,
     unvouched_event,
 )
 from prefect_governance.lineage.memory import MemoryStore
@@ -60,27 +52,9 @@ from prefect_governance.lineage.migrations import MEMORY_TABLE, migrate
 
 ProblemKind = Literal["altered", "deleted", "reordered"]
 
-__all__ = [
-    "EVENT_KINDS",
-    "ChainHead",
-    "ChainProblem",
-    "EventKind",
-    "LineageEvent",
-    "LineageStore",
-    "capability_use_event",
-    "chain_of",
-    "decision_event",
-    "decision_from_event",
-    "outcome_event",
-    "report_problem_event",
-    "task_decision_event",
-    "verify_chain",
-]
-
 NO_AGENT_CHAIN = "-"
 APPEND_ATTEMPTS = 20
 VERIFY_PAGE = 2000
-_CHAIN_SEQ_CONSTRAINT = CHAIN_SEQ_CONSTRAINT
 _NOT_HASHED = frozenset({"id", "hash", "signature"})
 _GOOD_CACHE = 200_000  # verified signatures a store remembers
 _JSON_COLUMNS = ("reasons", "warnings", "payload")
@@ -293,7 +267,7 @@ def _retryable(exc: DBAPIError) -> bool:
     if isinstance(exc, IntegrityError):
         return any(
             name in message
-            for name in (_CHAIN_SEQ_CONSTRAINT, "governance_event.chain", _HEADS.name, MEMORY_TABLE)
+            for name in (CHAIN_SEQ_CONSTRAINT, "governance_event.chain", _HEADS.name, MEMORY_TABLE)
         )
     return exc.connection_invalidated or "locked" in message
 

@@ -29,8 +29,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import Crashed
 
 from prefect_governance.core.models import MemorySnapshot
-from prefect_governance.lineage.events import gate_refusal_event
-from prefect_governance.lineage.store import LineageEvent, as_utc, decision_from_event
+from prefect_governance.lineage.events import LineageEvent, decision_from_event, gate_refusal_event
+from prefect_governance.lineage.store import as_utc
 from prefect_governance.worker.governor import AgentUnavailable, Assessment, load_agent
 
 if TYPE_CHECKING:

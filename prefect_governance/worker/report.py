@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from prefect_governance.core.decision import deny_reasons, rule_of
 from prefect_governance.core.models import Decision, MemorySnapshot, TrustState
-from prefect_governance.lineage.store import ChainProblem, LineageEvent
+from prefect_governance.lineage.events import LineageEvent
+from prefect_governance.lineage.store import ChainProblem
 
 if TYPE_CHECKING:
     from prefect_governance.worker.blocks import GovernanceAgent

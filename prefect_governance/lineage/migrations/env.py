@@ -15,9 +15,9 @@ from prefect_governance.lineage.migrations import VERSION_TABLE
 
 def _target_metadata() -> MetaData:
     """The tables the models declare (for ``alembic revision --autogenerate``)."""
+    from prefect_governance.lineage.events import LineageEvent
     from prefect_governance.lineage.memory import AgentMemory
     from prefect_governance.lineage.parameter_schemas import DeploymentParameterSchema
-    from prefect_governance.lineage.store import LineageEvent
 
     metadata = MetaData()
     # SQLModel sets __table__ on a table model; its types do not declare it.

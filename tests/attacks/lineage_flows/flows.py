@@ -14,7 +14,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from prefect_governance.lineage.store import LineageEvent, LineageStore, event_hash
+from prefect_governance.lineage.events import LineageEvent
+from prefect_governance.lineage.store import LineageStore, event_hash
 from prefect_governance.runtime import current_agent
 
 
