@@ -7,22 +7,41 @@ OPA_VERSION ?= v1.22.2
 VENV := .venv
 BIN := $(VENV)/bin
 OPA := .tools/bin/opa
+# The Prefect versions tested (README, "Versions"): the newest supported in the main venv
+# (the whole suite; `make demo`), the oldest in a second one (the end-to-end tests again).
+PREFECT_NEWEST ?= prefect>=3.9,<3.10
+PREFECT_OLDEST ?= prefect==3.8.8
+VENV_OLDEST := .venv-prefect38
+ENGINE := prefect_governance/core/engines/libgovrego.so
 
 .PHONY: demo test install opa lint bench clean
 
 demo: install
 	$(BIN)/prefect-governance demo
 
-test: lint opa
+# The unit tests two at a time (pytest-xdist), the end-to-end tests one at a time; then the
+# end-to-end tests on the oldest Prefect, but the long concurrency test (run once above).
+test: lint opa $(VENV_OLDEST)/.installed
 	bash scripts/postgres.sh
-	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest
+	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest -m "not e2e" -n 2
+	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest -m e2e
+	OPA_BIN=$(abspath $(OPA)) $(VENV_OLDEST)/bin/pytest -m "e2e and not concurrency"
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py native/go.mod native/go.sum native/main.go native/build.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]' '$(PREFECT_NEWEST)'
+	touch $@
+
+# The same package on the oldest Prefect, with the engine the main venv built in place (no
+# second Go build: setup.py takes PREFECT_GOVERNANCE_PREBUILT_ENGINE).
+$(VENV_OLDEST)/.installed: $(VENV)/.installed
+	$(PYTHON) -m venv $(VENV_OLDEST)
+	$(VENV_OLDEST)/bin/pip install --quiet --upgrade pip
+	PREFECT_GOVERNANCE_PREBUILT_ENGINE=$(abspath $(ENGINE)) \
+		$(VENV_OLDEST)/bin/pip install --quiet -e '.[test]' '$(PREFECT_OLDEST)'
 	touch $@
 
 opa: $(OPA)
@@ -51,4 +70,4 @@ bench: install opa
 	$(BIN)/python benchmarks/report.py --readme
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache
+	rm -rf $(VENV) $(VENV_OLDEST) .tools .pytest_cache
