@@ -55,9 +55,7 @@ class build_go(build_ext):
         output.parent.mkdir(parents=True, exist_ok=True)
         prebuilt = os.environ.get("PREFECT_GOVERNANCE_PREBUILT_ENGINE")
         if prebuilt:  # built by native/build.sh elsewhere (the Dockerfile's first stage)
-            # or already in place (a second editable install: the Makefile's other venv)
-            if not (output.exists() and os.path.samefile(prebuilt, output)):
-                shutil.copyfile(prebuilt, output)
+            shutil.copyfile(prebuilt, output)
             return
         if shutil.which("go") is None:
             sys.exit(
