@@ -24,7 +24,7 @@ demo: install
 test: lint opa $(VENV_OLDEST)/.installed
 	bash scripts/postgres.sh
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest -m "not e2e" -n 2
-	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest -m e2e
+	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest -m e2e --durations=25
 	OPA_BIN=$(abspath $(OPA)) $(VENV_OLDEST)/bin/pytest -m "e2e and not concurrency"
 
 install: $(VENV)/.installed
