@@ -650,6 +650,11 @@ def _security(
     return read, unconfined, odd
 
 
+def _quantities(value: Any) -> dict[str, str]:
+    """Resource quantities that are set (the default template leaves them null)."""
+    return {str(k): str(v) for k, v in _mapping(value).items() if v not in (None, "")}
+
+
 def _pod_spec(manifest: Mapping[str, Any], unrecognized: list[str]) -> Mapping[str, Any]:
     kind = manifest.get("kind")
     if kind not in (None, "Job"):
@@ -738,8 +743,8 @@ def kubernetes_infrastructure(
                     ),
                     command=command or None,
                     working_dir=str(item["workingDir"]) if item.get("workingDir") else None,
-                    limits={k: str(v) for k, v in _mapping(resources.get("limits")).items()},
-                    requests={k: str(v) for k, v in _mapping(resources.get("requests")).items()},
+                    limits=_quantities(resources.get("limits")),
+                    requests=_quantities(resources.get("requests")),
                 )
             )
 
