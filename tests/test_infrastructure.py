@@ -63,7 +63,9 @@ def prepared(kind: str, values: dict[str, Any]) -> Any:
 
 
 def docker_job(**values: Any) -> Infrastructure:
-    return docker_infrastructure(prepared("docker", {"image": "python:3.11", **values}).model_dump())
+    return docker_infrastructure(
+        prepared("docker", {"image": "python:3.11", **values}).model_dump()
+    )
 
 
 def pod(spec: dict[str, Any] | None = None, namespace: str = "prefect", **container: Any):
@@ -91,7 +93,13 @@ def pod(spec: dict[str, Any] | None = None, namespace: str = "prefect", **contai
         ("ghcr.io/acme/etl:1@" + DIGEST, "ghcr.io", "acme/etl", "1", DIGEST),
         ("registry.local:5000/a/b@" + DIGEST, "registry.local:5000", "a/b", None, DIGEST),
         # a name component with a dot or colon is a registry: no Hub image hides behind it
-        ("docker.io.evil.com/library/python:3.11", "docker.io.evil.com", "library/python", "3.11", None),
+        (
+            "docker.io.evil.com/library/python:3.11",
+            "docker.io.evil.com",
+            "library/python",
+            "3.11",
+            None,
+        ),
         ("python@sha256:short", "docker.io", "library/python", None, None),  # not a digest
     ],
 )
@@ -133,7 +141,9 @@ def test_the_stock_docker_job_is_read_with_nothing_unrecognised():
     assert not container.privileged and container.capabilities_added == []
     assert container.limits == {"memory": "512m"}
     assert infrastructure.host_paths == [] and infrastructure.unrecognized == []
-    assert "TOKEN" in infrastructure.env_names and "PREFECT__FLOW_RUN_ID" in infrastructure.env_names
+    assert (
+        "TOKEN" in infrastructure.env_names and "PREFECT__FLOW_RUN_ID" in infrastructure.env_names
+    )
     assert SECRET not in infrastructure.model_dump_json(), "names only, never values"
 
 
@@ -237,7 +247,9 @@ def test_the_stock_kubernetes_job_is_read_with_nothing_unrecognised():
     assert container.limits == {} and container.command == ["prefect", "flow-run", "execute"]
     assert infrastructure.unrecognized == []
     assert not (infrastructure.host_network or infrastructure.host_pid or infrastructure.host_ipc)
-    assert "TOKEN" in infrastructure.env_names and "PREFECT__FLOW_RUN_ID" in infrastructure.env_names
+    assert (
+        "TOKEN" in infrastructure.env_names and "PREFECT__FLOW_RUN_ID" in infrastructure.env_names
+    )
     assert SECRET not in infrastructure.model_dump_json()
 
 
@@ -265,7 +277,9 @@ def test_a_host_path_for_an_init_container_and_host_pid_are_seen():
     )
     assert infrastructure.host_paths == ["/"]
     assert infrastructure.host_pid and infrastructure.host_ipc and not infrastructure.host_network
-    roles = {c.name: (c.role, c.privileged, c.capabilities_added) for c in infrastructure.containers}
+    roles = {
+        c.name: (c.role, c.privileged, c.capabilities_added) for c in infrastructure.containers
+    }
     assert roles == {
         "prefect-job": ("container", False, []),
         "setup": ("init", True, ["ALL"]),

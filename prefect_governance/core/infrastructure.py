@@ -768,3 +768,23 @@ def kubernetes_infrastructure(
         env_names=_unique(env_names),
         unrecognized=_unique(unrecognized),
     )
+
+
+def job_infrastructure(job: Mapping[str, Any]) -> Infrastructure:
+    """Any prepared job configuration (``model_dump()``), by its shape: a Kubernetes job
+    has a ``job_manifest``, a Docker one an ``image``, a process one neither (for tools
+    that hold a configuration of a type they do not know, such as ``decide``)."""
+    raw_env = job.get("env")
+    env: Mapping[str, str | None] = raw_env if isinstance(raw_env, Mapping) else {}
+    if "job_manifest" in job:
+        manifest = job["job_manifest"] if isinstance(job["job_manifest"], Mapping) else {}
+        namespace = job.get("namespace")
+        return kubernetes_infrastructure(manifest, str(namespace) if namespace else None, env)
+    if "image" in job:
+        return docker_infrastructure(job)
+    command, working_dir = job.get("command"), job.get("working_dir")
+    return process_infrastructure(
+        str(command) if command is not None else None,
+        str(working_dir) if working_dir is not None else None,
+        env,
+    )
