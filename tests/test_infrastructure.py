@@ -20,6 +20,7 @@ from prefect.utilities.templating import apply_values
 from prefect_governance.core.engines import EmbeddedEngine
 from prefect_governance.core.infrastructure import (
     docker_infrastructure,
+    job_infrastructure,
     kubernetes_infrastructure,
     parse_image,
     process_infrastructure,
@@ -394,3 +395,16 @@ def test_the_policy_allows_stock_runs_and_what_the_agent_allows(engine):
     ) == (True, [])
     allow, deny = decided(engine, pod(), registries=["ghcr.io"], require_digest=True)
     assert not allow and len(deny) == 2, deny
+
+
+def test_a_job_of_a_type_not_known_is_read_by_its_shape():
+    """What ``decide`` uses for a pool type whose worker it only has a configuration of."""
+    docker = prepared("docker", {"image": "python:3.11"}).model_dump()
+    assert job_infrastructure(docker) == docker_infrastructure(docker)
+    kubernetes = prepared("kubernetes", {"image": "python:3.11", "namespace": "etl"})
+    read = job_infrastructure(kubernetes.model_dump())
+    assert read == kubernetes_infrastructure(kubernetes.job_manifest, "etl", kubernetes.env)
+    process = job_infrastructure(
+        {"command": "python -m x", "working_dir": "/srv", "env": {"A": "1"}}
+    )
+    assert process == process_infrastructure("python -m x", "/srv", {"A": "1"})
