@@ -408,3 +408,21 @@ def test_a_job_of_a_type_not_known_is_read_by_its_shape():
         {"command": "python -m x", "working_dir": "/srv", "env": {"A": "1"}}
     )
     assert process == process_infrastructure("python -m x", "/srv", {"A": "1"})
+
+
+def test_older_and_windows_ways_to_unconfine_a_pod_are_seen():
+    configuration = prepared("kubernetes", {"image": "python:3.11", "namespace": "prefect"})
+    manifest = copy.deepcopy(configuration.job_manifest)
+    manifest["spec"]["template"]["metadata"]["annotations"] = {
+        "container.apparmor.security.beta.kubernetes.io/prefect-job": "unconfined",
+        "seccomp.security.alpha.kubernetes.io/pod": "unconfined",
+        "team": "data",
+    }
+    pod_spec = manifest["spec"]["template"]["spec"]
+    pod_spec["hostUsers"] = True  # the default, said out loud
+    pod_spec["securityContext"] = {"windowsOptions": {"hostProcess": True}}
+    infrastructure = kubernetes_infrastructure(manifest, "prefect", {})
+    (container,) = infrastructure.containers
+    assert container.unconfined == ["apparmor", "seccomp"]
+    assert container.privileged
+    assert infrastructure.unrecognized == []

@@ -644,6 +644,8 @@ def _security(
         read.setdefault("unconfined", []).append("procmount")
     if context.get("sysctls"):  # unsafe ones need the kubelet's leave, yet: visible
         odd.append(f"{where}.sysctls")
+    if _true(_mapping(context.get("windowsOptions")).get("hostProcess")):
+        read["privileged"] = True  # a Windows host process: the node's own privileges
     if _mapping(context.get("seLinuxOptions")).get("type") in ("spc_t", "unconfined_t"):
         read.setdefault("unconfined", []).append("selinux")
     unconfined += read.pop("unconfined", [])
@@ -653,6 +655,23 @@ def _security(
 def _quantities(value: Any) -> dict[str, str]:
     """Resource quantities that are set (the default template leaves them null)."""
     return {str(k): str(v) for k, v in _mapping(value).items() if v not in (None, "")}
+
+
+def _unconfined_by_annotation(manifest: Mapping[str, Any]) -> list[str]:
+    """The annotations that turned AppArmor or seccomp off before their fields existed
+    (``container.apparmor.security.beta.kubernetes.io/<name>: unconfined``, the seccomp
+    alpha ones): applied to every container, as the pod's own setting would be."""
+    template = _mapping(_mapping(manifest.get("spec")).get("template"))
+    annotations = _mapping(_mapping(template.get("metadata")).get("annotations"))
+    found = []
+    for key, value in annotations.items():
+        if str(value).lower() != "unconfined":
+            continue
+        if "apparmor.security.beta.kubernetes.io" in str(key):
+            found.append("apparmor")
+        elif "seccomp.security.alpha.kubernetes.io" in str(key):
+            found.append("seccomp")
+    return found
 
 
 def _pod_spec(manifest: Mapping[str, Any], unrecognized: list[str]) -> Mapping[str, Any]:
@@ -682,10 +701,9 @@ def kubernetes_infrastructure(
         _mapping(pod.get("securityContext")), f"{where}.securityContext"
     )
     unrecognized += odd
-    if pod.get("hostUsers") is False:
-        pass  # a user namespace of its own: narrower, not wider
-    elif pod.get("hostUsers") is not None:
+    if not isinstance(pod.get("hostUsers"), (bool, type(None))):  # true is the default
         unrecognized.append(f"{where}.hostUsers")
+    pod_unconfined += _unconfined_by_annotation(job_manifest)
 
     mounts: list[Mount] = []
     host_paths: list[str] = []
