@@ -14,6 +14,8 @@ import uuid
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prefect.client.schemas.objects import FlowRun
 from prefect.utilities.templating import apply_values
 
@@ -426,3 +428,92 @@ def test_older_and_windows_ways_to_unconfine_a_pod_are_seen():
     assert container.unconfined == ["apparmor", "seccomp"]
     assert container.privileged
     assert infrastructure.unrecognized == []
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+DOCKER_KEYS = st.sampled_from(
+    ["image", "privileged", "volumes", "network_mode", "mem_limit", "env", "name", "command"]
+)
+CREATE_KEYS = st.sampled_from(
+    [
+        "privileged",
+        "mounts",
+        "volumes",
+        "devices",
+        "cap_add",
+        "security_opt",
+        "user",
+        "tmpfs",
+        "pid_mode",
+        "ipc_mode",
+        "userns_mode",
+        "environment",
+        "entrypoint",
+        "image",
+        "runtime",
+    ]
+)
+POD_KEYS = st.sampled_from(
+    [
+        "containers",
+        "initContainers",
+        "ephemeralContainers",
+        "volumes",
+        "securityContext",
+        "hostNetwork",
+        "hostPID",
+        "hostUsers",
+        "serviceAccountName",
+        "serviceAccount",
+        "nodeName",
+    ]
+)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(
+    st.dictionaries(DOCKER_KEYS, json_values),
+    st.one_of(json_values, st.dictionaries(CREATE_KEYS, json_values)),
+)
+def test_any_docker_job_is_read_without_an_error(job, create_kwargs):
+    """Whatever a deployment's job variables hold, the worker gets an answer, never an
+    exception (a run it cannot describe is still judged)."""
+    assert docker_infrastructure({**job, "container_create_kwargs": create_kwargs}).kind == "docker"
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(
+    st.dictionaries(
+        POD_KEYS,
+        json_values
+        | st.lists(
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "name",
+                        "image",
+                        "securityContext",
+                        "env",
+                        "args",
+                        "resources",
+                        "hostPath",
+                        "emptyDir",
+                        "volumeDevices",
+                    ]
+                ),
+                json_values,
+            ),
+            max_size=2,
+        ),
+    ),
+    json_values,
+)
+def test_any_kubernetes_manifest_is_read_without_an_error(pod_spec, metadata):
+    manifest = {"metadata": metadata, "spec": {"template": {"spec": pod_spec}}}
+    assert kubernetes_infrastructure(manifest, None, {}).kind == "kubernetes"

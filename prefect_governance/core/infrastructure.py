@@ -88,8 +88,17 @@ def _command(value: Any) -> list[str] | None:
     return [str(value)]
 
 
-def _names(env: Mapping[str, Any] | None) -> set[str]:
-    return {str(name) for name in env or {}}
+def _names(env: Any) -> set[str]:
+    """Variable names of an env mapping, or of a list of ``NAME=value`` / ``{name: ...}``."""
+    if isinstance(env, Mapping):
+        return {str(name) for name in env}
+    names: set[str] = set()
+    for item in env if isinstance(env, (list, tuple)) else []:
+        if isinstance(item, Mapping):
+            names |= {str(item["name"])} if item.get("name") else set()
+        else:
+            names.add(str(item).partition("=")[0])
+    return names
 
 
 def _unique(items: Iterable[str]) -> list[str]:
@@ -465,11 +474,7 @@ def docker_infrastructure(job: Mapping[str, Any]) -> Infrastructure:
     )
     if extra.get("entrypoint") is not None:
         container.command = [*(_command(extra["entrypoint"]) or []), *(container.command or [])]
-    env_names = _names(job.get("env")) | _names(
-        extra.get("environment") if isinstance(extra.get("environment"), Mapping) else None
-    )
-    if isinstance(extra.get("environment"), (list, tuple)):
-        env_names |= {str(item).partition("=")[0] for item in extra["environment"]}
+    env_names = _names(job.get("env")) | _names(extra.get("environment"))
     return Infrastructure(
         kind="docker",
         containers=[container],
@@ -740,10 +745,7 @@ def kubernetes_infrastructure(
             command = [*(_command(item.get("command")) or []), *(_command(item.get("args")) or [])]
             if item.get("volumeDevices"):  # raw block devices: not modelled, so visible
                 unrecognized.append(f"{here}.volumeDevices")
-            env_list = item.get("env") or []
-            for entry in env_list if isinstance(env_list, list) else []:
-                if isinstance(entry, Mapping) and entry.get("name"):
-                    env_names.add(str(entry["name"]))
+            env_names |= _names(item.get("env"))
             containers.append(
                 Container(
                     name=str(item["name"]) if item.get("name") else None,
