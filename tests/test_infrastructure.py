@@ -150,6 +150,19 @@ def test_the_stock_docker_job_is_read_with_nothing_unrecognised():
     assert SECRET not in infrastructure.model_dump_json(), "names only, never values"
 
 
+def test_the_network_mode_prefect_docker_infers_is_seen():
+    """No network mode set, an API on loopback: prefect-docker runs the container on the
+    host's network (on Linux), and the policy is told so."""
+    loopback = {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}
+    infrastructure = docker_job(env=loopback)
+    assert (infrastructure.network_mode, infrastructure.host_network) == ("host", True)
+    configuration = prepared("docker", {"image": "python:3.11", "env": loopback})
+    assert configuration.get_network_mode() == "host", "as prefect-docker decides it"
+    assert not docker_job(env=loopback, networks=["etl"]).host_network
+    assert docker_job(env=loopback, network_mode="none").network_mode == "none"
+    assert not docker_job(env={"PREFECT_API_URL": "http://prefect:4200/api"}).host_network
+
+
 def test_docker_volumes_are_host_paths_resolved_as_the_kernel_would():
     infrastructure = docker_job(volumes=["/srv/etl/../../etc:/host-etc:ro", "cache:/cache", "/tmp"])
     assert infrastructure.host_paths == ["/etc"]

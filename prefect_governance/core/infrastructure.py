@@ -14,6 +14,8 @@ from __future__ import annotations
 import posixpath
 import re
 import shlex
+import sys
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -379,14 +381,27 @@ def _security_opt(value: Any, where: str) -> tuple[list[str], bool | None, list[
     return unconfined, escalation, odd
 
 
+def _implied_network_mode(job: Mapping[str, Any]) -> list[str]:
+    """The network mode prefect-docker picks when the job sets none (``get_network_mode``):
+    on Linux, with no networks and an API on 127.0.0.1 or localhost, the host's."""
+    raw_env = job.get("env")
+    env: Mapping[str, Any] = raw_env if isinstance(raw_env, Mapping) else {}
+    api_url = str(env.get("PREFECT_API_URL") or "")
+    host = urllib.parse.urlparse(api_url).netloc.split(":")[0] if api_url else ""
+    if sys.platform == "linux" and not job.get("networks") and host in ("127.0.0.1", "localhost"):
+        return ["host"]
+    return []
+
+
 def docker_infrastructure(job: Mapping[str, Any]) -> Infrastructure:
     """A Docker run from its prepared ``DockerWorkerJobConfiguration`` (``model_dump()``).
 
     Reads the job's fields and every key of ``container_create_kwargs`` (docker-py's
     ``containers.create`` keywords): a key that names a job field (``privileged``,
     ``volumes``, ...) is dropped by prefect-docker 0.7.4, yet counted here; the
-    settings seen are the wider of both. A keyword not known to be harmless is listed in
-    ``unrecognized``.
+    settings seen are the wider of both. Without a network mode, the one prefect-docker
+    infers (the host's, for an API on loopback). A keyword not known to be harmless is
+    listed in ``unrecognized``.
     """
     extra_raw = job.get("container_create_kwargs")
     unrecognized: list[str] = []
@@ -429,7 +444,7 @@ def docker_infrastructure(job: Mapping[str, Any]) -> Infrastructure:
     if extra.get("device_cgroup_rules"):
         unrecognized.append("container_create_kwargs.device_cgroup_rules")
 
-    network_modes = [str(v) for v in both("network_mode")]
+    network_modes = [str(v) for v in both("network_mode")] or _implied_network_mode(job)
     namespace_modes = {key: [str(v) for v in both(key)] for key in ("pid_mode", "ipc_mode")}
     for key, modes in namespace_modes.items():  # container:<id> joins another one's
         unrecognized += [f"{key}={m}" for m in modes if m not in ("host", "private", "shareable")]
