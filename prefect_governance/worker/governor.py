@@ -190,6 +190,8 @@ class RunRequest:
     job_env: Mapping[str, str | None] = field(default_factory=dict)
     # What the run would start (the worker type's ``_infrastructure``), for the envelope.
     infrastructure: Infrastructure | None = None
+    # Why what the run would start could not be read (the run is refused, closed).
+    infrastructure_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -526,6 +528,9 @@ class Governor:
         unsafe = unsafe_env(request.job_env, os.environ, request.controls.env_allow)
         if unsafe:
             return Preemption(unsafe_env_reason(unsafe))
+        if request.infrastructure_error is not None:
+            error = request.infrastructure_error
+            return Preemption(f"the worker could not read what the run would start: {error}")
         return None
 
     async def _assess_request(
