@@ -262,7 +262,8 @@ class GovernedWorker(_Worker):
         Prefect's label update reads the run, then writes it; on a SQLite server a
         concurrent write makes it answer 503, which the client retries after about
         2 s. One label update per run, as under the stock worker, instead of two.
-        The labels are those of Prefect 3.8's ``BaseWorker._give_worker_labels_to_flow_run``.
+        The labels are those of ``BaseWorker._give_worker_labels_to_flow_run`` (the same in
+        Prefect 3.8.8 and 3.9.1).
         """
         labels: dict[str, Any] = {
             "prefect.worker.name": self.name,
