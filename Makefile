@@ -19,11 +19,11 @@ ENGINE := prefect_governance/core/engines/libgovrego.so
 demo: install
 	$(BIN)/prefect-governance demo
 
-# The unit tests two at a time (pytest-xdist), the end-to-end tests one at a time; then the
-# end-to-end tests on the oldest Prefect, but the long concurrency test (run once above).
+# The whole suite on the newest Prefect (the unit tests, then the end-to-end ones), then the
+# end-to-end tests on the oldest, but the long concurrency test (run once above).
 test: lint opa $(VENV_OLDEST)/.installed
 	bash scripts/postgres.sh
-	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest -m "not e2e" -n 2
+	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest -m "not e2e"
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest -m e2e --durations=25
 	OPA_BIN=$(abspath $(OPA)) $(VENV_OLDEST)/bin/pytest -m "e2e and not concurrency"
 
