@@ -98,9 +98,7 @@ class Runs:
         return containers_of(self.client, self.final[name].id)
 
 
-async def _run(
-    gov: Harness, deployment: UUID, name: str, runs: Runs, timeout: float = 180
-) -> None:
+async def _run(gov: Harness, deployment: UUID, name: str, runs: Runs, timeout: float = 180) -> None:
     started = time.monotonic()
     runs.final[name] = await gov.run(
         deployment, {"rows": 10, "marker": str(runs.marker(name))}, timeout=timeout
@@ -242,8 +240,10 @@ def test_stock_docker_worker_runs_the_same_flow(docker_runs: Runs) -> None:
     assert _state(docker_runs, "plain") == "COMPLETED/Completed"
     assert docker_runs.executed("plain")
     governed, stock = docker_runs.seconds["allowed"], docker_runs.seconds["plain"]
-    print(f"\ngoverned-docker {governed:.1f} s, stock docker {stock:.1f} s, "
-          f"ratio {governed / stock:.2f}")
+    print(
+        f"\ngoverned-docker {governed:.1f} s, stock docker {stock:.1f} s, "
+        f"ratio {governed / stock:.2f}"
+    )
 
 
 def test_pool_type_is_created_offline_from_the_worker_template() -> None:

@@ -67,7 +67,7 @@ class GovernedDockerWorker(GovernedWorker, DockerWorker):
             flow_run,
             configuration,
             task_status,
-            super().run,
+            super().run,  # type: ignore[safe-super]  # prefect-docker is untyped: Any to mypy
             refused=DockerWorkerResult(status_code=0, identifier="refused"),
         )
 
