@@ -8,12 +8,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 OPA := .tools/bin/opa
 
-.PHONY: demo test install opa lint bench clean
+.PHONY: demo test install opa docker lint bench clean
 
 demo: install
 	$(BIN)/prefect-governance demo
 
-test: lint opa
+test: lint opa docker
 	bash scripts/postgres.sh
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest
 
@@ -26,6 +26,12 @@ $(VENV)/.installed: pyproject.toml setup.py native/go.mod native/go.sum native/m
 	touch $@
 
 opa: $(OPA)
+
+# The Docker engine (one for the machine, reused) and the images the container tests run:
+# a local bookworm base (debootstrap, cached in ~/.cache/prefect-governance) and the
+# project's image built on it from a wheelhouse (scripts/docker.sh).
+docker: install
+	bash scripts/docker.sh image
 
 $(OPA):
 	mkdir -p .tools/bin
