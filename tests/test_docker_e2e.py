@@ -251,13 +251,13 @@ def test_stock_docker_worker_runs_the_same_flow(docker_runs: Runs) -> None:
     assert _state(docker_runs, "plain-again") == "COMPLETED/Completed"
     assert _state(docker_runs, "allowed-again") == "COMPLETED/Completed"
     seconds = docker_runs.seconds
-    governed = (seconds["allowed"] + seconds["allowed-again"]) / 2
-    stock = (seconds["plain"] + seconds["plain-again"]) / 2
+    # The ratio of the second runs: the first container start of the session (the stock
+    # run's, which goes first) also pays for cold caches.
+    governed, stock = seconds["allowed-again"], seconds["plain-again"]
     print(
-        f"\nrun (created -> final), mean of two: governed-docker {governed:.1f} s "
-        f"({seconds['allowed']:.1f}, {seconds['allowed-again']:.1f}), stock docker "
-        f"{stock:.1f} s ({seconds['plain']:.1f}, {seconds['plain-again']:.1f}), "
-        f"ratio {governed / stock:.2f}"
+        f"\nrun (created -> final): governed-docker {governed:.1f} s, stock docker "
+        f"{stock:.1f} s, ratio {governed / stock:.2f} (first runs: {seconds['allowed']:.1f} s, "
+        f"{seconds['plain']:.1f} s)"
     )
 
 
