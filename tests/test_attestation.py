@@ -282,3 +282,33 @@ def test_the_test_helpers_save_agents_a_worker_accepts(prefect_server):
     assert sync.deployments == ["*"]  # the tests' convenience
     assert async_.deployments == ["load-warehouse/nightly"]  # kept when given
     assert keys == {TEST_AGENT_KEY.key_id: TEST_AGENT_KEY.public_b64}
+
+
+def test_an_agent_signed_before_infrastructure_constraints_existed_still_verifies():
+    """The payload of an agent signed by a release without `constraints.infrastructure`
+    (the key absent) is what the verifier rebuilds while the field is unset."""
+    from prefect_governance.core.signing import sign
+
+    agent = _agent()
+    old_payload = agent_payload("etl", agent)
+    assert "infrastructure" not in old_payload["agent"]["constraints"]
+    document = sign(old_payload, OWNER)
+    stored = agent.model_copy(
+        update={"attestation": {k: v for k, v in document.items() if k != "payload"}}
+    )
+    verify_agent("etl", stored, PINNED)
+    # Setting the newer field after signing breaks it, as any other edit does.
+    widened = stored.model_copy(
+        update={
+            "constraints": Constraints.model_validate({"infrastructure": {"host_network": True}})
+        }
+    )
+    with pytest.raises(AttestationError):
+        verify_agent("etl", widened, PINNED)
+    # And an agent signed with the field set does not verify with it removed.
+    with_section = signed(
+        "etl", _agent(constraints={"infrastructure": {"allow_privileged": True}}), OWNER
+    )
+    stripped = with_section.model_copy(update={"constraints": Constraints()})
+    with pytest.raises(AttestationError):
+        verify_agent("etl", stripped, PINNED)

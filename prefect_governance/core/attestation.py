@@ -38,6 +38,10 @@ DEFAULT_KEY_ID = "pool-owner"
 # Not the agent's: the signature itself, and the marker Prefect's serializer adds to a
 # block's dump (read back, it lands among the extra fields).
 _UNSIGNED = (FIELD, "block_type_slug")
+# Fields newer than the first signed agents: unset (None), they are left out of the payload,
+# so an agent signed before they existed still verifies. None and absent mean the same, so
+# setting one after signing still breaks the signature.
+_NEWER = (("constraints", "infrastructure"),)
 
 
 class AttestationError(GovernanceError, ValueError):
@@ -49,7 +53,12 @@ def agent_fields(agent: GovernanceAgent) -> dict[str, Any]:
     a field the block gained after signing breaks the signature)."""
     dumped = agent.model_dump(mode="json")
     names = [*type(agent).model_fields, *(agent.model_extra or {})]
-    return {name: dumped.get(name) for name in names if name not in _UNSIGNED}
+    fields = {name: dumped.get(name) for name in names if name not in _UNSIGNED}
+    for parent, name in _NEWER:
+        section = fields.get(parent)
+        if isinstance(section, dict) and section.get(name, ...) is None:
+            del section[name]
+    return fields
 
 
 def agent_payload(name: str, agent: GovernanceAgent) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pydantic import PrivateAttr
 from prefect_governance.core.controls import GovernedVariables, controls_for
 from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.handoff import GATE_COMMAND
-from prefect_governance.core.models import WorkPoolRef
+from prefect_governance.core.models import Infrastructure, WorkPoolRef
 from prefect_governance.worker.governor import Admission, Assessment, Governor, RunRequest
 from prefect_governance.worker.reconcile import reconcile, record_gate_refusals
 from prefect_governance.worker.report import decision_markdown, refusal_message
@@ -126,7 +126,7 @@ class GovernedWorker(_Worker):
         of the worker's secrets."""
         raise NotImplementedError
 
-    def _infrastructure(self, configuration: Any) -> Any:
+    def _infrastructure(self, configuration: Any) -> Infrastructure | None:
         """What the run would start, as the policy sees it."""
         return None
 
@@ -181,6 +181,11 @@ class GovernedWorker(_Worker):
         """The run as the governor takes it: the controls the pool lets the job ask for."""
         work_pool = self.work_pool
         assert work_pool is not None  # Prefect reads the pool before it submits runs
+        infrastructure, error = None, None
+        try:
+            infrastructure = self._infrastructure(configuration)
+        except Exception as exc:  # closed: the policy cannot judge what it is not shown
+            error = f"{type(exc).__name__}: {exc}"
         return RunRequest(
             flow_run=flow_run,
             controls=controls_for(work_pool.base_job_template, configuration.requested()),
@@ -189,6 +194,8 @@ class GovernedWorker(_Worker):
             flow=configuration._flow,
             deployment=configuration._deployment,
             job_env=configuration._job_env,
+            infrastructure=infrastructure,
+            infrastructure_error=error,
         )
 
     def _warn_if_stale_gate(self, current: bool, logger: Any) -> None:

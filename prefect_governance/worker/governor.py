@@ -51,6 +51,7 @@ from prefect_governance.core.models import (
     Decision,
     EngineRef,
     Grant,
+    Infrastructure,
     MemoryAccess,
     MemorySnapshot,
     Mode,
@@ -187,6 +188,10 @@ class RunRequest:
     deployment: DeploymentResponse | None = None
     # The environment the job variables ask for, before the worker's own is merged in.
     job_env: Mapping[str, str | None] = field(default_factory=dict)
+    # What the run would start (the worker type's ``_infrastructure``), for the envelope.
+    infrastructure: Infrastructure | None = None
+    # Why what the run would start could not be read (the run is refused, closed).
+    infrastructure_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -523,6 +528,9 @@ class Governor:
         unsafe = unsafe_env(request.job_env, os.environ, request.controls.env_allow)
         if unsafe:
             return Preemption(unsafe_env_reason(unsafe))
+        if request.infrastructure_error is not None:
+            error = request.infrastructure_error
+            return Preemption(f"the worker could not read what the run would start: {error}")
         return None
 
     async def _assess_request(
@@ -551,6 +559,7 @@ class Governor:
             worker_name=request.worker_name,
             store=store,
             preempt=preempt,
+            infrastructure=request.infrastructure,
         )
 
     # --- one decision -------------------------------------------------------
@@ -567,10 +576,12 @@ class Governor:
         worker_name: str,
         store: LineageStore,
         preempt: Preemption | None = None,
+        infrastructure: Infrastructure | None = None,
     ) -> Assessment:
         """Decide one run. Never raises for bad input: that is a refusal.
 
-        A ``preempt`` refuses the run as the agent's without asking the policy.
+        A ``preempt`` refuses the run as the agent's without asking the policy;
+        ``infrastructure`` (what the run would start) goes into its envelope.
         """
 
         def refuse(reason: str) -> Assessment:
@@ -655,6 +666,7 @@ class Governor:
                 reference_schema=reference_schema,
                 max_parameter_bytes=self.settings.max_parameter_bytes,
                 max_parameter_depth=self.settings.max_parameter_depth,
+                infrastructure=infrastructure,
             )
         except ParameterLimitError as exc:  # refused as the agent's run: it costs trust
             return Assessment(refuse(str(exc)).decision, agent=agent, agent_block=controls.agent)

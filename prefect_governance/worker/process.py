@@ -21,6 +21,7 @@ from prefect.workers.process import (
 )
 
 from prefect_governance.core.controls import GovernedVariables
+from prefect_governance.core.infrastructure import process_infrastructure
 from prefect_governance.core.settings import WORKER_SECRETS
 from prefect_governance.worker.base import GovernedJobConfiguration, GovernedWorker, gate_template
 from prefect_governance.worker.launch import (
@@ -33,6 +34,7 @@ from prefect_governance.worker.launch import (
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
+    from prefect_governance.core.models import Infrastructure
     from prefect_governance.worker.governor import Admission
 
 
@@ -79,6 +81,12 @@ class GovernedProcessWorker(GovernedWorker, ProcessWorker):
             task_status,
             super().run,
             refused=ProcessWorkerResult(status_code=0, identifier="refused"),
+        )
+
+    def _infrastructure(self, configuration: GovernedProcessJobConfiguration) -> Infrastructure:
+        working_dir = configuration.working_dir
+        return process_infrastructure(
+            configuration.command, str(working_dir) if working_dir else None, configuration.env
         )
 
     def _hand_over(
