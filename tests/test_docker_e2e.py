@@ -10,7 +10,6 @@ labelled with its flow run id (prefect-docker labels every container it creates)
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import shutil
 import time
 from pathlib import Path
@@ -34,12 +33,6 @@ pytestmark = pytest.mark.e2e
 
 IMAGE = "prefect-governance:test"
 RUN_LABEL = "io.prefect.flow-run-id"
-HAS_INFRASTRUCTURE = importlib.util.find_spec("prefect_governance.core.infrastructure") is not None
-NEEDS_INFRA = pytest.mark.xfail(
-    not HAS_INFRASTRUCTURE,
-    reason="the infrastructure rules (helper infra's core/infrastructure.py) are not merged",
-    strict=True,
-)
 GOVERNED = "gov-docker"
 STOCK_ON_GOVERNED = "gov-docker-stock"
 PLAIN = "plain-docker"
@@ -117,7 +110,16 @@ async def _scenarios(gov: Harness, runs: Runs, flows: Path) -> None:
         owner="data@example.com",
         trust_scope=[GOVERNED, STOCK_ON_GOVERNED],
         capabilities=["read:warehouse", "write:warehouse"],
-        constraints={"parameters": {"rows": {"type": "integer", "maximum": 1000}}},
+        constraints={
+            "parameters": {"rows": {"type": "integer", "maximum": 1000}},
+            # The owner allows the host's network (the server is on loopback), the two
+            # mounted directories and the local images (docker.io, as Docker names them).
+            "infrastructure": {
+                "registries": ["docker.io"],
+                "host_paths": [str(flows), str(runs.markers)],
+                "host_network": True,
+            },
+        },
     )
     lineage = await gov.save_lineage()
     await gov.save_agent(agent)
@@ -224,14 +226,12 @@ def test_refused_run_creates_no_container(docker_runs: Runs) -> None:
     assert docker_runs.containers("refused") == []
 
 
-@NEEDS_INFRA
 def test_privileged_run_is_refused_by_the_infrastructure_rules(docker_runs: Runs) -> None:
     assert _state(docker_runs, "privileged") == "CANCELLED/Refused"
     assert not docker_runs.executed("privileged")
     assert docker_runs.containers("privileged") == []
 
 
-@NEEDS_INFRA
 def test_run_in_a_disallowed_image_is_refused(docker_runs: Runs) -> None:
     assert _state(docker_runs, "foreign-image") == "CANCELLED/Refused"
     assert not docker_runs.executed("foreign-image")

@@ -19,6 +19,7 @@ from prefect_docker.worker import (
     DockerWorkerResult,
 )
 
+from prefect_governance.core.infrastructure import docker_infrastructure
 from prefect_governance.core.settings import WORKER_SECRETS
 from prefect_governance.worker.base import GovernedJobConfiguration, GovernedWorker, gate_template
 from prefect_governance.worker.launch import gate_argv, is_current_gate
@@ -26,6 +27,7 @@ from prefect_governance.worker.launch import gate_argv, is_current_gate
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
+    from prefect_governance.core.models import Infrastructure
     from prefect_governance.worker.governor import Admission
 
 # The interpreter of the run's image (python:3.11-slim's layout: `python` on PATH).
@@ -102,9 +104,7 @@ class GovernedDockerWorker(GovernedWorker, DockerWorker):
         # container_create_kwargs replace it; empty, the entrypoint is the whole command.
         configuration.command = command_to_string([])
 
-    def _infrastructure(self, configuration: GovernedDockerJobConfiguration) -> Any:
-        """What the container would be, for the policy."""
-        # INFRA-MERGE: once helper infra's core/infrastructure.py is on main:
-        #   from prefect_governance.core.infrastructure import docker_infrastructure
-        #   return docker_infrastructure(configuration.model_dump())
-        return None
+    def _infrastructure(self, configuration: GovernedDockerJobConfiguration) -> Infrastructure:
+        """What the container would be (image, privileges, mounts, network, limits and
+        every ``container_create_kwargs`` key), for the policy."""
+        return docker_infrastructure(configuration.model_dump())
