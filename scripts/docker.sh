@@ -34,6 +34,12 @@ export DOCKER_HOST="${DOCKER_HOST:-unix://$DOCKER_SOCK}"
 mkdir -p "$CACHE"
 log() { printf 'docker.sh: %s\n' "$*" >&2; }
 now() { date +%s.%N; }
+# Debian's packages, installed quietly where missing (root only: the tests run as root here).
+apt_install() {
+  [ "$(id -u)" -eq 0 ] || return 1
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
 took() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 ROOTFS_TMP=""
@@ -58,7 +64,12 @@ daemon() {
   fi
   local dockerd
   dockerd="$(command -v dockerd || echo /usr/sbin/dockerd)"
-  [ -x "$dockerd" ] || { log "dockerd is missing: apt-get install -y docker.io"; return 1; }
+  if [ ! -x "$dockerd" ]; then
+    log "installing Debian's docker.io (the engine)"
+    apt_install docker.io || { log "dockerd is missing: apt-get install -y docker.io"; return 1; }
+    dockerd="$(command -v dockerd || echo /usr/sbin/dockerd)"
+    DOCKER="$(command -v /usr/bin/docker || echo "$DOCKER")"  # its client, with BuildKit
+  fi
   local started
   started="$(now)"
   # setsid: the engine outlives this script and the test run that started it.
@@ -102,8 +113,9 @@ base() {
   fi
   started="$(now)"
   if [ ! -s "$tarball" ]; then
-    command -v debootstrap >/dev/null || { log "debootstrap is missing: apt-get install -y debootstrap"; return 1; }
     [ "$(id -u)" -eq 0 ] || { log "debootstrap needs root: sudo bash $0 base"; return 1; }
+    command -v debootstrap >/dev/null || apt_install debootstrap \
+      || { log "debootstrap is missing: apt-get install -y debootstrap"; return 1; }
     tmp="$(mktemp -d "$CACHE/rootfs.XXXXXX")"
     ROOTFS_TMP="$tmp"
     log "debootstrap bookworm into $tmp (a few minutes; cached afterwards as $tarball)"
