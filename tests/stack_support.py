@@ -89,4 +89,6 @@ def shared_directory(prefix: str) -> Iterator[Path]:
 def flow_run_summary(run: Any) -> str:
     """A flow run's final state, for assertion messages."""
     state = run.state
-    return f"{state.type if state else None} {state.name if state else ''}: {state and state.message}"
+    return (
+        f"{state.type if state else None} {state.name if state else ''}: {state and state.message}"
+    )

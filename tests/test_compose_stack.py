@@ -126,8 +126,14 @@ def test_the_override_changes_only_what_the_host_network_needs(tmp_path: Path) -
         "worker": {"pull_policy", "network_mode", "networks", "environment", "volumes"},
     }
     for name in SERVICES:
-        changed = {k for k in base[name].keys() | test[name].keys() if base[name].get(k) != test[name].get(k)}
-        assert changed <= allowed[name], f"{name}: the override also changes {changed - allowed[name]}"
+        changed = {
+            k
+            for k in base[name].keys() | test[name].keys()
+            if base[name].get(k) != test[name].get(k)
+        }
+        assert changed <= allowed[name], (
+            f"{name}: the override also changes {changed - allowed[name]}"
+        )
         svc = test[name]
         assert svc["network_mode"] == "host" and not svc.get("ports") and not svc.get("networks")
         assert svc.get("pull_policy") == "never", "nothing is pulled from a registry"
@@ -215,7 +221,9 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             up = stack.compose("up", "--detach", "--wait", "--no-build", check=False)
             stack.up_seconds = time.monotonic() - began
             if up.returncode != 0:
-                pytest.fail(f"the stack did not come up: {up.stderr[-2000:]}\n{stack.logs()[-6000:]}")
+                pytest.fail(
+                    f"the stack did not come up: {up.stderr[-2000:]}\n{stack.logs()[-6000:]}"
+                )
             print(f"stack up in {stack.up_seconds:.1f} s")
             yield stack
         finally:
@@ -257,7 +265,9 @@ def test_a_governed_run_goes_through_the_stack(stack: Stack) -> None:
                 pytest.fail(f"the stack's worker never polled {pool}:\n{stack.logs('worker')}")
             assert found.type == "governed-process"
         await asave_agent(
-            GovernanceAgent(id="stack-etl", owner="data@example.com", capabilities=["read:warehouse"]),
+            GovernanceAgent(
+                id="stack-etl", owner="data@example.com", capabilities=["read:warehouse"]
+            ),
             "stack-etl",
         )
         asked = {"allowed": "read:warehouse", "refused": "delete:warehouse"}
@@ -277,7 +287,10 @@ def test_a_governed_run_goes_through_the_stack(stack: Stack) -> None:
         final = await wait_final(list(runs.values()), timeout=180)
         return {name: final[run_id] for name, run_id in runs.items()}
 
-    settings = {PREFECT_API_URL: stack.api_url, PREFECT_API_AUTH_STRING: stack.env["PREFECT_API_AUTH_STRING"]}
+    settings = {
+        PREFECT_API_URL: stack.api_url,
+        PREFECT_API_AUTH_STRING: stack.env["PREFECT_API_AUTH_STRING"],
+    }
     with temporary_settings(settings):
         final = asyncio.run(run())
     allowed, refused = final["allowed"], final["refused"]
@@ -302,5 +315,10 @@ def test_a_governed_run_goes_through_the_stack(stack: Stack) -> None:
     finally:
         store.dispose()
     opa_log = stack.logs("opa")
-    for name, found in decisions.items():
-        assert found[0].decision_id in opa_log, f"the {name} run was decided by the stack's OPA"
+    for name, run in final.items():
+        assert str(run.id) in opa_log, f"the {name} run was decided by the stack's OPA"
+        assert decisions[name][0].engine == "opa", decisions[name][0].engine
+    # On the host's network PostgreSQL asks for passwords on loopback too.
+    wrong = stack.lineage_url.replace(stack.env["LINEAGE_DB_PASSWORD"], "not-the-password")
+    with pytest.raises(Exception, match="password authentication failed"):
+        LineageStore(wrong).verify()

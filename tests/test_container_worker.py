@@ -15,7 +15,6 @@ import asyncio
 import os
 import re
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -131,9 +130,7 @@ def test_the_image_as_the_worker_decides_runs_and_is_healthy(prefect_server) -> 
             try:
                 asyncio.run(wait_outcomes(store, [runs["allowed"]], timeout=60))
                 verdicts = {
-                    name: {
-                        (e.kind, e.verdict) for e in store.recent(50, flow_run_id=str(run_id))
-                    }
+                    name: {(e.kind, e.verdict) for e in store.recent(50, flow_run_id=str(run_id))}
                     for name, run_id in runs.items()
                 }
                 assert ("decision", "allowed") in verdicts["allowed"]
@@ -148,4 +145,3 @@ def test_the_image_as_the_worker_decides_runs_and_is_healthy(prefect_server) -> 
             assert wait_health(container, "healthy", 120) == "healthy", context
         finally:
             docker("rm", "--force", container, check=False)
-

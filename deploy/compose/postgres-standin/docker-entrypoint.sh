@@ -35,11 +35,15 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   fi
   pwfile=()
   if [ -n "${POSTGRES_PASSWORD:-}" ]; then
-    pwfile=(--pwfile=<(printf '%s\n' "$POSTGRES_PASSWORD"))
+    # A private file, not a process substitution: this /dev may have no /dev/fd.
+    secret="$(umask 077 && mktemp)"
+    printf '%s\n' "$POSTGRES_PASSWORD" >"$secret"
+    pwfile=(--pwfile="$secret")
   fi
   # shellcheck disable=SC2086
   initdb --username="$POSTGRES_USER" "${pwfile[@]}" --encoding=UTF8 --locale=C.UTF-8 \
     ${POSTGRES_INITDB_ARGS:-}
+  [ -z "${secret:-}" ] || rm -f "$secret"
   printf '\nhost all all all %s\n' "$auth" >>"$PGDATA/pg_hba.conf"
 
   # The setup server: Unix socket only, on PGPORT's socket name.
