@@ -7,6 +7,7 @@ here skips the test, or fails it with CI=true (``tests.conftest.missing``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -84,6 +85,25 @@ def shared_directory(prefix: str) -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def polled_pool(pool: str, timeout: float) -> str | None:
+    """The type of the pool once a worker has created and polled it (None at the timeout):
+    the worker in a container creates its pool itself, as ``prefect worker start`` does."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    async with get_client() as client:
+        while time.monotonic() < deadline:
+            try:
+                found = await client.read_work_pool(pool)
+                if await client.read_workers_for_work_pool(pool):
+                    return found.type
+            except ObjectNotFound:
+                pass
+            await asyncio.sleep(0.5)
+    return None
 
 
 def flow_run_summary(run: Any) -> str:

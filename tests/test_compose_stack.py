@@ -37,6 +37,7 @@ from tests.stack_support import (
     engine,
     flow_run_summary,
     image,
+    polled_pool,
     shared_directory,
 )
 
@@ -234,7 +235,6 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 def test_a_governed_run_goes_through_the_stack(stack: Stack) -> None:
     from prefect import get_client
-    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     # Every container is on the host network, and compose made no network of its own.
@@ -252,21 +252,14 @@ def test_a_governed_run_goes_through_the_stack(stack: Stack) -> None:
     pool = "governed"  # docker-compose.yml's default PREFECT_WORK_POOL, made by the worker
 
     async def run() -> dict[str, Any]:
-        async with get_client() as client:
-            for _ in range(120):
-                try:
-                    found = await client.read_work_pool(pool)
-                    if await client.read_workers_for_work_pool(pool):
-                        break
-                except ObjectNotFound:
-                    pass
-                await asyncio.sleep(0.5)
-            else:
-                pytest.fail(f"the stack's worker never polled {pool}:\n{stack.logs('worker')}")
-            assert found.type == "governed-process"
+        polled = await polled_pool(pool, 120)
+        assert polled == "governed-process", f"no worker polled {pool}:\n{stack.logs('worker')}"
         await asave_agent(
             GovernanceAgent(
-                id="stack-etl", owner="data@example.com", capabilities=["read:warehouse"]
+                id="stack-etl",
+                owner="data@example.com",
+                trust_scope=[pool],
+                capabilities=["read:warehouse"],
             ),
             "stack-etl",
         )

@@ -32,6 +32,7 @@ from tests.stack_support import (
     flow_run_summary,
     health,
     image,
+    polled_pool,
     shared_directory,
     wait_health,
 )
@@ -73,11 +74,16 @@ def test_the_image_as_the_worker_decides_runs_and_is_healthy(prefect_server) -> 
         async def deploy() -> dict[str, uuid.UUID]:
             await asave_agent(
                 GovernanceAgent(
-                    id="container-etl", owner="data@example.com", capabilities=["read:warehouse"]
+                    id="container-etl",
+                    owner="data@example.com",
+                    trust_scope=[pool],
+                    capabilities=["read:warehouse"],
                 ),
                 "container-etl",
             )
             asked = {"allowed": "read:warehouse", "refused": "delete:warehouse"}
+            polled = await polled_pool(pool, 120)
+            assert polled == "governed-process", "the container's worker made and polled its pool"
             runs = {}
             async with get_client() as client:
                 for name, capability in asked.items():
