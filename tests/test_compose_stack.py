@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import secrets
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -92,6 +93,21 @@ def config(env: dict[str, str], *files: Path) -> dict[str, Any]:
         "compose", "--project-directory", str(ROOT), *args, "config", "--format", "json", env=env
     )
     return json.loads(result.stdout)
+
+
+# --- the stand-in's files -----------------------------------------------------------------
+
+
+def test_the_postgres_stand_in_dockerfile_lints_clean() -> None:
+    from tests.test_container import tool
+
+    dockerfile = ROOT / "deploy" / "compose" / "postgres-standin" / "Dockerfile"
+    result = subprocess.run(
+        [tool("hadolint"), "--no-color", "--failure-threshold", "style", str(dockerfile)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
 # --- docker compose config --------------------------------------------------------------
