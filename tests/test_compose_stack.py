@@ -82,15 +82,25 @@ def ports_env(flows: Path) -> dict[str, str]:
 
 
 def compose_env(extra: dict[str, str]) -> dict[str, str]:
-    """The test's environment without any compose variable it may carry, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "STACK_"))}
+    """The test's environment without any variable the compose files read, plus ``extra``
+    (compose reads no .env file here: each call passes ``--env-file /dev/null``)."""
+    ours = {*secrets_env(), "PREFECT_WORK_POOL", "PREFECT_UI_API_URL"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("COMPOSE_", "STACK_")) and k not in ours
+    }
     return {**env, **extra}
 
 
 def config(env: dict[str, str], *files: Path) -> dict[str, Any]:
     args = [a for f in files for a in ("--file", str(f))]
     result = docker(
-        "compose", "--project-directory", str(ROOT), *args, "config", "--format", "json", env=env
+        "compose",
+        *("--project-directory", str(ROOT), "--env-file", os.devnull),
+        *args,
+        *("config", "--format", "json"),
+        env=env,
     )
     return json.loads(result.stdout)
 
@@ -120,12 +130,18 @@ def test_compose_config_reads_the_project_file(tmp_path: Path) -> None:
     worker = project["services"]["worker"]
     assert worker["environment"]["PREFECT_GOVERNANCE_OPA_URL"] == "http://opa:8181"
     assert {d for d in worker["depends_on"]} == {"postgres", "prefect-server", "opa"}
-    # Every secret is required: without .env's values compose refuses to start anything.
-    missing_secrets = docker(
-        "compose", "--file", str(COMPOSE), "config", check=False, env=compose_env({})
-    )
-    assert missing_secrets.returncode != 0
-    assert "set POSTGRES_PASSWORD in .env" in missing_secrets.stderr
+    # Every secret is required: without any one of .env's values compose starts nothing.
+    for name in secrets_env():
+        if name == "PREFECT_GOVERNANCE_LINEAGE_KEY_ID":
+            continue  # has a default
+        without = {k: v for k, v in secrets_env().items() if k != name}
+        refused = docker(
+            *("compose", "--env-file", os.devnull, "--file", str(COMPOSE), "config"),
+            check=False,
+            env=compose_env(without),
+        )
+        assert refused.returncode != 0, f"compose starts without {name}"
+        assert f"set {name} in .env" in refused.stderr
 
 
 def test_the_override_changes_only_what_the_host_network_needs(tmp_path: Path) -> None:
@@ -210,6 +226,8 @@ class Stack:
             self.project,
             "--project-directory",
             str(ROOT),
+            "--env-file",
+            os.devnull,
             "--file",
             str(COMPOSE),
             "--file",
