@@ -23,6 +23,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${PREFECT_GOVERNANCE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/prefect-governance}"
 DOCKER_SOCK="${DOCKER_SOCK:-/var/run/docker.sock}"
 BASE_IMAGE="${BASE_IMAGE:-prefect-governance-base:bookworm}"
+PROJECT_IMAGE="${PROJECT_IMAGE:-prefect-governance}"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 # The Debian client matches the Debian engine (20.10) and has BuildKit built in; another
@@ -124,6 +125,63 @@ base() {
     "$tarball" "$BASE_IMAGE-$key" >/dev/null
   "$DOCKER" tag "$BASE_IMAGE-$key" "$BASE_IMAGE"
   log "base image $BASE_IMAGE (recipe $key) ready in $(took "$started") s"
+}
+
+# The Dockerfile's ENGINE=wheelhouse input: build/wheelhouse/ with the project's wheel (built
+# on the host with the engine the venv built, PREFECT_GOVERNANCE_PREBUILT_ENGINE) and a wheel
+# of every pin in deploy/constraints.txt. The dependencies are resolved by the base image's own
+# pip (its Python decides the markers: bookworm's 3.11.2 needs async-timeout, 3.11.14 does not),
+# reaching the index as this machine's pip does (its certificate bundle), and cached in $CACHE
+# by the constraints and the base recipe.
+wheelhouse() {
+  local engine key deps wheels started cert
+  engine="$ROOT/prefect_governance/core/engines/libgovrego.so"
+  [ -x "$PYTHON" ] || { log "no venv at $ROOT/.venv: make install"; return 1; }
+  [ -s "$engine" ] || { log "the embedded engine is not built ($engine): make install"; return 1; }
+  key="$( (cat "$ROOT/deploy/constraints.txt"; base_recipe) | sha256sum | cut -c1-16)"
+  deps="$CACHE/wheels-$key"
+  wheels="$ROOT/build/wheelhouse"
+  started="$(now)"
+  if [ ! -f "$deps/.complete" ]; then
+    rm -rf "$deps"
+    mkdir -p "$deps"
+    cert="${PIP_CERT:-$("$PYTHON" -m pip config get global.cert 2>/dev/null || true)}"
+    cert="${cert:-/etc/ssl/certs/ca-certificates.crt}"
+    "$DOCKER" run --rm --network host \
+      -v "$deps:/wheels" -v "$ROOT/deploy/constraints.txt:/constraints.txt:ro" \
+      -v "$cert:/etc/pip-ca.crt:ro" -e PIP_CERT=/etc/pip-ca.crt \
+      -e PIP_DEFAULT_TIMEOUT=180 -e PIP_DISABLE_PIP_VERSION_CHECK=1 \
+      ${PIP_INDEX_URL:+-e PIP_INDEX_URL="$PIP_INDEX_URL"} \
+      "$BASE_IMAGE" pip wheel --quiet --wheel-dir /wheels \
+      --constraint /constraints.txt --requirement /constraints.txt
+    touch "$deps/.complete"
+    log "dependency wheels made in $(took "$started") s ($deps)"
+  fi
+  rm -rf "$wheels"
+  mkdir -p "$wheels/deps" "$wheels/project"
+  cp -l "$deps"/*.whl "$wheels/deps"/ 2>/dev/null || cp "$deps"/*.whl "$wheels/deps"/
+  # A fixed timestamp: the same code gives the same wheel, and the image build its cache.
+  SOURCE_DATE_EPOCH=315532800 PREFECT_GOVERNANCE_PREBUILT_ENGINE="$engine" \
+    "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$wheels/project" "$ROOT"
+  log "wheelhouse $wheels ready in $(took "$started") s"
+}
+
+project_version() {
+  sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$ROOT/prefect_governance/__init__.py"
+}
+
+# The project's image: the Dockerfile on the local base, from the wheelhouse (no Go stage, no
+# network inside the build; --network host so nothing needs a bridge).
+image() {
+  local version started
+  version="$(project_version)"
+  [ -n "$version" ] || { log "no __version__ in prefect_governance/__init__.py"; return 1; }
+  started="$(now)"
+  wheelhouse
+  DOCKER_BUILDKIT=1 "$DOCKER" build --quiet --network host \
+    --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg ENGINE=wheelhouse \
+    --tag "$PROJECT_IMAGE:$version" --tag "$PROJECT_IMAGE:test" "$ROOT" >/dev/null
+  log "image $PROJECT_IMAGE:$version (and :test) built in $(took "$started") s"
 }
 
 status() {
