@@ -113,12 +113,21 @@ def test_the_image_as_the_worker_decides_runs_and_is_healthy(prefect_server) -> 
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_WORKER_PREFETCH_SECONDS": "1",
         }
-        assert {"PREFECT_API_URL", "PREFECT_WORK_POOL"} <= set(environment)
+        documented = documented_run()
+        named = {documented[i + 1].split("=")[0] for i, a in enumerate(documented) if a == "-e"}
+        assert named <= set(environment), "every variable the header sets, the test sets"
         run_args = ["--detach", "--name", container, "--init", "--network", "host"]
         run_args += ["--volume", f"{shared}:{shared}"]
         for name in environment:
             run_args += ["--env", name]
-        docker("run", *run_args, PROJECT_IMAGE, env={**os.environ, **environment}, timeout=120)
+        # Arguments after the image are appended to `prefect worker start` (the header's
+        # `[--limit 4 ...]`).
+        worker_args = ["--limit", "4"]
+        docker(
+            *("run", *run_args, PROJECT_IMAGE, *worker_args),
+            env={**os.environ, **environment},
+            timeout=120,
+        )
         try:
             assert health(container) == "starting", "the image declares a HEALTHCHECK"
             runs = asyncio.run(deploy())
