@@ -29,9 +29,11 @@ opa: $(OPA)
 
 # The Docker engine (one for the machine, reused) and the images the container tests run:
 # a local bookworm base (debootstrap, cached in ~/.cache/prefect-governance) and the
-# project's image built on it from a wheelhouse (scripts/docker.sh).
+# project's image built on it from a wheelhouse (scripts/docker.sh); Compose v2 from its Go
+# module and local stand-ins for the stack's registry images (scripts/compose.sh).
 docker: install
 	bash scripts/docker.sh image
+	bash scripts/compose.sh
 
 $(OPA):
 	mkdir -p .tools/bin
