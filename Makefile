@@ -14,14 +14,14 @@ PREFECT_OLDEST ?= prefect==3.8.8
 VENV_OLDEST := .venv-prefect38
 ENGINE := prefect_governance/core/engines/libgovrego.so
 
-.PHONY: demo test install opa lint bench clean
+.PHONY: demo test install opa docker lint bench clean
 
 demo: install
 	$(BIN)/prefect-governance demo
 
 # The whole suite on the newest Prefect (the unit tests, then the end-to-end ones), then the
 # end-to-end tests on the oldest, but the long concurrency test (run once above).
-test: lint opa $(VENV_OLDEST)/.installed
+test: lint opa docker $(VENV_OLDEST)/.installed
 	bash scripts/postgres.sh
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest -m "not e2e"
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest -m e2e --durations=25
@@ -45,6 +45,14 @@ $(VENV_OLDEST)/.installed: $(VENV)/.installed
 	touch $@
 
 opa: $(OPA)
+
+# The Docker engine (one for the machine, reused) and the images the container tests run:
+# a local bookworm base (debootstrap, cached in ~/.cache/prefect-governance) and the
+# project's image built on it from a wheelhouse (scripts/docker.sh); Compose v2 from its Go
+# module and local stand-ins for the stack's registry images (scripts/compose.sh).
+docker: install
+	bash scripts/docker.sh image
+	bash scripts/compose.sh
 
 $(OPA):
 	mkdir -p .tools/bin

@@ -169,9 +169,29 @@ def test_hadolint_finds_nothing() -> None:
     assert result.stdout.strip() == ""
 
 
+def build_args() -> dict[str, str]:
+    """The Dockerfile's build arguments and their defaults."""
+    return dict(args.partition("=")[::2] for name, args in dockerfile() if name == "ARG")
+
+
 def test_base_image_is_pinned_by_patch_tag_and_digest() -> None:
-    base = last("FROM").split()[0]
+    assert last("FROM").split()[0] == "${BASE_IMAGE}"
+    base = build_args()["BASE_IMAGE"]
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+@sha256:[0-9a-f]{64}", base), base
+
+
+def test_engine_comes_from_the_go_stage_unless_a_wheelhouse_is_asked_for() -> None:
+    """Upstream (the default) builds the engine with Go; ENGINE=wheelhouse (scripts/docker.sh)
+    needs no Go image and no network: every wheel comes from build/wheelhouse."""
+    assert build_args()["ENGINE"] == "go"
+    stages = {args.split()[-1]: args.split()[0] for name, args in dockerfile() if name == "FROM"}
+    assert stages["engine-go"].startswith("golang:1.26.")
+    assert stages["engine-wheelhouse"] == "scratch"
+    assert stages["engine"] == "engine-${ENGINE}"
+    install = " ".join(args for name, args in dockerfile() if name == "RUN")
+    assert install.count("pip install --no-index --find-links") == 2
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "!build/wheelhouse" in ignored and "build/" not in ignored
 
 
 def test_image_runs_as_a_numeric_non_root_user() -> None:
