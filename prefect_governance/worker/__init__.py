@@ -1,8 +1,12 @@
 """The governed worker: it decides each flow run before anything starts (holds credentials).
 
 Prefect finds the ``governed-process`` worker type, and the package's blocks,
-through the ``prefect.collections`` entry point, which names this package.
+through the ``prefect.collections`` entry point, which names this package; the
+``governed-kubernetes`` type too where prefect-kubernetes is installed (the
+``kubernetes`` extra).
 """
+
+from importlib.util import find_spec
 
 from prefect_governance.core.keys import GovernanceSigningKey, GovernanceVerifyKey
 from prefect_governance.worker.blocks import (
@@ -20,3 +24,8 @@ __all__ = [
     "GovernanceVerifyKey",
     "GovernedProcessWorker",
 ]
+
+if find_spec("prefect_kubernetes") is not None:  # registers the governed-kubernetes type
+    from prefect_governance.worker.kubernetes import GovernedKubernetesWorker
+
+    __all__ += ["GovernedKubernetesWorker"]
