@@ -127,6 +127,31 @@ def stop_cluster(directory: Path) -> None:
         shutil.rmtree(directory, ignore_errors=True)  # never through a mount left behind
 
 
+# The project's image (Python, Prefect and this package), built by scripts/docker.sh on a
+# locally made base; the flow runs' pods start from it.
+FLOW_IMAGE_ENV = "PREFECT_GOVERNANCE_FLOW_IMAGE"
+
+
+@pytest.fixture(scope="session")
+def flow_image() -> str:
+    """The image the flow-run pods use: $PREFECT_GOVERNANCE_FLOW_IMAGE, or the project's
+    image that ``scripts/docker.sh daemon base image`` builds (needs a Docker engine)."""
+    if os.environ.get(FLOW_IMAGE_ENV):
+        return os.environ[FLOW_IMAGE_ENV]
+    script = ROOT / "scripts" / "docker.sh"
+    if not script.exists():
+        _missing("scripts/docker.sh (the project's image for the pods)")
+    done = subprocess.run(
+        ["bash", str(script), "daemon", "base", "image"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        _missing(f"the project's image ({done.stderr.strip()[-2000:]})")
+    return _project_image(done.stdout, done.stderr)
+
+
 @pytest.fixture(scope="session")
 def kube_cluster() -> Iterator[KubeCluster]:
     """One real single-node cluster for the session."""

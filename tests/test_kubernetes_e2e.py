@@ -243,14 +243,15 @@ def scenarios(governed_pool, kube) -> dict[str, Observed]:
 
     async def go() -> dict[str, Observed]:
         runs = {
-            name: await _run(kube, "gov-kube", f"kube-{name}", markers, variables,
-                             PARAMETERS.get(name))
+            name: await _run(
+                kube, "gov-kube", f"kube-{name}", markers, variables, PARAMETERS.get(name)
+            )
             for name, variables in SCENARIOS.items()
         }
         return await _observe(kube, gov, runs, timeout=300)
 
     observed = asyncio.run(go())
-    for name, seen in observed.items():
+    for seen in observed.values():
         if seen.flow_run.state and seen.flow_run.state.name != "Refused":
             seen.events = _wait_outcomes(gov, seen.flow_run.id)
     time.sleep(3)  # reconcile passes (every second here) that could settle a run again
@@ -375,8 +376,9 @@ def test_a_stock_worker_on_a_governed_pool_starts_nothing(governed_pool, kube):
     try:
 
         async def go() -> Observed:
-            run = await _run(kube, "gov-kube-stolen", name, markers,
-                             {"capabilities": ["read:warehouse"]})
+            run = await _run(
+                kube, "gov-kube-stolen", name, markers, {"capabilities": ["read:warehouse"]}
+            )
             return (await _observe(kube, gov, {name: run}, timeout=180))[name]
 
         run = asyncio.run(go())
@@ -420,9 +422,21 @@ def test_stock_and_governed_side_by_side(governed_pool, kube, record_property):
 def test_work_pool_create_type_governed_kubernetes_works_offline(prefect_server, tmp_path):
     env = prefect_env(prefect_server.home, prefect_server.api_url)
     created = subprocess.run(
-        [sys.executable, "-m", "prefect", "work-pool", "create", "kube-cli",
-         "--type", "governed-kubernetes"],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "work-pool",
+            "create",
+            "kube-cli",
+            "--type",
+            "governed-kubernetes",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert created.returncode == 0, created.stdout + created.stderr
 

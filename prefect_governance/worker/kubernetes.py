@@ -103,7 +103,7 @@ class GovernedKubernetesWorker(GovernedWorker, KubernetesWorker):
         """Decide the run first; a refused run creates no Job, an allowed one's Job starts
         through the gate. Returns once the Job exists (its outcome is settled later)."""
         try:
-            return await self._governed_run(
+            result = await self._governed_run(
                 flow_run,
                 configuration,
                 task_status,
@@ -114,6 +114,10 @@ class GovernedKubernetesWorker(GovernedWorker, KubernetesWorker):
             # Settled where it failed (the base's start error path): nothing to watch.
             self._handed_over.pop(str(flow_run.id), None)
             raise
+        if str(flow_run.id) in self._handed_over:
+            # Still this worker's to settle: the reconciler leaves it alone meanwhile.
+            self._in_flight.add(str(flow_run.id))
+        return result
 
     def _hand_over(
         self,
@@ -177,11 +181,14 @@ class GovernedKubernetesWorker(GovernedWorker, KubernetesWorker):
         for flow_run in runs:
             if not (flow_run.state and flow_run.state.is_final()):
                 continue
-            admission = self._handed_over.pop(str(flow_run.id), None)
+            run_id = str(flow_run.id)
+            admission = self._handed_over.pop(run_id, None)
             if admission is None:
                 continue
             try:
                 await self.governor.settle(self.client, admission, flow_run.id, None)
             except Exception:
                 # Left to the reconciler (the lineage still lacks the outcome).
-                self._logger.exception("Could not record the outcome of %s", flow_run.id)
+                self._logger.exception("Could not record the outcome of %s", run_id)
+            finally:
+                self._in_flight.discard(run_id)
