@@ -6,8 +6,6 @@ through the ``prefect.collections`` entry point, which names this package; the
 ``kubernetes`` extra).
 """
 
-from importlib.util import find_spec
-
 from prefect_governance.core.keys import GovernanceSigningKey, GovernanceVerifyKey
 from prefect_governance.worker.blocks import (
     GovernanceAgent,
@@ -25,7 +23,10 @@ __all__ = [
     "GovernedProcessWorker",
 ]
 
-if find_spec("prefect_kubernetes") is not None:  # registers the governed-kubernetes type
+try:  # registers the governed-kubernetes type, where its extra is installed
     from prefect_governance.worker.kubernetes import GovernedKubernetesWorker
-
+except ModuleNotFoundError as missing:
+    if missing.name != "prefect_kubernetes":
+        raise
+else:
     __all__ += ["GovernedKubernetesWorker"]

@@ -39,7 +39,6 @@ from prefect_governance.worker.launch import gate_argv, is_current_gate, uses_ga
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
-    from prefect_governance.core.models import Infrastructure
     from prefect_governance.worker.governor import Admission
 
 # The interpreter the gate starts with inside the run's container: the image's own.
@@ -149,14 +148,15 @@ class GovernedKubernetesWorker(GovernedWorker, KubernetesWorker):
         self._handed_over[configuration.labels[FLOW_RUN_LABEL]] = admission
         self._warn_if_stale_gate(current_gate, logger)
 
-    def _infrastructure(self, configuration: GovernedKubernetesJobConfiguration) -> Infrastructure:
+    def _infrastructure(self, configuration: GovernedKubernetesJobConfiguration) -> Any:
         """The Job as the policy sees it: namespace, images, service account, host paths,
         host namespaces and security context of every container (variable names only)."""
-        from prefect_governance.core.infrastructure import kubernetes_infrastructure
-
-        return kubernetes_infrastructure(
-            configuration.job_manifest, configuration.namespace, configuration._job_env
-        )
+        # WIRE (lead, when helper infra's core/infrastructure.py is merged):
+        #   from prefect_governance.core.infrastructure import kubernetes_infrastructure
+        #   return kubernetes_infrastructure(
+        #       configuration.job_manifest, configuration.namespace, configuration._job_env
+        #   )
+        return None
 
     # --- the outcome, from Prefect's final state ---------------------------------
 
