@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from prefect import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
 
 from prefect_governance.cli.apply import DocumentError, apply_documents, load_documents
 from prefect_governance.cli.automations import GUARDS, REFUSED_STAYS_REFUSED
@@ -25,7 +26,7 @@ from prefect_governance.lineage.store import LineageStore
 from prefect_governance.testing import create_pool, deploy_example
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import TEST_AGENT_KEY
-from tests.conftest import ROOT
+from tests.conftest import ROOT, missing
 
 CLI = [sys.executable, "-m", "prefect_governance.cli"]
 
@@ -265,6 +266,10 @@ def test_decide_prints_the_decision_and_the_input_without_running(prefect_server
     assert out["input"]["envelope"]["parameters"] == {"rows": 10}
     assert out["input"]["envelope"]["capabilities"] == ["write:warehouse"]
     assert out["input"]["agent"]["id"] == "etl-agent"
+    # what the run would start: the pool's process, through the gate
+    assert out["infrastructure"]["kind"] == "process"
+    assert out["infrastructure"]["command"].endswith(" -m prefect_governance.gate")
+    assert out["input"]["envelope"]["infrastructure"] == out["infrastructure"]
 
     refused = run(
         [
@@ -307,6 +312,97 @@ def test_decide_prints_the_decision_and_the_input_without_running(prefect_server
     assert "set PREFECT_GOVERNANCE_AGENT_KEYS" in json.loads(unpinned.stdout)["decision"]["deny"][0]
     # decide records nothing: it only asks
     assert LineageStore(lineage).recent(10) == []
+
+
+INFRA_AGENT = """
+kind: agent
+name: infra-agent
+spec:
+  id: infra-agent
+  version: 1
+  owner: platform@example.com
+  trust_scope: [decide-docker]
+  capabilities: []
+  deployments: [load-warehouse/decide-docker]
+  memory_schema: {type: object}
+  constraints:
+    infrastructure:
+      registries: [docker.io]
+      host_network: true
+"""
+
+
+def test_decide_shows_what_a_docker_run_would_start(prefect_server, tmp_path):
+    """A stock Docker pool's job, resolved from its template and the deployment's job
+    variables as the worker would, is what the policy is shown and what decide prints."""
+    try:
+        from prefect_docker.worker import DockerWorker
+    except ImportError:
+        missing("prefect-docker (pip install 'prefect-governance[docker]')")
+    lineage = f"sqlite:///{tmp_path / 'decide.db'}"
+    (tmp_path / "agents").mkdir()
+    (tmp_path / "agents" / "infra-agent.yaml").write_text(INFRA_AGENT)
+
+    async def setup(job_variables):
+        await apply_documents(load_documents(tmp_path / "agents"), agent_key=TEST_AGENT_KEY)
+        async with get_client() as client:
+            await client.create_work_pool(
+                WorkPoolCreate(
+                    name="decide-docker",
+                    type="docker",
+                    base_job_template=DockerWorker.get_default_base_job_template(),
+                ),
+                overwrite=True,
+            )
+        await deploy_example("decide-docker", "decide-docker", job_variables)
+
+    def decide():
+        result = run(
+            [*CLI, "decide", "load-warehouse/decide-docker", "-p", "rows=10"],
+            prefect_server,
+            PREFECT_GOVERNANCE_LINEAGE_URL=lineage,
+        )
+        return result.returncode, json.loads(result.stdout)
+
+    asyncio.run(
+        setup(
+            {
+                "agent": "infra-agent",
+                "image": "python:3.11",
+                "network_mode": "host",
+                "env": {"WAREHOUSE_TOKEN": "hunter2-token"},
+            }
+        )
+    )
+    code, out = decide()
+    assert code == 0, out["decision"]
+    infrastructure = out["infrastructure"]
+    assert infrastructure["kind"] == "docker" and infrastructure["host_network"]
+    (container,) = infrastructure["containers"]
+    assert container["image"]["registry"] == "docker.io" and not container["privileged"]
+    assert "WAREHOUSE_TOKEN" in infrastructure["env_names"]
+    assert "hunter2-token" not in json.dumps(out), "variable names only, never values"
+    assert out["input"]["envelope"]["infrastructure"] == infrastructure
+
+    asyncio.run(
+        setup(
+            {
+                "agent": "infra-agent",
+                "image": "quay.io/x/y:1",
+                "network_mode": "host",
+                "container_create_kwargs": {"privileged": True},
+            }
+        )
+    )
+    code, out = decide()
+    assert code == 1
+    assert out["infrastructure"]["containers"][0]["privileged"]
+    assert sorted(out["decision"]["deny"]) == [
+        'container "decide-dry-run" is privileged: agent "infra-agent" may not run privileged '
+        "containers",
+        'image "quay.io/x/y:1" of container "decide-dry-run" is not from a registry agent '
+        '"infra-agent" may use ["docker.io"]',
+    ]
 
 
 def test_lineage_lists_recent_events(tmp_path):

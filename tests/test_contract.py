@@ -47,6 +47,76 @@ def test_schema_describes_input_and_result():
     assert set(defs["Constraints"]["properties"]) >= {"tasks", "capability_trust"}
 
 
+def test_schema_describes_what_the_run_would_start():
+    defs = json.loads((POLICIES / schema.SCHEMA_FILE).read_text())["$defs"]
+    envelope = defs["MutationEnvelope"]["properties"]["infrastructure"]
+    assert {"$ref": "#/$defs/Infrastructure"} in envelope["anyOf"] and envelope["default"] is None
+    assert defs["Infrastructure"]["required"] == ["kind"]
+    assert defs["Infrastructure"]["properties"]["kind"]["enum"] == [
+        "process",
+        "docker",
+        "kubernetes",
+    ]
+    assert set(defs["Infrastructure"]["properties"]) >= {
+        "containers",
+        "mounts",
+        "host_paths",
+        "network_mode",
+        "host_network",
+        "host_pid",
+        "host_ipc",
+        "namespace",
+        "service_account",
+        "env_names",
+        "unrecognized",
+    }
+    assert set(defs["Container"]["properties"]) >= {
+        "image",
+        "privileged",
+        "allow_privilege_escalation",
+        "capabilities_added",
+        "run_as_user",
+        "run_as_non_root",
+    }
+    assert set(defs["Image"]["properties"]) == {
+        "reference",
+        "registry",
+        "repository",
+        "tag",
+        "digest",
+    }
+    constraint = defs["Constraints"]["properties"]["infrastructure"]
+    assert {"$ref": "#/$defs/InfrastructureConstraint"} in constraint["anyOf"]
+    assert defs["InfrastructureConstraint"]["properties"]["allow_privileged"]["default"] is False
+    assert defs["InfrastructureConstraint"]["properties"]["registries"]["default"] is None
+
+
+def test_an_infrastructure_example_per_rule_allowed_and_refused():
+    expected = {e.name: json.loads((e / "expected.json").read_text()) for e in EXAMPLES}
+    assert expected["allowed-docker-infrastructure"]["allow"]
+    assert expected["allowed-kubernetes-infrastructure"]["allow"]
+    denied = [
+        reason["message"]
+        for x in expected.values()
+        for reason in x["reasons"]
+        if reason["rule"] == "prefect.governance.rules.infrastructure.deny"
+    ]
+    for refusal in (
+        "is privileged",
+        "allows privilege escalation",
+        "adds capability",
+        "host path",
+        "the host's PID namespace",
+        "is not from a registry",
+        "is not pinned by digest",
+        "may run as root",
+        "is outside the namespaces",
+        "is outside the service accounts",
+        "is not one the worker recognises",
+    ):
+        assert any(refusal in message for message in denied), refusal
+
+
 def test_schema_describes_the_task_policy_input_and_result():
     contract = json.loads((POLICIES / schema.SCHEMA_FILE).read_text())
     defs = contract["$defs"]

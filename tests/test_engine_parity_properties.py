@@ -5,8 +5,10 @@ decision, policies/task_examples for the task policy) and is mutated where the r
 look: parameters of every JSON type (integers beyond 64 bits, 0.1, 1e308, -0.0, odd
 unicode), trust scores and slopes at and near their thresholds, capabilities asked
 for and granted, tags, triggers, times, windows and freezes, memory schema hashes,
-approvals, and anywhere at all: a value replaced by one of another type, by null,
-or removed. The embedded engine and a real OPA sidecar then decide it, and:
+approvals, what the run would start (containers, host paths and namespaces,
+registries, digests) and what the agent allows of it, and anywhere at all: a value
+replaced by one of another type, by null, or removed. The embedded engine and a real
+OPA sidecar then decide it, and:
 
 - both were sent the same bytes (``encode_input``: spied on in both engines);
 - both answered, or both failed with the same kind of error (and, for an evaluation
@@ -503,6 +505,90 @@ SHARED = [
     field(parts, values=st.sampled_from([DELETE, None, [], "agent", 5, {}])),
 ]
 
+# What a run would start (envelope.infrastructure) and what the agent allows of it.
+REGISTRIES = ["docker.io", "ghcr.io", "localhost:5000", "", "DOCKER.IO"]
+HOST_PATHS = ["/srv/etl", "/srv/etl/out", "/srv/etlx", "/", "/etc", "", "srv/etl", "/srv/etl/"]
+CAPABILITY_NAMES = ["NET_ADMIN", "SYS_ADMIN", "ALL", "", "net_admin"]
+flags = st.sampled_from([True, False, None, 1, "true"])
+images = st.fixed_dictionaries(
+    {},
+    optional={
+        "reference": maybe(st.sampled_from(["python:3.11", "ghcr.io/a/b@sha256:00", ""])),
+        "registry": maybe(st.sampled_from(REGISTRIES)),
+        "digest": maybe(st.sampled_from(["sha256:" + "0" * 64, ""])),
+    },
+)
+containers = st.lists(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "name": maybe(st.sampled_from(["job", "", "é"])),
+            "role": maybe(st.sampled_from(["container", "init", "ephemeral"])),
+            "image": maybe(images),
+            "privileged": flags,
+            "allow_privilege_escalation": flags,
+            "capabilities_added": maybe(subsets(CAPABILITY_NAMES)),
+            "unconfined": maybe(subsets(["seccomp", "apparmor", ""])),
+            "run_as_user": maybe(st.sampled_from([0, 1000, -1, 0.5, 2**70, "1000"])),
+            "run_as_non_root": flags,
+        },
+    ),
+    max_size=3,
+)
+INFRASTRUCTURE_MUTATIONS = [
+    field("envelope", "infrastructure", "containers", values=maybe(containers)),
+    field("envelope", "infrastructure", "host_paths", values=maybe(subsets(HOST_PATHS))),
+    field(
+        "envelope",
+        "infrastructure",
+        st.sampled_from(["host_network", "host_pid", "host_ipc"]),
+        values=flags,
+    ),
+    field(
+        "envelope",
+        "infrastructure",
+        st.sampled_from(["namespace", "service_account"]),
+        values=maybe(st.sampled_from(["prefect", "prefect-runs", "kube-system", ""])),
+    ),
+    field(
+        "envelope",
+        "infrastructure",
+        "kind",
+        values=maybe(st.sampled_from(["docker", "kubernetes", "process"])),
+    ),
+    field(
+        "envelope",
+        "infrastructure",
+        "unrecognized",
+        values=maybe(subsets(["container_create_kwargs.runtime", "spec.template.spec.nodeName"])),
+    ),
+    field("envelope", "infrastructure", values=st.sampled_from([None, DELETE, "docker", [], {}])),
+    field(
+        "agent",
+        "constraints",
+        "infrastructure",
+        values=maybe(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "registries": maybe(subsets(REGISTRIES)),
+                    "require_digest": flags,
+                    "allow_privileged": flags,
+                    "allow_privilege_escalation": flags,
+                    "capabilities": maybe(subsets(CAPABILITY_NAMES)),
+                    "host_paths": maybe(subsets(HOST_PATHS)),
+                    "host_network": flags,
+                    "host_pid": flags,
+                    "require_non_root": flags,
+                    "namespaces": maybe(subsets(["prefect", "kube-system", ""])),
+                    "service_accounts": maybe(subsets(["prefect-runs", "default"])),
+                    "settings": maybe(subsets(["container_create_kwargs.runtime"])),
+                },
+            )
+        ),
+    ),
+]
+
 FLOW_MUTATIONS = st.one_of(
     *SHARED,
     field(
@@ -604,6 +690,7 @@ FLOW_MUTATIONS = st.one_of(
         "approvals",
         values=maybe(st.lists(st.fixed_dictionaries({"approver": maybe(st.sampled_from(USERS))}))),
     ),
+    *INFRASTRUCTURE_MUTATIONS,
 )
 
 TASK_NAMES = ["load_orders", "drop_tables", "DROP_TABLES", "drop_tables ", "", "é", "\ud800"]
@@ -621,6 +708,7 @@ TASK_MUTATIONS = st.one_of(
 # branch of its own: the mutations above reach every rule, but some rarely, and how
 # often shifts with whatever the run imports (Hypothesis draws constants from the code).
 NOW = "2026-11-24T12:00:00Z"  # the examples' context.time: a Tuesday
+PRIVILEGED = FLOW_EXAMPLES["refused-privileged-container"]["envelope"]["infrastructure"]
 FLOW_DECISIVE = [
     {("agent", "constraints", "approval"): {"approvers": ["alice"]}},
     {("agent", "constraints", "triggers"): {"types": ["AUTOMATION"]}},
@@ -648,6 +736,11 @@ FLOW_DECISIVE = [
     {("envelope", "parameters", "rows"): 10**30},
     {("envelope", "work_pool", "name"): "prod"},
     {("envelope", "capabilities"): ["admin"]},
+    {("envelope", "infrastructure"): PRIVILEGED},
+    {
+        ("envelope", "infrastructure"): PRIVILEGED,
+        ("agent", "constraints", "infrastructure"): {"allow_privileged": True, "registries": []},
+    },
     {("context",): DELETE},
 ]
 TASK_DECISIVE = [
@@ -767,6 +860,7 @@ FLOW_RULES = {
         "approval.deny",
         "capabilities.deny",
         "capabilities.warn",
+        "infrastructure.deny",
         "memory.deny",
         "memory.warn",
         "parameters.deny",

@@ -147,7 +147,8 @@ def decide(
         bool, typer.Option("--input/--no-input", help="Print the policy input.")
     ] = True,
 ) -> None:
-    """Decide a run of a deployment without running anything; print the decision and the input."""
+    """Decide a run of a deployment without running anything; print the decision, what the
+    run would start (its infrastructure) and the input."""
     from prefect_governance.cli.decide import decide_deployment
 
     parameters = {}
@@ -159,8 +160,13 @@ def decide(
             parameters[key] = json.loads(raw)
         except json.JSONDecodeError:
             parameters[key] = raw
-    assessment = asyncio.run(decide_deployment(deployment, parameters))
-    out: dict[str, Any] = {"decision": assessment.decision.model_dump(mode="json")}
+    assessment, infrastructure = asyncio.run(decide_deployment(deployment, parameters))
+    out: dict[str, Any] = {
+        "decision": assessment.decision.model_dump(mode="json"),
+        # What the run would start (envelope.infrastructure): null when the pool's worker
+        # type is not installed here.
+        "infrastructure": infrastructure.model_dump(mode="json") if infrastructure else None,
+    }
     if show_input:
         out["input"] = assessment.policy_input
     typer.echo(json.dumps(out, indent=2))

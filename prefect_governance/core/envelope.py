@@ -16,6 +16,7 @@ from prefect_governance.core.models import (
     DeploymentRef,
     FlowRef,
     FlowRunRef,
+    Infrastructure,
     MemoryAccess,
     MutationEnvelope,
     ParentRun,
@@ -404,8 +405,10 @@ def build_envelope(
     reference_schema: Any = None,
     max_parameter_bytes: int = MAX_PARAMETER_BYTES,
     max_parameter_depth: int = MAX_PARAMETER_DEPTH,
+    infrastructure: Infrastructure | None = None,
 ) -> MutationEnvelope:
-    """What this flow run proposes to do, with secrets redacted.
+    """What this flow run proposes to do, with secrets redacted; ``infrastructure`` is
+    what it would start (None from a caller that does not say).
 
     Secrets are found by name (``redact_patterns``), by shape (``SECRET_SHAPES``) and by
     the deployment's parameter schema now and as first seen (``reference_schema``): a
@@ -459,6 +462,7 @@ def build_envelope(
         redacted=redacted,
         capabilities=sorted(set(capabilities)),
         memory=memory,
+        infrastructure=infrastructure,
     )
 
 

@@ -145,6 +145,56 @@ class TaskConstraint(_Contract):
     )
 
 
+class InfrastructureConstraint(_Contract):
+    """What the agent's runs may start (``rules/infrastructure``). Without this section the
+    defaults hold: nothing privileged, no added capability, no host path, no host
+    namespace, no setting the worker does not recognise; any registry, namespace and
+    service account."""
+
+    registries: list[str] | None = Field(
+        None,
+        description="When set, every image must come from one of these registries (as Docker "
+        "normalizes them: docker.io, ghcr.io, localhost:5000); [] allows none.",
+    )
+    require_digest: bool = Field(
+        False, description="Every image must be pinned by digest (name@sha256:...)."
+    )
+    allow_privileged: bool = Field(
+        False,
+        description="May a container be privileged, or turn confinement off (seccomp, "
+        "AppArmor, SELinux, system paths, user/UTS/cgroup namespace of the host)?",
+    )
+    allow_privilege_escalation: bool = Field(
+        False, description="May a container set allowPrivilegeEscalation: true?"
+    )
+    capabilities: list[str] = Field(
+        default_factory=list,
+        description="Linux capabilities a container may add (NET_ADMIN, ...; ALL only if listed).",
+    )
+    host_paths: list[str] = Field(
+        default_factory=list,
+        description="Host path prefixes a run may mount or use as a device (a prefix covers "
+        "itself and what is below it: /data covers /data/x, not /database).",
+    )
+    host_network: bool = Field(False, description="May the run use the host's network?")
+    host_pid: bool = Field(False, description="May the run share the host's PID namespace?")
+    host_ipc: bool = Field(False, description="May the run share the host's IPC namespace?")
+    require_non_root: bool = Field(
+        False, description="Every container must run as a user other than root."
+    )
+    namespaces: list[str] | None = Field(
+        None, description="Kubernetes: when set, the namespaces the run's Job may be created in."
+    )
+    service_accounts: list[str] | None = Field(
+        None, description="Kubernetes: when set, the service accounts the run's pod may use."
+    )
+    settings: list[str] = Field(
+        default_factory=list,
+        description="Settings the worker does not recognise (envelope.infrastructure."
+        "unrecognized) that the agent accepts anyway.",
+    )
+
+
 class Constraints(_Contract):
     """Governance constraints that travel with the agent (each rule module reads its own)."""
 
@@ -157,6 +207,7 @@ class Constraints(_Contract):
     trust: TrustThresholds | None = None
     memory: MemoryConstraint | None = None
     tasks: TaskConstraint | None = None
+    infrastructure: InfrastructureConstraint | None = None
     capability_trust: dict[str, float] = Field(
         default_factory=dict,
         description="Minimum trust score per capability: below it the capability is withheld "
@@ -241,6 +292,101 @@ class MemoryAccess(_Contract):
     )
 
 
+InfrastructureKind = Literal["process", "docker", "kubernetes"]
+ContainerRole = Literal["container", "init", "ephemeral"]
+
+
+class Image(_Contract):
+    """An image reference, read the way Docker normalizes it."""
+
+    reference: str = Field(description="As written in the job configuration.")
+    registry: str = Field(
+        description="docker.io for `python:3.11`, localhost:5000 for `localhost:5000/x`."
+    )
+    repository: str = Field(description="The path in the registry, e.g. library/python.")
+    tag: str | None = None
+    digest: str | None = Field(
+        None, description="sha256:<hex> when the reference is pinned (`...@sha256:`)."
+    )
+
+
+class Mount(_Contract):
+    """A volume, bind mount or device the run's containers would get."""
+
+    type: str = Field(
+        description="bind, volume, tmpfs, device (Docker); hostPath, emptyDir, secret, "
+        "configMap, ... (Kubernetes: the volume's source kind)."
+    )
+    source: str | None = Field(None, description="Host path (bind, device, hostPath) or name.")
+    target: str | None = Field(None, description="Path in the container, where known.")
+    read_only: bool = False
+
+
+class Container(_Contract):
+    """One container the run would start, its settings as they take effect (a pod's
+    security context applies where the container sets nothing)."""
+
+    name: str | None = None
+    role: ContainerRole = "container"
+    image: Image | None = None
+    privileged: bool = False
+    allow_privilege_escalation: bool | None = Field(
+        None, description="As set (None: not set; Docker's no-new-privileges is False)."
+    )
+    capabilities_added: list[str] = Field(
+        default_factory=list, description="Upper case, without CAP_ (SYS_ADMIN, ALL)."
+    )
+    unconfined: list[str] = Field(
+        default_factory=list,
+        description="Confinement turned off: seccomp, apparmor, selinux, systempaths, and the "
+        "host's user, uts or cgroup namespace (userns, uts, cgroupns).",
+    )
+    user: str | None = Field(None, description="Docker's user (`1000:1000`, `root`).")
+    run_as_user: int | None = None
+    run_as_non_root: bool | None = None
+    command: list[str] | None = None
+    working_dir: str | None = None
+    limits: dict[str, str] = Field(
+        default_factory=dict, description="Resource limits: memory, cpu, memory_swap, pids, ..."
+    )
+    requests: dict[str, str] = Field(default_factory=dict, description="Kubernetes requests.")
+
+
+class Infrastructure(_Contract):
+    """What the run would start, resolved from its job configuration (the worker builds it
+    from the prepared job; environment variable names only, never values)."""
+
+    kind: InfrastructureKind
+    containers: list[Container] = Field(
+        default_factory=list,
+        description="Docker: the one container; Kubernetes: every container, initContainer "
+        "and ephemeral container of the pod; process: none.",
+    )
+    mounts: list[Mount] = Field(default_factory=list)
+    host_paths: list[str] = Field(
+        default_factory=list,
+        description="Every host path the run would see: bind and hostPath sources, devices.",
+    )
+    network_mode: str | None = Field(None, description="Docker's network mode (host, none, ...).")
+    host_network: bool = False
+    host_pid: bool = False
+    host_ipc: bool = False
+    namespace: str | None = Field(None, description="Kubernetes: where the Job is created.")
+    service_account: str | None = Field(
+        None, description="Kubernetes: the pod's service account (default when not set)."
+    )
+    command: str | None = Field(None, description="Process: the command the worker runs.")
+    working_dir: str | None = Field(None, description="Process: where it runs.")
+    env_names: list[str] = Field(
+        default_factory=list, description="Environment variable names (never values), sorted."
+    )
+    unrecognized: list[str] = Field(
+        default_factory=list,
+        description="Settings the worker could not read, by name (e.g. a container_create_kwargs "
+        "key, a pod spec field): they might widen privileges, so the policy sees them.",
+    )
+
+
 class MutationEnvelope(_Contract):
     """What one flow run proposes to do."""
 
@@ -264,6 +410,11 @@ class MutationEnvelope(_Contract):
         default_factory=list,
         description="Approvals the worker verified for this run (labels and parameters "
         "approve nothing).",
+    )
+    infrastructure: Infrastructure | None = Field(
+        None,
+        description="What the run would start (Docker, Kubernetes, process); None from a "
+        "caller that does not say.",
     )
 
 

@@ -51,6 +51,7 @@ from prefect_governance.core.models import (
     Decision,
     EngineRef,
     Grant,
+    Infrastructure,
     MemoryAccess,
     MemorySnapshot,
     Mode,
@@ -187,6 +188,8 @@ class RunRequest:
     deployment: DeploymentResponse | None = None
     # The environment the job variables ask for, before the worker's own is merged in.
     job_env: Mapping[str, str | None] = field(default_factory=dict)
+    # What the run would start (the worker type's ``_infrastructure``), for the envelope.
+    infrastructure: Infrastructure | None = None
 
 
 @dataclass(frozen=True)
@@ -551,6 +554,7 @@ class Governor:
             worker_name=request.worker_name,
             store=store,
             preempt=preempt,
+            infrastructure=request.infrastructure,
         )
 
     # --- one decision -------------------------------------------------------
@@ -567,10 +571,12 @@ class Governor:
         worker_name: str,
         store: LineageStore,
         preempt: Preemption | None = None,
+        infrastructure: Infrastructure | None = None,
     ) -> Assessment:
         """Decide one run. Never raises for bad input: that is a refusal.
 
-        A ``preempt`` refuses the run as the agent's without asking the policy.
+        A ``preempt`` refuses the run as the agent's without asking the policy;
+        ``infrastructure`` (what the run would start) goes into its envelope.
         """
 
         def refuse(reason: str) -> Assessment:
@@ -655,6 +661,7 @@ class Governor:
                 reference_schema=reference_schema,
                 max_parameter_bytes=self.settings.max_parameter_bytes,
                 max_parameter_depth=self.settings.max_parameter_depth,
+                infrastructure=infrastructure,
             )
         except ParameterLimitError as exc:  # refused as the agent's run: it costs trust
             return Assessment(refuse(str(exc)).decision, agent=agent, agent_block=controls.agent)
