@@ -144,3 +144,19 @@ def test_the_worker_package_imports_without_prefect_kubernetes():
         "assert not [m for m in sys.modules if m.startswith('prefect_kubernetes')]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_kubernetes_env_list_is_seen_by_name_and_valuefrom_counts_as_set():
+    from prefect_governance.worker.base import UNSEEN_VALUE, job_env
+    from prefect_governance.worker.launch import unsafe_env
+
+    listed = [
+        {"name": "PYTHONPATH", "value": "/elsewhere"},
+        {"name": "LD_PRELOAD", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+        {"name": "ROWS", "value": "10"},
+    ]
+    seen = job_env(listed)
+    assert seen == {"PYTHONPATH": "/elsewhere", "LD_PRELOAD": UNSEEN_VALUE, "ROWS": "10"}
+    assert unsafe_env(seen, {}, []) == ["LD_PRELOAD", "PYTHONPATH"]
+    assert job_env({"A": 1, "B": None}) == {"A": "1", "B": None}
+    assert job_env(None) == {}

@@ -32,6 +32,7 @@ from prefect_kubernetes.worker import (
 
 from prefect_governance.core.controls import GovernedVariables
 from prefect_governance.core.handoff import GATE_COMMAND
+from prefect_governance.core.infrastructure import kubernetes_infrastructure
 from prefect_governance.core.settings import WORKER_SECRETS
 from prefect_governance.worker.base import GovernedJobConfiguration, GovernedWorker, gate_template
 from prefect_governance.worker.launch import gate_argv, is_current_gate, uses_gate
@@ -39,6 +40,7 @@ from prefect_governance.worker.launch import gate_argv, is_current_gate, uses_ga
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
+    from prefect_governance.core.models import Infrastructure
     from prefect_governance.worker.governor import Admission
 
 # The interpreter the gate starts with inside the run's container: the image's own.
@@ -148,15 +150,12 @@ class GovernedKubernetesWorker(GovernedWorker, KubernetesWorker):
         self._handed_over[configuration.labels[FLOW_RUN_LABEL]] = admission
         self._warn_if_stale_gate(current_gate, logger)
 
-    def _infrastructure(self, configuration: GovernedKubernetesJobConfiguration) -> Any:
+    def _infrastructure(self, configuration: GovernedKubernetesJobConfiguration) -> Infrastructure:
         """The Job as the policy sees it: namespace, images, service account, host paths,
         host namespaces and security context of every container (variable names only)."""
-        # WIRE (lead, when helper infra's core/infrastructure.py is merged):
-        #   from prefect_governance.core.infrastructure import kubernetes_infrastructure
-        #   return kubernetes_infrastructure(
-        #       configuration.job_manifest, configuration.namespace, configuration._job_env
-        #   )
-        return None
+        return kubernetes_infrastructure(
+            configuration.job_manifest, configuration.namespace, configuration._job_env
+        )
 
     # --- the outcome, from Prefect's final state ---------------------------------
 
