@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -44,11 +43,6 @@ from prefect_governance.worker.kubernetes import GovernedKubernetesWorker  # noq
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-# The infrastructure rules (rules/infrastructure) and the envelope's infrastructure part.
-HAS_INFRASTRUCTURE = find_spec("prefect_governance.core.infrastructure") is not None
-needs_infrastructure = pytest.mark.skipif(
-    not HAS_INFRASTRUCTURE, reason="needs the infrastructure rules (helper infra's branch)"
-)
 AGENT = "kube-etl"
 FLOW_RUN_LABEL = "prefect.io/flow-run-id"
 
@@ -161,6 +155,14 @@ async def _setup(gov: Harness, kube: KubeCluster, image: str, markers: Path) -> 
             owner="data@example.com",
             trust_scope=["gov-kube", "gov-kube-restart"],
             capabilities=["read:warehouse"],
+            # What its runs may start (rules/infrastructure): this node's way of running
+            # pods (host networking), and the pool's two host paths; nothing privileged.
+            constraints={
+                "infrastructure": {
+                    "host_network": True,
+                    "host_paths": [str(EXAMPLES), str(markers)],
+                }
+            },
         )
     )
     mounts = {"code": EXAMPLES, "markers": markers}
@@ -295,7 +297,6 @@ def test_a_refused_run_creates_no_job(scenarios):
     assert run.count("decision") == 1 and run.count("outcome") == 0
 
 
-@needs_infrastructure
 @pytest.mark.parametrize(
     "variables",
     [
