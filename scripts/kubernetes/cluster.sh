@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A single-node Kubernetes on loopback, for the tests (see README.md here).
 #
-#   bash scripts/kubernetes/cluster.sh up DIR [IMAGE.tar ...]   # start; DIR/kubeconfig
-#   bash scripts/kubernetes/cluster.sh import DIR IMAGE.tar      # an image for its pods
+#   bash scripts/kubernetes/cluster.sh up DIR [IMAGE ...]   # start; prints DIR/kubeconfig
+#   bash scripts/kubernetes/cluster.sh import DIR IMAGE     # an image for its pods
+#   (IMAGE: docker:NAME, a local Docker image, or a `docker save` archive)
 #   bash scripts/kubernetes/cluster.sh down DIR                  # stop it all, unmount
 #
 # Everything lives in DIR (keep it short: containerd's sockets are there): etcd, the
@@ -11,8 +12,9 @@
 # socket), a placeholder CNI configuration and the kubelet (node `localhost`). Pods use
 # host networking and reach the API server and Prefect on 127.0.0.1; the service range
 # is never connected to (the API server keeps no endpoints for it). Images come from
-# `docker save` archives or `ctr` imports; nothing is pulled. The binaries come from
-# build.sh. Logs: DIR/log/<part>.log; `up` prints the seconds each stage took.
+# local Docker images (`docker:NAME`) or `docker save` archives; nothing is pulled. The
+# binaries come from build.sh. Logs: DIR/log/<part>.log; `up` prints the seconds each
+# stage took.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -109,7 +111,7 @@ containerd_config() {
 EOF
     cat >"$dir/containerd.toml" <<EOF
 version = 2
-root = "$dir/containerd/root"
+root = "$containerd_root"
 state = "$dir/containerd/state"
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
@@ -175,6 +177,19 @@ import_image() {
         die "could not import $1; see $dir/log/import.log"
 }
 
+# `docker:NAME`: a local Docker image, imported unless this containerd root holds that very
+# image (same Docker image id) already; anything else: a `docker save` archive.
+import_any() {
+    [[ $1 == docker:* ]] || { import_image "$1"; return; }
+    local name=${1#docker:} id seen
+    id=$(docker image inspect -f '{{.Id}}' "$name") || die "no Docker image $name"
+    seen=$(cat "$(cat "$dir/containerd-root")/imported/${name//[\/:]/_}" 2>/dev/null || true)
+    [[ $seen == "$id" ]] && return 0
+    docker save "$name" | import_image /dev/stdin
+    mkdir -p "$(cat "$dir/containerd-root")/imported"
+    echo "$id" >"$(cat "$dir/containerd-root")/imported/${name//[\/:]/_}"
+}
+
 # The sandbox image: our pause binary alone, as a `docker save` archive.
 pause_image() {
     local work=$dir/pause-image
@@ -200,12 +215,12 @@ up() {
     [[ ! -e $dir/pid ]] || die "$dir holds a cluster already (cluster.sh down $dir first)"
     local t0=$SECONDS started
     bin=$(bash "$here/build.sh")
-    PATH=$bin:$PATH
-    mkdir -p "$dir/log" "$dir/pid" "$dir/etcd"
+    cache=${bin%/bin}
+    mkdir -p "$dir/log" "$dir/pid"
+    mkdir -m 0700 -p "$dir/etcd"
     read -r etcd_port etcd_peer api_port kubelet_port kubelet_healthz < <(free_ports 5)
     certificates
     kubeconfig
-    containerd_config
     kubelet_config
 
     started=$SECONDS
@@ -215,7 +230,18 @@ up() {
         --listen-peer-urls "http://127.0.0.1:$etcd_peer" \
         --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
         --initial-cluster "local=http://127.0.0.1:$etcd_peer"
-    spawn containerd containerd --config "$dir/containerd.toml"
+    # containerd's root (its images) is kept in the cache between clusters, so an image is
+    # unpacked once; a second cluster at the same time gets a root of its own in DIR.
+    exec 8>"$cache/containerd.lock"
+    if flock -n 8; then
+        containerd_root=$cache/containerd
+    else
+        containerd_root=$dir/containerd/root
+    fi
+    echo "$containerd_root" >"$dir/containerd-root"
+    containerd_config
+    spawn containerd containerd --config "$dir/containerd.toml" # holds the lock (fd 8)
+    exec 8>&-
     wait_for etcd 60 curl -sf "http://127.0.0.1:$etcd_port/health"
     spawn apiserver "$bin/kube-apiserver" \
         --etcd-servers "http://127.0.0.1:$etcd_port" \
@@ -245,7 +271,7 @@ up() {
     wait_for containerd 60 ctr --address "$dir/containerd.sock" version
     pause_image
     local image
-    for image in "$@"; do import_image "$image"; done
+    for image in "$@"; do import_any "$image"; done
     spawn kubelet "$bin/kubelet" --config "$dir/kubelet.yaml" --kubeconfig "$dir/kubeconfig" \
         --hostname-override localhost --root-dir "$dir/kubelet" --cert-dir "$dir/kubelet/pki" \
         --v 1
@@ -280,7 +306,7 @@ ours() {
     local p
     for p in /proc/[0-9]*; do
         [[ ${p#/proc/} == "$$" ]] && continue
-        tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "$dir/" && echo "${p#/proc/}"
+        { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -qF -- "$dir/" && echo "${p#/proc/}"
     done
     return 0
 }
@@ -295,6 +321,14 @@ down() {
             "${ctr[@]}" tasks kill -s SIGKILL "$task" >/dev/null 2>&1 || true
         done
         sleep 0.5
+        for task in $("${ctr[@]}" tasks ls -q 2>/dev/null); do
+            "${ctr[@]}" tasks delete --force "$task" >/dev/null 2>&1 || true
+        done
+        # The images stay (the root may be the cache's); the pods' containers go.
+        local containers
+        containers=$("${ctr[@]}" containers ls -q 2>/dev/null || true)
+        # shellcheck disable=SC2086  # one argument per container
+        [[ -z $containers ]] || "${ctr[@]}" containers delete $containers >/dev/null 2>&1 || true
     fi
     local part
     for part in scheduler controller-manager apiserver containerd etcd; do stop_part "$part"; done
@@ -314,8 +348,7 @@ shift 2
 case $command in
 up) up "$@" ;;
 import)
-    bin=$(bash "$here/build.sh")
-    for image in "$@"; do import_image "$image"; done
+    for image in "$@"; do import_any "$image"; done
     ;;
 down) down ;;
 *) die "unknown command $command" ;;
