@@ -13,8 +13,10 @@ import asyncio
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -123,13 +125,16 @@ def kube(kube_cluster: KubeCluster, flow_image: str) -> KubeCluster:
 def governed_pool(prefect_server, kube, flow_image, tmp_path_factory):
     """A governed-kubernetes pool and its worker (reconciling often), on the real node."""
     tmp = tmp_path_factory.mktemp("kube")
-    markers = tmp / "markers"
-    markers.mkdir()
-    markers.chmod(0o777)  # the image runs as its own user
-    with harness(prefect_server, tmp, lineage_block="kube-lineage") as gov:
-        asyncio.run(_setup(gov, kube, flow_image, markers))
-        worker = _start(gov, "gov-kube", kube)
-        yield gov, markers, worker
+    # Outside pytest's directory (root's only): the image runs as its own user.
+    markers = Path(tempfile.mkdtemp(prefix="kube-markers-"))
+    markers.chmod(0o777)
+    try:
+        with harness(prefect_server, tmp, lineage_block="kube-lineage") as gov:
+            asyncio.run(_setup(gov, kube, flow_image, markers))
+            worker = _start(gov, "gov-kube", kube)
+            yield gov, markers, worker
+    finally:
+        shutil.rmtree(markers, ignore_errors=True)
 
 
 WORKER_ENV = {
@@ -194,7 +199,7 @@ async def _run(
     parameters: Mapping[str, Any] | None = None,
 ) -> tuple[UUID, Path, float]:
     """Deploy the example flow to the pool and start a run writing marker ``name``."""
-    deployment = await deploy_example(name, pool, {"agent": AGENT, **job_variables})
+    deployment = await deploy_example(name, pool, dict(job_variables))
     marker = markers / name
     started = time.monotonic()
     async with get_client() as client:
@@ -231,10 +236,11 @@ def _wait_outcomes(gov: Harness, flow_run_id: UUID, timeout: float = 60) -> list
     raise AssertionError(f"no outcome recorded for {flow_run_id} in {timeout} s")
 
 
+READ = {"agent": AGENT, "capabilities": ["read:warehouse"]}
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "allowed": {"capabilities": ["read:warehouse"]},
-    "refused": {"capabilities": ["delete:warehouse"]},
-    "fails": {"capabilities": ["read:warehouse"]},
+    "allowed": READ,
+    "refused": {"agent": AGENT, "capabilities": ["delete:warehouse"]},
+    "fails": READ,
 }
 PARAMETERS: dict[str, dict[str, Any]] = {"fails": {"fail": True}}
 
@@ -315,9 +321,7 @@ def test_a_run_asking_for_more_of_the_node_is_refused(governed_pool, kube, varia
     name = f"kube-{next(iter(variables))}-{time.monotonic_ns()}"
 
     async def go() -> Observed:
-        run = await _run(
-            kube, "gov-kube", name, markers, {"capabilities": ["read:warehouse"], **variables}
-        )
+        run = await _run(kube, "gov-kube", name, markers, {**READ, **variables})
         return (await _observe(kube, gov, {name: run}, timeout=120))[name]
 
     run = asyncio.run(go())
@@ -329,7 +333,8 @@ def test_a_run_is_settled_once_after_its_worker_stopped(governed_pool, kube):
     """The worker returns once the Job exists; stopped then, the run goes on in its pod,
     and the pool's next worker settles it from Prefect's final state, exactly once."""
     gov, markers, _ = governed_pool
-    first = _start(gov, "gov-kube-restart", kube)
+    # A short heartbeat: once stopped, it soon counts as offline, and its runs as orphans.
+    first = _start(gov, "gov-kube-restart", kube, PREFECT_WORKER_HEARTBEAT_SECONDS="2")
 
     async def go() -> tuple[UUID, Path, float]:
         return await _run(
@@ -337,7 +342,7 @@ def test_a_run_is_settled_once_after_its_worker_stopped(governed_pool, kube):
             "gov-kube-restart",
             "kube-restart",
             markers,
-            {"capabilities": ["read:warehouse"]},
+            READ,
             {"seconds": 8},
         )
 
@@ -350,7 +355,7 @@ def test_a_run_is_settled_once_after_its_worker_stopped(governed_pool, kube):
     assert [e.kind for e in gov.store.recent(100, flow_run_id=str(run_id))] == ["decision"]
     second = _start(gov, "gov-kube-restart", kube)
     try:
-        events = _wait_outcomes(gov, run_id, timeout=90)
+        events = _wait_outcomes(gov, run_id, timeout=150)
         time.sleep(3)  # more reconcile passes
         events = list(gov.store.recent(100, flow_run_id=str(run_id)))
     finally:
@@ -377,9 +382,7 @@ def test_a_stock_worker_on_a_governed_pool_starts_nothing(governed_pool, kube):
     try:
 
         async def go() -> Observed:
-            run = await _run(
-                kube, "gov-kube-stolen", name, markers, {"capabilities": ["read:warehouse"]}
-            )
+            run = await _run(kube, "gov-kube-stolen", name, markers, READ)
             return (await _observe(kube, gov, {name: run}, timeout=180))[name]
 
         run = asyncio.run(go())
@@ -403,7 +406,7 @@ def test_stock_and_governed_side_by_side(governed_pool, kube, record_property):
     )
 
     async def timed(pool: str) -> Observed:
-        variables = {"capabilities": ["read:warehouse"]}
+        variables = READ if pool.startswith("gov") else {}
         run = await _run(kube, pool, f"{pool}-timed", markers, variables)
         return (await _observe(kube, gov, {pool: run}, timeout=240))[pool]
 

@@ -95,7 +95,7 @@ class GovernedKubernetesWorker(GovernedWorker, KubernetesWorker):
         # Runs whose Job this worker created, until their outcome is recorded.
         self._handed_over: dict[str, Admission] = {}
 
-    async def run(  # type: ignore[override]  # Prefect builds it from job_configuration
+    async def run(
         self,
         flow_run: FlowRun,
         configuration: GovernedKubernetesJobConfiguration,
@@ -108,7 +108,8 @@ class GovernedKubernetesWorker(GovernedWorker, KubernetesWorker):
                 flow_run,
                 configuration,
                 task_status,
-                super().run,
+                # prefect-kubernetes' run (untyped: mypy sees BaseWorker's abstract one)
+                super().run,  # type: ignore[safe-super]
                 refused=KubernetesWorkerResult(status_code=0, identifier="refused"),
             )
         except BaseException:
