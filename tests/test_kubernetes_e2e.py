@@ -31,6 +31,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect_governance.cli.local import prefect_env
 from prefect_governance.core.handoff import GATE_COMMAND, GATE_MODULE
 from prefect_governance.core.settings import WORKER_SECRETS
+from prefect_governance.core.trust import TrustWeights
 from prefect_governance.testing import Harness, deploy_example, wait_final
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import harness
@@ -160,6 +161,10 @@ async def _setup(gov: Harness, kube: KubeCluster, image: str, markers: Path) -> 
             owner="data@example.com",
             trust_scope=["gov-kube", "gov-kube-restart"],
             capabilities=["read:warehouse"],
+            # Many runs, some refused on purpose: keep trust still (no trust-rule refusals).
+            trust_weights=TrustWeights(
+                completed=0, failed=0, crashed=0, refused=0, warned=0, memory_rejected=0
+            ),
             # What its runs may start (rules/infrastructure): this node's way of running
             # pods (host networking), and the pool's two host paths; nothing privileged.
             constraints={
@@ -273,7 +278,14 @@ def test_an_allowed_run_completes_in_a_jobs_pod_through_the_gate(scenarios, kube
     assert run.flow_run.state.is_completed(), run.flow_run.state
     assert run.marker.read_text() == "loaded 10 rows into orders\n"
     (job,) = run.jobs
-    assert job["status"].get("succeeded") == 1
+    # Prefect's final state may come before the Job's own status: wait for it.
+    job = kube.wait(
+        lambda: next(
+            (j for j in _jobs(kube, run.flow_run.id) if j["status"].get("succeeded")), None
+        ),
+        60,
+        "the Job to succeed",
+    )
     (container,) = job["spec"]["template"]["spec"]["containers"]
     python, isolated, dash_m, module, *trusted = container["command"]
     assert (python, isolated, dash_m, module) == ("python", "-I", "-m", GATE_MODULE)
