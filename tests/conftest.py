@@ -19,6 +19,7 @@ import pytest
 
 from prefect_governance.cli.local import PrefectServer, free_port, spawn, stop, wait_http
 from tests.agents import TEST_AGENT_KEYS
+from tests.kube_support import flow_image, kube_cluster  # noqa: F401  (session fixtures)
 from tests.lineage_keys import LINEAGE_ENV
 
 # Every governor in this process and every worker it spawns pins the test pool-owner key

@@ -2,10 +2,11 @@
 
 Prefect finds the ``governed-process`` worker type, and the package's blocks,
 through the ``prefect.collections`` entry point, which names this package; the
-``governed-docker`` type too where prefect-docker is installed (``[docker]`` extra).
+``governed-docker`` type too where prefect-docker is installed (``[docker]`` extra), and
+``governed-kubernetes`` where prefect-kubernetes is (``[kubernetes]`` extra).
 """
 
-from importlib.util import find_spec
+from importlib import import_module
 
 from prefect_governance.core.keys import GovernanceSigningKey, GovernanceVerifyKey
 from prefect_governance.worker.blocks import (
@@ -15,9 +16,6 @@ from prefect_governance.worker.blocks import (
 )
 from prefect_governance.worker.process import GovernedProcessWorker
 
-if find_spec("prefect_docker") is not None:  # the optional extra: prefect-governance[docker]
-    from prefect_governance.worker.docker import GovernedDockerWorker  # noqa: F401
-
 __all__ = [
     "GovernanceAgent",
     "GovernanceLineageStore",
@@ -26,3 +24,18 @@ __all__ = [
     "GovernanceVerifyKey",
     "GovernedProcessWorker",
 ]
+
+
+def _optional(module: str, name: str, extra: str) -> None:
+    """Import (so register) a worker type whose Prefect collection is an optional extra."""
+    try:
+        globals()[name] = getattr(import_module(f"{__name__}.{module}"), name)
+    except ModuleNotFoundError as missing:  # prefect-governance[extra] is not installed
+        if missing.name is None or missing.name.split(".")[0] != extra:
+            raise
+    else:
+        __all__.append(name)
+
+
+_optional("docker", "GovernedDockerWorker", "prefect_docker")
+_optional("kubernetes", "GovernedKubernetesWorker", "prefect_kubernetes")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import anyio
@@ -44,6 +44,24 @@ else:
 R = TypeVar("R")
 
 
+# What a job's environment entry without a literal value (Kubernetes' ``valueFrom``) counts
+# as: a value the worker cannot see, never the worker's own.
+UNSEEN_VALUE = "<set from elsewhere>"
+
+
+def job_env(env: Any) -> dict[str, str | None]:
+    """A job's environment as a mapping: Prefect's ``{NAME: value}``, or Kubernetes'
+    ``[{name, value | valueFrom}]`` (an entry set from elsewhere counts as set)."""
+    if isinstance(env, Mapping):
+        return {str(k): None if v is None else str(v) for k, v in env.items()}
+    mapping: dict[str, str | None] = {}
+    for entry in env if isinstance(env, list) else []:
+        if isinstance(entry, Mapping) and entry.get("name"):
+            value = entry.get("value")
+            mapping[str(entry["name"])] = UNSEEN_VALUE if value is None else str(value)
+    return mapping
+
+
 class GovernedJobConfiguration(GovernedVariables):
     """Mixin for a governed job configuration (listed first): it keeps the flow and
     deployment Prefect read to prepare it, and the environment the job variables ask
@@ -63,7 +81,7 @@ class GovernedJobConfiguration(GovernedVariables):
         worker_id: UUID | None = None,
     ) -> None:
         """Prefect's preparation, recording what it was given and the job's own env."""
-        self._job_env = dict(getattr(self, "env", None) or {})
+        self._job_env = job_env(getattr(self, "env", None))
         super().prepare_for_flow_run(  # type: ignore[misc]  # Prefect's job configuration
             flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
         )
