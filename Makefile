@@ -19,14 +19,14 @@ ENGINE := prefect_governance/core/engines/libgovrego.so
 OLDEST_E2E := tests/test_worker_e2e.py tests/test_gate.py tests/test_governed_tasks_e2e.py \
 	tests/test_reconcile.py tests/attacks/test_start.py
 
-.PHONY: demo test install opa docker lint bench clean
+.PHONY: demo test install opa docker kube lint bench clean
 
 demo: install
 	$(BIN)/prefect-governance demo
 
 # The whole suite on the newest Prefect (the unit tests, then the end-to-end ones), then the
 # end-to-end tests of Prefect's worker internals on the oldest.
-test: lint opa docker $(VENV_OLDEST)/.installed
+test: lint opa docker kube $(VENV_OLDEST)/.installed
 	bash scripts/postgres.sh
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest -m "not e2e"
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/pytest -m e2e --durations=25
@@ -58,6 +58,11 @@ opa: $(OPA)
 docker: install
 	bash scripts/docker.sh image
 	bash scripts/compose.sh
+
+# A single-node Kubernetes v1.37.2 built from its Go modules into ~/.cache/prefect-governance
+# (once; the tests start and stop the cluster: scripts/kubernetes/README.md).
+kube:
+	bash scripts/kubernetes/build.sh
 
 $(OPA):
 	mkdir -p .tools/bin
