@@ -400,7 +400,8 @@ def test_the_policy_refuses_the_attack_shapes(engine):
 
 def test_the_policy_allows_stock_runs_and_what_the_agent_allows(engine):
     assert decided(engine, None) == (True, []), "a worker that says nothing is not judged"
-    assert decided(engine, docker_job()) == (True, [])
+    # (an explicit bridge: with the API on loopback, prefect-docker picks the host's network)
+    assert decided(engine, docker_job(network_mode="bridge")) == (True, [])
     assert decided(engine, pod()) == (True, [])
     assert decided(engine, process_infrastructure("python -m x", "/srv", {})) == (True, [])
     mounted = docker_job(network_mode="host", volumes=["/srv/etl/out:/out"])
