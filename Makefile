@@ -76,12 +76,13 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache --no-logo
 
-bench: install opa
+bench: install opa docker kube
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	bash scripts/postgres.sh
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/python benchmarks/decision_latency.py
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/python benchmarks/worker_ab.py
 	OPA_BIN=$(abspath $(OPA)) $(BIN)/python benchmarks/tasks.py
+	OPA_BIN=$(abspath $(OPA)) $(BIN)/python benchmarks/infrastructure_ab.py
 	$(BIN)/python benchmarks/lineage.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/imports.py

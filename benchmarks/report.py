@@ -74,6 +74,10 @@ ROWS = [
             ("ratios", engine, "latency_p50"), "x")
         for engine in ("embedded", "opa")
     ),
+    Row("infrastructure_ab", "container run, governed-docker / docker (median)",
+        ("docker", "ratio_median"), "x"),
+    Row("infrastructure_ab", "Job run, governed-kubernetes / kubernetes (median)",
+        ("kubernetes", "ratio_median"), "x"),
     Row("tasks", "task call p50, ungoverned", ("ungoverned", "p50_ms"), "ms"),
     *(
         row
