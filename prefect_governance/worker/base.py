@@ -174,6 +174,13 @@ class GovernedWorker(_Worker):
                     task_status.started(RunRefused(refusal_message(admission.decision)))
                 return refused
             await self._annotate(flow_run, admission.assessment)
+            decision = admission.decision
+            for warning in decision.warn:
+                logger.warning("Governance warning: %s", warning)
+            if decision.verdict == "audited":
+                logger.warning(
+                    "Audit mode: this run would be refused: %s", "; ".join(decision.deny)
+                )
             self._hand_over(configuration, admission, logger)
             try:
                 result = await start(flow_run, configuration, task_status)

@@ -86,11 +86,6 @@ class GovernedDockerWorker(GovernedWorker, DockerWorker):
         entrypoint nor the job's ``container_create_kwargs`` can start something else
         first. No trusted key (nothing to trust) starts an unstartable command instead.
         """
-        decision = admission.decision
-        for warning in decision.warn:
-            logger.warning("Governance warning: %s", warning)
-        if decision.verdict == "audited":
-            logger.warning("Audit mode: this run would be refused: %s", "; ".join(decision.deny))
         self._warn_if_stale_gate(is_current_gate(configuration.command), logger)
         env = {k: v for k, v in configuration.env.items() if k not in WORKER_SECRETS}
         env.update(admission.run_environment())

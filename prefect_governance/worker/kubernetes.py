@@ -129,11 +129,6 @@ class GovernedKubernetesWorker(GovernedWorker, KubernetesWorker):
     ) -> None:
         """Point the Job's container at the gate, with the run's grant, decision id and
         report secret in its environment and none of the worker's secrets."""
-        decision = admission.decision
-        for warning in decision.warn:
-            logger.warning("Governance warning: %s", warning)
-        if decision.verdict == "audited":
-            logger.warning("Audit mode: this run would be refused: %s", "; ".join(decision.deny))
         container = _container(configuration.job_manifest)
         command = shlex.join(str(part) for part in container.get("command") or [])
         current_gate = is_current_gate(command)

@@ -96,11 +96,6 @@ class GovernedProcessWorker(GovernedWorker, ProcessWorker):
         logger: Any,
     ) -> None:
         """Point the job at the gate, with the run's grant and none of the worker's secrets."""
-        decision = admission.decision
-        for warning in decision.warn:
-            logger.warning("Governance warning: %s", warning)
-        if decision.verdict == "audited":
-            logger.warning("Audit mode: this run would be refused: %s", "; ".join(decision.deny))
         current_gate = is_current_gate(configuration.command)
         add = admission.run_environment()
         if uses_gate(configuration.command) and admission.trusted_key is not None:
