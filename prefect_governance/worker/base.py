@@ -119,6 +119,9 @@ class GovernedWorker(_Worker):
     # False where Prefect's run returns before the run ends (Kubernetes: once the Job
     # exists): its outcome is settled from Prefect's final state by the reconciler.
     settles_on_return: ClassVar[bool] = True
+    # Prefect's worker metadata, the same for every governed type (before the stock class's).
+    _documentation_url = "https://github.com/prefect-governance/prefect-governance"
+    _logo_url = "https://raw.githubusercontent.com/open-policy-agent/opa/main/logo/logo.png"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

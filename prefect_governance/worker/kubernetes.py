@@ -77,8 +77,6 @@ class GovernedKubernetesWorker(GovernedWorker, KubernetesWorker):
         "(embedded engine or OPA sidecar) and recorded in a lineage."
     )
     _display_name = "Governed Kubernetes"
-    _documentation_url = "https://github.com/prefect-governance/prefect-governance"
-    _logo_url = "https://raw.githubusercontent.com/open-policy-agent/opa/main/logo/logo.png"
 
     @classmethod
     def get_default_base_job_template(cls) -> dict[str, Any]:
