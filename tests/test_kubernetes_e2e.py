@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,6 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 
-from prefect_governance.cli.local import prefect_env
 from prefect_governance.core.handoff import GATE_COMMAND, GATE_MODULE
 from prefect_governance.core.settings import WORKER_SECRETS
 from prefect_governance.core.trust import TrustWeights
@@ -433,37 +430,3 @@ def test_stock_and_governed_side_by_side(governed_pool, kube, record_property):
     figures["ratio"] = round(figures["gov-kube"] / figures["stock-kube"], 2)
     record_property("kubernetes_run_seconds", json.dumps(figures))
     print(f"\nKubernetes run, created to final (s): {figures}", file=sys.stderr)
-
-
-def test_work_pool_create_type_governed_kubernetes_works_offline(prefect_server, tmp_path):
-    env = prefect_env(prefect_server.home, prefect_server.api_url)
-    created = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "work-pool",
-            "create",
-            "kube-cli",
-            "--type",
-            "governed-kubernetes",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert created.returncode == 0, created.stdout + created.stderr
-
-    async def read() -> Any:
-        async with get_client() as client:
-            return await client.read_work_pool("kube-cli")
-
-    pool = asyncio.run(read())
-    assert pool.type == "governed-kubernetes"
-    manifest = pool.base_job_template["job_configuration"]["job_manifest"]
-    (container,) = manifest["spec"]["template"]["spec"]["containers"]
-    assert shlex.join(container["command"]) == GATE_COMMAND and container["args"] == []
-    assert "command" not in pool.base_job_template["variables"]["properties"]
-    assert os.environ.get("PREFECT_API_URL") in (None, prefect_server.api_url)
