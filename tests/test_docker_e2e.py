@@ -52,6 +52,10 @@ def engine() -> Any:
     return client
 
 
+# An entrypoint that would run instead of the gate: it touches the file named after it.
+BYPASS = ["/bin/sh", "-c", 'touch "$0"']
+
+
 def containers_of(client: Any, flow_run_id: UUID) -> list[Any]:
     """Every container of the run the engine knows, stopped ones too."""
     return client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={flow_run_id}"})
@@ -80,6 +84,11 @@ class Runs:
         self.markers = markers
         self.final: dict[str, Any] = {}
         self.seconds: dict[str, float] = {}
+
+    @property
+    def bypassed(self) -> Path:
+        """What a container started other than through the gate would write."""
+        return self.markers / "bypassed"
 
     def marker(self, name: str) -> Path:
         return self.markers / name
@@ -162,6 +171,19 @@ async def _scenarios(gov: Harness, runs: Runs, flows: Path) -> None:
             "docker-stock-on-governed", STOCK_ON_GOVERNED, allowed, directory=flows
         ),
         "plain": await deploy_example("docker-plain", PLAIN, {}, directory=flows),
+        # A deployment author's ways around the gate and the rules, through the raw kwargs.
+        "entrypoint-override": await deploy_example(
+            "docker-entrypoint-override",
+            GOVERNED,
+            {**allowed, "container_create_kwargs": {"entrypoint": [*BYPASS, str(runs.bypassed)]}},
+            directory=flows,
+        ),
+        "privileged-kwargs": await deploy_example(
+            "docker-privileged-kwargs",
+            GOVERNED,
+            {**allowed, "container_create_kwargs": {"privileged": True}},
+            directory=flows,
+        ),
     }
     # Polling every second: the side-by-side timings are the runs', not the poll's wait.
     fast = {"PREFECT_WORKER_QUERY_SECONDS": "1"}
@@ -173,7 +195,15 @@ async def _scenarios(gov: Harness, runs: Runs, flows: Path) -> None:
     )
     gov.start_worker(PLAIN, worker_type="docker", log=tmp / "plain.log", extra_env=fast)
     # One at a time, so the side-by-side timings share the machine alike.
-    for name in ("plain", "allowed", "refused", "privileged", "foreign-image"):
+    for name in (
+        "plain",
+        "allowed",
+        "refused",
+        "privileged",
+        "foreign-image",
+        "entrypoint-override",
+        "privileged-kwargs",
+    ):
         await _run(gov, deployments[name], name, runs)
     # Once more each, the other way round (the first container start pays for cold caches).
     await _run(gov, deployments["allowed"], "allowed-again", runs)
@@ -265,3 +295,20 @@ def test_pool_type_is_created_offline_from_the_worker_template() -> None:
     template = GovernedDockerWorker.get_default_base_job_template()
     assert template["job_configuration"]["command"].endswith("-m prefect_governance.gate")
     assert "command" not in template["variables"]["properties"]
+
+
+def test_a_jobs_own_entrypoint_does_not_replace_the_gate(docker_runs: Runs) -> None:
+    """container_create_kwargs naming an entrypoint: the container still starts the gate
+    (or the run is refused); the job's entrypoint never runs."""
+    assert not docker_runs.bypassed.exists()
+    state = _state(docker_runs, "entrypoint-override")
+    assert state in ("COMPLETED/Completed", "CANCELLED/Refused"), state
+    for container in docker_runs.containers("entrypoint-override"):
+        entrypoint = container.attrs["Config"]["Entrypoint"]
+        assert entrypoint[:4] == ["python", "-I", "-m", "prefect_governance.gate"], entrypoint
+
+
+def test_privileged_through_the_raw_kwargs_is_refused(docker_runs: Runs) -> None:
+    assert _state(docker_runs, "privileged-kwargs") == "CANCELLED/Refused"
+    assert not docker_runs.executed("privileged-kwargs")
+    assert docker_runs.containers("privileged-kwargs") == []
