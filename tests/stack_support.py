@@ -19,6 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from prefect import get_client
+
+from prefect_governance.testing import deploy_example
 from tests.conftest import ROOT, missing
 
 # The Debian client (20.10) matches the Debian engine; scripts/docker.sh picks it the same way.
@@ -112,3 +115,28 @@ def flow_run_summary(run: Any) -> str:
     return (
         f"{state.type if state else None} {state.name if state else ''}: {state and state.message}"
     )
+
+
+# What the container tests ask for: one run the agent may make, one it may not.
+ASKED = {"allowed": "read:warehouse", "refused": "delete:warehouse"}
+
+
+async def start_allowed_and_refused(
+    prefix: str, pool: str, agent: str, directory: Path, markers: dict[str, Path]
+) -> dict[str, Any]:
+    """Deploy the example flow twice on the pool (one capability the agent has, one it has
+    not) and create a run of each; their flow run ids by name."""
+    runs: dict[str, Any] = {}
+    async with get_client() as client:
+        for name, capability in ASKED.items():
+            deployment = await deploy_example(
+                f"{prefix}-{name}",
+                pool,
+                {"agent": agent, "capabilities": [capability]},
+                directory=directory,
+            )
+            made = await client.create_flow_run_from_deployment(
+                deployment, parameters={"rows": 10, "marker": str(markers[name])}
+            )
+            runs[name] = made.id
+    return runs

@@ -27,7 +27,7 @@ import pytest
 
 from prefect_governance.cli.local import free_port, wait_http
 from prefect_governance.lineage.store import LineageStore
-from prefect_governance.testing import deploy_example, wait_final, wait_outcomes
+from prefect_governance.testing import wait_final, wait_outcomes
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import TEST_AGENT_KEYS, asave_agent
 from tests.conftest import ROOT, missing
@@ -40,6 +40,7 @@ from tests.stack_support import (
     image,
     polled_pool,
     shared_directory,
+    start_allowed_and_refused,
 )
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -268,7 +269,6 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 def test_a_governed_run_goes_through_the_stack(stack: Stack) -> None:
-    from prefect import get_client
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     # Every container is on the host network, and compose made no network of its own.
@@ -297,20 +297,7 @@ def test_a_governed_run_goes_through_the_stack(stack: Stack) -> None:
             ),
             "stack-etl",
         )
-        asked = {"allowed": "read:warehouse", "refused": "delete:warehouse"}
-        runs = {}
-        async with get_client() as client:
-            for name, capability in asked.items():
-                deployment = await deploy_example(
-                    f"stack-{name}",
-                    pool,
-                    {"agent": "stack-etl", "capabilities": [capability]},
-                    directory=flows,
-                )
-                made = await client.create_flow_run_from_deployment(
-                    deployment, parameters={"rows": 10, "marker": str(markers[name])}
-                )
-                runs[name] = made.id
+        runs = await start_allowed_and_refused("stack", pool, "stack-etl", flows, markers)
         final = await wait_final(list(runs.values()), timeout=180)
         return {name: final[run_id] for name, run_id in runs.items()}
 

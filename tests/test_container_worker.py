@@ -20,7 +20,7 @@ import pytest
 
 from prefect_governance.cli.local import free_port
 from prefect_governance.lineage.store import LineageStore
-from prefect_governance.testing import deploy_example, wait_final, wait_outcomes
+from prefect_governance.testing import wait_final, wait_outcomes
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import TEST_AGENT_KEYS, asave_agent
 from tests.conftest import ROOT
@@ -34,6 +34,7 @@ from tests.stack_support import (
     image,
     polled_pool,
     shared_directory,
+    start_allowed_and_refused,
     wait_health,
 )
 
@@ -60,7 +61,6 @@ def test_the_documented_run_passes_the_api_url_and_the_pool() -> None:
 
 
 def test_the_image_as_the_worker_decides_runs_and_is_healthy(prefect_server) -> None:
-    from prefect import get_client
 
     engine()
     image(PROJECT_IMAGE, "bash scripts/docker.sh image")
@@ -81,23 +81,9 @@ def test_the_image_as_the_worker_decides_runs_and_is_healthy(prefect_server) -> 
                 ),
                 "container-etl",
             )
-            asked = {"allowed": "read:warehouse", "refused": "delete:warehouse"}
             polled = await polled_pool(pool, 120)
             assert polled == "governed-process", "the container's worker made and polled its pool"
-            runs = {}
-            async with get_client() as client:
-                for name, capability in asked.items():
-                    deployment = await deploy_example(
-                        f"{pool}-{name}",
-                        pool,
-                        {"agent": "container-etl", "capabilities": [capability]},
-                        directory=shared,
-                    )
-                    run = await client.create_flow_run_from_deployment(
-                        deployment, parameters={"rows": 10, "marker": str(markers[name])}
-                    )
-                    runs[name] = run.id
-            return runs
+            return await start_allowed_and_refused(pool, pool, "container-etl", shared, markers)
 
         environment = {
             # As the Dockerfile's header: the API and the pool ...

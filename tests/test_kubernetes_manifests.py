@@ -32,14 +32,19 @@ import yaml
 
 from prefect_governance.cli.local import free_port
 from prefect_governance.lineage.store import LineageStore
-from prefect_governance.testing import deploy_example, wait_final, wait_outcomes
+from prefect_governance.testing import wait_final, wait_outcomes
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import TEST_AGENT_KEYS, asave_agent
 from tests.conftest import ROOT, missing
 from tests.kube_support import KubeCluster
 from tests.lineage_keys import LINEAGE_ENV
 from tests.pg_support import scratch_database
-from tests.stack_support import flow_run_summary, polled_pool, shared_directory
+from tests.stack_support import (
+    flow_run_summary,
+    polled_pool,
+    shared_directory,
+    start_allowed_and_refused,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -233,7 +238,6 @@ def diagnose(kube: KubeCluster) -> str:
 def test_the_manifests_run_the_worker_with_its_opa_sidecar(
     prefect_server: Any, kube: KubeCluster, flow_image: str, lineage_db: str, tmp_path: Path
 ) -> None:
-    from prefect import get_client
 
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -293,20 +297,7 @@ def test_the_manifests_run_the_worker_with_its_opa_sidecar(
                 )
                 polled = await polled_pool(pool, 90)
                 assert polled == "governed-process", "the pod's worker made and polled its pool"
-                asked = {"allowed": "read:warehouse", "refused": "delete:warehouse"}
-                runs = {}
-                async with get_client() as client:
-                    for name, capability in asked.items():
-                        deployment = await deploy_example(
-                            f"{pool}-{name}",
-                            pool,
-                            {"agent": AGENT, "capabilities": [capability]},
-                            directory=flows,
-                        )
-                        made = await client.create_flow_run_from_deployment(
-                            deployment, parameters={"rows": 10, "marker": str(markers[name])}
-                        )
-                        runs[name] = made.id
+                runs = await start_allowed_and_refused(pool, pool, AGENT, flows, markers)
                 final = await wait_final(list(runs.values()), timeout=150)
                 return {name: final[run_id] for name, run_id in runs.items()}
 
