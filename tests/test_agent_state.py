@@ -11,9 +11,10 @@ from sqlmodel import create_engine
 
 from prefect_governance.core.canonical import sha256_of
 from prefect_governance.core.models import Grant
+from prefect_governance.core.posture import merge_patch, schema_errors
 from prefect_governance.core.signing import SignatureError, SigningKey, sign, verify
 from prefect_governance.core.trust import TrustWeights, next_score, run_events, slope, trust_state
-from prefect_governance.lineage.memory import MemoryStore, merge_patch, schema_errors
+from prefect_governance.lineage.memory import MemoryStore
 from prefect_governance.runtime import EnvelopeError, verify_grant
 from tests.conftest import POLICIES
 

@@ -41,7 +41,7 @@ _UNSIGNED = (FIELD, "block_type_slug")
 # Fields newer than the first signed agents: unset (None), they are left out of the payload,
 # so an agent signed before they existed still verifies. None and absent mean the same, so
 # setting one after signing still breaks the signature.
-_NEWER = (("constraints", "infrastructure"),)
+_NEWER = (("constraints", "infrastructure"), ("trust_weights", "capability_blocked"))
 
 
 class AttestationError(GovernanceError, ValueError):

@@ -32,7 +32,7 @@ STARTED_AT_ENV = "PREFECT_GOVERNANCE_STARTED_AT"
 PROPOSAL_KEY = "governance-memory-proposal"
 REPORT_SECRET_ENV = "PREFECT_GOVERNANCE_REPORT_SECRET"
 RUN_EVENTS_KEY = "governance-run-events"
-EVENT_KINDS = ("task_decision", "capability_use")
+EVENT_KINDS = ("task_decision", "capability_use", "task_end")
 
 
 def prior_refusal(

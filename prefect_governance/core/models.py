@@ -491,6 +491,18 @@ class ParentRun(_Contract):
     signature: str
 
 
+class TaskMemory(_Contract):
+    """The task's memory access: what it declared, what it sees, what it proposes."""
+
+    writes: list[str] = Field(
+        default_factory=list, description="Top-level memory fields the task declares it writes."
+    )
+    schema_hash: str | None = Field(None, description="Hash of the memory schema the task sees.")
+    proposed: list[str] | None = Field(
+        None, description="commit: the top-level fields the task's proposal writes."
+    )
+
+
 class TaskEnvelope(_Contract):
     """What one task run proposes to do."""
 
@@ -506,12 +518,38 @@ class TaskEnvelope(_Contract):
     capabilities: list[str] = Field(
         default_factory=list, description="Capabilities the task declares it will use."
     )
+    memory: TaskMemory = Field(default_factory=TaskMemory)
     parent: ParentRun
 
 
 class TaskContext(_Contract):
     time: datetime
     mode: Mode = "enforce"
+    purpose: Literal["admit", "commit"] = Field(
+        "admit",
+        description="admit: before the task's body runs; commit: when it ended with a memory "
+        "proposal, before the proposal applies (envelope.memory.proposed names its fields).",
+    )
+
+
+class TaskPosture(_Contract):
+    """The agent's posture as the next governed task inherits it: trust over the last k
+    tasks (continuing from the agent's history before the run) and the run's memory."""
+
+    score: float = Field(ge=0.0, le=1.0, description="Trust now, after the run's ended tasks.")
+    slope: float = Field(0.0, description="Least-squares slope of the window (per task).")
+    window: list[float] = Field(
+        default_factory=list,
+        description="The last k scores, oldest first: the agent's history before the run, "
+        "then the score after each governed task of this run that ended.",
+    )
+    k: int = Field(3, ge=2, description="The window's length (the agent's trust_window).")
+    tasks: int = Field(0, ge=0, description="Governed task ends in this run so far.")
+    memory_version: int = Field(
+        0, ge=0, description="The run's memory version: granted, plus each accepted proposal."
+    )
+    memory_hash: str | None = Field(None, description="Hash of the run's memory content now.")
+    schema_hash: str | None = Field(None, description="The memory schema the run started under.")
 
 
 class TaskPolicyInput(_Contract):
@@ -520,6 +558,9 @@ class TaskPolicyInput(_Contract):
     agent: AgentObject
     envelope: TaskEnvelope
     context: TaskContext
+    posture: TaskPosture | None = Field(
+        None, description="The posture this task inherits (the task policy refuses without one)."
+    )
 
 
 # --- what an allowed run receives (signed) ---------------------------------
@@ -545,6 +586,17 @@ class MemorySnapshot(BaseModel):
     schema_hash: str | None = None
 
 
+class GrantPosture(BaseModel):
+    """What the run needs to move the agent's posture per task: its start, the agent's
+    trust weights and its memory schema."""
+
+    start: TaskPosture
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="The agent's trust weights (core.trust.TrustWeights)."
+    )
+    memory_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+
 class Grant(BaseModel):
     """The signed payload handed to an allowed run: what was decided, for whom."""
 
@@ -560,6 +612,9 @@ class Grant(BaseModel):
     fail_mode: FailMode = "closed"
     engine: EngineRef | None = Field(None, description="The engine that decides the run's tasks.")
     task_policy_path: str = DEFAULT_TASK_POLICY_PATH
+    posture: GrantPosture | None = Field(
+        None, description="The agent's posture at the run's start (None: an ungoverned run)."
+    )
 
 
 # --- the worker's record of a decision ---------------------------------------

@@ -89,10 +89,27 @@ class CapabilityUseReport(Report):
     task: Any = None  # the task that used it (None: the flow itself)
 
 
-RunEvent = TaskDecisionReport | CapabilityUseReport
-_EVENT_MODELS: dict[str, type[TaskDecisionReport] | type[CapabilityUseReport]] = {
+class TaskEndReport(Report):
+    """How a governed task ended and how it moved the run's posture (``runtime.posture``)."""
+
+    kind: Literal["task_end"] = "task_end"
+    seq: Any = None
+    time: Any = None
+    task: Any = None  # the task (name, run id, key, attempt)
+    outcome: Any = None  # core.posture.OUTCOMES
+    blocked: Any = None  # True when a capability use was blocked inside it
+    writes: Any = None  # the memory fields the task declared
+    proposals: Any = None  # its memory proposals (merge patches, in order), if any
+    accepted: Any = None  # True when the run applied them
+    errors: Any = None  # why the run rejected it
+    posture: Any = None  # the posture after it, as the run computed it (TaskPosture)
+
+
+RunEvent = TaskDecisionReport | CapabilityUseReport | TaskEndReport
+_EVENT_MODELS: dict[str, type[RunEvent]] = {
     "task_decision": TaskDecisionReport,
     "capability_use": CapabilityUseReport,
+    "task_end": TaskEndReport,
 }
 
 

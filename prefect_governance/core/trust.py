@@ -14,7 +14,13 @@ from pydantic import BaseModel, ConfigDict
 
 from prefect_governance.core.models import TrustState
 
-TrustEvent = Literal["completed", "failed", "crashed", "refused", "warned", "memory_rejected"]
+TrustEvent = Literal[
+    "completed", "failed", "crashed", "refused", "warned", "memory_rejected", "capability_blocked"
+]
+
+# Weights added after the first signed agents: unset (None) in the block so that an agent
+# signed before them still verifies (core.attestation), with these values.
+NEWER_WEIGHTS: dict[str, float] = {"capability_blocked": -0.10}
 
 
 class TrustWeights(BaseModel):
@@ -28,11 +34,26 @@ class TrustWeights(BaseModel):
     refused: float = -0.20
     warned: float = -0.05
     memory_rejected: float = -0.15
+    capability_blocked: float | None = None  # a blocked capability use (None: -0.10)
+
+    def of(self, event: str) -> float:
+        """The weight of one event."""
+        value = getattr(self, event)
+        return NEWER_WEIGHTS[event] if value is None else float(value)
+
+    def effective(self) -> dict[str, float]:
+        """Every weight, as the run's grant carries them."""
+        return {name: self.of(name) for name in type(self).model_fields}
 
 
-def next_score(score: float, events: Iterable[TrustEvent], weights: TrustWeights) -> float:
-    """The score after one run with these events."""
-    moved = score + sum(getattr(weights, event) for event in events)
+def next_score(
+    score: float, events: Iterable[TrustEvent | str], weights: TrustWeights | dict[str, float]
+) -> float:
+    """The score after one run (or task) with these events."""
+    if isinstance(weights, dict):
+        moved = score + sum(weights[event] for event in events)
+    else:
+        moved = score + sum(weights.of(event) for event in events)
     return round(min(1.0, max(0.0, moved)), 6)
 
 

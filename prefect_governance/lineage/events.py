@@ -30,6 +30,7 @@ EventKind = Literal[
     "outcome",  # how the run ended
     "task_decision",  # a governed task's decision inside the run, as the run reported it
     "capability_use",  # a use of a capability inside the run (used, flagged or blocked)
+    "task_end",  # how a governed task ended: its outcome, memory change and trust, as checked
     "report_problem",  # what was wrong with the run's report of its events
     "memory_commit",  # the run's memory proposals, committed as the next version
     "memory_rejected",  # ... rejected (schema errors, unusable or missing proposals)
@@ -153,6 +154,23 @@ class CapabilityUsePayload(Payload):
         return self.model_dump(mode="python", exclude={"check"} if self.check is None else None)
 
 
+class TaskEndPayload(Payload):
+    # As the run reported them:
+    seq: Any
+    time: Any
+    task: Any
+    reported: Any  # what the run said: outcome, blocked, accepted, errors, posture
+    # The worker's own (what the lineage keeps):
+    parent_decision_id: str
+    outcome: str  # as the worker holds it (Prefect's task state where the run's word differs)
+    events: list[str]  # its trust events (core.trust.TrustEvent)
+    previous: float  # the agent's score before it, as committed
+    score: float  # ... after it
+    posture: dict[str, Any]  # the posture the next task inherits, recomputed from the grant
+    memory: dict[str, Any] | None  # {"status": committed|rejected|discarded, ...}; None: none
+    check: dict[str, Any]  # {"verified": True}, or False with why the run's word differs
+
+
 class ReportProblemPayload(Payload):
     """Nothing: the problems are the record's ``reasons``."""
 
@@ -199,6 +217,7 @@ PAYLOADS: dict[EventKind, type[Payload]] = {
     "outcome": OutcomePayload,
     "task_decision": TaskDecisionPayload,
     "capability_use": CapabilityUsePayload,
+    "task_end": TaskEndPayload,
     "report_problem": ReportProblemPayload,
     "memory_commit": MemoryCommitPayload,
     "memory_rejected": MemoryRejectedPayload,
@@ -393,6 +412,57 @@ def capability_use_event(
         reasons=reasons,
         payload=payload.stored(),
     )
+
+
+def task_end_event(
+    reported: Any,
+    *,
+    agent_id: str | None,
+    flow_run_id: str,
+    parent_decision_id: str,
+    outcome: str,
+    events: Sequence[str],
+    posture: dict[str, Any],
+    check: dict[str, Any],
+) -> LineageEvent:
+    """The lineage record of one governed task's end, as the worker computed it.
+
+    Its trust (``previous``, ``score``) and ``memory`` are set when the worker settles
+    the run, under the agent's chain lock (:func:`settle_task_end`)."""
+    reported = _reported(reported)
+    said = {k: reported.get(k) for k in ("outcome", "blocked", "accepted", "errors", "posture")}
+    payload = TaskEndPayload(
+        seq=reported.get("seq"),
+        time=reported.get("time"),
+        task=reported.get("task"),
+        reported=said,
+        parent_decision_id=parent_decision_id,
+        outcome=outcome,
+        events=list(events),
+        previous=posture["score"],
+        score=posture["score"],
+        posture=posture,
+        memory=None,
+        check=check,
+    )
+    return LineageEvent(
+        kind="task_end",
+        agent_id=agent_id,
+        flow_run_id=flow_run_id,
+        decision_id=parent_decision_id,
+        verdict=outcome,
+        allow=outcome == "completed",
+        reasons=[] if check.get("verified") is not False else [str(check.get("why"))],
+        payload=payload.stored(),
+    )
+
+
+def settle_task_end(
+    event: LineageEvent, *, previous: float, score: float, memory: dict[str, Any] | None
+) -> None:
+    """Complete a task's end record with the trust and memory change committed for it
+    (before the append hashes it)."""
+    event.payload = {**event.payload, "previous": previous, "score": score, "memory": memory}
 
 
 def report_problem_event(

@@ -9,15 +9,12 @@ commit (``commit_in``), under the agent's chain lock.
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 from sqlalchemy import JSON, Column, UniqueConstraint, insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
@@ -25,6 +22,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from prefect_governance.core.canonical import sha256_of
 from prefect_governance.core.models import MemorySnapshot
+from prefect_governance.core.posture import merge_patch, schema_errors
 from prefect_governance.lineage.migrations import migrate
 
 
@@ -47,29 +45,6 @@ class AgentMemory(SQLModel, table=True):
     decision_id: str | None = None
     flow_run_id: str | None = None
     created_at: datetime = Field(default_factory=_now)
-
-
-def merge_patch(document: Any, patch: Any) -> Any:
-    """RFC 7386: objects merge recursively, null deletes, anything else replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(document) if isinstance(document, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-def schema_errors(content: Any, schema: dict[str, Any]) -> list[str]:
-    """Why a document does not satisfy a JSON Schema (empty when it does)."""
-    try:
-        validator = Draft202012Validator(schema)
-        errors = sorted(validator.iter_errors(content), key=lambda e: list(e.absolute_path))
-    except SchemaError as exc:
-        return [f"the agent's memory schema is invalid: {exc.message}"]
-    return [f"{'/'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}" for e in errors]
 
 
 @dataclass(frozen=True)

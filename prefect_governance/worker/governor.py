@@ -51,6 +51,7 @@ from prefect_governance.core.models import (
     Decision,
     EngineRef,
     Grant,
+    GrantPosture,
     Infrastructure,
     MemoryAccess,
     MemorySnapshot,
@@ -64,6 +65,7 @@ from prefect_governance.core.models import (
     WorkPoolRef,
     describe_validation,
 )
+from prefect_governance.core.posture import start_posture
 from prefect_governance.core.reports import (
     CapabilityUseReport,
     TaskDecisionReport,
@@ -145,6 +147,23 @@ class Assessment:
             fail_mode=decision.fail_mode,
             engine=self.engine.reference() if self.engine is not None else None,
             task_policy_path=self.task_policy_path,
+            posture=self.posture(),
+        )
+
+    def posture(self) -> GrantPosture | None:
+        """The agent's posture at the run's start, for its tasks to move."""
+        if self.agent is None or self.policy_input is None:
+            return None
+        agent = self.agent
+        return GrantPosture(
+            start=start_posture(
+                TrustState.model_validate(self.policy_input["agent"]["trust"]),
+                self.memory or MemorySnapshot(),
+                schema_hash=agent.memory_schema_hash,
+                k=agent.trust_window,
+            ),
+            weights=agent.trust_weights.effective(),
+            memory_schema=agent.memory_schema,
         )
 
     @property
