@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         capability,
         load_block,
     )
+    from prefect_governance.runtime.posture import MemoryRejected, current_memory, current_posture
     from prefect_governance.runtime.tasks import TaskRefused, govern, governed
     from prefect_governance.worker.blocks import (
         GovernanceAgent,
@@ -41,6 +42,9 @@ _HOME = {
     "current_agent": "runtime",
     "current_envelope": "runtime",
     "propose_memory": "runtime",
+    "MemoryRejected": "runtime.posture",
+    "current_memory": "runtime.posture",
+    "current_posture": "runtime.posture",
     "TaskRefused": "runtime.tasks",
     "govern": "runtime.tasks",
     "governed": "runtime.tasks",
@@ -53,11 +57,14 @@ __all__ = [
     "GovernanceLineageStore",
     "GovernancePolicyEngine",
     "GovernedProcessWorker",
+    "MemoryRejected",
     "TaskRefused",
     "aload_block",
     "capability",
     "current_agent",
     "current_envelope",
+    "current_memory",
+    "current_posture",
     "govern",
     "governed",
     "load_block",

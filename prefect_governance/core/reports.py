@@ -64,6 +64,7 @@ class TaskDecisionReport(Report):
     task: Any = None  # the task (name, run id, attempt)
     envelope: Any = None  # the task's envelope, without the parent's (the worker has it)
     context: Any = None
+    posture: Any = None  # the posture the task inherited (TaskPosture), as the run saw it
     decision: Any = None  # the run's Decision, as JSON
 
     @property

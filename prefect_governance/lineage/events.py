@@ -131,6 +131,7 @@ class TaskDecisionPayload(Payload):
     task: Any
     envelope: Any
     context: Any
+    posture: Any  # the posture the task inherited, as the run said
     rules: Any
     annotations: Any
     fail_mode: Any
@@ -347,6 +348,7 @@ def task_decision_event(
         task=reported.get("task"),
         envelope=envelope,
         context=reported.get("context"),
+        posture=reported.get("posture"),
         rules=decision.get("reasons") or [],
         annotations=decision.get("annotations") or {},
         fail_mode=decision.get("fail_mode"),

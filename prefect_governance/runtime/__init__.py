@@ -215,15 +215,24 @@ _proposals_lock = threading.Lock()
 def propose_memory(patch: dict[str, Any]) -> None:
     """Propose a change to the agent's memory (a JSON merge patch, RFC 7386).
 
-    The proposal travels back to the worker as an artifact of this run, numbered and
-    authenticated with the run's report secret (``prefect_governance.core.reports``); after
-    the run completes, the worker validates it against the agent's memory
-    schema and commits it, or rejects it.
+    Inside a governed task, the proposal belongs to the task: when the task ends it is
+    checked against the agent's memory schema (and the task policy, purpose ``commit``),
+    and if accepted applies to the run's memory (``current_memory``) at once; the worker
+    commits it after the run, in task order. Outside a governed task, it travels back to
+    the worker as an artifact of this run, numbered and authenticated with the run's
+    report secret (``prefect_governance.core.reports``); after the run completes, the
+    worker validates it against the agent's memory schema and commits it, or rejects it.
     """
     if not isinstance(patch, dict):
         raise TypeError("a memory proposal is a JSON object (a merge patch)")
-    json.dumps(patch)  # must be JSON; raises TypeError otherwise
+    patch = json.loads(json.dumps(patch))  # must be JSON (TypeError otherwise); a copy
     grant = current_grant()
+    from prefect_governance.runtime.tasks import current_task
+
+    task = current_task.get()
+    if task is not None:
+        task.state.proposals.append(patch)
+        return
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import ArtifactCreate
 

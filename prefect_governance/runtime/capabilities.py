@@ -67,6 +67,8 @@ def check_capability(capability: str, *, use: str | None = None) -> None:
         urgent=reason is not None,
     )
     if reason is not None:
+        if task is not None:
+            task.state.blocked = True  # costs the task trust when it ends
         raise CapabilityDenied(capability, reason)
 
 

@@ -9,6 +9,11 @@ in the run's log. A refused task raises :class:`TaskRefused` before its body:
 Prefect ends it Failed with the refusal in its message, and the flow sees an
 ordinary failed task (``allow_failure``, ``return_state=True``). A refused
 task is retried only if the policy, asked again, changes its answer.
+
+Each task's end moves the run's posture (``runtime.posture``), which the next
+task's input carries. A task that proposed memory (``writes`` names the fields it
+may write) is asked of the policy again when its body ends (purpose ``commit``),
+and its proposals apply only if the policy allows and the schema holds.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import types
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, cast, overload
 
@@ -30,10 +35,19 @@ from prefect.context import TaskRunContext
 from prefect_governance.core.decision import deny_reasons
 from prefect_governance.core.envelope import build_task_envelope
 from prefect_governance.core.errors import GovernanceError
-from prefect_governance.core.models import Decision, TaskContext, TaskPolicyInput, TaskRef
+from prefect_governance.core.models import (
+    Decision,
+    TaskContext,
+    TaskMemory,
+    TaskPolicyInput,
+    TaskPosture,
+    TaskRef,
+)
+from prefect_governance.core.posture import proposed_fields
 from prefect_governance.core.settings import GovernanceSettings
 from prefect_governance.runtime import EnvelopeError, Verified, current_verified
 from prefect_governance.runtime.engine import run_engine
+from prefect_governance.runtime.posture import MemoryRejected, TaskState, run_posture
 from prefect_governance.runtime.run_log import flush_run_log, run_log
 
 
@@ -56,10 +70,13 @@ class TaskRefused(GovernanceError, RuntimeError):
 
 @dataclass(frozen=True)
 class TaskScope:
-    """The governed task running now: what it is and what it declared."""
+    """The governed task running now: what it is, what it declared, what it did."""
 
     ref: TaskRef
     capabilities: tuple[str, ...]
+    writes: tuple[str, ...] = ()
+    state: TaskState = field(default_factory=TaskState)
+    question: dict[str, Any] = field(default_factory=dict)  # the admitting input
 
 
 current_task: ContextVar[TaskScope | None] = ContextVar("governance_task", default=None)
@@ -94,8 +111,11 @@ def task_input(
     capabilities: Iterable[str],
     now: datetime,
     settings: GovernanceSettings,
+    *,
+    posture: TaskPosture | None = None,
+    writes: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """The task policy's input for one task run."""
+    """The task policy's input for one task run, before its body (purpose ``admit``)."""
     envelope = build_task_envelope(
         task=ref,
         parameters=parameters,
@@ -106,11 +126,31 @@ def task_input(
         max_parameter_bytes=settings.max_parameter_bytes,
         max_parameter_depth=settings.max_parameter_depth,
     )
+    envelope.memory = TaskMemory(
+        writes=sorted(set(writes)), schema_hash=verified.grant.agent.memory_schema_hash
+    )
     return TaskPolicyInput(
         agent=verified.grant.agent,
         envelope=envelope,
         context=TaskContext(time=now, mode=verified.grant.mode),
+        posture=posture,
     ).model_dump(mode="json")
+
+
+def commit_input(
+    admitted: dict[str, Any], proposals: list[dict[str, Any]], posture: TaskPosture, now: datetime
+) -> dict[str, Any]:
+    """The task policy's input when the task ended with memory proposals (``commit``)."""
+    fields = sorted({name for patch in proposals for name in proposed_fields(patch)})
+    envelope = {**admitted["envelope"]}
+    envelope["memory"] = {**envelope["memory"], "proposed": fields}
+    context = {**admitted["context"], "time": now.isoformat(), "purpose": "commit"}
+    return {
+        **admitted,
+        "envelope": envelope,
+        "context": context,
+        "posture": posture.model_dump(mode="json"),
+    }
 
 
 def _record(
@@ -126,6 +166,7 @@ def _record(
             "task": envelope["task"],
             "envelope": envelope,
             "context": policy_input["context"],
+            "posture": policy_input.get("posture"),
             "decision": decision.model_dump(mode="json"),
         },
         urgent=not decision.runs,
@@ -145,12 +186,32 @@ def _refusal(ref: TaskRef, decision: Decision, policy_input: dict[str, Any]) -> 
     return refused
 
 
-def _question(name: str, declared: tuple[str, ...]) -> tuple[Verified, TaskRef, dict[str, Any]]:
+@dataclass(frozen=True)
+class _Declared:
+    """What a governed task declares: its name, capabilities and memory fields."""
+
+    name: str
+    capabilities: tuple[str, ...]
+    writes: tuple[str, ...]
+
+
+def _question(task: _Declared) -> tuple[Verified, TaskRef, dict[str, Any]]:
     """What to ask the task policy about this task run (refused at once without a grant)."""
-    verified = _verified_or_refuse(name)
-    ref, parameters = _task_ref(name)
+    verified = _verified_or_refuse(task.name)
+    ref, parameters = _task_ref(task.name)
     now = datetime.now(timezone.utc)
-    return verified, ref, task_input(verified, ref, parameters, declared, now, _settings())
+    posture = run_posture(verified.grant).now()
+    policy_input = task_input(
+        verified,
+        ref,
+        parameters,
+        task.capabilities,
+        now,
+        _settings(),
+        posture=posture,
+        writes=task.writes,
+    )
+    return verified, ref, policy_input
 
 
 def _admitted(
@@ -158,51 +219,108 @@ def _admitted(
     ref: TaskRef,
     policy_input: dict[str, Any],
     decision: Decision,
-    declared: tuple[str, ...],
+    task: _Declared,
 ) -> TaskScope:
-    """Record the decision; the task's scope if it may run, else raise TaskRefused."""
+    """Record the decision; the task's scope if it may run, else end it refused and raise
+    TaskRefused."""
     _record(verified, policy_input, decision, "admit")
     if not decision.runs:
+        run_posture(verified.grant).end(ref, "refused", TaskState(), task.writes)
         raise _refusal(ref, decision, policy_input)
-    return TaskScope(ref, declared)
+    return TaskScope(ref, task.capabilities, task.writes, question=policy_input)
 
 
-def _admit(name: str, declared: tuple[str, ...]) -> TaskScope:
+def _admit(task: _Declared) -> TaskScope:
     """Decide this task run (blocking); raise TaskRefused when it may not run."""
-    verified, ref, policy_input = _question(name, declared)
+    verified, ref, policy_input = _question(task)
     decision = run_engine().decide(verified.grant, policy_input)
-    return _admitted(verified, ref, policy_input, decision, declared)
+    return _admitted(verified, ref, policy_input, decision, task)
 
 
-async def _aadmit(name: str, declared: tuple[str, ...]) -> TaskScope:
+async def _aadmit(task: _Declared) -> TaskScope:
     """Decide this task run without blocking the event loop."""
-    verified, ref, policy_input = _question(name, declared)
+    verified, ref, policy_input = _question(task)
     decision = await run_engine().adecide(verified.grant, policy_input)
-    return _admitted(verified, ref, policy_input, decision, declared)
+    return _admitted(verified, ref, policy_input, decision, task)
 
 
-def _governed_fn(
-    fn: Callable[..., Any], name: str, declared: tuple[str, ...]
-) -> Callable[..., Any]:
+def _failed(scope: TaskScope, exc: BaseException) -> None:
+    """End a task whose body raised: failed, or crashed when it was interrupted."""
+    outcome = "failed" if isinstance(exc, Exception) else "crashed"
+    run_posture(current_verified().grant).end(scope.ref, outcome, scope.state, scope.writes)
+
+
+def _commit_question(scope: TaskScope) -> tuple[Verified, dict[str, Any]] | None:
+    """The commit input of a task that proposed memory (None: it proposed none)."""
+    if not scope.state.proposals:
+        return None
+    verified = current_verified()
+    posture = run_posture(verified.grant).now()
+    now = datetime.now(timezone.utc)
+    return verified, commit_input(scope.question, scope.state.proposals, posture, now)
+
+
+def _completed(
+    scope: TaskScope, asked: tuple[Verified, dict[str, Any]] | None, decision: Decision | None
+) -> None:
+    """End a task whose body returned: its proposals apply if the policy allowed them
+    and the schema holds; else it ends memory_rejected and raises MemoryRejected."""
+    verified = current_verified()
+    posture = run_posture(verified.grant)
+    if asked is not None and decision is not None:
+        _record(verified, asked[1], decision, "commit")
+        if not decision.runs:
+            posture.end(scope.ref, "memory_rejected", scope.state, scope.writes)
+            raise MemoryRejected(scope.ref.name, decision.deny or ["refused"])
+    errors = posture.end(scope.ref, "completed", scope.state, scope.writes)
+    if errors:
+        raise MemoryRejected(scope.ref.name, errors)
+
+
+def _commit(scope: TaskScope) -> None:
+    asked = _commit_question(scope)
+    decision = None if asked is None else run_engine().decide(asked[0].grant, asked[1])
+    _completed(scope, asked, decision)
+
+
+async def _acommit(scope: TaskScope) -> None:
+    asked = _commit_question(scope)
+    decision = None if asked is None else await run_engine().adecide(asked[0].grant, asked[1])
+    _completed(scope, asked, decision)
+
+
+def _governed_fn(fn: Callable[..., Any], task: _Declared) -> Callable[..., Any]:
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
         async def governed_async(*args: Any, **kwargs: Any) -> Any:
-            token = current_task.set(await _aadmit(name, declared))
+            scope = await _aadmit(task)
+            token = current_task.set(scope)
             try:
-                return await fn(*args, **kwargs)
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                _failed(scope, exc)
+                raise
             finally:
                 current_task.reset(token)
+            await _acommit(scope)
+            return result
 
         return governed_async
 
     @functools.wraps(fn)
     def governed_sync(*args: Any, **kwargs: Any) -> Any:
-        token = current_task.set(_admit(name, declared))
+        scope = _admit(task)
+        token = current_task.set(scope)
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            _failed(scope, exc)
+            raise
         finally:
             current_task.reset(token)
+        _commit(scope)
+        return result
 
     return governed_sync
 
@@ -223,6 +341,7 @@ def _ask_again(refused: TaskRefused) -> bool:
         return False
     policy_input = {**refused.policy_input, "context": {**refused.policy_input["context"]}}
     policy_input["context"]["time"] = datetime.now(timezone.utc).isoformat()
+    policy_input["posture"] = run_posture(verified.grant).now().model_dump(mode="json")
     decision = run_engine().decide(verified.grant, policy_input)
     _record(verified, policy_input, decision, "retry")
     return decision.runs
@@ -253,21 +372,32 @@ def _retry_condition(user_condition: Callable[..., Any] | None) -> Callable[...,
 
 
 @overload
-def governed(task: Task, *, capabilities: Iterable[str] = ()) -> Task: ...
+def governed(
+    task: Task, *, capabilities: Iterable[str] = (), writes: Iterable[str] = ()
+) -> Task: ...
 @overload
-def governed(task: Callable[..., Any], *, capabilities: Iterable[str] = ()) -> Task: ...
+def governed(
+    task: Callable[..., Any], *, capabilities: Iterable[str] = (), writes: Iterable[str] = ()
+) -> Task: ...
 @overload
-def governed(task: None = None, *, capabilities: Iterable[str] = ()) -> Callable[[Any], Task]: ...
+def governed(
+    task: None = None, *, capabilities: Iterable[str] = (), writes: Iterable[str] = ()
+) -> Callable[[Any], Task]: ...
 
 
-def governed(task: Any = None, *, capabilities: Iterable[str] = ()) -> Any:
+def governed(
+    task: Any = None, *, capabilities: Iterable[str] = (), writes: Iterable[str] = ()
+) -> Any:
     """Govern a Prefect task (or a function, made a task): decided before each run.
 
     ``capabilities`` are those the task declares it will use; the task policy
     checks them against the flow run's grants, and inside the task
-    :func:`prefect_governance.capability` allows only these.
+    :func:`prefect_governance.capability` allows only these. ``writes`` are the
+    top-level memory fields its proposals (:func:`prefect_governance.propose_memory`)
+    may write.
     """
     declared = tuple(sorted(set(capabilities)))
+    memory_writes = tuple(sorted(set(writes)))
 
     def wrap(target: Any) -> Task:
         if not isinstance(target, Task):
@@ -276,7 +406,7 @@ def governed(task: Any = None, *, capabilities: Iterable[str] = ()) -> Any:
             target = make_task(target)
         original = getattr(target, "governance_original", target)
         new = copy.copy(original)
-        new.fn = _governed_fn(original.fn, original.name, declared)
+        new.fn = _governed_fn(original.fn, _Declared(original.name, declared, memory_writes))
         new.retry_condition_fn = _retry_condition(original.retry_condition_fn)
         new.governance_capabilities = declared
         new.governance_original = original

@@ -47,6 +47,7 @@ from prefect_governance.core.handoff import (
 from prefect_governance.core.keys import GovernanceSigningKey, GovernanceVerifyKey
 from prefect_governance.core.models import (
     DEFAULT_TASK_POLICY_PATH,
+    RUNNABLE,
     Approval,
     Decision,
     EngineRef,
@@ -60,6 +61,7 @@ from prefect_governance.core.models import (
     PolicyContext,
     PolicyInput,
     TaskPolicyInput,
+    TaskPosture,
     TrustState,
     WorkerRef,
     WorkPoolRef,
@@ -69,6 +71,7 @@ from prefect_governance.core.posture import start_posture
 from prefect_governance.core.reports import (
     CapabilityUseReport,
     TaskDecisionReport,
+    TaskEndReport,
     accepted,
     admitted_declarations,
     complete_proposals,
@@ -92,7 +95,9 @@ from prefect_governance.lineage.events import (
     memory_rejected_event,
     outcome_event,
     report_problem_event,
+    settle_task_end,
     task_decision_event,
+    task_end_event,
     trust_event,
 )
 from prefect_governance.lineage.memory import CommitResult, MemoryStore, commit_in
@@ -104,9 +109,11 @@ from prefect_governance.worker.blocks import (
     GovernancePolicyEngine,
 )
 from prefect_governance.worker.launch import unsafe_env, unsafe_env_reason
+from prefect_governance.worker.posture import PostureWalk, TaskEnd
 from prefect_governance.worker.run_reports import (
     read_artifact_data,
     read_artifacts,
+    read_task_states,
     reported_events,
 )
 
@@ -149,6 +156,10 @@ class Assessment:
             task_policy_path=self.task_policy_path,
             posture=self.posture(),
         )
+
+    def memory_content(self) -> dict[str, Any]:
+        """The agent's memory as the run was granted it."""
+        return dict((self.memory or MemorySnapshot()).content)
 
     def posture(self) -> GrantPosture | None:
         """The agent's posture at the run's start, for its tasks to move."""
@@ -345,10 +356,11 @@ class Governor:
 
     async def run_reports(
         self, client: PrefectClient, flow_run_id: Any, assessment: Assessment
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
         """What a run reported, as ``record_run_end`` takes it: the memory proposals and
-        the batches of events whose MAC verifies for this run's secret; every other
-        artifact is left out and named (with why) in a ``rejected`` item of the batches."""
+        the batches of events whose MAC verifies for this run's secret (every other
+        artifact is left out and named, with why, in a ``rejected`` item of the batches);
+        and the final state of each of its task runs as Prefect holds it."""
         decision_id = assessment.decision.id
         secret, cannot = self._secret_to_check(decision_id)
         check = partial(
@@ -360,6 +372,7 @@ class Governor:
         )
         problems: list[str] = []
         proposals: list[dict[str, Any]] = []
+        task_states = await read_task_states(client, flow_run_id)
         if assessment.agent is not None:
             found = await read_artifacts(client, flow_run_id, PROPOSAL_KEY)
             proposals, rejected = check(found, kind=PROPOSAL_KEY)
@@ -373,7 +386,7 @@ class Governor:
         ]
         if problems:
             reported.append({"rejected": problems})
-        return proposals, reported
+        return proposals, reported, task_states
 
     # --- the parts, built once and reused -----------------------------------
 
@@ -516,7 +529,7 @@ class Governor:
             message = f"the worker stopped watching the run while it was {seen}"
             if error is not None:
                 message += f" ({type(error).__name__})"
-        proposals, reported = await self.run_reports(client, flow_run_id, assessment)
+        proposals, reported, task_states = await self.run_reports(client, flow_run_id, assessment)
         await self.record_run_end(
             store,
             assessment,
@@ -526,6 +539,7 @@ class Governor:
             status_code=status_code,
             proposals=proposals,
             reported=reported,
+            task_states=task_states,
         )
 
     async def _preempt(
@@ -791,16 +805,18 @@ class Governor:
         status_code: int | None = None,
         proposals: list[dict[str, Any]] | None = None,
         reported: list[dict[str, Any]] | None = None,
+        task_states: Mapping[str, str] | None = None,
     ) -> bool:
-        """What happened inside the run, its outcome, memory commit or rejection, and the
-        trust update of one run.
+        """What happened inside the run (each task's decision, capability uses and end,
+        with the memory and trust it moved), its outcome, memory commit or rejection, and
+        the trust update of one run.
 
         Recorded once per decision: returns False when the run's outcome was already
         recorded (by another worker's reconciler) and nothing was appended.
         """
         decision_id = assessment.decision.id
-        events: list[LineageEvent] = await self._inside_events(
-            assessment, flow_run_id, reported or []
+        events, ends = await self._inside_events(
+            assessment, flow_run_id, reported or [], dict(task_states or {})
         )
         events.append(
             outcome_event(
@@ -820,6 +836,7 @@ class Governor:
             rejected = False
             if assessment.agent is None:
                 return derived
+            before = _settle_task_ends(store, connection, assessment, flow_run_id, ends)
             if proposals:
                 memory_event, rejected = _settle_memory(
                     connection, assessment, flow_run_id, state, proposals
@@ -833,7 +850,7 @@ class Governor:
                     memory_rejected=rejected,
                 )
                 derived.append(
-                    _trust_event(store, connection, assessment, flow_run_id, trust_events)
+                    _trust_event(store, connection, assessment, flow_run_id, trust_events, before)
                 )
             return derived
 
@@ -842,17 +859,66 @@ class Governor:
         )
 
     async def _inside_events(
-        self, assessment: Assessment, flow_run_id: str, batches: list[dict[str, Any]]
-    ) -> list[LineageEvent]:
-        """The run's reported task decisions and capability uses as lineage events, in the
-        run's order; each task decision checked by deciding its input again."""
+        self,
+        assessment: Assessment,
+        flow_run_id: str,
+        batches: list[dict[str, Any]],
+        task_states: dict[str, str],
+    ) -> tuple[list[LineageEvent], list[tuple[LineageEvent, TaskEnd]]]:
+        """The run's reported task decisions, capability uses and task ends as lineage
+        events, in the run's order; each task decision checked by deciding its input again
+        with the posture the worker computed for it, each task end recomputed (see
+        ``worker.posture``). Also the task ends, whose trust and memory the settling
+        append completes."""
         parent = assessment.decision.id
         common: _EventCommon = {"agent_id": assessment.agent_id, "flow_run_id": flow_run_id}
         reported, problems = reported_events(batches, parent)
         grants = signed_grants(assessment)
+        start = assessment.posture()
+        walk = None
+        if start is not None:
+            walk = PostureWalk(start, assessment.memory_content(), task_states)
+        last_end = {
+            str((item.task or {}).get("run_id")): i
+            for i, item in enumerate(reported)
+            if isinstance(item, TaskEndReport) and isinstance(item.task, dict)
+        }
         admitted: dict[str, dict[str, Any]] = {}  # task run id -> its admission, as checked
-        events = []
-        for item in reported:
+        unended: dict[tuple[str, Any], Any] = {}  # (task run id, attempt) -> task, admitted
+        events: list[LineageEvent] = []
+        ends: list[tuple[LineageEvent, TaskEnd]] = []
+
+        def end_of(item: TaskEndReport, last: bool, why: str | None = None) -> None:
+            if walk is None:
+                check = {"verified": None, "why": "the worker cannot recompute this run's posture"}
+                outcome = str(item.outcome)
+                event = task_end_event(
+                    item,
+                    parent_decision_id=parent,
+                    outcome=outcome,
+                    events=[],
+                    posture=item.posture if isinstance(item.posture, dict) else {},
+                    check=check,
+                    **common,
+                )
+                events.append(event)
+                return
+            end = walk.ended(item, last=last)
+            if why is not None:
+                end.check = {"verified": False, "why": why}
+            event = task_end_event(
+                item,
+                parent_decision_id=parent,
+                outcome=end.outcome,
+                events=end.events,
+                posture=end.posture.model_dump(mode="json"),
+                check=end.check,
+                **common,
+            )
+            events.append(event)
+            ends.append((event, end))
+
+        for index, item in enumerate(reported):
             if isinstance(item, CapabilityUseReport):
                 use = use_check(item, grants=grants, admitted=admitted)
                 events.append(
@@ -862,26 +928,53 @@ class Governor:
                     problems.append(
                         f"capability use seq {item.seq} ({item.capability!r}) flagged: {use['why']}"
                     )
+                if walk is not None:
+                    walk.used(item)
+            elif isinstance(item, TaskEndReport):
+                task = item.task if isinstance(item.task, dict) else {}
+                unended.pop((str(task.get("run_id")), task.get("attempt")), None)
+                end_of(item, last=last_end.get(str(task.get("run_id"))) == index)
             else:
-                check = await self._check_task_decision(assessment, item)
+                expected, why = (None, None)
+                if walk is not None:
+                    expected, why = walk.inherited(item.posture)
+                check = await self._check_task_decision(assessment, item, expected)
+                if why is not None and check.get("verified") is not False:
+                    check = {**check, "verified": False, "why": why}
                 events.append(
                     task_decision_event(item, parent_decision_id=parent, check=check, **common)
                 )
-                run_id, admission = admitted_declarations(item, check)
-                if admission["runs"] or run_id not in admitted:
-                    admitted[run_id] = admission
+                runs = item.decided.get("verdict") in RUNNABLE
+                if check.get("verified") is False and "worker_verdict" in check:
+                    runs = check["worker_verdict"] in RUNNABLE
+                task = item.task if isinstance(item.task, dict) else {}
+                if item.purpose == "commit":
+                    if walk is not None:
+                        walk.commit_decided(task, runs)
+                else:
+                    run_id, admission = admitted_declarations(item, check)
+                    if admission["runs"] or run_id not in admitted:
+                        admitted[run_id] = admission
+                    if runs:
+                        unended[(str(task.get("run_id")), task.get("attempt"))] = task
+        for task in unended.values():  # admitted, and no end reported: Prefect's word
+            state = task_states.get(str(task.get("run_id")))
+            outcome = {"COMPLETED": "completed", "FAILED": "failed"}.get(state or "", "crashed")
+            missing = TaskEndReport.model_validate({"task": task, "outcome": outcome})
+            end_of(missing, last=True, why="the run reported no end for this task")
         if problems:
             events.append(report_problem_event(problems, parent_decision_id=parent, **common))
-        return events
+        return events, ends
 
     async def _check_task_decision(
-        self, assessment: Assessment, item: TaskDecisionReport
+        self, assessment: Assessment, item: TaskDecisionReport, posture: TaskPosture | None
     ) -> dict[str, Any]:
-        """Decide a reported task input again: does the run's report hold?
+        """Decide a reported task input again, with the posture the worker computed for
+        it (``posture``): does the run's report hold?
 
         ``{"verified": True}`` when the worker's engine gives the same verdict and
-        reasons for the same input; False with what differs; None when it cannot tell
-        (the deciding worker is gone, or the policy changed since).
+        reasons; False with what differs; None when it cannot tell (the deciding worker
+        is gone, or the policy changed since).
         """
         engine, envelope = assessment.engine, assessment.envelope
         if engine is None or envelope is None or assessment.policy_input is None:
@@ -899,6 +992,7 @@ class Governor:
                     "agent": assessment.policy_input["agent"],
                     "envelope": {**item.envelope, "parent": parent},
                     "context": item.context,
+                    "posture": posture.model_dump(mode="json") if posture else item.posture,
                 }
             ).model_dump(mode="json")
         except (ValidationError, KeyError, TypeError) as exc:
@@ -991,21 +1085,70 @@ def report_root(lineage_key: SigningKey) -> bytes:
     return lineage_key.seed
 
 
+def _latest_score(store: LineageStore, connection: Connection, agent: GovernanceAgent) -> float:
+    """The agent's latest vouched score, as the append's transaction reads it under the
+    chain's lock (not the decision-time one, which another run may have moved since)."""
+    latest = store.scores(agent.id, 1, connection=connection)
+    return latest[-1] if latest else agent.trust_baseline
+
+
+def _settle_task_ends(
+    store: LineageStore,
+    connection: Connection,
+    assessment: Assessment,
+    flow_run_id: str,
+    ends: Sequence[tuple[LineageEvent, TaskEnd]],
+) -> float | None:
+    """Each task's trust from the agent's latest score, and its accepted proposals
+    committed as the next memory versions, in task order, inside the settling
+    transaction; the score after the last task (None: no task ended)."""
+    agent = assessment.agent
+    assert agent is not None
+    if not ends:
+        return None
+    score = _latest_score(store, connection, agent)
+    for event, end in ends:
+        previous, score = score, next_score(score, end.events, agent.trust_weights)
+        memory = end.memory
+        if end.patches is not None and memory is not None:
+            result = commit_in(
+                connection,
+                agent.id,
+                end.patches,
+                base_version=end.posture.memory_version - 1,
+                schema=agent.memory_schema,
+                decision_id=assessment.decision.id,
+                flow_run_id=flow_run_id,
+            )
+            if result.committed:
+                memory = {
+                    **memory,
+                    "status": "committed",
+                    "version": result.version,
+                    "content_hash": result.content_hash,
+                    "rebased": result.rebased,
+                }
+            else:
+                memory = {**memory, "status": "rejected", "errors": list(result.errors)}
+        settle_task_end(event, previous=previous, score=score, memory=memory)
+    return score
+
+
 def _trust_event(
     store: LineageStore,
     connection: Connection,
     assessment: Assessment,
     flow_run_id: str,
     events: Sequence[str],
+    before: float | None = None,
 ) -> LineageEvent:
-    """The trust update of one run, from the agent's latest vouched score as the append's
-    transaction reads it under the chain's lock (not the decision-time one, which another
-    run of the same agent may have moved since)."""
+    """The trust update of one run, from the score after its tasks (``before``) or else
+    the agent's latest vouched score under the chain's lock."""
     agent = assessment.agent
     assert agent is not None
-    latest = store.scores(agent.id, 1, connection=connection)
-    before = latest[-1] if latest else agent.trust_baseline
-    after = next_score(before, events, agent.trust_weights)  # type: ignore[arg-type]
+    if before is None:
+        before = _latest_score(store, connection, agent)
+    after = next_score(before, events, agent.trust_weights)
     return trust_event(
         agent_id=agent.id,
         flow_run_id=flow_run_id,

@@ -147,8 +147,11 @@ async def _settle(
     assessment = await _assessment_of(client, event, governor.settings.agent_keys)
     proposals: list[dict[str, Any]] = []
     reported: list[dict[str, Any]] = []
+    task_states: dict[str, str] = {}
     if flow_run is not None:  # only what verifies with the run's report secret
-        proposals, reported = await governor.run_reports(client, flow_run.id, assessment)
+        proposals, reported, task_states = await governor.run_reports(
+            client, flow_run.id, assessment
+        )
     recorded = await governor.record_run_end(
         store,
         assessment,
@@ -157,6 +160,7 @@ async def _settle(
         message=message,
         proposals=proposals,
         reported=reported,
+        task_states=task_states,
     )
     return f"flow run {flow_run_id}: {state} ({message})" if recorded else None
 

@@ -63,6 +63,26 @@ async def read_artifact_data(
     return [data for _, data in await read_artifacts(client, flow_run_id, key)]
 
 
+async def read_task_states(client: PrefectClient, flow_run_id: Any) -> dict[str, str]:
+    """The state type of each of a run's task runs, as Prefect holds it (all pages)."""
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    states: dict[str, str] = {}
+    offset = 0
+    while True:
+        page = await client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])),
+            limit=PAGE,
+            offset=offset,
+        )
+        for task_run in page:
+            if task_run.state is not None:
+                states[str(task_run.id)] = task_run.state.type.value
+        offset += len(page)
+        if len(page) < PAGE:
+            return states
+
+
 def reported_events(
     batches: Iterable[dict[str, Any]], decision_id: str
 ) -> tuple[list[RunEvent], list[str]]:
