@@ -34,6 +34,15 @@ def _written() -> list[LineageEvent]:
             use, parent_decision_id="d", check={"verified": True}, **common
         ),
         events.report_problem_event(["missing"], parent_decision_id="d", **common),
+        events.task_end_event(
+            {"seq": 3, "task": {"name": "t", "run_id": "r"}, "outcome": "completed"},
+            parent_decision_id="d",
+            outcome="completed",
+            events=["completed"],
+            posture={"score": 0.9},
+            check={"verified": True},
+            **common,
+        ),
         events.memory_commit_event(
             CommitResult(True, version=1, content_hash="h"),
             schema_hash="s",

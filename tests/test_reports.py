@@ -238,11 +238,12 @@ def test_the_worker_records_a_use_its_grant_lacks_as_flagged_with_a_report_probl
         {**_use(grant.envelope.capabilities[0], run_id=None), "seq": 1},
         {**_use("delete:warehouse", run_id=None), "seq": 2},
     ]
-    events = asyncio.run(
+    events, ends = asyncio.run(
         Governor(GovernanceSettings())._inside_events(
             assessment, RUN, [{"decision_id": DECISION, "events": uses}]
         )
     )
+    assert ends == []
     assert [(e.kind, e.verdict) for e in events] == [
         ("capability_use", "used"),
         ("capability_use", "flagged"),

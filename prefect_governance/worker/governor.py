@@ -816,7 +816,7 @@ class Governor:
         """
         decision_id = assessment.decision.id
         events, ends = await self._inside_events(
-            assessment, flow_run_id, reported or [], dict(task_states or {})
+            assessment, flow_run_id, reported or [], task_states
         )
         events.append(
             outcome_event(
@@ -863,7 +863,7 @@ class Governor:
         assessment: Assessment,
         flow_run_id: str,
         batches: list[dict[str, Any]],
-        task_states: dict[str, str],
+        task_states: Mapping[str, str] | None = None,
     ) -> tuple[list[LineageEvent], list[tuple[LineageEvent, TaskEnd]]]:
         """The run's reported task decisions, capability uses and task ends as lineage
         events, in the run's order; each task decision checked by deciding its input again
@@ -877,7 +877,7 @@ class Governor:
         start = assessment.posture()
         walk = None
         if start is not None:
-            walk = PostureWalk(start, assessment.memory_content(), task_states)
+            walk = PostureWalk(start, assessment.memory_content(), dict(task_states or {}))
         last_end = {
             str((item.task or {}).get("run_id")): i
             for i, item in enumerate(reported)
@@ -958,7 +958,7 @@ class Governor:
                     if runs:
                         unended[(str(task.get("run_id")), task.get("attempt"))] = task
         for task in unended.values():  # admitted, and no end reported: Prefect's word
-            state = task_states.get(str(task.get("run_id")))
+            state = (task_states or {}).get(str(task.get("run_id")))
             outcome = {"COMPLETED": "completed", "FAILED": "failed"}.get(state or "", "crashed")
             missing = TaskEndReport.model_validate({"task": task, "outcome": outcome})
             end_of(missing, last=True, why="the run reported no end for this task")
