@@ -138,3 +138,133 @@ def narrowed_write(marker_dir: str) -> str:
     except CapabilityDenied as denied:
         Path(marker_dir, "flow-blocked").write_text(f"{denied}\n")
     return state.name
+
+
+# --- each task a governed mutation: trust and memory move with every task -----------------
+
+POSTURE_MEMORY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "processed": {"type": "integer", "minimum": 0},
+        "seen": {"type": "object", "additionalProperties": {"type": "boolean"}},
+    },
+    "additionalProperties": False,
+}
+
+
+def _mark(marker_dir: str, step: str, text: str = "ran") -> None:
+    Path(marker_dir, step).write_text(f"{text}\n")
+
+
+@governed(writes=["processed"])
+@task
+def load_batch(marker_dir: str) -> int:
+    """Task 1: loads a batch and records it in memory (accepted, read by the next task)."""
+    from prefect_governance import propose_memory
+
+    _mark(marker_dir, "load_batch")
+    propose_memory({"processed": 100})
+    return 100
+
+
+@governed
+@task
+def check_batch(marker_dir: str) -> dict:
+    """Task 2: reads the memory task 1 committed in this run."""
+    from prefect_governance import current_memory
+
+    seen = current_memory()
+    _mark(marker_dir, "check_batch", json.dumps(seen))
+    return seen
+
+
+@governed
+@task
+def transform(marker_dir: str) -> None:
+    """Task 3: fails."""
+    _mark(marker_dir, "transform")
+    raise RuntimeError("the transform failed (as the demo asks)")
+
+
+@governed(writes=["processed"])
+@task
+def annotate(marker_dir: str) -> None:
+    """Task 4: proposes a count the memory schema forbids (rejected at the task's end)."""
+    from prefect_governance import propose_memory
+
+    _mark(marker_dir, "annotate")
+    propose_memory({"processed": -5})
+
+
+@governed
+@task
+def publish(marker_dir: str) -> None:
+    """Task 5: refused before its body: trust fell across the last three tasks."""
+    _mark(marker_dir, "publish")
+
+
+@governed
+@task
+def notify(marker_dir: str) -> None:
+    """Task 6: refused too: the trust it inherits is still falling."""
+    _mark(marker_dir, "notify")
+
+
+@flow(log_prints=True)
+def posture_pipeline(marker_dir: str) -> list[str]:
+    """Six governed tasks, each moving the agent's posture for the next one.
+
+    Ends Completed (every task's state is taken, none raised to the flow); returns the
+    tasks' state names in order.
+    """
+    states = [
+        load_batch(marker_dir, return_state=True),
+        check_batch(marker_dir, return_state=True),
+        transform(marker_dir, return_state=True),
+        annotate(marker_dir, return_state=True),
+        publish(marker_dir, return_state=True),
+        notify(marker_dir, return_state=True),
+    ]
+    for state in states:
+        print(f"{state.name}: {state.message or ''}")
+    return [state.name for state in states]
+
+
+@governed
+@task
+def flaky(marker_dir: str) -> None:
+    _mark(marker_dir, "flaky")
+    raise RuntimeError("flaky failed")
+
+
+@flow
+def posture_liar(marker_dir: str) -> list[str]:
+    """The flow's own code lies: it reports every failed task as completed, so the
+    next task is decided with a posture better than the agent's."""
+    from prefect_governance.runtime import posture
+
+    honest = posture.RunPosture.end
+
+    def lying_end(self, ref, outcome, state, writes):  # type: ignore[no-untyped-def]
+        return honest(self, ref, "completed" if outcome == "failed" else outcome, state, writes)
+
+    posture.RunPosture.end = lying_end  # type: ignore[method-assign]
+    states = [flaky(marker_dir, return_state=True), check_batch(marker_dir, return_state=True)]
+    return [state.name for state in states]
+
+
+@governed(writes=["seen"])
+@task
+def remember_run(key: str, marker_dir: str, pause: float) -> None:
+    from prefect_governance import propose_memory
+
+    time.sleep(pause)
+    propose_memory({"seen": {key: True}})
+    _mark(marker_dir, f"remember-{key}")
+
+
+@flow
+def posture_concurrent(key: str, marker_dir: str, pause: float = 0.5) -> None:
+    """Two governed tasks; the second records this run's key in the agent's memory."""
+    check_batch(marker_dir)
+    remember_run(key, marker_dir, pause)
