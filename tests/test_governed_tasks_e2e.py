@@ -27,6 +27,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from prefect_governance.cli.local import prefect_env
+from prefect_governance.core.trust import TrustWeights
 from prefect_governance.lineage.events import LineageEvent
 from prefect_governance.lineage.store import LineageStore
 from prefect_governance.testing import (
@@ -59,7 +60,7 @@ class Observed:
         return [e.kind for e in self.events]
 
     def inside(self) -> list[LineageEvent]:
-        return [e for e in self.events if e.kind in ("task_decision", "capability_use")]
+        return [e for e in self.events if e.kind in ("task_decision", "capability_use", "task_end")]
 
 
 async def _setup(gov: Harness, opa_url: str) -> dict[str, dict[str, Any]]:
@@ -70,6 +71,9 @@ async def _setup(gov: Harness, opa_url: str) -> dict[str, dict[str, Any]]:
     for engine in ENGINES:
         pool = f"tasks-{engine}"
         common = {
+            # A blocked use its task recovers from costs nothing, so that the task after
+            # the refused one is not refused for falling trust (tests/test_task_posture_e2e).
+            "trust_weights": TrustWeights(capability_blocked=0.0),
             "owner": "data@example.com",
             "trust_scope": [pool],
             "capabilities": CAPABILITIES,
@@ -208,6 +212,15 @@ def test_task_decisions_and_uses_join_the_chain_in_order(inside, engine):
         ("write:warehouse", "blocked"),
     ]
     assert uses[0].payload["task"]["name"] == "summarize"
+    ends = {e.payload["task"]["name"]: e for e in inside_events if e.kind == "task_end"}
+    assert {n: e.verdict for n, e in ends.items()} == {
+        "extract": "completed",
+        "drop_tables": "refused",
+        "summarize": "completed",
+        "report": "completed",
+    }
+    assert ends["summarize"].payload["events"] == ["completed", "capability_blocked"]
+    assert all(e.payload["check"] == {"verified": True} for e in ends.values())
     assert store.verify() == []
 
 
@@ -221,6 +234,7 @@ def test_the_decision_narrows_grants_and_the_runtime_honours_them(inside, engine
     assert [(e.kind, e.verdict) for e in granted.inside()] == [
         ("task_decision", "allowed"),
         ("capability_use", "used"),
+        ("task_end", "completed"),
         ("capability_use", "used"),
     ]
     assert narrowed.flow_run.state.is_completed(), narrowed.flow_run.state

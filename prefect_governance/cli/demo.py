@@ -4,7 +4,9 @@ A local Prefect server (SQLite, temporary home), a pool-owner key, the blocks in
 ``blocks/`` (agents signed with that key), two governed work pools (``governed``,
 enforcing, and ``governed-shadow``, whose owner set audit mode), the example flow
 deployed four ways, a governed worker per pool pinning the key, and four runs:
-allowed, refused, allowed with a warning, denied under audit.
+allowed, refused, allowed with a warning, denied under audit. Then an agent that learns
+over four runs, one run whose every task is governed, and one run of six governed tasks
+whose trust and memory move with each task (the fifth is refused for falling trust).
 """
 
 from __future__ import annotations
@@ -345,6 +347,74 @@ async def _inside(markers: Path, store: LineageStore) -> bool:
     )
 
 
+# Part 4: each task a governed mutation: trust and memory move with every task.
+POSTURE_TASKS = ["load_batch", "check_batch", "transform", "annotate", "publish", "notify"]
+POSTURE_EXPECTED = ["completed", "completed", "failed", "memory_rejected", "refused", "refused"]
+
+
+def _memory_change(memory: dict[str, Any] | None) -> str:
+    if not memory:
+        return "-"
+    if memory["status"] == "committed":
+        return f"committed v{memory['version']} ({', '.join(memory['fields'])})"
+    return f"{memory['status']}: " + "; ".join(memory.get("errors") or [memory.get("reason", "")])
+
+
+async def _posture(markers: Path, store: LineageStore) -> bool:
+    deployment_id = await deploy_example(
+        "posture", POOL, {"agent": "posture-agent"}, flow_name="posture_pipeline"
+    )
+    print("\npart 4: posture-agent, one run of six governed tasks; each moves trust and memory")
+    steps = markers / "posture"
+    steps.mkdir()
+    async with get_client() as client:
+        run = await client.create_flow_run_from_deployment(
+            deployment_id, parameters={"marker_dir": str(steps)}
+        )
+    final = (await wait_final([run.id], timeout=120))[run.id]
+    await wait_outcomes(store, [run.id], timeout=60)
+    events = [e for e in store.recent(200, flow_run_id=str(run.id))][::-1]
+    admits = {
+        e.payload["task"]["name"]: e
+        for e in events
+        if e.kind == "task_decision" and e.payload.get("purpose") == "admit"
+    }
+    ends = {e.payload["task"]["name"]: e for e in events if e.kind == "task_end"}
+    rows = [("#", "task", "decision", "body ran", "outcome", "memory", "trust", "reasons")]
+    for i, name in enumerate(POSTURE_TASKS, start=1):
+        admit, end = admits.get(name), ends.get(name)
+        payload = end.payload if end else {}
+        reasons = admit.reasons if admit and admit.verdict == "refused" else []
+        if end and end.verdict == "memory_rejected":
+            reasons = (payload.get("memory") or {}).get("errors") or []
+        rows.append(
+            (
+                str(i),
+                name,
+                admit.verdict or "-" if admit else "-",
+                "yes" if (steps / name).exists() else "no",
+                end.verdict or "-" if end else "-",
+                _memory_change(payload.get("memory")),
+                f"{payload['previous']:.2f} -> {payload['score']:.2f}" if end else "-",
+                "; ".join(reasons),
+            )
+        )
+    print(f"flow run: {_state(final)}")
+    print(format_table(rows))
+    print("\n$ prefect-governance agent show posture-agent")
+    agent: GovernanceAgent = await GovernanceAgent.aload("posture-agent")
+    trust, memory = agent_state(store, store.memory, agent)
+    print(agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000)))
+    outcomes = [ends[n].verdict if n in ends else None for n in POSTURE_TASKS]
+    return (
+        outcomes == POSTURE_EXPECTED
+        and not (steps / "publish").exists()
+        and not (steps / "notify").exists()
+        and memory.content == {"processed": 100}
+        and all(e.payload["check"].get("verified") is True for e in ends.values())
+    )
+
+
 def _event(store: LineageStore, flow_run_id: UUID, kind: str) -> Any:
     return next(
         (e for e in store.recent(100, flow_run_id=str(flow_run_id)) if e.kind == kind), None
@@ -369,6 +439,7 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
         ok = await _four_runs(markers, store)
         ok &= await _learning(markers, store)
         ok &= await _inside(markers, store)
+        ok &= await _posture(markers, store)
     finally:
         for worker in workers:
             stop(worker)

@@ -950,7 +950,8 @@ class Governor:
                 task = item.task if isinstance(item.task, dict) else {}
                 if item.purpose == "commit":
                     if walk is not None:
-                        walk.commit_decided(task, runs)
+                        memory = item.task_envelope.get("memory") or {}
+                        walk.commit_decided(task, runs, memory.get("proposed"))
                 else:
                     run_id, admission = admitted_declarations(item, check)
                     if admission["runs"] or run_id not in admitted:

@@ -58,7 +58,7 @@ class PostureWalk:
     postures: list[TaskPosture] = field(default_factory=list)  # after 0, 1, ... task ends
     ends: list[TaskEnd] = field(default_factory=list)
     _blocked: set[tuple[str, Any]] = field(default_factory=set)  # (task run id, attempt)
-    _commit_refused: set[tuple[str, Any]] = field(default_factory=set)
+    _commits: dict[tuple[str, Any], tuple[bool, Any]] = field(default_factory=dict)
     _last_end: dict[str, int] = field(default_factory=dict)  # task run id -> its last end
 
     def __post_init__(self) -> None:
@@ -90,10 +90,10 @@ class PostureWalk:
         if item.granted is not True and task is not None:
             self._blocked.add((str(task.get("run_id")), task.get("attempt")))
 
-    def commit_decided(self, task: Any, runs: bool) -> None:
-        """A task's commit decision, as the worker holds it."""
-        if not runs and isinstance(task, dict):
-            self._commit_refused.add((str(task.get("run_id")), task.get("attempt")))
+    def commit_decided(self, task: Any, runs: bool, fields: Any) -> None:
+        """A task's commit decision as the worker holds it, and the fields it was asked for."""
+        if isinstance(task, dict):
+            self._commits[(str(task.get("run_id")), task.get("attempt"))] = (runs, fields)
 
     def ended(self, item: TaskEndReport, *, last: bool) -> TaskEnd:
         """One task's end, recomputed; ``last``: no later end of the same task run."""
@@ -145,8 +145,13 @@ class PostureWalk:
             )
         errors: list[str] = []
         content = self.memory
-        if key in self._commit_refused:
+        runs, asked = self._commits.get(key, (False, None))
+        if key not in self._commits:
+            errors = ["no commit decision was reported for them"]
+        elif not runs:
             errors = ["the task policy refused the commit"]
+        elif asked != fields:
+            errors = [f"its commit decision was asked for fields {asked!r}; they write {fields}"]
         else:
             for patch in proposals:
                 content, errors = apply_proposal(content, patch, self.start.memory_schema)
