@@ -25,8 +25,9 @@ the admission (``tasks._admit``: envelope, decision, queuing it), the decision
 (``run_engine().decide``, with its hop to the decision thread) and the engine's
 own evaluation (the decision's ``latency_ms``). Every governed run's reported
 events are then read back from Prefect (``read_reports`` and
-``reported_events``): one allowed task decision per call, nothing missing, or
-the benchmark fails (the figure is only worth having for working governance).
+``reported_events``): one allowed task decision and one completed task end per
+call, nothing missing, or the benchmark fails (the figure is only worth having
+for working governance).
 After each run the benchmark waits until the server has recorded its task runs,
 so that no run starts against a server still busy with the last one. The timers
 around the parts add a few microseconds to a governed call.
@@ -67,9 +68,17 @@ import prefect_governance.runtime.tasks as governed_tasks
 from prefect_governance import governed
 from prefect_governance.cli.local import PrefectServer
 from prefect_governance.core.handoff import ENVELOPE_ENV, TRUSTED_KEYS_ENV
-from prefect_governance.core.models import EngineRef, Grant
+from prefect_governance.core.models import (
+    EngineRef,
+    Grant,
+    GrantPosture,
+    MemorySnapshot,
+    TrustState,
+)
+from prefect_governance.core.posture import start_posture
 from prefect_governance.core.settings import packaged_policy_dir
 from prefect_governance.core.signing import SigningKey, sign
+from prefect_governance.core.trust import TrustWeights
 from prefect_governance.runtime.engine import RunEngine
 from prefect_governance.runtime.run_log import flush_run_log
 from prefect_governance.worker.governor import read_reports
@@ -177,6 +186,15 @@ class Grants:
             memory={},
             grants=["read:warehouse"],
             engine=engine,
+            posture=GrantPosture(  # as a governed worker hands it: the agent's at decision
+                start=start_posture(
+                    TrustState.model_validate(document["agent"]["trust"]),
+                    MemorySnapshot(),
+                    schema_hash=document["agent"]["memory_schema_hash"],
+                    k=3,
+                ),
+                weights=TrustWeights().effective(),
+            ),
         )
         return json.dumps(sign(grant.model_dump(mode="json"), self.key))
 
@@ -187,13 +205,15 @@ async def create_run(loop: Any, n: int) -> FlowRun:
 
 
 async def check_reports(flow_run_id: Any, decision_id: str, n: int) -> list[float]:
-    """The run's reported events are its n allowed task decisions; their engine latencies."""
+    """The run's reported events are its n allowed task decisions, each followed by its
+    completed end; the decisions' engine latencies."""
     async with get_client() as client:
         batches = await read_reports(client, flow_run_id)
     events, problems = reported_events(batches, decision_id)
     decisions = [e for e in events if e.kind == "task_decision"]
     refused = [e for e in decisions if e.decided.get("verdict") != "allowed"]
-    if problems or len(decisions) != n or len(events) != n or refused:
+    ended = [e for e in events if e.kind == "task_end" and e.outcome == "completed"]
+    if problems or len(decisions) != n or len(ended) != n or len(events) != 2 * n or refused:
         raise SystemExit(
             f"flow run {flow_run_id}: {len(decisions)} task decisions reported of {n}"
             f" ({len(events)} events, {len(refused)} not allowed): {problems[:3]}"
