@@ -122,7 +122,12 @@ def test_schema_describes_the_task_policy_input_and_result():
     defs = contract["$defs"]
     assert contract["properties"]["task_input"] == {"$ref": "#/$defs/TaskPolicyInput"}
     assert contract["properties"]["task_result"] == {"$ref": "#/$defs/PolicyResult"}
-    assert set(defs["TaskPolicyInput"]["properties"]) == {"agent", "envelope", "context"}
+    assert set(defs["TaskPolicyInput"]["properties"]) == {
+        "agent",
+        "envelope",
+        "context",
+        "posture",
+    }
     assert set(defs["TaskEnvelope"]["properties"]) == {
         "id",
         "issued_at",
@@ -130,7 +135,20 @@ def test_schema_describes_the_task_policy_input_and_result():
         "parameters",
         "redacted",
         "capabilities",
+        "memory",
         "parent",
+    }
+    assert set(defs["TaskMemory"]["properties"]) == {"writes", "schema_hash", "proposed"}
+    assert defs["TaskContext"]["properties"]["purpose"]["enum"] == ["admit", "commit"]
+    assert set(defs["TaskPosture"]["properties"]) == {
+        "score",
+        "slope",
+        "window",
+        "k",
+        "tasks",
+        "memory_version",
+        "memory_hash",
+        "schema_hash",
     }
     assert defs["ParentRun"]["properties"]["envelope"] == {"$ref": "#/$defs/MutationEnvelope"}
     assert set(defs["ParentRun"]["required"]) >= {"envelope", "grants", "signature"}
@@ -168,6 +186,29 @@ def test_task_examples_cover_allow_and_refuse():
     expected = [json.loads((e / "expected.json").read_text()) for e in TASK_EXAMPLES]
     assert any(x["allow"] for x in expected)
     assert any(not x["allow"] for x in expected)
+
+
+def test_a_task_example_per_task_rule_and_both_purposes_allowed():
+    """Every task rule module refuses in some task example (each alone), and both purposes
+    (admit, commit) have an allowed example, each with the posture its task inherits."""
+    modules = {
+        p.stem
+        for p in (POLICIES / "prefect" / "governance" / "task_rules").glob("*.rego")
+        if not p.stem.endswith("_test")
+    }
+    refused_by: set[str] = set()
+    allowed_purposes: set[str] = set()
+    for example in TASK_EXAMPLES:
+        policy_input = json.loads((example / "input.json").read_text())
+        expected = json.loads((example / "expected.json").read_text())
+        assert isinstance(policy_input["posture"], dict), example.name
+        rules = {reason["rule"] for reason in expected["reasons"]}
+        if len(rules) == 1:
+            refused_by |= rules
+        if expected["allow"]:
+            allowed_purposes.add(policy_input["context"]["purpose"])
+    assert refused_by == {f"prefect.governance.task_rules.{m}.deny" for m in modules}
+    assert allowed_purposes == {"admit", "commit"}
 
 
 @pytest.mark.parametrize(

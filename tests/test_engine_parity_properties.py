@@ -6,7 +6,8 @@ look: parameters of every JSON type (integers beyond 64 bits, 0.1, 1e308, -0.0, 
 unicode), trust scores and slopes at and near their thresholds, capabilities asked
 for and granted, tags, triggers, times, windows and freezes, memory schema hashes,
 approvals, what the run would start (containers, host paths and namespaces,
-registries, digests) and what the agent allows of it, and anywhere at all: a value
+registries, digests) and what the agent allows of it, a task's posture (trust window
+and score, the run's memory schema), purpose and memory access, and anywhere at all: a value
 replaced by one of another type, by null, or removed. The embedded engine and a real
 OPA sidecar then decide it, and:
 
@@ -694,6 +695,8 @@ FLOW_MUTATIONS = st.one_of(
 )
 
 TASK_NAMES = ["load_orders", "drop_tables", "DROP_TABLES", "drop_tables ", "", "é", "\ud800"]
+MEMORY_FIELDS = ["last_loaded_rows", "watermark", "", "é", 1, None]
+PURPOSES = ["admit", "commit", "Commit", "commit ", "", "retry"]
 TASK_MUTATIONS = st.one_of(
     *SHARED,
     field("envelope", "task", "name", values=maybe(st.sampled_from(TASK_NAMES))),
@@ -701,6 +704,22 @@ TASK_MUTATIONS = st.one_of(
     field("agent", "constraints", "tasks", values=st.sampled_from([None, DELETE, [], "x"])),
     field("envelope", "parent", "grants", values=maybe(subsets(CAPABILITIES))),
     field("envelope", "parent", values=st.sampled_from([None, DELETE, [], {}, "parent"])),
+    # The posture the task inherits, its purpose and its memory access.
+    field("posture", "score", values=maybe(trust_numbers)),
+    field("posture", "window", values=maybe(windows_of_trust)),
+    field("posture", "schema_hash", values=hashes),
+    field("posture", values=st.sampled_from([None, DELETE, [], {}, "posture"])),
+    field("agent", "constraints", "trust", "min_score", values=maybe(trust_numbers)),
+    field("context", "purpose", values=maybe(st.sampled_from(PURPOSES))),
+    field("envelope", "memory", "writes", values=maybe(subsets(MEMORY_FIELDS))),
+    field(
+        "envelope",
+        "memory",
+        "proposed",
+        values=maybe(subsets(MEMORY_FIELDS) | st.sampled_from(["watermark", {"watermark": 1}])),
+    ),
+    field("envelope", "memory", "schema_hash", values=hashes),
+    field("envelope", "memory", values=st.sampled_from([None, DELETE, [], {}])),
 )
 
 
@@ -749,6 +768,11 @@ TASK_DECISIVE = [
     {("envelope", "parent", "grants"): []},
     {("envelope", "parent"): DELETE},
     {("agent",): DELETE},
+    {("posture", "window"): [0.9, 0.8, 0.7]},
+    {("agent", "constraints", "trust"): {"min_score": 0.95}},
+    {("context", "purpose"): "commit", ("envelope", "memory", "proposed"): ["watermark"]},
+    {("envelope", "memory", "schema_hash"): OTHER_HASH},
+    {("posture",): DELETE},
 ]
 
 
@@ -874,7 +898,9 @@ FLOW_RULES = {
 
 TASK_RULES = {
     "prefect.governance.task_rules.capabilities.deny",
+    "prefect.governance.task_rules.memory.deny",
     "prefect.governance.task_rules.names.deny",
+    "prefect.governance.task_rules.posture.deny",
     "prefect.governance.task.deny",
 }
 

@@ -1,9 +1,12 @@
 # The governance decision for one task inside an allowed flow run.
 #
-# Before each Prefect task of a governed run starts, the run's process asks this
-# package (the grant's task policy path, default prefect/governance/task) with
-# the task's envelope, which carries the flow run's signed envelope and the
-# capabilities its decision granted (envelope.parent).
+# Before each Prefect task of a governed run starts (context.purpose "admit"),
+# and when a task ended with a memory proposal, before it applies ("commit"),
+# the run's process asks this package (the grant's task policy path, default
+# prefect/governance/task) with the task's envelope, which carries the flow
+# run's signed envelope and the capabilities its decision granted
+# (envelope.parent), and the posture the task inherits from the run's ended
+# tasks (posture: trust over the last k tasks, the run's memory).
 #
 # Like decision.rego, this package only aggregates: every module under
 # prefect.governance.task_rules (task_rules/*.rego, or a module of your own in
@@ -27,10 +30,11 @@ reasons contains reason if {
 }
 
 # An input without the contract's parts is refused: rules that cannot see a task
-# (or the run it belongs to) must not let it through because none of them fired.
+# (the run it belongs to, or the posture it inherits) must not let it through
+# because none of them fired.
 reasons contains reason if {
 	not well_formed
-	some part in ["agent", "envelope", "context"]
+	some part in ["agent", "envelope", "context", "posture"]
 	not input_has(part)
 	reason := {
 		"kind": "deny",
@@ -55,6 +59,7 @@ well_formed if {
 	is_object(input.agent)
 	is_object(input.envelope)
 	is_object(input.context)
+	is_object(input.posture)
 	is_object(input.envelope.parent)
 }
 

@@ -7,7 +7,7 @@ import data.prefect.governance.testing
 # loaded by OPA as data.task_examples[name]) is decided exactly as expected.
 example_failures := {name |
 	some name, example in data.task_examples
-	got := task with input as object.filter(example, ["agent", "envelope", "context"])
+	got := task with input as object.filter(example, ["agent", "envelope", "context", "posture"])
 	not same(got, example)
 }
 
@@ -29,6 +29,8 @@ test_task_examples_decide_as_expected if {
 several := testing.task_with_values({
 	"/envelope/task/name": "drop_tables",
 	"/envelope/capabilities": ["write:warehouse"],
+	"/envelope/memory/schema_hash": "sha256:1111111111111111111111111111111111111111111111111111111111111111",
+	"/posture/window": [0.92, 0.82, 0.72],
 })
 
 test_every_task_module_contributes_with_its_rule if {
@@ -41,11 +43,21 @@ test_every_task_module_contributes_with_its_rule if {
 		},
 		{
 			"kind": "deny",
+			"message": "task \"drop_tables\" sees memory schema sha256:1111111111111111111111111111111111111111111111111111111111111111, not the one its run started under (sha256:0000000000000000000000000000000000000000000000000000000000000000)",
+			"rule": "prefect.governance.task_rules.memory.deny",
+		},
+		{
+			"kind": "deny",
 			"message": "task \"drop_tables\" is refused for agent \"etl-agent\": its name is in constraints.tasks.deny",
 			"rule": "prefect.governance.task_rules.names.deny",
 		},
+		{
+			"kind": "deny",
+			"message": "trust of agent \"etl-agent\" fell across its last three tasks: [0.92, 0.82, 0.72]",
+			"rule": "prefect.governance.task_rules.posture.deny",
+		},
 	}
-	count(task.deny) == 2 with input as several
+	count(task.deny) == 4 with input as several
 	not task.allow with input as several
 }
 
@@ -77,14 +89,29 @@ test_every_task_rule_test_case_is_collected_for_parity if {
 # `{"input": null}`): refused, not allowed because no rule could fire.
 test_no_input_is_refused if {
 	not task.allow
-	count(task.deny) == 3
+	count(task.deny) == 4
 }
 
 test_an_input_without_the_contract_is_refused if {
 	not task.allow with input as {}
-	count(task.deny) == 3 with input as {}
+	count(task.deny) == 4 with input as {}
 	no_context := object.remove(testing.task_base, ["context"])
 	task.deny == {"the input has no context object: it is not a task governance input"} with input as no_context
+}
+
+# Without the posture the task inherits, neither its trust nor the run's memory
+# schema can be checked: refused (the memory rule also names the unknown schema).
+test_an_input_without_a_posture_is_refused if {
+	no_posture := object.remove(testing.task_base, ["posture"])
+	not task.allow with input as no_posture
+	task.deny == {
+		"the input has no posture object: it is not a task governance input",
+		"task \"load_orders\" sees memory schema sha256:0000000000000000000000000000000000000000000000000000000000000000, not the one its run started under (null)",
+	} with input as no_posture
+	"the input has no posture object: it is not a task governance input" in task.deny with input as json.patch(
+		testing.task_base,
+		[{"op": "replace", "path": "/posture", "value": [0.92]}],
+	)
 }
 
 test_an_envelope_without_a_parent_is_refused if {

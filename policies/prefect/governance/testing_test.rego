@@ -45,7 +45,7 @@ all_cases[sprintf("%s/%s", [module, name])] := with_values(case.changes) if {
 # --- the task policy ------------------------------------------------------------
 
 # The base input every task case starts from: the `allowed` task example.
-task_base := object.filter(data.task_examples.allowed, ["agent", "envelope", "context"])
+task_base := object.filter(data.task_examples.allowed, ["agent", "envelope", "context", "posture"])
 
 task_with_values(changes) := json.patch(task_base, [op |
 	some path, value in changes

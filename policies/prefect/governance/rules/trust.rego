@@ -4,24 +4,18 @@
 # low_trust warns. With agent.constraints.trust: min_score and min_slope refuse.
 package prefect.governance.rules.trust
 
+import data.prefect.governance.lib.trust as helpers
+
 # Trust below this score is allowed, with a warning.
 low_trust := 0.5
 
 deny contains msg if {
-	window := input.agent.trust.window
-	n := count(window)
-	n >= 3
-	window[n - 3] > window[n - 2]
-	window[n - 2] > window[n - 1]
-	msg := sprintf(
-		"trust of agent %q fell across its last three runs: %v",
-		[input.agent.id, array.slice(window, n - 3, n)],
-	)
+	fell := helpers.fell_across_three(input.agent.trust.window)
+	msg := sprintf("trust of agent %q fell across its last three runs: %v", [input.agent.id, fell])
 }
 
 deny contains msg if {
-	minimum := input.agent.constraints.trust.min_score
-	is_number(minimum)
+	minimum := helpers.min_score
 	input.agent.trust.score < minimum
 	msg := sprintf(
 		"trust of agent %q is %v, below the minimum %v",
