@@ -30,11 +30,26 @@ from prefect_governance import CapabilityDenied, capability, govern, governed, l
 from prefect_governance.cli.local import free_port
 from prefect_governance.core.envelope import task_parameters
 from prefect_governance.core.handoff import ENVELOPE_ENV, TRUSTED_KEYS_ENV
-from prefect_governance.core.models import EngineRef, Grant, TaskRef
+from prefect_governance.core.models import (
+    EngineRef,
+    Grant,
+    GrantPosture,
+    MemorySnapshot,
+    TaskRef,
+    TrustState,
+)
+from prefect_governance.core.posture import start_posture
 from prefect_governance.core.signing import SigningKey, sign
+from prefect_governance.core.trust import TrustWeights
 from prefect_governance.runtime.capabilities import denial
 from prefect_governance.runtime.run_log import RunLog
-from prefect_governance.runtime.tasks import TaskRefused, TaskScope, _admit, _retry_condition
+from prefect_governance.runtime.tasks import (
+    TaskRefused,
+    TaskScope,
+    _admit,
+    _Declared,
+    _retry_condition,
+)
 from prefect_governance.worker.governor import read_reports
 from prefect_governance.worker.run_reports import reported_events
 from tests.conftest import POLICIES
@@ -43,13 +58,24 @@ from tests.grants import example_grant
 KEY = SigningKey.generate("tasks-test-signer")
 
 
-def grant_for(flow_run_id: str, *, grants: list[str], policy_dir: Path = POLICIES, **agent: Any):
+SCHEMA_HASH = "sha256:" + "0" * 64  # the example agent's memory schema
+
+
+def grant_for(
+    flow_run_id: str,
+    *,
+    grants: list[str],
+    policy_dir: Path = POLICIES,
+    posture: GrantPosture | None = None,
+    **agent: Any,
+):
     return example_grant(
         flow_run_id,
         decision_id="flow-decision",
         constraints=agent,
         grants=grants,
         engine=EngineRef(kind="embedded", policy_dir=str(policy_dir)),
+        posture=posture,
     )
 
 
@@ -164,10 +190,17 @@ def test_govern_governs_closure_tasks_and_a_refused_body_never_runs(
     assert not (tmp_path / "forbidden").exists(), "the refused task's body ran"
     assert "governance refused task 'forbidden_step'" in state.result()
     assert problems == []
-    assert [(e.task["name"], e.decision["verdict"]) for e in events] == [
-        ("allowed_step", "allowed"),
-        ("forbidden_step", "refused"),
+    assert [(e.kind, e.task["name"]) for e in events] == [
+        ("task_decision", "allowed_step"),
+        ("task_end", "allowed_step"),
+        ("task_decision", "forbidden_step"),
+        ("task_end", "forbidden_step"),
     ]
+    assert [e.decision["verdict"] for e in events if e.kind == "task_decision"] == [
+        "allowed",
+        "refused",
+    ]
+    assert [e.outcome for e in events if e.kind == "task_end"] == ["completed", "refused"]
 
 
 def test_async_tasks_are_governed_alike(prefect_server, signed_env, tmp_path):
@@ -192,7 +225,9 @@ def test_async_tasks_are_governed_alike(prefect_server, signed_env, tmp_path):
     assert state.is_completed(), state
     assert (tmp_path / "fetch").exists() and not (tmp_path / "forbidden").exists()
     assert "governance refused task 'forbidden_step'" in state.result()
-    assert [e.decision["verdict"] for e in events] == ["allowed", "refused"]
+    decided = [e.decision["verdict"] for e in events if e.kind == "task_decision"]
+    assert decided == ["allowed", "refused"]
+    assert [e.outcome for e in events if e.kind == "task_end"] == ["completed", "refused"]
 
 
 def test_a_task_in_a_run_without_a_grant_is_refused(
@@ -293,10 +328,20 @@ def test_a_refused_task_is_retried_only_when_the_policy_changes_its_answer(
     shutil.copytree(POLICIES / "prefect", policies / "prefect")
     run_id = str(_flow_run().id)
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", run_id)  # as in the run's process
-    signed_env(grant_for(run_id, grants=[], policy_dir=policies, tasks={"deny": ["flaky"]}))
+    # Trust rising before the run: the refusal's cost alone does not make it fall three
+    # times running (which would refuse the retry whatever the names rule says).
+    rising = start_posture(
+        TrustState(score=0.9, window=[0.8, 0.9]), MemorySnapshot(), schema_hash=SCHEMA_HASH, k=3
+    )
+    posture = GrantPosture(start=rising, weights=TrustWeights().effective())
+    signed_env(
+        grant_for(
+            run_id, grants=[], policy_dir=policies, posture=posture, tasks={"deny": ["flaky"]}
+        )
+    )
 
     with pytest.raises(TaskRefused) as refused:
-        _admit("flaky", ())
+        _admit(_Declared("flaky", (), ()))
     retry = _retry_condition(None)
     failed = Failed(data=refused.value)
     assert retry(None, None, failed) is False, "retried though the policy still refuses"

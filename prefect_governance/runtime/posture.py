@@ -114,16 +114,17 @@ class RunPosture:
             return errors
 
 
-_postures: dict[str, RunPosture] = {}
+_postures: dict[tuple[str, str], RunPosture] = {}  # by flow run and decision
 _postures_lock = threading.Lock()
 
 
 def run_posture(grant: Grant) -> RunPosture:
     """The posture of this grant's flow run (one per run in this process)."""
     with _postures_lock:
-        posture = _postures.get(grant.decision_id)
+        key = (grant.envelope.flow_run.id, grant.decision_id)
+        posture = _postures.get(key)
         if posture is None:
-            posture = _postures[grant.decision_id] = RunPosture(grant)
+            posture = _postures[key] = RunPosture(grant)
         return posture
 
 
