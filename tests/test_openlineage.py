@@ -37,9 +37,12 @@ from prefect_governance.lineage.events import (
     decision_event,
     outcome_event,
     report_problem_event,
+    settle_task_end,
     task_decision_event,
+    task_end_event,
 )
 from prefect_governance.lineage.store import LineageStore
+from tests.task_end_support import FELL, LIED, REJECTED, governed_run, task_runs
 
 DATA = Path(__file__).parent / "data" / "openlineage"
 CORE = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
@@ -834,3 +837,165 @@ def test_a_garbled_report_still_exports_valid_events(registry):
     # two calls outside Prefect share no task run: each decision is its own run
     plain = [run for run, evs in runs.items() if evs[0]["job"]["name"].endswith(".plain")]
     assert len(plain) == 2
+
+
+# --- the end of each governed task (task_end rows) -------------------------------------
+
+TASKED = str(uuid.uuid4())  # a run whose four governed tasks end (tests/task_end_support)
+
+
+@pytest.fixture(scope="module")
+def ended(tmp_path_factory) -> list[dict[str, Any]]:
+    """The run's records appended to a real SQLite store, read back and exported."""
+    store = LineageStore(f"sqlite:///{tmp_path_factory.mktemp('ends') / 'lineage.db'}")
+    try:
+        store.append(*governed_run(AGENT, TASKED, T0))
+        return to_openlineage(store.authentic(store.chain(AGENT)))
+    finally:
+        store.dispose()
+
+
+def _ends(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e["run"]["facets"]["governance"].get("taskEnd") for e in events]
+
+
+def test_each_task_run_ends_with_its_task_end(registry, ended):
+    for event in ended:
+        check_event(registry, event)
+    runs = _by_run(ended)
+    names = task_runs(TASKED)
+    assert _types(runs[TASKED]) == ["START", "FAIL"]
+    assert [_types(runs[names[name]]) for name in ("load", "transform", "write", "publish")] == [
+        ["START", "COMPLETE"],
+        ["START", "FAIL"],
+        ["START", "FAIL"],
+        ["START", "ABORT"],  # refused at its decision, ended at its end
+    ]
+    for name, seq in (("load", 2), ("transform", 4), ("write", 6), ("publish", 8)):
+        start, end = runs[names[name]]
+        assert "taskEnd" not in start["run"]["facets"]["governance"]
+        assert end["eventTime"] == (T0 + timedelta(seconds=seq)).isoformat()
+        governance = end["run"]["facets"]["governance"]
+        assert governance["decisionId"] == start["run"]["facets"]["governance"]["decisionId"]
+        assert end["run"]["facets"]["parent"]["run"]["runId"] == TASKED
+    publish = runs[names["publish"]][1]["run"]["facets"]["governance"]
+    assert (publish["verdict"], publish["deny"]) == ("refused", [FELL])
+
+
+def test_the_task_end_carries_outcome_trust_window_memory_and_check(ended):
+    runs = _by_run(ended)
+    names = task_runs(TASKED)
+    load, transform, write, publish = (
+        _ends(runs[names[name]])[1] for name in ("load", "transform", "write", "publish")
+    )
+    assert load == {
+        "outcome": "completed",
+        "attempt": 1,
+        "events": ["completed"],
+        "trustPrevious": 0.80,
+        "trustScore": 0.82,
+        "window": [0.78, 0.80, 0.82],
+        "slope": pytest.approx(0.04),
+        "tasks": 1,
+        "memoryVersion": 2,
+        "memory": {
+            "status": "committed",
+            "version": 2,
+            "contentHash": "sha256:m2",
+            "fields": ["notes"],
+            "errors": [],
+            "rebased": False,
+        },
+        "verified": True,
+    }
+    assert (transform["outcome"], transform["verified"], transform["verifyReason"]) == (
+        "failed",
+        False,
+        LIED,
+    )
+    assert "memory" not in transform
+    assert write["outcome"] == "memory_rejected"
+    assert write["memory"] == {
+        "status": "rejected",
+        "fields": ["notes"],
+        "errors": [REJECTED],
+        "rebased": False,
+    }
+    assert (write["trustPrevious"], write["trustScore"]) == (0.70, 0.62)
+    assert (publish["outcome"], publish["window"]) == ("refused", [0.70, 0.62, 0.57])
+
+
+def test_the_facet_schema_rejects_a_bad_task_end(registry, ended):
+    end = json.loads(json.dumps(_by_run(ended)[task_runs(TASKED)["write"]][1]))
+    end["run"]["facets"]["governance"]["taskEnd"]["memory"]["status"] = "maybe"
+    with pytest.raises(jsonschema.ValidationError):
+        check_event(registry, end)
+    del end["run"]["facets"]["governance"]["taskEnd"]["memory"]
+    del end["run"]["facets"]["governance"]["taskEnd"]["trustScore"]
+    with pytest.raises(jsonschema.ValidationError):
+        check_event(registry, end)
+
+
+def _end_row(seq: int, name: str, task_run: str, outcome: str, attempt: int = 1):
+    posture = {"score": 0.5, "slope": 0.0, "window": [0.5], "k": 3, "tasks": seq}
+    row = task_end_event(
+        {
+            "seq": seq,
+            "time": (T0 + timedelta(seconds=seq)).isoformat(),
+            "task": {"name": name, "run_id": task_run, "key": name, "attempt": attempt},
+            "outcome": outcome,
+        },
+        agent_id=AGENT,
+        flow_run_id=INSIDE,
+        parent_decision_id=PARENT_DECISION,
+        outcome=outcome,
+        events=[outcome],
+        posture=posture,
+        check={"verified": True},
+    )
+    settle_task_end(row, previous=0.5, score=0.5, memory=None)
+    return row
+
+
+def test_retries_outside_calls_and_ends_without_a_decision(registry):
+    s = timedelta(seconds=1)
+    outside = "(not a task run)"
+    rows = [
+        _decision(INSIDE, T0),
+        _task_row(_reported_task(1, T0 + s, "flaky", FLAKY)),
+        _end_row(2, "flaky", FLAKY, "failed"),
+        _task_row(_reported_task(3, T0 + 3 * s, "flaky", FLAKY, attempt=2)),
+        _end_row(4, "flaky", FLAKY, "completed", attempt=2),
+        _task_row(_reported_task(5, T0 + 5 * s, "plain", outside)),
+        _end_row(6, "plain", outside, "completed"),
+        _task_row(_reported_task(7, T0 + 7 * s, "plain", outside)),
+        _end_row(8, "plain", outside, "crashed"),
+        _end_row(9, "orphan", LOAD, "completed"),
+        _end_row(10, "odd", SHELL, "sideways"),
+        _outcome(INSIDE, T0 + 30 * s, "COMPLETED"),
+    ]
+    events = to_openlineage(rows)
+    for event in events:
+        check_event(registry, event)
+    runs = _by_run(events)
+    flaky = runs[FLAKY]  # failed, admitted again, completed: one task run
+    assert _types(flaky) == ["START", "OTHER", "OTHER", "COMPLETE"]
+    assert [(end or {}).get("outcome") for end in _ends(flaky)] == [
+        None,
+        "failed",
+        None,
+        "completed",
+    ]
+    assert flaky[3]["run"]["facets"]["governance"]["decisionId"] == "tdec-3"
+    # two calls outside Prefect: each end goes with its own decision's run
+    plain = [evs for evs in runs.values() if evs[0]["job"]["name"].endswith(".plain")]
+    assert sorted(_types(evs)[1] for evs in plain) == ["COMPLETE", "FAIL"]
+    # an end without a task decision is governed by the flow run's decision
+    orphan = runs[LOAD]
+    assert _types(orphan) == ["START", "COMPLETE"]
+    governance = orphan[1]["run"]["facets"]["governance"]
+    assert governance["decisionId"] == governance["parentDecisionId"] == PARENT_DECISION
+    assert (governance["taskName"], governance["taskRunId"]) == ("orphan", LOAD)
+    assert SHELL not in runs  # an outcome the export does not know: a problem of the run
+    end = runs[INSIDE][1]["run"]["facets"]["governance"]
+    assert end["reportProblems"] == ["task end: outcome 'sideways'"]

@@ -322,11 +322,16 @@ def lineage_show(
     agent: Annotated[str, typer.Option(help="The agent whose chain to show.")],
     url: UrlOption = None,
 ) -> None:
-    """An agent's hash chain, oldest first."""
+    """An agent's hash chain, oldest first; then the history of its runs' governed tasks."""
+    from prefect_governance.cli.history import history_report, run_histories
     from prefect_governance.worker.report import chain_table
 
     store = _store(url)
-    typer.echo(chain_table(store.chain(agent)))
+    chain = store.chain(agent)
+    typer.echo(chain_table(chain))
+    if runs := run_histories(chain):
+        typer.echo("")
+        typer.echo(history_report(runs))
     store.dispose()
 
 
@@ -396,8 +401,13 @@ def lineage_export(
 def agent_show(
     name: Annotated[str, typer.Argument(help="The governance-agent block's name.")],
     url: UrlOption = None,
+    runs: Annotated[
+        int, typer.Option(min=0, help="How many of the newest runs with governed tasks to show.")
+    ] = 5,
 ) -> None:
-    """Identity, memory version and content, trust score, slope and history."""
+    """Identity, memory version and content, trust score, slope and history; then the
+    governed tasks of its newest runs (outcome, trust, memory change, check)."""
+    from prefect_governance.cli.history import TASK_END, history_report, run_histories
     from prefect_governance.worker.blocks import GovernanceAgent
     from prefect_governance.worker.governor import agent_state, trust_history
     from prefect_governance.worker.report import agent_report
@@ -406,6 +416,8 @@ def agent_show(
     store = _store(url)
     trust, memory = agent_state(store, store.memory, agent)
     typer.echo(agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000)))
+    typer.echo("")
+    typer.echo(history_report(run_histories(store.last_runs_with(agent.id, TASK_END, runs))))
     store.dispose()
 
 

@@ -6,7 +6,8 @@ is START and ABORT at the decision; a run with no outcome yet is only START. Eve
 carries the decision as a custom ``governance`` run facet; the agent's memory is a dataset,
 read on START and written when the run committed to it.
 
-Governance inside a run (``task_decision``, ``capability_use`` and ``report_problem`` rows):
+Governance inside a run (``task_decision``, ``task_end``, ``capability_use`` and
+``report_problem`` rows):
 
 - Each governed Prefect task run is a run of its own, child of the flow run: runId from the
   task run id (as ``run_id``), job ``<flow job>.<task>``, the standard ``parent`` facet naming
@@ -14,11 +15,17 @@ Governance inside a run (``task_decision``, ``capability_use`` and ``report_prob
   ``taskName``, ``taskRunId``, ``taskAttempt``, ``purpose``, ``parentDecisionId`` and
   whether the worker ``verified`` it). Its first decision is a START; every later decision
   about the same task run (a ``retry`` re-ask, or the admission of a later attempt) is not
-  a run of its own but an OTHER event of the same run; when the last decision refused the
-  task, the run ends there with ABORT (a task refused at once is START and ABORT at the
-  decision, as a refused flow run is). A task that was let run has no terminal event: the
-  lineage does not record how the task ended. Task events are timed at the decision's own
-  time (as the run reported it, never before the flow run's START).
+  a run of its own but an OTHER event of the same run.
+- Each end of a governed task (a ``task_end`` row: the worker's own account of it) is an
+  event of its task run, with ``taskEnd`` in the ``governance`` facet of the task's latest
+  decision: the outcome, the trust before and after it, the posture's window, the memory
+  change and the worker's check of the run's word. The task run's last record ends it: an
+  end as COMPLETE (completed), FAIL (failed, crashed, memory_rejected) or ABORT (refused),
+  a refusing decision as ABORT (a task refused at once is START and ABORT at the decision,
+  as a refused flow run is); an end followed by another attempt is an OTHER event. A task
+  run whose last record is a decision that let it run has no terminal event. A task called
+  outside Prefect (no task run) ends in the run of its latest decision. Task events are
+  timed as the run reported them (never before the flow run's START).
 - The flow run's terminal event lists the run's capability uses (``capabilityUses``:
   capability, ``used`` or ``blocked``, the task, why it was blocked) and what was wrong with
   the run's report (``reportProblems``) in its ``governance`` facet. A run with no outcome
@@ -47,6 +54,7 @@ from openlineage.client.facet_v2 import (
 from openlineage.client.serde import Serde
 
 from prefect_governance import __version__
+from prefect_governance.core.posture import OUTCOMES
 from prefect_governance.lineage.events import LineageEvent
 
 DEFAULT_NAMESPACE = "prefect-governance"
@@ -105,6 +113,7 @@ class GovernanceRunFacet(RunFacet):
     parentDecisionId: str | None = None
     verified: bool | None = None  # did the worker, deciding the same input, agree?
     verifyReason: str | None = None  # why it did not, or could not tell
+    taskEnd: dict[str, Any] | None = None  # how the task ended (see _task_end)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -127,6 +136,37 @@ def governance_facet_schema(producer: str = DEFAULT_PRODUCER) -> dict[str, Any]:
             "time": optional_string,
         },
         "required": ["capability", "verdict"],
+    }
+    optional_integer = {"type": ["integer", "null"]}
+    memory_change = {
+        "type": "object",
+        "properties": {
+            "status": {"enum": ["committed", "rejected", "discarded"]},
+            "version": optional_integer,
+            "contentHash": optional_string,
+            "fields": strings,
+            "errors": strings,
+            "rebased": {"type": ["boolean", "null"]},
+        },
+        "required": ["status"],
+    }
+    task_end = {
+        "type": "object",
+        "properties": {
+            "outcome": {"enum": list(OUTCOMES)},
+            "attempt": optional_integer,
+            "events": strings,
+            "trustPrevious": {"type": "number"},
+            "trustScore": {"type": "number"},
+            "window": {"type": "array", "items": {"type": "number"}},
+            "slope": {"type": ["number", "null"]},
+            "tasks": optional_integer,
+            "memoryVersion": optional_integer,
+            "memory": memory_change,
+            "verified": {"type": "boolean"},
+            "verifyReason": optional_string,
+        },
+        "required": ["outcome", "trustPrevious", "trustScore", "window", "verified"],
     }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -175,6 +215,7 @@ def governance_facet_schema(producer: str = DEFAULT_PRODUCER) -> dict[str, Any]:
                             "parentDecisionId": optional_string,
                             "verified": {"type": ["boolean", "null"]},
                             "verifyReason": optional_string,
+                            "taskEnd": task_end,
                         },
                         "required": [
                             "decisionId",
@@ -350,7 +391,7 @@ def run_events(
     timed = [(_utc(decision.created_at), start)]
     tasks, malformed = _task_events(
         rows,
-        parent_run=run,
+        decision=decision,
         parent_job=job,
         not_before=_utc(decision.created_at),
         producer=producer,
@@ -399,8 +440,18 @@ def run_events(
 # --- governance inside a run --------------------------------------------------------------
 
 _VERDICTS = frozenset({"allowed", "refused", "audited", "ungoverned"})
+# How a task run ends, by the outcome of its last end.
+_TASK_ENDS = {
+    "completed": RunState.COMPLETE,
+    "failed": RunState.FAIL,
+    "crashed": RunState.FAIL,
+    "memory_rejected": RunState.FAIL,
+    "refused": RunState.ABORT,
+}
+assert set(_TASK_ENDS) == set(OUTCOMES)
 _MODES = frozenset({"enforce", "audit"})
 NOT_A_TASK_RUN = "(not a task run)"  # the run id of a governed task called outside Prefect
+_OUTSIDE_PREFECT = "decision:"  # the key of such a task's run: its decision's
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -425,11 +476,12 @@ def task_run_key(row: LineageEvent) -> str:
     task_run = _task_of(row).get("run_id")
     if isinstance(task_run, str) and task_run and task_run != NOT_A_TASK_RUN:
         return task_run
-    return f"decision:{row.decision_id or row.event_id}"
+    return f"{_OUTSIDE_PREFECT}{row.decision_id or row.event_id}"
 
 
 def _reported_time(row: LineageEvent) -> datetime:
-    """When the run says it decided (``payload.time``), else when the row was written."""
+    """When the run says it decided or ended (``payload.time``), else when the row was
+    written."""
     reported = _dict(row.payload).get("time")
     if isinstance(reported, str):
         try:
@@ -440,7 +492,9 @@ def _reported_time(row: LineageEvent) -> datetime:
 
 
 def _malformed(row: LineageEvent) -> str | None:
-    """Why a reported task decision cannot be exported as one, if it cannot."""
+    """Why a task decision (or end) cannot be exported as one, if it cannot."""
+    if row.kind == "task_end":
+        return None if row.verdict in _TASK_ENDS else f"task end: outcome {row.verdict!r}"
     if row.verdict not in _VERDICTS:
         return f"task decision {row.decision_id or row.event_id}: verdict {row.verdict!r}"
     if row.mode is not None and row.mode not in _MODES:
@@ -448,10 +502,46 @@ def _malformed(row: LineageEvent) -> str | None:
     return None
 
 
-def _task_facet(row: LineageEvent, producer: str) -> GovernanceRunFacet:
-    """The governance facet of a task decision (its reported fields made to fit the schema)."""
+def _task_end(end: LineageEvent) -> dict[str, Any]:
+    """A task's end as the ``taskEnd`` of its event's facet (the worker's own fields)."""
+    payload = _dict(end.payload)
+    posture = _dict(payload.get("posture"))
+    memory = payload.get("memory")
+    check = _dict(payload.get("check"))
+    attempt = _dict(payload.get("task")).get("attempt")
+    return {
+        "outcome": end.verdict,
+        "attempt": attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+        "events": list(payload.get("events") or []),
+        "trustPrevious": payload.get("previous"),
+        "trustScore": payload.get("score"),
+        "window": list(posture.get("window") or []),
+        "slope": posture.get("slope"),
+        "tasks": posture.get("tasks"),
+        "memoryVersion": posture.get("memory_version"),
+        "memory": {
+            "status": memory.get("status"),
+            "version": memory.get("version"),
+            "contentHash": memory.get("content_hash"),
+            "fields": memory.get("fields"),
+            "errors": memory.get("errors"),
+            "rebased": memory.get("rebased"),
+        }
+        if isinstance(memory, dict)
+        else None,
+        "verified": check.get("verified") is True,
+        "verifyReason": _text(check.get("why")),
+    }
+
+
+def _task_facet(
+    row: LineageEvent, producer: str, end: LineageEvent | None = None
+) -> GovernanceRunFacet:
+    """The governance facet of a task decision (its reported fields made to fit the schema),
+    with the task's ``end`` if this event is one (``row`` is then the task's latest decision,
+    or the flow run's when the task has none)."""
     payload = _dict(row.payload)
-    task = _task_of(row)
+    task = _task_of(row) or (_task_of(end) if end is not None else {})
     check = _dict(payload.get("check"))
     attempt, verified = task.get("attempt"), check.get("verified")
     latency = row.latency_ms
@@ -489,49 +579,72 @@ def _task_facet(row: LineageEvent, producer: str) -> GovernanceRunFacet:
         taskRunId=_text(task.get("run_id")),
         taskAttempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
         purpose=payload.get("purpose") if payload.get("purpose") in ("admit", "retry") else None,
-        parentDecisionId=_text(payload.get("parent_decision_id")),
+        parentDecisionId=_text(payload.get("parent_decision_id"))
+        or (end.decision_id if end is not None else None),
         verified=verified if isinstance(verified, bool) else None,
         verifyReason=_text(check.get("why")),
+        taskEnd=_task_end(end) if end is not None else None,
     )
+
+
+def _by_task_run(rows: list[LineageEvent]) -> tuple[dict[str, list[LineageEvent]], list[str]]:
+    """A flow run's task decisions and ends by task run (each in the run's order), and the
+    ones that could not be exported (malformed reports)."""
+    by_task: dict[str, list[LineageEvent]] = {}
+    outside: dict[str | None, str] = {}  # a task called outside Prefect: its latest decision
+    malformed: list[str] = []
+    for row in rows:
+        if row.kind not in ("task_decision", "task_end"):
+            continue
+        why = _malformed(row)
+        if why is not None:
+            malformed.append(why)
+            continue
+        key = task_run_key(row)
+        if key.startswith(_OUTSIDE_PREFECT):  # no task run: an end goes with its task's decision
+            name = _text(_task_of(row).get("name"))
+            if row.kind == "task_decision":
+                outside[name] = key
+            else:
+                key = outside.get(name, f"end:{row.event_id}")
+        by_task.setdefault(key, []).append(row)
+    return by_task, malformed
 
 
 def _task_events(
     rows: list[LineageEvent],
     *,
-    parent_run: str,
+    decision: LineageEvent,
     parent_job: Job,
     not_before: datetime,
     producer: str,
 ) -> tuple[list[tuple[datetime, RunEvent]], list[str]]:
-    """The governed task runs of a flow run as timed run events (see the module's doc), and
-    the task decisions that could not be exported (malformed reports)."""
-    by_task: dict[str, list[LineageEvent]] = {}
-    malformed: list[str] = []
-    for row in _of_kind(rows, "task_decision"):
-        why = _malformed(row)
-        if why is None:
-            by_task.setdefault(task_run_key(row), []).append(row)
-        else:
-            malformed.append(why)
-    parent = parent_run_facet(parent_run, parent_job, producer)
+    """The governed task runs of a flow run (governed by ``decision``) as timed run events
+    (see the module's doc), and the task records that could not be exported."""
+    by_task, malformed = _by_task_run(rows)
+    parent = parent_run_facet(run_id(decision.flow_run_id or ""), parent_job, producer)
     timed: list[tuple[datetime, RunEvent]] = []
-    for key, decided in by_task.items():
-        name = _text(_task_of(decided[0]).get("name")) or "unknown-task"
+    for key, items in by_task.items():
+        name = _text(_task_of(items[0]).get("name")) or "unknown-task"
         job = Job(namespace=parent_job.namespace, name=f"{parent_job.name}.{name}")
         run = task_run_id(key)
         moment = not_before
-        for position, row in enumerate(decided):
+        decided: LineageEvent | None = None  # the task's latest decision so far
+        for position, row in enumerate(items):
             moment = max(moment, _reported_time(row))
-            last = position == len(decided) - 1
+            ending: RunState | None
+            if row.kind == "task_end":
+                facet = _task_facet(decided or decision, producer, end=row)
+                ending = _TASK_ENDS[row.verdict or ""]
+            else:
+                decided, facet = row, _task_facet(row, producer)
+                ending = RunState.ABORT if row.verdict == "refused" else None
             types = [RunState.START] if position == 0 else []
-            if last and row.verdict == "refused":
-                types.append(RunState.ABORT)
+            if position == len(items) - 1 and ending is not None:
+                types.append(ending)
             elif position > 0:
                 types.append(RunState.OTHER)
-            facets: dict[str, RunFacet] = {
-                PARENT_FACET: parent,
-                GOVERNANCE_FACET: _task_facet(row, producer),
-            }
+            facets: dict[str, RunFacet] = {PARENT_FACET: parent, GOVERNANCE_FACET: facet}
             for event_type in types:
                 event = RunEvent(
                     eventType=event_type,

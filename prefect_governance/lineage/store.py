@@ -647,6 +647,37 @@ class LineageStore:
         with Session(self.engine) as session:
             return session.exec(query).all()
 
+    def last_runs_with(self, agent_id: str, kind: str, runs: int) -> list[LineageEvent]:
+        """Every vouched record of the agent's newest ``runs`` flow runs that have a
+        vouched record of ``kind``, by seq."""
+        chain = LineageEvent.chain == chain_of(agent_id)
+        newest = (
+            select(LineageEvent)
+            .where(chain, LineageEvent.kind == kind)
+            .order_by(col(LineageEvent.seq).desc())
+        )
+        found: list[str] = []
+        with Session(self.engine) as session:
+            rows = session.exec(newest.execution_options(yield_per=100))
+            for row in rows:
+                if len(found) >= runs:
+                    break
+                if (
+                    row.flow_run_id
+                    and row.flow_run_id not in found
+                    and self.vouched(row) is not None
+                ):
+                    found.append(row.flow_run_id)
+            rows.close()
+            if not found:
+                return []
+            query = (
+                select(LineageEvent)
+                .where(chain, col(LineageEvent.flow_run_id).in_(found))
+                .order_by(col(LineageEvent.seq))
+            )
+            return self.authentic(session.exec(query).all())
+
     def refusal_of(self, flow_run_id: str) -> LineageEvent | None:
         """The newest vouched refused decision recorded for a flow run, if any."""
         query = (

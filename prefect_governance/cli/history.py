@@ -1,0 +1,128 @@
+"""The per-task history: how the ``task_end`` records of an agent's runs read to people.
+
+Each governed task's end is one ``task_end`` record (``lineage.events.TaskEndPayload``):
+its outcome, the trust before and after it, the memory change it committed, and whether
+the run's word about it agreed with the worker's recomputation (``check``). A run's
+history is its decision, its tasks' ends in the order of the chain, and its outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect_governance.lineage.events import LineageEvent
+from prefect_governance.worker.report import format_table
+
+TASK_END = "task_end"
+
+
+@dataclass
+class RunHistory:
+    """One flow run's decision, the ends of its governed tasks (in order) and its outcome."""
+
+    flow_run_id: str
+    decision: LineageEvent | None = None
+    outcome: LineageEvent | None = None
+    tasks: list[LineageEvent] = field(default_factory=list)
+
+
+def run_histories(rows: Iterable[LineageEvent]) -> list[RunHistory]:
+    """The runs among a chain's records (in chain order) that have a governed task's end,
+    oldest first."""
+    runs: dict[str, RunHistory] = {}
+    for row in rows:
+        if not row.flow_run_id:
+            continue
+        run = runs.setdefault(row.flow_run_id, RunHistory(row.flow_run_id))
+        if row.kind == "decision":
+            run.decision = row
+        elif row.kind == "outcome":
+            run.outcome = row
+        elif row.kind == TASK_END:
+            run.tasks.append(row)
+    return [run for run in runs.values() if run.tasks]
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _score(value: object) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.2f}"
+    return "?"
+
+
+def task_label(payload: dict[str, Any]) -> str:
+    """``name (attempt N)``, as the other records inside a run name their task."""
+    task = _dict(payload.get("task"))
+    attempt = task.get("attempt")
+    return f"{task.get('name', '?')}" + (f" (attempt {attempt})" if attempt is not None else "")
+
+
+def outcome_cell(payload: dict[str, Any]) -> str:
+    """The task's outcome, and a blocked capability use inside it (the other trust event)."""
+    events = payload.get("events")
+    blocked = isinstance(events, list) and "capability_blocked" in events
+    return f"{payload.get('outcome', '?')}" + (", capability blocked" if blocked else "")
+
+
+def trust_cell(payload: dict[str, Any]) -> str:
+    """The agent's trust before and after the task, as committed."""
+    return f"{_score(payload.get('previous'))} -> {_score(payload.get('score'))}"
+
+
+def memory_cell(payload: dict[str, Any]) -> str:
+    """The task's memory change: committed vN (its fields), rejected: why, discarded, or -."""
+    memory = payload.get("memory")
+    if not isinstance(memory, dict):
+        return "-"
+    status = memory.get("status")
+    fields = memory.get("fields")
+    if status == "committed":
+        written = f" ({', '.join(map(str, fields))})" if isinstance(fields, list) and fields else ""
+        rebased = " rebased" if memory.get("rebased") else ""
+        return f"committed v{memory.get('version')}{written}{rebased}"
+    errors = memory.get("errors")
+    why = "; ".join(map(str, errors)) if isinstance(errors, list) else ""
+    return f"{status}: {why}" if why else str(status)
+
+
+def check_cell(payload: dict[str, Any]) -> str:
+    """Empty when the run's word agreed with the worker's recomputation; else why not."""
+    check = _dict(payload.get("check"))
+    return "" if check.get("verified") is True else f"NOT VERIFIED: {check.get('why')}"
+
+
+def _run_line(run: RunHistory) -> str:
+    decision = run.decision
+    decided = f"decided {decision.verdict} ({decision.decision_id})" if decision else "no decision"
+    ended = f"ended {run.outcome.state}" if run.outcome else "no outcome yet"
+    return f"run {run.flow_run_id[:8]}  {decided}; {ended}"
+
+
+def history_report(runs: Sequence[RunHistory]) -> str:
+    """Each run's governed tasks in order: seq (in the chain), task, outcome, trust before
+    -> after, memory change, and where the worker's check disagreed with the run."""
+    lines = ["per-task history (oldest run first)"]
+    if not runs:
+        return f"{lines[0]}: no governed task has ended"
+    for run in runs:
+        rows = [("seq", "task", "outcome", "trust", "memory", "check")]
+        for end in run.tasks:
+            payload = _dict(end.payload)
+            rows.append(
+                (
+                    str(end.seq),
+                    task_label(payload),
+                    outcome_cell(payload),
+                    trust_cell(payload),
+                    memory_cell(payload),
+                    check_cell(payload),
+                )
+            )
+        lines += ["", _run_line(run)]
+        lines += ["  " + line for line in format_table(rows).splitlines()]
+    return "\n".join(lines)
