@@ -41,6 +41,8 @@ from prefect_governance.worker.report import (
     agent_report,
     format_table,
     lineage_table,
+    memory_cell,
+    trust_cell,
     verify_report,
 )
 
@@ -352,14 +354,6 @@ POSTURE_TASKS = ["load_batch", "check_batch", "transform", "annotate", "publish"
 POSTURE_EXPECTED = ["completed", "completed", "failed", "memory_rejected", "refused", "refused"]
 
 
-def _memory_change(memory: dict[str, Any] | None) -> str:
-    if not memory:
-        return "-"
-    if memory["status"] == "committed":
-        return f"committed v{memory['version']} ({', '.join(memory['fields'])})"
-    return f"{memory['status']}: " + "; ".join(memory.get("errors") or [memory.get("reason", "")])
-
-
 async def _posture(markers: Path, store: LineageStore) -> bool:
     deployment_id = await deploy_example(
         "posture", POOL, {"agent": "posture-agent"}, flow_name="posture_pipeline"
@@ -394,8 +388,8 @@ async def _posture(markers: Path, store: LineageStore) -> bool:
                 admit.verdict or "-" if admit else "-",
                 "yes" if (steps / name).exists() else "no",
                 end.verdict or "-" if end else "-",
-                _memory_change(payload.get("memory")),
-                f"{payload['previous']:.2f} -> {payload['score']:.2f}" if end else "-",
+                memory_cell(payload),
+                trust_cell(payload) if end else "-",
                 "; ".join(reasons),
             )
         )

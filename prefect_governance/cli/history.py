@@ -10,10 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from prefect_governance.lineage.events import LineageEvent
-from prefect_governance.worker.report import format_table
+from prefect_governance.worker.report import (
+    _dict,
+    check_cell,
+    format_table,
+    memory_cell,
+    outcome_cell,
+    task_label,
+    trust_cell,
+)
 
 TASK_END = "task_end"
 
@@ -43,57 +50,6 @@ def run_histories(rows: Iterable[LineageEvent]) -> list[RunHistory]:
         elif row.kind == TASK_END:
             run.tasks.append(row)
     return [run for run in runs.values() if run.tasks]
-
-
-def _dict(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _score(value: object) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{value:.2f}"
-    return "?"
-
-
-def task_label(payload: dict[str, Any]) -> str:
-    """``name (attempt N)``, as the other records inside a run name their task."""
-    task = _dict(payload.get("task"))
-    attempt = task.get("attempt")
-    return f"{task.get('name', '?')}" + (f" (attempt {attempt})" if attempt is not None else "")
-
-
-def outcome_cell(payload: dict[str, Any]) -> str:
-    """The task's outcome, and a blocked capability use inside it (the other trust event)."""
-    events = payload.get("events")
-    blocked = isinstance(events, list) and "capability_blocked" in events
-    return f"{payload.get('outcome', '?')}" + (", capability blocked" if blocked else "")
-
-
-def trust_cell(payload: dict[str, Any]) -> str:
-    """The agent's trust before and after the task, as committed."""
-    return f"{_score(payload.get('previous'))} -> {_score(payload.get('score'))}"
-
-
-def memory_cell(payload: dict[str, Any]) -> str:
-    """The task's memory change: committed vN (its fields), rejected: why, discarded, or -."""
-    memory = payload.get("memory")
-    if not isinstance(memory, dict):
-        return "-"
-    status = memory.get("status")
-    fields = memory.get("fields")
-    if status == "committed":
-        written = f" ({', '.join(map(str, fields))})" if isinstance(fields, list) and fields else ""
-        rebased = " rebased" if memory.get("rebased") else ""
-        return f"committed v{memory.get('version')}{written}{rebased}"
-    errors = memory.get("errors")
-    why = "; ".join(map(str, errors)) if isinstance(errors, list) else ""
-    return f"{status}: {why}" if why else str(status)
-
-
-def check_cell(payload: dict[str, Any]) -> str:
-    """Empty when the run's word agreed with the worker's recomputation; else why not."""
-    check = _dict(payload.get("check"))
-    return "" if check.get("verified") is True else f"NOT VERIFIED: {check.get('why')}"
 
 
 def _run_line(run: RunHistory) -> str:

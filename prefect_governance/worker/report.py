@@ -215,19 +215,72 @@ def chain_table(events: Sequence[LineageEvent]) -> str:
 
 
 # The records of governance inside a flow run, appended after the run.
-_INSIDE_RUN = frozenset({"task_decision", "capability_use", "report_problem"})
+_INSIDE_RUN = frozenset({"task_decision", "capability_use", "task_end", "report_problem"})
 
 
 def _dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _score(value: object) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.2f}"
+    return "?"
+
+
+def task_label(payload: dict[str, Any]) -> str:
+    """``name (attempt N)``, as the other records inside a run name their task."""
+    task = _dict(payload.get("task"))
+    attempt = task.get("attempt")
+    return f"{task.get('name', '?')}" + (f" (attempt {attempt})" if attempt is not None else "")
+
+
+def outcome_cell(payload: dict[str, Any]) -> str:
+    """The task's outcome, and a blocked capability use inside it (the other trust event)."""
+    events = payload.get("events")
+    blocked = isinstance(events, list) and "capability_blocked" in events
+    return f"{payload.get('outcome', '?')}" + (", capability blocked" if blocked else "")
+
+
+def trust_cell(payload: dict[str, Any]) -> str:
+    """The agent's trust before and after the task, as committed."""
+    return f"{_score(payload.get('previous'))} -> {_score(payload.get('score'))}"
+
+
+def memory_cell(payload: dict[str, Any]) -> str:
+    """The task's memory change: committed vN (its fields), rejected: why, discarded, or -."""
+    memory = payload.get("memory")
+    if not isinstance(memory, dict):
+        return "-"
+    status = memory.get("status")
+    fields = memory.get("fields")
+    if status == "committed":
+        written = f" ({', '.join(map(str, fields))})" if isinstance(fields, list) and fields else ""
+        rebased = " rebased" if memory.get("rebased") else ""
+        return f"committed v{memory.get('version')}{written}{rebased}"
+    errors = memory.get("errors")
+    why = "; ".join(map(str, errors)) if isinstance(errors, list) else ""
+    return f"{status}: {why}" if why else str(status)
+
+
+def check_cell(payload: dict[str, Any]) -> str:
+    """Empty when the run's word agreed with the worker's recomputation; else why not."""
+    check = _dict(payload.get("check"))
+    return "" if check.get("verified") is True else f"NOT VERIFIED: {check.get('why')}"
+
+
 def inside_run_summary(event: LineageEvent) -> str:
-    """One line on a task decision, a capability use or a problem with a run's report."""
+    """One line on a task decision, a capability use, a task's end or a problem with a
+    run's report."""
     payload = _dict(event.payload)
     reasons = "; ".join(str(r) for r in event.reasons or [])
     if event.kind == "report_problem":
         return reasons
+    if event.kind == "task_end":
+        line = f"task {task_label(payload)}: {outcome_cell(payload)}; trust {trust_cell(payload)}"
+        line += f"; memory {memory_cell(payload)}"
+        disagreed = check_cell(payload)
+        return f"{line} [{disagreed}]" if disagreed else line
     task = _dict(payload.get("task"))
     if event.kind == "capability_use":
         where = f"task {task.get('name')}" if task else "the flow body"
@@ -237,7 +290,8 @@ def inside_run_summary(event: LineageEvent) -> str:
     # a task decision
     task = task or _dict(_dict(payload.get("envelope")).get("task"))
     attempt = [f"attempt {task['attempt']}"] if task.get("attempt") is not None else []
-    retry = ["retry re-ask"] if payload.get("purpose") == "retry" else []
+    purpose = {"retry": ["retry re-ask"], "commit": ["memory commit"]}
+    retry = purpose.get(str(payload.get("purpose")), [])
     when = f" ({', '.join([*attempt, *retry])})" if attempt or retry else ""
     line = f"task {task.get('name', '?')}{when}"
     if reasons:
