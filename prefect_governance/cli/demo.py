@@ -30,15 +30,14 @@ from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from prefect_governance.cli.apply import apply_documents, load_documents
 from prefect_governance.cli.automations import apply_guards
+from prefect_governance.cli.history import agent_text
 from prefect_governance.cli.local import PrefectServer, start_worker, stop
 from prefect_governance.core.attestation import DEFAULT_KEY_ID, KEYS_ENV
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.lineage.store import LineageStore
 from prefect_governance.worker.blocks import GovernanceAgent
-from prefect_governance.worker.governor import agent_state, trust_history
 from prefect_governance.worker.process import GovernedProcessWorker
 from prefect_governance.worker.report import (
-    agent_report,
     format_table,
     lineage_table,
     memory_cell,
@@ -397,8 +396,8 @@ async def _posture(markers: Path, store: LineageStore) -> bool:
     print(format_table(rows))
     print("\n$ prefect-governance agent show posture-agent")
     agent: GovernanceAgent = await GovernanceAgent.aload("posture-agent")
-    trust, memory = agent_state(store, store.memory, agent)
-    print(agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000)))
+    print(agent_text(store, agent, runs=1))
+    memory = store.memory.latest(agent.id)
     outcomes = [ends[n].verdict if n in ends else None for n in POSTURE_TASKS]
     return (
         outcomes == POSTURE_EXPECTED
@@ -440,8 +439,7 @@ async def _run(home: Path, api_url: str, opa_url: str | None) -> int:
 
     print("\n$ prefect-governance agent show learner-agent")
     agent: GovernanceAgent = await GovernanceAgent.aload("learner-agent")
-    trust, memory = agent_state(store, store.memory, agent)
-    print(agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000)))
+    print(agent_text(store, agent))
     print("\n$ prefect-governance lineage list")
     print(lineage_table(store.recent(60)))
     print("\n$ prefect-governance lineage verify")

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from prefect_governance.lineage.events import LineageEvent
+from prefect_governance.lineage.store import LineageStore
+from prefect_governance.worker.blocks import GovernanceAgent
 from prefect_governance.worker.report import (
     _dict,
     check_cell,
@@ -82,3 +84,15 @@ def history_report(runs: Sequence[RunHistory]) -> str:
         lines += ["", _run_line(run)]
         lines += ["  " + line for line in format_table(rows).splitlines()]
     return "\n".join(lines)
+
+
+def agent_text(store: LineageStore, agent: GovernanceAgent, runs: int = 5) -> str:
+    """What ``agent show`` prints: identity, memory, trust and its history, then the
+    governed tasks of the agent's newest ``runs`` runs that had any."""
+    from prefect_governance.worker.governor import agent_state, trust_history
+    from prefect_governance.worker.report import agent_report
+
+    trust, memory = agent_state(store, store.memory, agent)
+    shown = agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000))
+    tasks = history_report(run_histories(store.last_runs_with(agent.id, TASK_END, runs)))
+    return f"{shown}\n\n{tasks}"

@@ -407,17 +407,12 @@ def agent_show(
 ) -> None:
     """Identity, memory version and content, trust score, slope and history; then the
     governed tasks of its newest runs (outcome, trust, memory change, check)."""
-    from prefect_governance.cli.history import TASK_END, history_report, run_histories
+    from prefect_governance.cli.history import agent_text
     from prefect_governance.worker.blocks import GovernanceAgent
-    from prefect_governance.worker.governor import agent_state, trust_history
-    from prefect_governance.worker.report import agent_report
 
     agent: GovernanceAgent = GovernanceAgent.load(name)  # type: ignore[assignment]  # sync here
     store = _store(url)
-    trust, memory = agent_state(store, store.memory, agent)
-    typer.echo(agent_report(agent, memory, trust, trust_history(store, agent.id, 10_000)))
-    typer.echo("")
-    typer.echo(history_report(run_histories(store.last_runs_with(agent.id, TASK_END, runs))))
+    typer.echo(agent_text(store, agent, runs))
     store.dispose()
 
 
