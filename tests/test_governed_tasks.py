@@ -425,3 +425,52 @@ def test_the_run_log_keeps_events_until_prefect_takes_them(prefect_server):
 
     events, problems = reported_events(asyncio.run(reports()), "d")
     assert [e.capability for e in events] == ["a", "b"] and problems == []
+
+
+# --- memory per task ---------------------------------------------------------------------
+
+
+def test_a_task_writing_a_field_it_did_not_declare_is_rejected_at_its_end(
+    prefect_server, signed_env, tmp_path
+):
+    """Attack: a task declares one memory field and proposes another."""
+    from prefect_governance import current_memory, propose_memory
+
+    @governed(writes=["notes"])
+    @task
+    def sneaky(path: str) -> None:
+        Path(path, "sneaky").write_text("ran")
+        propose_memory({"owner": "me"})
+
+    @governed(writes=["notes"])
+    @task
+    def honest(path: str) -> None:
+        propose_memory({"notes": "checked"})
+
+    @flow
+    def remembers(path: str) -> tuple[str, str, dict]:
+        rejected = sneaky(path, return_state=True)
+        honest(path)
+        return rejected.type.value, rejected.message, current_memory()
+
+    state, events, problems = run_governed(
+        remembers, {"path": str(tmp_path)}, signed_env, grants=[]
+    )
+    kind, message, memory = state.result()
+    assert kind == "FAILED" and (tmp_path / "sneaky").exists()
+    assert "rejected the memory proposal of task 'sneaky'" in message
+    assert 'may not write memory field "owner"' in message
+    assert memory == {"notes": "checked"}, "the rejected proposal applied, or the honest one not"
+    commits = [e for e in events if e.kind == "task_decision" and e.purpose == "commit"]
+    assert [(e.task["name"], e.decision["verdict"]) for e in commits] == [
+        ("sneaky", "refused"),
+        ("honest", "allowed"),
+    ]
+    assert commits[0].envelope["memory"]["proposed"] == ["owner"]
+    ends = [e for e in events if e.kind == "task_end"]
+    assert [(e.task["name"], e.outcome, e.accepted) for e in ends] == [
+        ("sneaky", "memory_rejected", False),
+        ("honest", "completed", True),
+    ]
+    assert ends[1].posture["memory_version"] == 1 and ends[1].posture["tasks"] == 2
+    assert problems == []

@@ -220,3 +220,14 @@ def test_an_admitted_task_the_run_reports_no_end_for_ends_as_prefect_says():
         "why": "the run reported no end for this task",
     }
     assert len(ends) == 1 and ends[0][1].outcome == "failed"
+
+
+def test_a_decision_input_without_the_posture_it_should_carry_is_flagged():
+    """Attack: the run's code asks the task policy with no posture, or a made-up one."""
+    walk = _walk()
+    assert walk.inherited(None) == (walk.now, "its input carries no posture")
+    made_up = walk.now.model_copy(update={"score": 1.0}).model_dump(mode="json")
+    expected, why = walk.inherited(made_up)
+    assert expected == walk.now and why == "the posture in its input differs from the worker's"
+    ahead = walk.now.model_copy(update={"tasks": 3}).model_dump(mode="json")
+    assert "claims 3 task ends" in str(walk.inherited(ahead)[1])
