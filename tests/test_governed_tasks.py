@@ -61,6 +61,15 @@ KEY = SigningKey.generate("tasks-test-signer")
 SCHEMA_HASH = "sha256:" + "0" * 64  # the example agent's memory schema
 
 
+def rising() -> GrantPosture:
+    """A run's start with trust rising (the example agent's fell at its last run): one
+    costly task end does not make it fall across three."""
+    start = start_posture(
+        TrustState(score=0.9, window=[0.8, 0.9]), MemorySnapshot(), schema_hash=SCHEMA_HASH, k=3
+    )
+    return GrantPosture(start=start, weights=TrustWeights().effective())
+
+
 def grant_for(
     flow_run_id: str,
     *,
@@ -330,13 +339,9 @@ def test_a_refused_task_is_retried_only_when_the_policy_changes_its_answer(
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", run_id)  # as in the run's process
     # Trust rising before the run: the refusal's cost alone does not make it fall three
     # times running (which would refuse the retry whatever the names rule says).
-    rising = start_posture(
-        TrustState(score=0.9, window=[0.8, 0.9]), MemorySnapshot(), schema_hash=SCHEMA_HASH, k=3
-    )
-    posture = GrantPosture(start=rising, weights=TrustWeights().effective())
     signed_env(
         grant_for(
-            run_id, grants=[], policy_dir=policies, posture=posture, tasks={"deny": ["flaky"]}
+            run_id, grants=[], policy_dir=policies, posture=rising(), tasks={"deny": ["flaky"]}
         )
     )
 
@@ -447,6 +452,7 @@ def test_a_task_writing_a_field_it_did_not_declare_is_rejected_at_its_end(
     def honest(path: str) -> None:
         propose_memory({"notes": "checked"})
 
+    @govern  # which sends the run's events when the body ends
     @flow
     def remembers(path: str) -> tuple[str, str, dict]:
         rejected = sneaky(path, return_state=True)
@@ -454,7 +460,7 @@ def test_a_task_writing_a_field_it_did_not_declare_is_rejected_at_its_end(
         return rejected.type.value, rejected.message, current_memory()
 
     state, events, problems = run_governed(
-        remembers, {"path": str(tmp_path)}, signed_env, grants=[]
+        remembers, {"path": str(tmp_path)}, signed_env, grants=[], posture=rising()
     )
     kind, message, memory = state.result()
     assert kind == "FAILED" and (tmp_path / "sneaky").exists()
