@@ -302,6 +302,19 @@ async def _learning(markers: Path, store: LineageStore) -> bool:
 PIPELINE_STEPS = ["extract", "drop_tables", "summarize", "report"]
 
 
+async def _run_once(deployment_id: UUID, steps: Path, store: LineageStore) -> tuple[Any, list[Any]]:
+    """One run of a deployment that leaves its markers in ``steps``: its final state and
+    its lineage records, in the chain's order."""
+    steps.mkdir()
+    async with get_client() as client:
+        run = await client.create_flow_run_from_deployment(
+            deployment_id, parameters={"marker_dir": str(steps)}
+        )
+    final = (await wait_final([run.id], timeout=120))[run.id]
+    await wait_outcomes(store, [run.id], timeout=60)
+    return final, [e for e in store.recent(200, flow_run_id=str(run.id))][::-1]
+
+
 async def _inside(markers: Path, store: LineageStore) -> bool:
     deployment_id = await deploy_example(
         "pipeline",
@@ -311,14 +324,7 @@ async def _inside(markers: Path, store: LineageStore) -> bool:
     )
     print("\npart 3: pipeline-agent, one allowed run with every task governed")
     steps = markers / "pipeline"
-    steps.mkdir()
-    async with get_client() as client:
-        run = await client.create_flow_run_from_deployment(
-            deployment_id, parameters={"marker_dir": str(steps)}
-        )
-    final = (await wait_final([run.id], timeout=120))[run.id]
-    await wait_outcomes(store, [run.id], timeout=60)
-    events = [e for e in store.recent(200, flow_run_id=str(run.id))][::-1]
+    final, events = await _run_once(deployment_id, steps, store)
     rows = [("#", "inside the run", "decision", "body ran / used", "reasons")]
     for e in events:
         payload = e.payload or {}
@@ -359,14 +365,7 @@ async def _posture(markers: Path, store: LineageStore) -> bool:
     )
     print("\npart 4: posture-agent, one run of six governed tasks; each moves trust and memory")
     steps = markers / "posture"
-    steps.mkdir()
-    async with get_client() as client:
-        run = await client.create_flow_run_from_deployment(
-            deployment_id, parameters={"marker_dir": str(steps)}
-        )
-    final = (await wait_final([run.id], timeout=120))[run.id]
-    await wait_outcomes(store, [run.id], timeout=60)
-    events = [e for e in store.recent(200, flow_run_id=str(run.id))][::-1]
+    final, events = await _run_once(deployment_id, steps, store)
     admits = {
         e.payload["task"]["name"]: e
         for e in events
