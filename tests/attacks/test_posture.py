@@ -24,7 +24,10 @@ from prefect_governance.lineage.events import LineageEvent
 from prefect_governance.worker.blocks import GovernanceAgent
 from prefect_governance.worker.governor import Assessment, Governor
 from prefect_governance.worker.posture import TaskEnd
+from tests.test_governed_tasks import rising, run_governed, signed_env
 from tests.test_task_posture import SCHEMA, _grant
+
+__all__ = ["signed_env"]  # the fixture that hands the run its signed grant
 
 GRANT = _grant()
 AGENT = GovernanceAgent(
@@ -274,3 +277,53 @@ def test_memory_cannot_be_committed_by_a_task_that_never_ran():
     run.end("ghost", "completed", proposals=[{"n": 42}], memory={"n": 42})
     events, ends = worker(run, {})
     assert all(end.patches is None for _, end in ends) or flagged(events)
+
+
+# --- against a real Prefect server --------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "HOLE: Prefect's task run state, the worker's only outside word on a task's outcome, "
+        "is writable by the run's own code: a forced Completed over a failed governed task "
+        "is what read_task_states returns, so a 'completed' end for it is recorded verified"
+    ),
+)
+def test_the_run_cannot_rewrite_the_prefect_state_the_worker_checks_against(
+    prefect_server, signed_env
+):
+    from prefect import flow, get_client, task
+    from prefect.states import Completed
+
+    from prefect_governance import govern, governed
+    from prefect_governance.worker.run_reports import read_task_states
+
+    @governed
+    @task
+    def breaks() -> None:
+        raise RuntimeError("the task really failed")
+
+    @govern
+    @flow
+    def rewrites() -> str:
+        failed = breaks(return_state=True)
+        assert failed.state_details.task_run_id is not None
+        task_run_id = failed.state_details.task_run_id
+        with get_client(sync_client=True) as client:  # the flow's own API access
+            client.set_task_run_state(task_run_id, Completed(), force=True)
+        return str(task_run_id)
+
+    state, events, _ = run_governed(rewrites, {}, signed_env, grants=[], posture=rising())
+    task_run_id = state.result()
+    ends = [e for e in events if e.kind == "task_end"]
+    assert [e.outcome for e in ends] == ["failed"], "the run's own wrapper reported it failed"
+
+    async def prefect_says() -> dict[str, str]:
+        async with get_client() as client:
+            return await read_task_states(client, state.state_details.flow_run_id)
+
+    states = asyncio.run(prefect_says())
+    # An insider who holds the report secret now reports the end 'completed': the worker
+    # finds it consistent with what Prefect holds, unless Prefect still holds it failed.
+    assert states[task_run_id] == "FAILED"
