@@ -294,7 +294,7 @@ def test_the_run_cannot_rewrite_the_prefect_state_the_worker_checks_against(
     prefect_server, signed_env
 ):
     from prefect import flow, get_client, task
-    from prefect.states import Completed
+    from prefect.states import Completed, State
 
     from prefect_governance import govern, governed
     from prefect_governance.worker.run_reports import read_task_states
@@ -307,7 +307,7 @@ def test_the_run_cannot_rewrite_the_prefect_state_the_worker_checks_against(
     @govern
     @flow
     def rewrites() -> str:
-        failed = breaks(return_state=True)
+        failed: State = breaks(return_state=True)  # type: ignore[assignment]
         assert failed.state_details.task_run_id is not None
         task_run_id = failed.state_details.task_run_id
         with get_client(sync_client=True) as client:  # the flow's own API access
