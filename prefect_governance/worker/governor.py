@@ -113,7 +113,7 @@ from prefect_governance.worker.posture import PostureWalk, TaskEnd
 from prefect_governance.worker.run_reports import (
     read_artifact_data,
     read_artifacts,
-    read_task_states,
+    read_ended_task_states,
     reported_events,
 )
 
@@ -372,7 +372,7 @@ class Governor:
         )
         problems: list[str] = []
         proposals: list[dict[str, Any]] = []
-        task_states = await read_task_states(client, flow_run_id)
+        task_states = await read_ended_task_states(client, flow_run_id)
         if assessment.agent is not None:
             found = await read_artifacts(client, flow_run_id, PROPOSAL_KEY)
             proposals, rejected = check(found, kind=PROPOSAL_KEY)
@@ -884,7 +884,8 @@ class Governor:
             if isinstance(item, TaskEndReport) and isinstance(item.task, dict)
         }
         admitted: dict[str, dict[str, Any]] = {}  # task run id -> its admission, as checked
-        unended: dict[tuple[str, Any], Any] = {}  # (task run id, attempt) -> task, admitted
+        # (task run id, attempt) -> (task, whether it may run): admissions not yet ended
+        open_admissions: dict[tuple[str, Any], tuple[Any, bool]] = {}
         events: list[LineageEvent] = []
         ends: list[tuple[LineageEvent, TaskEnd]] = []
 
@@ -932,8 +933,33 @@ class Governor:
                     walk.used(item)
             elif isinstance(item, TaskEndReport):
                 task = item.task if isinstance(item.task, dict) else {}
-                unended.pop((str(task.get("run_id")), task.get("attempt")), None)
-                end_of(item, last=last_end.get(str(task.get("run_id"))) == index)
+                key = (str(task.get("run_id")), task.get("attempt"))
+                last = last_end.get(key[0]) == index
+                if key not in open_admissions:  # an end the worker did not see admitted
+                    why = (
+                        f"no task decision admitted task run {key[0]} (attempt {key[1]}) "
+                        "before this end: it moves no trust and commits no memory"
+                    )
+                    problems.append(f"task end seq {item.seq} ignored: {why}")
+                    events.append(
+                        task_end_event(
+                            item,
+                            parent_decision_id=parent,
+                            outcome=str(item.outcome),
+                            events=[],
+                            posture=walk.now.model_dump(mode="json") if walk else {},
+                            check={"verified": False, "why": why},
+                            **common,
+                        )
+                    )
+                    continue
+                _, runs = open_admissions.pop(key)
+                if not runs and item.outcome != "refused":
+                    said = item.outcome
+                    refused = item.model_copy(update={"outcome": "refused"})
+                    end_of(refused, last, why=f"its admission was refused; it reports {said}")
+                else:
+                    end_of(item, last=last)
             else:
                 expected, why = (None, None)
                 if walk is not None:
@@ -948,20 +974,24 @@ class Governor:
                 if check.get("verified") is False and "worker_verdict" in check:
                     runs = check["worker_verdict"] in RUNNABLE
                 task = item.task if isinstance(item.task, dict) else {}
+                key = (str(task.get("run_id")), task.get("attempt"))
                 if item.purpose == "commit":
-                    if walk is not None:
+                    # Only the commit of a task the worker saw admitted (and not ended) counts.
+                    if walk is not None and open_admissions.get(key, (None, False))[1]:
                         memory = item.task_envelope.get("memory") or {}
                         walk.commit_decided(task, runs, memory.get("proposed"))
                 else:
                     run_id, admission = admitted_declarations(item, check)
                     if admission["runs"] or run_id not in admitted:
                         admitted[run_id] = admission
-                    if runs:
-                        unended[(str(task.get("run_id")), task.get("attempt"))] = task
-        for task in unended.values():  # admitted, and no end reported: Prefect's word
+                    if item.purpose != "retry":  # a re-ask admits nothing by itself
+                        open_admissions[key] = (task, runs)
+        for task, runs in open_admissions.values():  # no end reported: Prefect's word
             state = (task_states or {}).get(str(task.get("run_id")))
             outcome = {"COMPLETED": "completed", "FAILED": "failed"}.get(state or "", "crashed")
-            missing = TaskEndReport.model_validate({"task": task, "outcome": outcome})
+            missing = TaskEndReport.model_validate(
+                {"task": task, "outcome": outcome if runs else "refused"}
+            )
             end_of(missing, last=True, why="the run reported no end for this task")
         if problems:
             events.append(report_problem_event(problems, parent_decision_id=parent, **common))

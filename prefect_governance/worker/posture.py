@@ -104,9 +104,14 @@ class PostureWalk:
         if item.outcome not in OUTCOMES:
             why.append(f"it reports no known outcome ({item.outcome!r})")
         prefect = self.task_states.get(key[0]) if last else None
+        unsure = None
         if prefect in _CONSISTENT and outcome not in _CONSISTENT[prefect]:
             why.append(f"it reports {outcome}; Prefect holds the task run {prefect}")
             outcome = _FROM_PREFECT.get(prefect, "crashed")
+        elif prefect is not None and prefect not in _CONSISTENT:
+            unsure = (
+                f"Prefect holds the task run {prefect} (not ended): its outcome is the run's word"
+            )
         blocked = key in self._blocked
         if bool(item.blocked) != blocked:
             why.append(f"it reports blocked={item.blocked!r}; its capability uses say {blocked}")
@@ -123,6 +128,8 @@ class PostureWalk:
             why.append("the posture it reports after the task differs from the worker's")
         self.postures.append(posture)
         check: dict[str, Any] = {"verified": True}
+        if unsure is not None:
+            check = {"verified": None, "why": unsure}
         if why:
             check = {"verified": False, "why": "; ".join(why), "reported_outcome": item.outcome}
         end = TaskEnd(item, outcome, events, posture, patches, memory, check)

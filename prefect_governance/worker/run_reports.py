@@ -63,6 +63,25 @@ async def read_artifact_data(
     return [data for _, data in await read_artifacts(client, flow_run_id, key)]
 
 
+FINAL_TASK_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+
+
+async def read_ended_task_states(
+    client: PrefectClient, flow_run_id: Any, *, attempts: int = 10, pause: float = 0.5
+) -> dict[str, str]:
+    """The run's task run states, read again (``attempts`` times, ``pause`` s apart) while
+    some are not final: Prefect records task states from events, a little after the run."""
+    import anyio
+
+    states = await read_task_states(client, flow_run_id)
+    for _ in range(attempts):
+        if all(state in FINAL_TASK_STATES for state in states.values()):
+            break
+        await anyio.sleep(pause)
+        states = await read_task_states(client, flow_run_id)
+    return states
+
+
 async def read_task_states(client: PrefectClient, flow_run_id: Any) -> dict[str, str]:
     """The state type of each of a run's task runs, as Prefect holds it (all pages)."""
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId

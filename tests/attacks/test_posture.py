@@ -188,17 +188,10 @@ def test_a_commit_of_a_task_that_failed_is_discarded():
     assert end.patches is None and end.memory is not None and end.memory["status"] == "discarded"
 
 
-# --- doors that are open ----------------------------------------------------------
+# --- doors the first attack found open, now closed: an end (and a commit) counts only
+# for a task run and attempt the worker saw admitted, once ---------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "HOLE: a task_end for a task run the run never reported admitting, and that "
-        "Prefect has no state for, is taken at the run's word: 'completed' raises trust, "
-        "verified"
-    ),
-)
 def test_an_end_for_a_task_that_never_existed_raises_no_trust():
     run = Run()
     for i in range(10):
@@ -207,14 +200,6 @@ def test_an_end_for_a_task_that_never_existed_raises_no_trust():
     assert final_score(ends) <= START.score or len(flagged(events)) >= 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "HOLE: only the last end of a task run is checked against Prefect; earlier ends "
-        "of the same run id (same attempt, or attempts never admitted) count 'completed' "
-        "unchecked and unflagged"
-    ),
-)
 @pytest.mark.parametrize("attempts", [[1, 1, 1, 1], [1, 2, 3, 4]])
 def test_one_task_run_ends_once_per_admitted_attempt(attempts: list[int]):
     run = Run()
@@ -226,14 +211,6 @@ def test_one_task_run_ends_once_per_admitted_attempt(attempts: list[int]):
     assert final_score(ends) <= START.score - 0.10 + 1e-9 or flagged(events)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "HOLE: a task end needs no admission: after trust fell across three tasks the run "
-        "reports no admit decision for the fourth (which the policy refuses) and only its "
-        "'completed' end; the lineage records it verified, with nothing flagged"
-    ),
-)
 def test_a_task_the_policy_would_refuse_cannot_end_unflagged_without_its_admission():
     run = Run()
     for name in ("a", "b", "c"):
@@ -251,8 +228,9 @@ def test_a_task_the_policy_would_refuse_cannot_end_unflagged_without_its_admissi
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "HOLE: a Prefect state that is not final (RUNNING, PENDING, ...) does not contradict "
-        "a reported 'completed' end, which is then recorded verified"
+        "HOLE: a Prefect state that is still not final (RUNNING, PENDING, ...) when the "
+        "worker settles (it reads again for 5 s) does not contradict a reported 'completed' "
+        "end: it is recorded unverified (check verified None), and trust moves as the run says"
     ),
 )
 @pytest.mark.parametrize("state", ["RUNNING", "PENDING", "SCHEDULED", "PAUSED"])
@@ -264,13 +242,6 @@ def test_a_task_prefect_never_saw_finish_is_not_verified_completed(state: str):
     assert ends[0][1].outcome != "completed" or flagged(events)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "HOLE: memory can be committed by a task run with no admission and no Prefect task "
-        "run, through a made-up commit decision and end"
-    ),
-)
 def test_memory_cannot_be_committed_by_a_task_that_never_ran():
     run = Run()
     run.commit("ghost", ["n"])
