@@ -889,20 +889,24 @@ class Governor:
         events: list[LineageEvent] = []
         ends: list[tuple[LineageEvent, TaskEnd]] = []
 
-        def end_of(item: TaskEndReport, last: bool, why: str | None = None) -> None:
-            if walk is None:
-                check = {"verified": None, "why": "the worker cannot recompute this run's posture"}
-                outcome = str(item.outcome)
-                event = task_end_event(
+        def unmoved(item: TaskEndReport, check: dict[str, Any], posture: Any) -> None:
+            """Record an end that moves no trust and commits no memory, and why."""
+            events.append(
+                task_end_event(
                     item,
                     parent_decision_id=parent,
-                    outcome=outcome,
+                    outcome=str(item.outcome),
                     events=[],
-                    posture=item.posture if isinstance(item.posture, dict) else {},
+                    posture=posture if isinstance(posture, dict) else {},
                     check=check,
                     **common,
                 )
-                events.append(event)
+            )
+
+        def end_of(item: TaskEndReport, last: bool, why: str | None = None) -> None:
+            if walk is None:
+                cannot = {"verified": None, "why": "the worker cannot recompute this run's posture"}
+                unmoved(item, cannot, item.posture)
                 return
             end = walk.ended(item, last=last)
             if why is not None:
@@ -941,17 +945,8 @@ class Governor:
                         "before this end: it moves no trust and commits no memory"
                     )
                     problems.append(f"task end seq {item.seq} ignored: {why}")
-                    events.append(
-                        task_end_event(
-                            item,
-                            parent_decision_id=parent,
-                            outcome=str(item.outcome),
-                            events=[],
-                            posture=walk.now.model_dump(mode="json") if walk else {},
-                            check={"verified": False, "why": why},
-                            **common,
-                        )
-                    )
+                    now = walk.now.model_dump(mode="json") if walk else None
+                    unmoved(item, {"verified": False, "why": why}, now)
                     continue
                 _, runs = open_admissions.pop(key)
                 if not runs and item.outcome != "refused":
