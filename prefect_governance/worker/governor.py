@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import anyio
 from prefect.exceptions import ObjectNotFound
@@ -109,6 +110,7 @@ from prefect_governance.worker.blocks import (
     GovernancePolicyEngine,
 )
 from prefect_governance.worker.launch import unsafe_env, unsafe_env_reason
+from prefect_governance.worker.observe import Decided, Observers, Settled
 from prefect_governance.worker.posture import PostureWalk, TaskEnd
 from prefect_governance.worker.run_reports import (
     read_artifact_data,
@@ -340,6 +342,8 @@ class Governor:
         # The root of the runs' report secrets: the lineage key's seed, else this process's.
         self._report_root = report_root(self.lineage_signer)
         self._issued: set[str] = set()  # decisions this process handed a report secret
+        # Who is told of each decision and outcome (metrics, Prefect events, traces).
+        self.observers = Observers()
 
     # --- the runs' report secrets ---------------------------------------------
 
@@ -470,14 +474,33 @@ class Governor:
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> Admission:
         """Decide one run and record the decision before anything starts. Never raises:
-        whatever fails (the store, the agent, the engine, the record) is a refusal."""
-        logger = logger or _logger
+        whatever fails (the store, the agent, the engine, the record) is a refusal. The
+        observers see the decision once it is recorded (or could not be)."""
+        admission, seconds, error = await self._admit(client, request, logger or _logger)
+        self.observers.decided(
+            Decided(
+                admission.assessment,
+                str(request.flow_run.id),
+                request.work_pool.name,
+                lineage_seconds=seconds,
+                lineage_error=error,
+            )
+        )
+        return admission
+
+    async def _admit(
+        self,
+        client: PrefectClient,
+        request: RunRequest,
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+    ) -> tuple[Admission, float | None, str | None]:
+        """``admit``, with the seconds the decision's append took, or why it failed."""
         controls, flow_run_id = request.controls, str(request.flow_run.id)
         try:
             store = await self.lineage(controls.lineage_store, client)
         except Exception as exc:
             reason = f"the lineage store is unavailable: {exc!r}"
-            return Admission(Assessment.refusal(controls, reason))
+            return Admission(Assessment.refusal(controls, reason)), None, repr(exc)
         key: SigningKey | None = None
         try:
             key = await self.signing_key(controls.signing_key, client)
@@ -486,22 +509,25 @@ class Governor:
         except Exception as exc:
             logger.exception("Governance could not decide this run; refusing it.")
             assessment = Assessment.refusal(controls, f"governance failed: {exc!r}")
+        started = time.perf_counter()
         try:
             # The decision is durable before anything runs; if it cannot be, nothing runs.
             await self.record_decision(store, assessment, flow_run_id)
         except Exception as exc:
             logger.exception("The decision could not be recorded; refusing the run.")
             reason = f"the decision could not be recorded in the lineage: {exc!r}"
-            return Admission(Assessment.refusal(controls, reason))
+            return Admission(Assessment.refusal(controls, reason)), None, repr(exc)
+        seconds = time.perf_counter() - started
         if not assessment.decision.runs or key is None:
-            return Admission(assessment, store)
-        return Admission(
+            return Admission(assessment, store), seconds, None
+        admission = Admission(
             assessment,
             store,
             grant=self.sign(key, assessment) if assessment.envelope is not None else None,
             trusted_key=key.trusted_key,
             report_secret=self.report_secret(assessment.decision.id),
         )
+        return admission, seconds, None
 
     async def settle(
         self,
@@ -535,6 +561,7 @@ class Governor:
             assessment,
             str(flow_run_id),
             name,
+            by="worker",
             message=message,
             status_code=status_code,
             proposals=proposals,
@@ -806,13 +833,15 @@ class Governor:
         proposals: list[dict[str, Any]] | None = None,
         reported: list[dict[str, Any]] | None = None,
         task_states: Mapping[str, str] | None = None,
+        by: Literal["worker", "reconciler"] = "reconciler",
     ) -> bool:
         """What happened inside the run (each task's decision, capability uses and end,
         with the memory and trust it moved), its outcome, memory commit or rejection, and
-        the trust update of one run.
+        the trust update of one run; then the observers see it (``by`` settled it).
 
         Recorded once per decision: returns False when the run's outcome was already
-        recorded (by another worker's reconciler) and nothing was appended.
+        recorded (by another worker's reconciler) and nothing was appended. A store that
+        fails raises, after the observers saw the failure.
         """
         decision_id = assessment.decision.id
         events, ends = await self._inside_events(
@@ -854,9 +883,21 @@ class Governor:
                 )
             return derived
 
-        return await anyio.to_thread.run_sync(
-            partial(store.append, *events, once_per_decision="outcome", derive=derive)
-        )
+        started = time.perf_counter()
+        recorded, seconds, error = False, None, None
+        try:
+            recorded = await anyio.to_thread.run_sync(
+                partial(store.append, *events, once_per_decision="outcome", derive=derive)
+            )
+            seconds = time.perf_counter() - started
+        except Exception as exc:
+            error = repr(exc)
+            raise
+        finally:
+            self.observers.settled(
+                Settled(assessment, flow_run_id, state, recorded, by, seconds, error)
+            )
+        return recorded
 
     async def _inside_events(
         self,
