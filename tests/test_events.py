@@ -66,7 +66,11 @@ WORKER = {
 
 
 def _roles(event: dict[str, Any]) -> dict[str, dict[str, str]]:
-    return {r["prefect.resource.role"]: r for r in event["related"] if r.get("prefect.resource.role") != "tag"}
+    return {
+        r["prefect.resource.role"]: r
+        for r in event["related"]
+        if r.get("prefect.resource.role") != "tag"
+    }
 
 
 def test_a_refusal_names_its_run_deployment_flow_agent_pool_policy_and_worker() -> None:
@@ -89,7 +93,9 @@ def test_a_refusal_names_its_run_deployment_flow_agent_pool_policy_and_worker() 
     assert event["resource"]["prefect-governance.verdict"] == "refused"
     roles = _roles(event)
     assert roles["flow-run"]["prefect.resource.id"] == "prefect.flow-run.run-1"
-    assert roles["deployment"]["prefect.resource.id"] == f"prefect.deployment.{envelope.deployment.id}"
+    assert (
+        roles["deployment"]["prefect.resource.id"] == f"prefect.deployment.{envelope.deployment.id}"
+    )
     assert roles["flow"]["prefect.resource.id"] == f"prefect.flow.{envelope.flow.id}"
     assert roles["agent"] == {
         "prefect.resource.id": f"prefect.block-document.{BLOCK_ID}",
@@ -106,7 +112,9 @@ def test_a_refusal_names_its_run_deployment_flow_agent_pool_policy_and_worker() 
     assert roles["policy"]["prefect.resource.name"] == "prefect/governance/decision"
     assert roles["policy"]["prefect-governance.policy-revision"] == "sha256:abc"
     assert roles["worker"]["prefect.resource.id"] == WORKER["prefect.resource.id"]
-    tags = [r["prefect.resource.id"] for r in event["related"] if r["prefect.resource.role"] == "tag"]
+    tags = [
+        r["prefect.resource.id"] for r in event["related"] if r["prefect.resource.role"] == "tag"
+    ]
     assert "prefect.tag.nightly" in tags
     payload = event["payload"]
     assert payload["reasons"] == [
@@ -184,7 +192,16 @@ def test_a_refusal_before_any_envelope_still_names_its_run_pool_and_policy() -> 
     assert event["payload"]["reasons"][0]["message"] == "the lineage store is unavailable"
 
 
-@pytest.mark.parametrize("needle", ["read_events", "events/filter", "get_events_subscriber", "PrefectEventSubscriber", "EventsClient"])
+@pytest.mark.parametrize(
+    "needle",
+    [
+        "read_events",
+        "events/filter",
+        "get_events_subscriber",
+        "PrefectEventSubscriber",
+        "EventsClient",
+    ],
+)
 def test_nothing_in_the_product_reads_prefect_events(needle: str) -> None:
     """Events are information: any API client may emit one of any name, so no decision,
     settlement or guard of the product may rest on them."""

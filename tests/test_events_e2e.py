@@ -20,7 +20,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from prefect import get_client
@@ -56,15 +56,20 @@ denies contains msg if {
 	msg := sprintf("tag %v carries a credential", [tag])
 }
 
-decision := {"allow": count(denies) == 0, "deny": [m | some m in denies], "warn": [], "annotations": {}}
+decision := {
+	"allow": count(denies) == 0,
+	"deny": [m | some m in denies],
+	"warn": [],
+	"annotations": {},
+}
 """
 
 
 class Hook(BaseHTTPRequestHandler):
-    received: list[dict[str, Any]] = []
-    arrived = threading.Event()
+    received: ClassVar[list[dict[str, Any]]] = []
+    arrived: ClassVar[threading.Event] = threading.Event()
 
-    def do_POST(self) -> None:  # noqa: N802  # http.server's name
+    def do_POST(self) -> None:  # http.server's name
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
         type(self).received.append(json.loads(body or b"{}"))
         type(self).arrived.set()
@@ -158,8 +163,9 @@ def _refuse_and_notify(prefect_server, tmp_path: Path, port: int) -> None:
             "kind: notification\nname: events-refusals\n"
             f"spec:\n  block: custom-webhook/{HOOK}\n  pools: [{POOL}]\n"
         )
-        first, again = cli(prefect_server, "apply", str(documents)), cli(
-            prefect_server, "apply", str(documents)
+        first, again = (
+            cli(prefect_server, "apply", str(documents)),
+            cli(prefect_server, "apply", str(documents)),
         )
         assert first.returncode == 0, first.stderr[-2000:]
         assert "created    notification   events-refusals" in first.stdout, first.stdout

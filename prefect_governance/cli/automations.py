@@ -145,7 +145,9 @@ class Notification(BaseModel):
         return verdicts
 
 
-def notification_automation(name: str, spec: Notification, block_document_id: str) -> AutomationCore:
+def notification_automation(
+    name: str, spec: Notification, block_document_id: str
+) -> AutomationCore:
     """The automation of notification document ``name``, telling block ``block_document_id``."""
     from prefect_governance.worker.events import DECISION_EVENT, DECISION_RESOURCE
 

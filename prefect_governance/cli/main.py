@@ -299,6 +299,7 @@ def notification_remove(
     typer.echo(f"{'removed' if removed else 'absent':9}  {'automation':13}  {NOTIFY}{name}")
     raise typer.Exit(0 if removed else 1)
 
+
 UrlOption = Annotated[
     str | None,
     typer.Option(

@@ -84,16 +84,29 @@ def related_resources(
         related.append(_resource("prefect.flow", envelope.flow.id, "flow", envelope.flow.name))
     if agent is not None:
         block_id = getattr(agent, "_block_document_id", None)
-        kind, id = ("prefect.block-document", block_id) if block_id else (f"{PREFIX}.agent", agent.id)
+        kind, id = (
+            ("prefect.block-document", block_id) if block_id else (f"{PREFIX}.agent", agent.id)
+        )
         related.append(
             _resource(
-                kind, id, "agent", assessment.agent_block, agent_id=agent.id, agent_version=str(agent.version)
+                kind,
+                id,
+                "agent",
+                assessment.agent_block,
+                agent_id=agent.id,
+                agent_version=str(agent.version),
             )
         )
     if pool_id:
         related.append(_resource("prefect.work-pool", pool_id, "work-pool", pool))
     else:  # matched by name, as Prefect's own guards here do
-        related.append({"prefect.resource.id": f"{PREFIX}.work-pool.{pool}", "prefect.resource.role": "work-pool", "prefect.resource.name": pool})
+        related.append(
+            {
+                "prefect.resource.id": f"{PREFIX}.work-pool.{pool}",
+                "prefect.resource.role": "work-pool",
+                "prefect.resource.name": pool,
+            }
+        )
     related.append(
         _resource(
             PREFIX + ".policy",
@@ -237,6 +250,4 @@ class PrefectEvents:
         envelope = seen.assessment.envelope
         pool, pool_id = self._pool(envelope.work_pool.name if envelope else None)
         worker = self._source._event_resource()
-        self._emit(
-            **settled_event(seen, self._patterns, pool=pool, pool_id=pool_id, worker=worker)
-        )
+        self._emit(**settled_event(seen, self._patterns, pool=pool, pool_id=pool_id, worker=worker))
