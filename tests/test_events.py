@@ -212,3 +212,41 @@ def test_nothing_in_the_product_reads_prefect_events(needle: str) -> None:
         if re.search(re.escape(needle), path.read_text())
     ]
     assert readers == []
+
+
+def test_a_notification_document_is_checked_and_scoped() -> None:
+    from prefect_governance.cli.apply import DocumentError, parse_document
+    from prefect_governance.cli.automations import Notification, notification_automation
+
+    where = Path("notify.yaml")
+    with pytest.raises(DocumentError, match=r"spec\.verdicts"):
+        parse_document(
+            {
+                "kind": "notification",
+                "name": "n",
+                "spec": {"block": "slack/x", "verdicts": ["a b"]},
+            },
+            where,
+        )
+    with pytest.raises(DocumentError, match=r"spec\.block"):
+        parse_document({"kind": "notification", "name": "n", "spec": {"block": "x"}}, where)
+    document = parse_document(
+        {"kind": "notification", "name": "n", "spec": {"block": "custom-webhook/x"}}, where
+    )
+    assert isinstance(document.block, Notification)
+    everywhere = notification_automation("n", document.block, str(BLOCK_ID)).trigger
+    assert everywhere.expect == {"prefect-governance.decision.refused"}  # type: ignore[union-attr]
+    related = everywhere.match_related  # type: ignore[union-attr]
+    assert all(r.root == {} for r in (related if isinstance(related, list) else [related]))
+    spec = Notification(block="custom-webhook/x", pools=["b", "a"], verdicts=["audited", "refused"])
+    scoped = notification_automation("n", spec, str(BLOCK_ID)).trigger
+    assert scoped.expect == {  # type: ignore[union-attr]
+        "prefect-governance.decision.audited",
+        "prefect-governance.decision.refused",
+    }
+    related = scoped.match_related  # type: ignore[union-attr]
+    related = related[0] if isinstance(related, list) else related
+    assert related.root == {
+        "prefect.resource.role": "work-pool",
+        "prefect.resource.name": ["a", "b"],
+    }

@@ -258,3 +258,15 @@ def _refuse_and_notify(prefect_server, tmp_path: Path, port: int) -> None:
     )
     assert (removed.returncode, absent.returncode) == (0, 1), removed.stdout + absent.stdout
     assert f"removed    automation     {NOTIFY}events-refusals" in removed.stdout
+
+
+def test_a_notification_whose_block_is_missing_is_skipped(prefect_server, tmp_path):
+    from prefect_governance.cli.apply import apply_documents, parse_document
+
+    document = parse_document(
+        {"kind": "notification", "name": "nowhere", "spec": {"block": "custom-webhook/absent"}},
+        tmp_path / "n.yaml",
+    )
+    (change,) = asyncio.run(apply_documents([document]))
+    assert change.action == "skipped"
+    assert "notification block 'custom-webhook/absent' does not exist" in (change.reason or "")
