@@ -2,9 +2,12 @@
 
 A document (one or more per YAML file) reads::
 
-    kind: agent            # agent | policy-engine | lineage-store
+    kind: agent            # agent | policy-engine | lineage-store | notification
     name: etl-agent        # the block document's name
     spec: {...}            # the block's fields
+
+A ``notification`` is not a block but an automation (prefect_governance.cli.automations):
+its spec names a notification block, and the pools and verdicts whose decisions it tells.
 
 String values may use ``${VAR}`` or ``${VAR:-default}`` to read the environment,
 so secrets (a database URL, an OPA token) stay out of the files.
@@ -26,6 +29,11 @@ import yaml
 from prefect.blocks.core import Block
 from pydantic import ValidationError
 
+from prefect_governance.cli.automations import (
+    Notification,
+    NotificationBlockMissing,
+    apply_notification,
+)
 from prefect_governance.core.attestation import (
     DEFAULT_KEY_ID,
     FIELD,
@@ -46,6 +54,7 @@ KINDS: dict[str, type[Block]] = {
     "policy-engine": GovernancePolicyEngine,
     "lineage-store": GovernanceLineageStore,
 }
+NOTIFICATION = "notification"  # a document kind that is an automation, not a block
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 KEY_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -64,7 +73,7 @@ class Document:
     path: Path
     kind: str
     name: str
-    block: Block
+    block: Block | Notification
 
 
 @dataclass(frozen=True)
@@ -103,8 +112,10 @@ def parse_document(raw: Any, path: Path) -> Document:
     if unknown:
         raise DocumentError(path, ", ".join(sorted(unknown)), "unknown top-level field")
     kind = raw.get("kind")
-    if kind not in KINDS:
-        raise DocumentError(path, "kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind not in KINDS and kind != NOTIFICATION:
+        raise DocumentError(
+            path, "kind", f"must be one of {', '.join([*KINDS, NOTIFICATION])}, got {kind!r}"
+        )
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise DocumentError(
@@ -119,7 +130,7 @@ def parse_document(raw: Any, path: Path) -> Document:
         )
     spec = _expand(spec, path, "spec")
     try:
-        block = KINDS[kind].model_validate(spec)
+        block = (Notification if kind == NOTIFICATION else KINDS[kind]).model_validate(spec)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = "spec." + ".".join(str(p) for p in first["loc"]) if first["loc"] else "spec"
@@ -204,6 +215,9 @@ async def apply_documents(
     Agents are skipped when there is no key; the other documents still apply."""
     changes = []
     for document in documents:
+        if isinstance(document.block, Notification):
+            changes.append(await _apply_notification(document, document.block))
+            continue
         if document.kind == "agent":
             if agent_key is None:
                 changes.append(
@@ -216,6 +230,7 @@ async def apply_documents(
                 document.name,
                 signed(document.name, document.block, agent_key),  # type: ignore[arg-type]
             )
+        assert isinstance(document.block, Block)
         cls = type(document.block)
         try:
             existing = await cls.aload(document.name)
@@ -228,3 +243,16 @@ async def apply_documents(
             action = "created" if existing is None else "updated"
         changes.append(Change(document.kind, document.name, action, document.path))
     return changes
+
+
+async def _apply_notification(document: Document, spec: Notification) -> Change:
+    """A notification document's automation, created, updated or unchanged; skipped (with
+    why) when its block does not exist."""
+    from prefect import get_client
+
+    async with get_client() as client:
+        try:
+            action = await apply_notification(client, document.name, spec)
+        except NotificationBlockMissing as exc:
+            return Change(document.kind, document.name, "skipped", document.path, str(exc))
+    return Change(document.kind, document.name, action, document.path)

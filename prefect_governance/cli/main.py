@@ -275,6 +275,30 @@ app.add_typer(lineage_app, name="lineage")
 app.add_typer(agent_app, name="agent")
 policy_app = typer.Typer(help="Policy authoring: validate, evaluate, test.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
+notification_app = typer.Typer(
+    help="Notifications of decisions (applied from `kind: notification` documents).",
+    no_args_is_help=True,
+)
+app.add_typer(notification_app, name="notification")
+
+
+@notification_app.command("remove")
+def notification_remove(
+    name: Annotated[str, typer.Argument(help="The notification document's name.")],
+) -> None:
+    """Delete the automation a `kind: notification` document applied (exit 1 if none)."""
+    from prefect import get_client
+
+    from prefect_governance.cli.automations import NOTIFY, remove_notification
+
+    async def remove() -> int:
+        async with get_client() as client:
+            return await remove_notification(client, name)
+
+    removed = asyncio.run(remove())
+    typer.echo(f"{'removed' if removed else 'absent':9}  {'automation':13}  {NOTIFY}{name}")
+    raise typer.Exit(0 if removed else 1)
+
 
 UrlOption = Annotated[
     str | None,

@@ -26,9 +26,11 @@ from prefect_governance.core.controls import GovernedVariables, controls_for
 from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.handoff import GATE_COMMAND
 from prefect_governance.core.models import Infrastructure, WorkPoolRef
+from prefect_governance.worker.events import PrefectEvents
 from prefect_governance.worker.governor import Admission, Assessment, Governor, RunRequest
 from prefect_governance.worker.reconcile import reconcile, record_gate_refusals
 from prefect_governance.worker.report import decision_markdown, refusal_message
+from prefect_governance.worker.traces import DecisionSpans
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -126,6 +128,8 @@ class GovernedWorker(_Worker):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.governor = Governor()
+        self.governor.observers.add(PrefectEvents(self, self.governor.settings.redact_patterns))
+        self.governor.observers.add(DecisionSpans())
         _not_dumpable()
         if self.governor.lineage_key_is_ephemeral:
             self._logger.warning(

@@ -289,6 +289,7 @@ async def load_agent(client: PrefectClient, name: str, keys: Mapping[str, str]) 
         verify_agent(name, agent, keys)
     except AttestationError as exc:
         raise AgentUnavailable(str(exc)) from None
+    agent._block_document_id = document.id  # named by the decision's events
     return agent
 
 
