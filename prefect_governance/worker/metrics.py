@@ -56,6 +56,7 @@ DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # Seconds: a lineage append waits up to 15 s for its locks by default.
 APPEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15)
 BREAKER_STATES = ("closed", "open", "half-open")
+RECORDS = ("decision", "outcome")  # the lineage appends timed and counted
 # The thread ``prefect.workers.server._run_healthcheck_server`` serves the webserver in.
 PREFECT_WEBSERVER_THREAD = "healthcheck-server-thread"
 
@@ -178,6 +179,9 @@ class WorkerMetrics:
             "Reconcile passes that failed (tried again the next interval).",
             registry=registry,
         )
+        for record in RECORDS:  # both series exist from the start, at 0 (for rate())
+            self.append_seconds.labels(record)
+            self.append_failures.labels(record)
         info = {"worker": worker, "pool": pool, "type": worker_type, "version": __version__}
         registry.register(_Scraped(in_flight, engines, info))
         self._server: tuple[Any, threading.Thread] | None = None
@@ -275,13 +279,13 @@ def prefect_webserver_app() -> Any | None:
 
 
 class _Exposition:
-    """``GET /metrics`` on a Starlette app: the metrics of the governed worker attached to
-    it (the process's, as its webserver is), or 503 while none is."""
+    """``GET /metrics`` on a Starlette app: the metrics of the governed worker that entered
+    last and has not exited (one per process, as the webserver is), or 503 while none has."""
 
     STATE_KEY = "prefect_governance_metrics"
 
     def __init__(self) -> None:
-        self.metrics: WorkerMetrics | None = None
+        self._attached: list[WorkerMetrics] = []
         self._lock = threading.Lock()
 
     @classmethod
@@ -297,22 +301,23 @@ class _Exposition:
 
     def attach(self, metrics: WorkerMetrics) -> None:
         with self._lock:
-            if self.metrics is not None and self.metrics is not metrics:
+            if self._attached:
                 _logger.warning(
-                    "Prefect's worker webserver served another governed worker's metrics; "
-                    "it serves this one's now"
+                    "Another governed worker runs in this process: Prefect's worker "
+                    "webserver serves the metrics of the one that started last"
                 )
-            self.metrics = metrics
+            self._attached.append(metrics)
 
     def detach(self, metrics: WorkerMetrics) -> None:
         with self._lock:
-            if self.metrics is metrics:
-                self.metrics = None
+            if metrics in self._attached:
+                self._attached.remove(metrics)
 
     async def endpoint(self, request: Any) -> Any:
         from starlette.responses import Response
 
-        metrics = self.metrics
+        with self._lock:
+            metrics = self._attached[-1] if self._attached else None
         if metrics is None:
             return Response("no governed worker runs in this process\n", status_code=503)
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
