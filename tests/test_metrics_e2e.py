@@ -1,0 +1,183 @@
+"""The governed worker's metrics end to end: a real Prefect server, the real governed
+worker started by ``prefect worker start --with-healthcheck``, scraped over HTTP.
+
+One allowed run and one refused run (proven not to have run: its marker file stays
+absent) move the counters by exactly themselves, on Prefect's worker webserver
+(``/metrics`` beside ``/health``) and on the worker's own metrics port alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect import get_client
+from prometheus_client.parser import text_string_to_metric_families
+
+from prefect_governance.cli.local import free_port, prefect_env, spawn, wait_http
+from prefect_governance.core.attestation import KEYS_ENV
+from prefect_governance.testing import deploy_example, wait_final, wait_outcomes
+from prefect_governance.worker.blocks import GovernanceAgent
+from tests.agents import harness
+
+pytestmark = pytest.mark.e2e
+
+POOL = "gov-metrics"
+AGENT = "metrics-etl"
+PATH = "prefect/governance/decision"
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def get(samples: Samples, name: str, **labels: str) -> float:
+    """A sample's value; 0 for a labelled series not there yet (none counted)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+async def _runs(tmp: Path) -> dict[str, tuple[Any, Path]]:
+    allowed = await deploy_example(
+        f"{POOL}-allowed", POOL, {"agent": AGENT, "capabilities": ["read:warehouse"]}
+    )
+    refused = await deploy_example(
+        f"{POOL}-refused", POOL, {"agent": AGENT, "capabilities": ["delete:warehouse"]}
+    )
+    runs = {}
+    async with get_client() as client:
+        for name, deployment in (("allowed", allowed), ("refused", refused)):
+            marker = tmp / f"marker-{name}"
+            run = await client.create_flow_run_from_deployment(
+                deployment, parameters={"rows": 10, "marker": str(marker)}
+            )
+            runs[name] = (run.id, marker)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def scraped(prefect_server, tmp_path_factory):
+    """Scrapes before and after one allowed and one refused run, from both ports."""
+    tmp = tmp_path_factory.mktemp("metrics")
+    with harness(prefect_server, tmp, lineage_block="metrics-lineage") as gov:
+        agent = GovernanceAgent(
+            id=AGENT,
+            owner="data@example.com",
+            trust_scope=[POOL],
+            capabilities=["read:warehouse", "write:warehouse"],
+        )
+        asyncio.run(gov.governed_pool(POOL, agent, deployment=f"{POOL}-setup"))
+        webserver, own = free_port(), free_port()
+        env = prefect_env(
+            prefect_server.home,
+            prefect_server.api_url,
+            **{
+                KEYS_ENV: json.dumps({gov.owner.key_id: gov.owner.public_b64}),
+                "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
+                "PREFECT_WORKER_WEBSERVER_PORT": str(webserver),
+                "PREFECT_GOVERNANCE_METRICS_HOST": "127.0.0.1",
+                "PREFECT_GOVERNANCE_METRICS_PORT": str(own),
+            },
+        )
+        args = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL]
+        worker = spawn([*args, "--with-healthcheck"], env, tmp / "worker.log")
+        gov.workers.append(worker)  # stopped with the harness
+        urls = {
+            "webserver": f"http://127.0.0.1:{webserver}/metrics",
+            "own port": f"http://127.0.0.1:{own}/metrics",
+        }
+        for url in urls.values():
+            wait_http(url, 60, worker)
+        before = {where: scrape(url) for where, url in urls.items()}
+        runs = asyncio.run(_runs(tmp))
+        final = asyncio.run(wait_final([run_id for run_id, _ in runs.values()], timeout=120))
+        asyncio.run(wait_outcomes(gov.store, [runs["allowed"][0]], timeout=60))
+        # The worker leaves a run (in-flight) just after recording its outcome.
+        deadline = time.monotonic() + 30
+        while True:
+            after = {where: scrape(url) for where, url in urls.items()}
+            settled = all(
+                get(s, "prefect_governance_runs_in_flight") == 0
+                and total(s, "prefect_governance_outcomes_total") >= 1
+                for s in after.values()
+            )
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{webserver}/health", timeout=5) as health:
+            health_status = health.status
+        yield {
+            "before": before,
+            "after": after,
+            "runs": {name: (final[run_id], marker) for name, (run_id, marker) in runs.items()},
+            "health": health_status,
+        }
+
+
+WHERE = pytest.mark.parametrize("where", ["webserver", "own port"])
+
+
+def test_the_runs_went_as_decided(scraped):
+    allowed, allowed_marker = scraped["runs"]["allowed"]
+    refused, refused_marker = scraped["runs"]["refused"]
+    assert allowed.state.is_completed() and allowed_marker.exists()
+    assert refused.state.name == "Refused" and not refused_marker.exists(), "refused, never ran"
+    assert scraped["health"] == 200, "Prefect's /health still answers beside /metrics"
+
+
+@WHERE
+def test_nothing_was_decided_before_the_runs(scraped, where):
+    before = scraped["before"][where]
+    assert total(before, "prefect_governance_decisions_total") == 0
+    assert get(before, "prefect_governance_runs_in_flight") == 0
+    info = [dict(k[1]) for k in before if k[0] == "prefect_governance_worker_info"]
+    assert len(info) == 1 and info[0]["pool"] == POOL and info[0]["type"] == "governed-process"
+
+
+@WHERE
+def test_each_run_moved_the_decision_counters_by_one(scraped, where):
+    after = scraped["after"][where]
+    labels = dict(pool=POOL, policy_path=PATH, engine="embedded", agent=AGENT)
+    assert get(after, "prefect_governance_decisions_total", verdict="allowed", **labels) == 1
+    assert get(after, "prefect_governance_decisions_total", verdict="refused", **labels) == 1
+    assert total(after, "prefect_governance_decisions_total") == 2, "nothing else was counted"
+    count = "prefect_governance_decision_duration_seconds_count"
+    assert get(after, count, engine="embedded") == 2
+    assert get(after, "prefect_governance_decision_duration_seconds_sum", engine="embedded") > 0
+    assert total(after, "prefect_governance_engine_failures_total") == 0
+
+
+@WHERE
+def test_the_outcome_and_the_lineage_appends_are_counted(scraped, where):
+    after = scraped["after"][where]
+    outcomes = "prefect_governance_outcomes_total"
+    labels = dict(pool=POOL, agent=AGENT, settled_by="worker")
+    assert get(after, outcomes, state="COMPLETED", **labels) == 1
+    assert total(after, outcomes) == 1, "a refused run has no outcome"
+    appended = "prefect_governance_lineage_append_duration_seconds_count"
+    assert get(after, appended, record="decision") == 2
+    assert get(after, appended, record="outcome") == 1
+    assert total(after, "prefect_governance_lineage_append_failures_total") == 0
+    assert get(after, "prefect_governance_runs_in_flight") == 0
+    assert total(after, "prefect_governance_reconciled_runs_total") == 0
+    assert get(after, "prefect_governance_gate_refusals_total") == 0
+    # The embedded engine has no circuit breaker to show.
+    assert not [k for k in after if k[0] == "prefect_governance_engine_breaker_state"]
