@@ -122,6 +122,8 @@ def scraped(prefect_server, tmp_path_factory):
             if settled or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        with urllib.request.urlopen(urls["webserver"], timeout=5) as last:  # for the reader
+            (tmp / "metrics.txt").write_bytes(last.read())
         with urllib.request.urlopen(f"http://127.0.0.1:{webserver}/health", timeout=5) as health:
             health_status = health.status
         yield {
