@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -22,13 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from prefect_governance.cli.local import free_port, prefect_env, spawn, wait_http
 from prefect_governance.core.attestation import KEYS_ENV
-from prefect_governance.testing import deploy_example, wait_final, wait_outcomes
+from prefect_governance.testing import Harness, deploy_example, wait_final, wait_outcomes
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import harness
 
 pytestmark = pytest.mark.e2e
 
 POOL = "gov-metrics"
+GATE_POOL = "gov-metrics-gate"
 AGENT = "metrics-etl"
 PATH = "prefect/governance/decision"
 
@@ -73,6 +75,33 @@ async def _runs(tmp: Path) -> dict[str, tuple[Any, Path]]:
     return runs
 
 
+def _governed_worker(gov: Harness, server: Any, pool: str, tmp: Path) -> dict[str, str]:
+    """The governed worker on ``pool``, with Prefect's webserver and a metrics port of its
+    own (stopped with the harness); the URLs of its ``/metrics``."""
+    webserver, own = free_port(), free_port()
+    env = prefect_env(
+        server.home,
+        server.api_url,
+        **{
+            KEYS_ENV: json.dumps({gov.owner.key_id: gov.owner.public_b64}),
+            "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
+            "PREFECT_WORKER_WEBSERVER_PORT": str(webserver),
+            "PREFECT_GOVERNANCE_METRICS_HOST": "127.0.0.1",
+            "PREFECT_GOVERNANCE_METRICS_PORT": str(own),
+        },
+    )
+    args = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool]
+    worker = spawn([*args, "--with-healthcheck"], env, tmp / f"worker-{pool}.log")
+    gov.workers.append(worker)  # stopped with the harness
+    urls = {
+        "webserver": f"http://127.0.0.1:{webserver}/metrics",
+        "own port": f"http://127.0.0.1:{own}/metrics",
+    }
+    for url in urls.values():
+        wait_http(url, 60, worker)
+    return urls
+
+
 @pytest.fixture(scope="module")
 def scraped(prefect_server, tmp_path_factory):
     """Scrapes before and after one allowed and one refused run, from both ports."""
@@ -85,27 +114,7 @@ def scraped(prefect_server, tmp_path_factory):
             capabilities=["read:warehouse", "write:warehouse"],
         )
         asyncio.run(gov.governed_pool(POOL, agent, deployment=f"{POOL}-setup"))
-        webserver, own = free_port(), free_port()
-        env = prefect_env(
-            prefect_server.home,
-            prefect_server.api_url,
-            **{
-                KEYS_ENV: json.dumps({gov.owner.key_id: gov.owner.public_b64}),
-                "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
-                "PREFECT_WORKER_WEBSERVER_PORT": str(webserver),
-                "PREFECT_GOVERNANCE_METRICS_HOST": "127.0.0.1",
-                "PREFECT_GOVERNANCE_METRICS_PORT": str(own),
-            },
-        )
-        args = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL]
-        worker = spawn([*args, "--with-healthcheck"], env, tmp / "worker.log")
-        gov.workers.append(worker)  # stopped with the harness
-        urls = {
-            "webserver": f"http://127.0.0.1:{webserver}/metrics",
-            "own port": f"http://127.0.0.1:{own}/metrics",
-        }
-        for url in urls.values():
-            wait_http(url, 60, worker)
+        urls = _governed_worker(gov, prefect_server, POOL, tmp)
         before = {where: scrape(url) for where, url in urls.items()}
         runs = asyncio.run(_runs(tmp))
         final = asyncio.run(wait_final([run_id for run_id, _ in runs.values()], timeout=120))
@@ -124,7 +133,8 @@ def scraped(prefect_server, tmp_path_factory):
             time.sleep(0.5)
         with urllib.request.urlopen(urls["webserver"], timeout=5) as last:  # for the reader
             (tmp / "metrics.txt").write_bytes(last.read())
-        with urllib.request.urlopen(f"http://127.0.0.1:{webserver}/health", timeout=5) as health:
+        health_url = urls["webserver"].replace("/metrics", "/health")
+        with urllib.request.urlopen(health_url, timeout=5) as health:
             health_status = health.status
         yield {
             "before": before,
@@ -183,3 +193,51 @@ def test_the_outcome_and_the_lineage_appends_are_counted(scraped, where):
     assert get(after, "prefect_governance_gate_refusals_total") == 0
     # The embedded engine has no circuit breaker to show.
     assert not [k for k in after if k[0] == "prefect_governance_engine_breaker_state"]
+
+
+@pytest.fixture(scope="module")
+def gate_refusal(prefect_server, tmp_path_factory):
+    """A run that Prefect's stock process worker took from a governed pool (the gate
+    refused it), then the governed worker's scrape once its reconciler found it."""
+    tmp = tmp_path_factory.mktemp("metrics-gate")
+    with harness(prefect_server, tmp, lineage_block="metrics-gate-lineage") as gov:
+        agent = GovernanceAgent(
+            id="metrics-gated",
+            owner="data@example.com",
+            trust_scope=[GATE_POOL],
+            capabilities=["read:warehouse"],
+        )
+        deployment = asyncio.run(
+            gov.governed_pool(GATE_POOL, agent, job_variables={"capabilities": ["read:warehouse"]})
+        )
+        marker = tmp / "marker-stock"
+        run = asyncio.run(_run_once(deployment, marker))
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        stock = gov.start_worker(GATE_POOL, worker_type="process", extra_env={"PATH": path})
+        final = asyncio.run(wait_final([run], timeout=120))[run]
+        gov.stop_worker(stock)
+        urls = _governed_worker(gov, prefect_server, GATE_POOL, tmp)
+        deadline = time.monotonic() + 60
+        while True:
+            after = scrape(urls["own port"])
+            if get(after, "prefect_governance_gate_refusals_total") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        yield final, marker, after
+
+
+async def _run_once(deployment: Any, marker: Path) -> Any:
+    async with get_client() as client:
+        run = await client.create_flow_run_from_deployment(
+            deployment, parameters={"rows": 10, "marker": str(marker)}
+        )
+    return run.id
+
+
+def test_a_start_the_gate_refused_is_counted_once_found(gate_refusal):
+    final, marker, after = gate_refusal
+    assert final.state.is_crashed() and not marker.exists(), "the stock worker ran nothing"
+    assert get(after, "prefect_governance_gate_refusals_total") == 1
+    assert total(after, "prefect_governance_decisions_total") == 0, "nothing was decided"
+    assert total(after, "prefect_governance_outcomes_total") == 0
+    assert get(after, "prefect_governance_reconcile_failures_total") == 0
