@@ -3,7 +3,9 @@ worker started by ``prefect worker start --with-healthcheck``, scraped over HTTP
 
 One allowed run and one refused run (proven not to have run: its marker file stays
 absent) move the counters by exactly themselves, on Prefect's worker webserver
-(``/metrics`` beside ``/health``) and on the worker's own metrics port alike.
+(``/metrics`` beside ``/health``) and on the worker's own metrics port alike. Then a
+deployment author's invented agents add no label values, and a start the gate refused
+under Prefect's stock worker is counted once the governed worker's reconciler finds it.
 """
 
 from __future__ import annotations
@@ -75,6 +77,26 @@ async def _runs(tmp: Path) -> dict[str, tuple[Any, Path]]:
     return runs
 
 
+INVENTED = ("nobody-4f2a", "nobody-9c1e")
+
+
+async def _invented_agents(tmp: Path) -> list[tuple[Any, Path]]:
+    """Runs of deployments whose job variables name agents no pool owner signed, and a
+    policy path of their own: refused, each with a marker that must stay absent."""
+    runs = []
+    async with get_client() as client:
+        for name in INVENTED:
+            deployment = await deploy_example(
+                f"{POOL}-{name}", POOL, {"agent": name, "policy_path": f"invented/{name}"}
+            )
+            marker = tmp / f"marker-{name}"
+            run = await client.create_flow_run_from_deployment(
+                deployment, parameters={"rows": 10, "marker": str(marker)}
+            )
+            runs.append((run.id, marker))
+    return runs
+
+
 def _governed_worker(gov: Harness, server: Any, pool: str, tmp: Path) -> dict[str, str]:
     """The governed worker on ``pool``, with Prefect's webserver and a metrics port of its
     own (stopped with the harness); the URLs of its ``/metrics``."""
@@ -136,7 +158,19 @@ def scraped(prefect_server, tmp_path_factory):
         health_url = urls["webserver"].replace("/metrics", "/health")
         with urllib.request.urlopen(health_url, timeout=5) as health:
             health_status = health.status
+        # A deployment author names agents that do not exist, and a policy path.
+        invented = asyncio.run(_invented_agents(tmp))
+        attacked_final = asyncio.run(wait_final([i for i, _ in invented], timeout=120))
+        deadline = time.monotonic() + 30
+        while True:
+            attacked = scrape(urls["own port"])
+            done = total(attacked, "prefect_governance_decisions_total") >= 4
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         yield {
+            "attacked": attacked,
+            "invented": [(attacked_final[i], marker) for i, marker in invented],
             "before": before,
             "after": after,
             "runs": {name: (final[run_id], marker) for name, (run_id, marker) in runs.items()},
@@ -193,6 +227,22 @@ def test_the_outcome_and_the_lineage_appends_are_counted(scraped, where):
     assert get(after, "prefect_governance_gate_refusals_total") == 0
     # The embedded engine has no circuit breaker to show.
     assert not [k for k in after if k[0] == "prefect_governance_engine_breaker_state"]
+
+
+def test_a_deployment_author_cannot_mint_label_values(scraped):
+    """Agents nobody signed and a policy path of the deployment's own are refused by the
+    worker and counted in one series: no label carries what the author wrote."""
+    for run, marker in scraped["invented"]:
+        assert run.state.name == "Refused" and not marker.exists()
+    attacked, after = scraped["attacked"], scraped["after"]["own port"]
+    labels = dict(pool=POOL, policy_path=PATH, engine="worker", agent="", verdict="refused")
+    assert get(attacked, "prefect_governance_decisions_total", **labels) == 2
+    new = {k for k in attacked if k[0] == "prefect_governance_decisions_total"} - set(after)
+    assert len(new) == 1, new
+    values = {v for _, labelset in attacked for _, v in labelset}
+    assert not [v for v in values if "nobody" in v or "invented" in v], values
+    count = "prefect_governance_decision_duration_seconds_count"
+    assert get(attacked, count, engine="embedded") == 2, "no engine was asked"
 
 
 @pytest.fixture(scope="module")
