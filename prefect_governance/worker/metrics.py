@@ -256,9 +256,12 @@ class WorkerMetrics:
         if self._server is not None:
             server, thread = self._server
             self._server = None
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
+            try:
+                server.shutdown()
+                server.server_close()
+                thread.join(timeout=5)
+            except Exception:
+                _logger.exception("Stopping the metrics server failed")
 
     @property
     def port(self) -> int | None:
