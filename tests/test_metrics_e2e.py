@@ -4,8 +4,9 @@ worker started by ``prefect worker start --with-healthcheck``, scraped over HTTP
 One allowed run and one refused run (proven not to have run: its marker file stays
 absent) move the counters by exactly themselves, on Prefect's worker webserver
 (``/metrics`` beside ``/health``) and on the worker's own metrics port alike. Then a
-deployment author's invented agents add no label values, and a start the gate refused
-under Prefect's stock worker is counted once the governed worker's reconciler finds it.
+deployment author's invented agents add no label values; a start the gate refused
+under Prefect's stock worker is counted once the governed worker's reconciler finds it;
+and an OPA that is gone shows as engine failures and an open circuit breaker.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from prefect_governance.core.attestation import KEYS_ENV
 from prefect_governance.testing import Harness, deploy_example, wait_final, wait_outcomes
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import harness
+from tests.conftest import OpaServer
 
 pytestmark = pytest.mark.e2e
 
 POOL = "gov-metrics"
 GATE_POOL = "gov-metrics-gate"
+DOWN_POOL = "gov-metrics-down"
 AGENT = "metrics-etl"
 PATH = "prefect/governance/decision"
 
@@ -291,3 +294,68 @@ def test_a_start_the_gate_refused_is_counted_once_found(gate_refusal):
     assert total(after, "prefect_governance_decisions_total") == 0, "nothing was decided"
     assert total(after, "prefect_governance_outcomes_total") == 0
     assert get(after, "prefect_governance_reconcile_failures_total") == 0
+
+
+@pytest.fixture(scope="module")
+def opa_down(prefect_server, opa_bin, tmp_path_factory):
+    """Three runs on a pool whose OPA is gone (a real OPA, stopped: its port refuses),
+    its engine's breaker opening after two failures; the scrape once all are decided."""
+    tmp = tmp_path_factory.mktemp("metrics-down")
+    down = OpaServer(opa_bin, tmp)
+    down.stop()
+    with harness(prefect_server, tmp, lineage_block="metrics-down-lineage") as gov:
+        engine = asyncio.run(
+            gov.save_engine(
+                "metrics-down",
+                kind="opa",
+                opa_url=down.url,
+                retries=0,
+                breaker_failures=2,
+                breaker_reset_seconds=600,
+            )
+        )
+        agent = GovernanceAgent(
+            id="metrics-down-etl",
+            owner="data@example.com",
+            trust_scope=[DOWN_POOL],
+            capabilities=["read:warehouse"],
+        )
+        deployment = asyncio.run(
+            gov.governed_pool(
+                DOWN_POOL,
+                agent,
+                job_variables={"capabilities": ["read:warehouse"]},
+                engine=engine,
+            )
+        )
+        markers = [tmp / f"marker-{i}" for i in range(3)]
+        runs = [asyncio.run(_run_once(deployment, marker)) for marker in markers]
+        urls = _governed_worker(gov, prefect_server, DOWN_POOL, tmp)
+        final = asyncio.run(wait_final(runs, timeout=120))
+        deadline = time.monotonic() + 30
+        while True:
+            after = scrape(urls["webserver"])
+            done = total(after, "prefect_governance_decisions_total") >= 3
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        yield [(final[run], marker) for run, marker in zip(runs, markers, strict=True)], after
+
+
+def test_an_engine_that_is_down_shows_its_failures_and_its_open_breaker(opa_down):
+    runs, after = opa_down
+    for run, marker in runs:
+        assert run.state.name == "Refused" and "unreachable" in run.state.message
+        assert not marker.exists()
+    failures = "prefect_governance_engine_failures_total"
+    assert get(after, failures, engine="opa", kind="unreachable") == 3
+    assert total(after, failures) == 3
+    labels = dict(pool=DOWN_POOL, policy_path=PATH, engine="opa", agent="metrics-down-etl")
+    assert get(after, "prefect_governance_decisions_total", verdict="refused", **labels) == 3
+    breaker = dict(engine="opa", block="metrics-down")
+    state = "prefect_governance_engine_breaker_state"
+    assert get(after, state, state="open", **breaker) == 1
+    assert get(after, state, state="closed", **breaker) == 0
+    consecutive = "prefect_governance_engine_breaker_consecutive_failures"
+    assert get(after, consecutive, **breaker) >= 2
+    assert get(after, "prefect_governance_decision_duration_seconds_count", engine="opa") == 3
