@@ -240,6 +240,7 @@ class WorkerMetrics:
             if app is not None:
                 self._exposition = _Exposition.on(app)
                 self._exposition.attach(self)
+                _logger.info("Serving metrics at /metrics of Prefect's worker webserver")
         except Exception:
             _logger.exception("Cannot serve metrics on Prefect's worker webserver")
         if port is not None:
@@ -247,6 +248,8 @@ class WorkerMetrics:
                 self._server = start_http_server(port, host, registry=self.registry)
             except OSError as exc:
                 _logger.error("Cannot serve metrics on %s:%s: %s", host, port, exc)
+            else:
+                _logger.info("Serving metrics at http://%s:%s/metrics", host, self.port)
 
     def stop(self) -> None:
         """Stop serving (the port of its own; Prefect's webserver answers 503 instead)."""
