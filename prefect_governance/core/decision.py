@@ -85,6 +85,7 @@ def decision_for(
             deny=[],
             warn=[f"{reason}; the pool is fail-open, so the run goes ahead ungoverned"],
             error=reason,
+            error_kind=answer.kind,
             **common,
         )
     return Decision(
@@ -93,6 +94,7 @@ def decision_for(
         allow=False,
         deny=[reason],
         error=reason,
+        error_kind=answer.kind,
         **common,
     )
 

@@ -16,6 +16,8 @@ DEFAULT_TASK_POLICY_PATH = "prefect/governance/task"
 
 Mode = Literal["enforce", "audit"]
 FailMode = Literal["closed", "open"]
+# Why a policy engine gave no usable answer (``engines.base.EngineError.kind``).
+EngineFailure = Literal["unreachable", "timeout", "http", "evaluation", "undefined", "shape"]
 
 
 class _Contract(BaseModel):
@@ -642,6 +644,9 @@ class Decision(BaseModel):
     fail_mode: FailMode = "closed"
     error: str | None = Field(
         None, description="Why the engine gave no usable answer (fail closed/open), if so."
+    )
+    error_kind: EngineFailure | None = Field(
+        None, description="The kind of that failure (the engine error's kind), if so."
     )
     grants: list[str] | None = Field(
         None, description="The policy's grants, if it narrowed the capabilities."

@@ -123,6 +123,16 @@ class GovernanceSettings(BaseSettings):
         "(case-insensitive) are redacted. `auth` covers authorization/authentication/oauth, "
         "`credential` credentials, `private` private_key.",
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve the worker's Prometheus metrics on this port of its own (besides "
+        "`/metrics` of Prefect's worker webserver, `--with-healthcheck`).",
+    )
+    metrics_host: str = Field(
+        "0.0.0.0", description="The address that metrics port binds to (as Prefect's webserver)."
+    )
 
     @field_validator("agent_keys", "lineage_keys")
     @classmethod

@@ -28,6 +28,7 @@ from prefect_governance.core.handoff import GATE_COMMAND
 from prefect_governance.core.models import Infrastructure, WorkPoolRef
 from prefect_governance.worker.events import PrefectEvents
 from prefect_governance.worker.governor import Admission, Assessment, Governor, RunRequest
+from prefect_governance.worker.metrics import WorkerMetrics
 from prefect_governance.worker.reconcile import reconcile, record_gate_refusals
 from prefect_governance.worker.report import decision_markdown, refusal_message
 from prefect_governance.worker.traces import DecisionSpans
@@ -143,6 +144,14 @@ class GovernedWorker(_Worker):
         self._gate_refusals: set[str] = set()  # refused starts known to be in the lineage
         # Prefect's worker labels of each run, written with its governance labels.
         self._worker_labels: dict[str, dict[str, Any]] = {}
+        self.metrics = WorkerMetrics(
+            worker=self.name,
+            pool=self._work_pool_name,
+            worker_type=self.type,
+            in_flight=lambda: len(self._in_flight),
+            engines=self.governor.built_engines,
+        )
+        self.governor.observers.add(self.metrics)
 
     # --- per infrastructure ----------------------------------------------------
 
@@ -268,7 +277,7 @@ class GovernedWorker(_Worker):
                 worker=self.name,
                 in_flight=self._in_flight,
             )
-            settled += await record_gate_refusals(
+            refusals = await record_gate_refusals(
                 self.client,
                 store,
                 pool=self._work_pool_name,
@@ -276,14 +285,24 @@ class GovernedWorker(_Worker):
                 governed_type=self.type,
                 agent_keys=self.governor.settings.agent_keys,
             )
+            self.metrics.gate_refusals_found(len(refusals))
+            settled += refusals
         except Exception:
+            self.metrics.reconcile_failed()
             logger.exception("Reconciling unsettled runs failed; trying again next interval.")
             return
         for line in settled:
             logger.warning("Reconciled: %s", line)
 
+    async def __aenter__(self) -> Any:
+        entered = await super().__aenter__()
+        settings = self.governor.settings
+        self.metrics.serve(settings.metrics_port, settings.metrics_host)
+        return entered
+
     async def __aexit__(self, *exc_info: Any) -> None:
         try:
+            self.metrics.stop()
             await self.governor.aclose()
         finally:
             await super().__aexit__(*exc_info)

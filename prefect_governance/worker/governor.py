@@ -460,6 +460,11 @@ class Governor:
                 self._keys[block_name] = key
             return self._keys[block_name]
 
+    def built_engines(self) -> dict[str | None, PolicyEngine]:
+        """The engines built so far, by block name (None: the worker's own); a copy, safe
+        to read from another thread (a metrics scrape)."""
+        return dict(self._engines)
+
     async def aclose(self) -> None:
         for engine in self._engines.values():
             await engine.aclose()

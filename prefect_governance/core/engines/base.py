@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import orjson
 
 from prefect_governance.core.errors import GovernanceError
-from prefect_governance.core.models import EngineRef
+from prefect_governance.core.models import EngineFailure, EngineRef
 
-FailureKind = Literal["unreachable", "timeout", "http", "evaluation", "undefined", "shape"]
+FailureKind = EngineFailure
 
 
 # datetimes go through ``default`` (str), as with json.dumps(default=str).
