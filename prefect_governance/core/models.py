@@ -476,7 +476,10 @@ class ApprovalRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     approvers: list[str] = Field(description="Who may approve (pinned approver key ids).")
-    timeout_seconds: int = Field(gt=0, description="How long the run may wait, in seconds.")
+    # Lax: an engine may hand a whole number back as a decimal (3600.0).
+    timeout_seconds: int = Field(
+        gt=0, strict=False, description="How long the run may wait, in seconds."
+    )
     reason: str = ""
     rule: str | None = Field(None, description="The rule (package.rule) that asked for it.")
 

@@ -12,7 +12,7 @@ package prefect.governance.decision
 
 import data.prefect.governance.rules
 
-allow := count(deny) + count(approval) == 0
+allow := (count(deny) + count(approval)) == 0
 
 # Each deny and warn message with the rule (package and rule name) behind it.
 # `rules[module][kind]` evaluates only each module's deny and warn (and what they

@@ -56,4 +56,8 @@ deny contains msg if {
 	msg := sprintf("run of agent %q needs a signed approval, but it names no approvers", [input.agent.id])
 }
 
-timeout_seconds := object.get(input.agent.constraints.approval, "timeout_seconds", default_timeout_seconds)
+# How long the run may wait: the agent's timeout_seconds, an hour when unset (null).
+timeout_seconds := seconds if {
+	seconds := input.agent.constraints.approval.timeout_seconds
+	is_number(seconds)
+} else := default_timeout_seconds

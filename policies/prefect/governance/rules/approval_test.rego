@@ -35,6 +35,10 @@ cases := {
 		"changes": {"/agent/constraints/approval": {"approvers": ["alice"]}},
 		"approval": waits(["alice"], "no verified approval"),
 	},
+	"no timeout set (null): it waits for the default hour": {
+		"changes": {"/agent/constraints/approval": {"approvers": ["alice"], "timeout_seconds": null}},
+		"approval": waits(["alice"], "no verified approval"),
+	},
 	"approved by someone else: it still waits": {
 		"changes": {
 			"/agent/constraints/approval": {"approvers": ["alice"]},
