@@ -114,7 +114,8 @@ def _unenforced_waits(result: PolicyResult, mode: Mode) -> list[str]:
     if mode != "audit" or result.deny:
         return []
     return [
-        f"audit mode: this run would wait for an approval by one of {r.approvers} ({r.reason})"
+        f"audit mode: this run would wait for an approval by one of "
+        f"{', '.join(r.approvers)} ({r.reason})"
         for r in result.approval
     ]
 
