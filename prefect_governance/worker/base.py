@@ -356,6 +356,8 @@ class GovernedWorker(_Worker):
                 await self._artifact(flow_run, assessment, message)
             except Exception as exc:
                 self._logger.warning("Could not annotate flow run %s: %s", flow_run.id, exc)
+        else:  # labelled when the wait was recorded: no label update at every recheck
+            self._worker_labels.pop(str(flow_run.id), None)
         recheck = timedelta(seconds=self.governor.settings.approval_recheck_seconds)
         await self.client.set_flow_run_state(
             flow_run.id,

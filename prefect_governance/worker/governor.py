@@ -480,8 +480,11 @@ class Governor:
     ) -> Admission:
         """Decide one run and record the decision before anything starts. Never raises:
         whatever fails (the store, the agent, the engine, the record) is a refusal. The
-        observers see the decision once it is recorded (or could not be)."""
+        observers see the decision once it is recorded (or could not be); a recheck of a
+        waiting run that changed nothing is neither recorded nor shown to them."""
         admission, seconds, error = await self._admit(client, request, logger or _logger)
+        if admission.assessment.same_wait:  # a recheck that changed nothing: no new decision
+            return admission
         self.observers.decided(
             Decided(
                 admission.assessment,
