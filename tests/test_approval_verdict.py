@@ -15,7 +15,7 @@ from prefect_governance.core.attestation import (
     signed,
     verify_agent,
 )
-from prefect_governance.core.decision import decision_for
+from prefect_governance.core.decision import TASK_CANNOT_WAIT, decision_for, for_task
 from prefect_governance.core.engines.base import EngineAnswer
 from prefect_governance.core.models import Approval, Decision, MutationEnvelope
 from prefect_governance.core.signing import SigningKey
@@ -176,3 +176,10 @@ def test_the_state_message_says_who_until_when_and_how():
     message = awaiting_message(decision, "run-1", deadline)
     assert message.startswith("Awaiting approval by one of alice, bob until 2026-12-02T12:01:00")
     assert "prefect-governance approve --flow-run run-1 --approver NAME --key FILE" in message
+
+
+def test_a_task_cannot_wait_an_approval_request_refuses_it():
+    decision = for_task(_decide({"approval": [REQUEST]}))
+    assert decision.verdict == "refused" and decision.deny == [TASK_CANNOT_WAIT]
+    allowed = _decide({"allow": True})
+    assert for_task(allowed) is allowed

@@ -120,6 +120,16 @@ def _unenforced_waits(result: PolicyResult, mode: Mode) -> list[str]:
     ]
 
 
+TASK_CANNOT_WAIT = "the task policy asked for an approval, but a task cannot wait for one"
+
+
+def for_task(decision: Decision) -> Decision:
+    """A task decision: a task cannot wait, so an approval request refuses it."""
+    if not decision.waits:
+        return decision
+    return decision.model_copy(update={"verdict": "refused", "deny": [TASK_CANNOT_WAIT]})
+
+
 def worker_refusal(reason: str, *, policy_path: str, mode: Mode, fail_mode: FailMode) -> Decision:
     """A refusal the worker makes before any policy can be asked (bad configuration)."""
     return Decision(

@@ -33,7 +33,7 @@ from prefect_governance.core.attestation import (
     verify_agent,
 )
 from prefect_governance.core.controls import Controls
-from prefect_governance.core.decision import decide, decision_for, worker_refusal
+from prefect_governance.core.decision import decide, decision_for, for_task, worker_refusal
 from prefect_governance.core.engines import EngineError, PolicyEngine, build_engine
 from prefect_governance.core.envelope import ParameterLimitError, build_envelope
 from prefect_governance.core.errors import GovernanceError
@@ -1088,13 +1088,15 @@ class Governor:
             ).model_dump(mode="json")
         except (ValidationError, KeyError, TypeError) as exc:
             return {"verified": False, "why": f"the reported input is malformed: {exc}"}
-        again = await decide(
-            engine,
-            assessment.task_policy_path,
-            policy_input,
-            mode=assessment.decision.mode,
-            fail_mode=assessment.decision.fail_mode,
-            deadline=self.settings.decision_timeout,
+        again = for_task(
+            await decide(
+                engine,
+                assessment.task_policy_path,
+                policy_input,
+                mode=assessment.decision.mode,
+                fail_mode=assessment.decision.fail_mode,
+                deadline=self.settings.decision_timeout,
+            )
         )
         if again.error is not None or reported.get("error"):
             return {"verified": None, "why": "an engine failed to decide", "error": again.error}
