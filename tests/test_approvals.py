@@ -140,7 +140,25 @@ def test_a_valid_approval_verifies(kind):
         "binding": kind,
         "issued_at": NOW,
         "expires_at": NOW + timedelta(hours=1),
+        "decision": "approve",
     }
+    # An approval's signed payload reads as before rejections existed: no decision field.
+    assert "decision" not in sign_statement(made, ALICE)["payload"]
+
+
+def test_a_signed_rejection_verifies_as_a_rejection_and_its_decision_is_signed():
+    binding = FlowRunBinding(flow_run_id=RUN, parameters_sha256=HASH)
+    made = statement(binding, decision="reject")
+    document = sign_statement(made, ALICE)
+    assert document["payload"]["decision"] == "reject"
+    assert check(document).decision == "reject"
+    # Turning a rejection into an approval (dropping or editing the field) breaks the signature.
+    for edit in ({"decision": "approve"}, {}):
+        forged = json.loads(json.dumps(document))
+        del forged["payload"]["decision"]
+        forged["payload"].update(edit)
+        with pytest.raises(ApprovalRejected, match="does not verify"):
+            check(forged)
 
 
 def _altered(document, **binding):

@@ -240,6 +240,19 @@ CASES: list[tuple[str, RunFacts, list[DecisionFact], list[str]]] = [
         [_decision("d-allow", "allowed", 9, 1), _decision("d-refuse", "refused", 3, 2)],
         ["executed_though_refused"],
     ),
+    # (b') executed while awaiting an approval
+    (
+        "awaiting approval, then forced to running",
+        _run("RUNNING", started=LATER, label="d-wait"),
+        [_decision("d-wait", "awaiting_approval")],
+        ["executed_while_awaiting_approval"],
+    ),
+    (
+        "waited, then allowed and ran",
+        _run("COMPLETED", started=LATER, label="d-allow"),
+        [_decision("d-wait", "awaiting_approval", 0, 1), _decision("d-allow", "allowed", 3, 2)],
+        [],
+    ),
     # (c) runs under another decision
     (
         "executed without the decision label",

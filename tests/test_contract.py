@@ -42,7 +42,10 @@ def test_schema_describes_input_and_result():
         "annotations",
         "reasons",
         "grants",
+        "approval",
     }
+    request = defs["ApprovalRequest"]["properties"]
+    assert set(request) == {"approvers", "timeout_seconds", "reason", "rule"}
     assert defs["PolicyResult"]["required"] == ["allow"]
     assert set(defs["Constraints"]["properties"]) >= {"tasks", "capability_trust"}
 

@@ -34,11 +34,15 @@ PAGE_SIZE = 200  # the server's default page limit
 _ID_CHUNK = 500  # flow run ids per lineage query
 
 FindingKind = Literal[
-    "executed_without_decision", "executed_though_refused", "runs_under_another_decision"
+    "executed_without_decision",
+    "executed_though_refused",
+    "executed_while_awaiting_approval",
+    "runs_under_another_decision",
 ]
 FINDING_TITLES: dict[str, str] = {
     "executed_without_decision": "executed without a decision",
     "executed_though_refused": "executed though refused",
+    "executed_while_awaiting_approval": "executed while awaiting approval",
     "runs_under_another_decision": "runs under another decision",
 }
 
@@ -176,6 +180,15 @@ def judge(run: RunFacts, decisions: Sequence[DecisionFact]) -> list[Finding]:
                 "executed_though_refused",
                 f"decision {latest.decision_id} ({_when(latest.created_at)}) refused it, "
                 f"but it is {_state(run)}, started {_when(run.start_time)}",
+                latest.decision_id,
+            )
+        )
+    if latest.verdict == "awaiting_approval":
+        findings.append(
+            finding(
+                "executed_while_awaiting_approval",
+                f"decision {latest.decision_id} ({_when(latest.created_at)}) had it wait for "
+                f"an approval, but it is {_state(run)}, started {_when(run.start_time)}",
                 latest.decision_id,
             )
         )

@@ -200,12 +200,17 @@ def approve(
         str, typer.Option(help="How long the approval is valid: 30m, 1h, 2d.")
     ] = "1h",
     reason: Annotated[str | None, typer.Option(help="Why (recorded with the approval).")] = None,
+    reject: Annotated[
+        bool, typer.Option("--reject", help="Reject the run instead: it is refused.")
+    ] = False,
 ) -> None:
-    """Sign an approval and store it where the governed worker finds it (a Prefect variable).
+    """Sign an approval (or, with --reject, a rejection) and store it where the governed
+    worker finds it (a Prefect variable).
 
-    Approve before the run is decided: a flow run while it is Scheduled, or a deployment's
-    parameters before the run is created. A run is approved only if the worker pins your
-    public key under your approver name (PREFECT_GOVERNANCE_APPROVER_KEYS)."""
+    Approve a flow run while it is Scheduled or AwaitingApproval, or a deployment's
+    parameters before the run is created. It counts only if the worker pins your public
+    key under your approver name (PREFECT_GOVERNANCE_APPROVER_KEYS) and the policy names
+    you as an approver of the run."""
     from datetime import datetime, timezone
 
     from prefect import get_client
@@ -254,6 +259,7 @@ def approve(
                 now=datetime.now(timezone.utc),
                 ttl=ttl,
                 reason=reason,
+                decision="reject" if reject else "approve",
             )
             name = await store_approval(client, sign_statement(statement, signing_key))
         if state is not None and state != "SCHEDULED":

@@ -184,7 +184,13 @@ def governance_facet_schema(producer: str = DEFAULT_PRODUCER) -> dict[str, Any]:
                         "properties": {
                             "decisionId": {"type": "string"},
                             "verdict": {
-                                "enum": ["allowed", "refused", "audited", "ungoverned"],
+                                "enum": [
+                                    "allowed",
+                                    "refused",
+                                    "audited",
+                                    "ungoverned",
+                                    "awaiting_approval",
+                                ],
                             },
                             "allow": {"type": "boolean"},
                             "deny": strings,

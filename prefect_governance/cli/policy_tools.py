@@ -438,6 +438,7 @@ DECISION_FIELDS = (
     "annotations",
     "reasons",
     "grants",
+    "approval",
     "engine",
     "policy_revision",
     "error",
@@ -452,17 +453,23 @@ def decision_document(decision: Decision) -> dict[str, Any]:
 
 def explain_reasons(decision: Decision) -> list[str]:
     """Why, in words: ``deny|warn  <rule>  <message>`` for each rule that fired."""
-    lines = [f"verdict: {decision.verdict} (the run {'runs' if decision.runs else 'is refused'})"]
+    then = "runs" if decision.runs else "waits" if decision.waits else "is refused"
+    lines = [f"verdict: {decision.verdict} (the run {then})"]
     if decision.error:
         lines.append(f"the engine gave no usable answer: {decision.error}")
     if decision.reasons:
         lines += [f"{r.kind:4}  {r.rule}  {r.message}" for r in decision.reasons]
-    else:
+    elif decision.deny or decision.warn:
         if not decision.error:
             lines.append("the policy returned no reasons (no rule names); its messages:")
         lines += [f"deny  {message}" for message in decision.deny]
         lines += [f"warn  {message}" for message in decision.warn]
-    if not decision.deny and not decision.warn:
+    lines += [
+        f"wait  {r.rule or '-'}  {r.reason} (approvers {', '.join(r.approvers)}, "
+        f"{r.timeout_seconds} s)"
+        for r in decision.approval
+    ]
+    if not decision.deny and not decision.warn and not decision.approval:
         lines.append("no deny or warn rule fired")
     return lines
 

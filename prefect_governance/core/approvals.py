@@ -79,6 +79,9 @@ class ApprovalStatement(_Strict):
     issued_at: AwareDatetime
     expires_at: AwareDatetime
     reason: str | None = Field(None, max_length=MAX_REASON_LENGTH)
+    # A rejection refuses the run. Left out of the signed payload when "approve", so an
+    # approval reads as it did before rejections existed.
+    decision: Literal["approve", "reject"] = "approve"
 
 
 class ApprovalRejected(GovernanceError, ValueError):
@@ -146,6 +149,7 @@ def new_statement(
     now: datetime,
     ttl: timedelta,
     reason: str | None = None,
+    decision: Literal["approve", "reject"] = "approve",
 ) -> ApprovalStatement:
     return ApprovalStatement(
         id=uuid.uuid4().hex,
@@ -154,6 +158,7 @@ def new_statement(
         issued_at=now,
         expires_at=now + ttl,
         reason=reason,
+        decision=decision,
     )
 
 
@@ -161,7 +166,10 @@ def sign_statement(statement: ApprovalStatement, key: SigningKey) -> dict[str, A
     """The signed approval; the key's id must be the approver's name."""
     if key.key_id != statement.approver:
         raise ValueError(f"the key's id {key.key_id!r} is not the approver {statement.approver!r}")
-    return sign(statement.model_dump(mode="json"), key)
+    payload = statement.model_dump(mode="json")
+    if payload["decision"] == "approve":
+        del payload["decision"]
+    return sign(payload, key)
 
 
 # --- pure: verification ------------------------------------------------------------------
@@ -216,6 +224,7 @@ def check_approval(
         binding=binding.kind,
         issued_at=statement.issued_at,
         expires_at=statement.expires_at,
+        decision=statement.decision,
     )
 
 

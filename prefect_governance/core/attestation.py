@@ -41,7 +41,11 @@ _UNSIGNED = (FIELD, "block_type_slug")
 # Fields newer than the first signed agents: unset (None), they are left out of the payload,
 # so an agent signed before they existed still verifies. None and absent mean the same, so
 # setting one after signing still breaks the signature.
-_NEWER = (("constraints", "infrastructure"), ("trust_weights", "capability_blocked"))
+_NEWER = (
+    ("constraints", "infrastructure"),
+    ("trust_weights", "capability_blocked"),
+    ("constraints", "approval", "timeout_seconds"),
+)
 
 
 class AttestationError(GovernanceError, ValueError):
@@ -54,8 +58,10 @@ def agent_fields(agent: GovernanceAgent) -> dict[str, Any]:
     dumped = agent.model_dump(mode="json")
     names = [*type(agent).model_fields, *(agent.model_extra or {})]
     fields = {name: dumped.get(name) for name in names if name not in _UNSIGNED}
-    for parent, name in _NEWER:
-        section = fields.get(parent)
+    for *parents, name in _NEWER:
+        section: Any = fields
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
         if isinstance(section, dict) and section.get(name, ...) is None:
             del section[name]
     return fields

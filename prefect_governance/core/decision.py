@@ -15,6 +15,7 @@ from prefect_governance.core.models import (
     FailMode,
     Mode,
     PolicyResult,
+    Verdict,
     describe_validation,
 )
 
@@ -60,20 +61,22 @@ def decision_for(
         except EngineError as exc:
             answer = exc
         else:
-            allowed = result.allow and not result.deny
-            verdict = "allowed" if allowed else ("audited" if mode == "audit" else "refused")
+            waits = bool(result.approval) and not result.deny
+            allowed = result.allow and not result.deny and not waits
+            verdict = _verdict(allowed, waits, mode)
             deny = list(result.deny)
-            if not allowed and not deny:
+            if not allowed and not deny and not waits:
                 deny = ["the policy did not allow this run (allow is false, no reason given)"]
             return Decision(
                 id=answer.decision_id or decision_id or str(uuid.uuid4()),
                 verdict=verdict,
                 allow=allowed,
                 deny=deny,
-                warn=list(result.warn),
+                warn=[*result.warn, *_unenforced_waits(result, mode)],
                 annotations=dict(result.annotations),
                 reasons=list(result.reasons),
                 grants=None if result.grants is None else list(result.grants),
+                approval=list(result.approval),
                 **common,
             )
     reason = f"policy engine failed ({answer.kind}): {answer.message}"
@@ -97,6 +100,36 @@ def decision_for(
         error_kind=answer.kind,
         **common,
     )
+
+
+def _verdict(allowed: bool, waits: bool, mode: Mode) -> Verdict:
+    """Allowed; else awaiting an approval (enforced) or refused; audit mode runs either."""
+    if allowed:
+        return "allowed"
+    if mode == "audit":
+        return "audited"
+    return "awaiting_approval" if waits else "refused"
+
+
+def _unenforced_waits(result: PolicyResult, mode: Mode) -> list[str]:
+    """In audit mode a run that would wait for an approval goes ahead: say so."""
+    if mode != "audit" or result.deny:
+        return []
+    return [
+        f"audit mode: this run would wait for an approval by one of "
+        f"{', '.join(r.approvers)} ({r.reason})"
+        for r in result.approval
+    ]
+
+
+TASK_CANNOT_WAIT = "the task policy asked for an approval, but a task cannot wait for one"
+
+
+def for_task(decision: Decision) -> Decision:
+    """A task decision: a task cannot wait, so an approval request refuses it."""
+    if not decision.waits:
+        return decision
+    return decision.model_copy(update={"verdict": "refused", "deny": [TASK_CANNOT_WAIT]})
 
 
 def worker_refusal(reason: str, *, policy_path: str, mode: Mode, fail_mode: FailMode) -> Decision:

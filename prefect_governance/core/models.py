@@ -109,6 +109,13 @@ class ApprovalConstraint(_Contract):
     approvers: list[str] = Field(
         description="Approver names: the key ids in the worker's PREFECT_GOVERNANCE_APPROVER_KEYS."
     )
+    timeout_seconds: int | None = Field(
+        None,
+        gt=0,
+        description="Seconds the run waits for an approval, from when it was first set "
+        "awaiting (envelope.approval_requested_at); past them it is refused. Unset: the "
+        "shipped policy waits one hour.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -278,6 +285,9 @@ class Approval(_Contract):
     )
     issued_at: datetime
     expires_at: datetime
+    decision: Literal["approve", "reject"] = Field(
+        "approve", description="approve: the run may go ahead; reject: it must not."
+    )
 
 
 class MemoryAccess(_Contract):
@@ -413,6 +423,15 @@ class MutationEnvelope(_Contract):
         description="Approvals the worker verified for this run (labels and parameters "
         "approve nothing).",
     )
+    rejections: list[Approval] = Field(
+        default_factory=list,
+        description="Signed rejections of this run the worker verified (as approvals are).",
+    )
+    approval_requested_at: datetime | None = Field(
+        None,
+        description="When a decision first set this run awaiting approval, as the worker's "
+        "lineage holds it (None: it never waited).",
+    )
     infrastructure: Infrastructure | None = Field(
         None,
         description="What the run would start (Docker, Kubernetes, process); None from a "
@@ -453,6 +472,20 @@ class Reason(BaseModel):
     )
 
 
+class ApprovalRequest(BaseModel):
+    """The policy's answer that the run waits for a signed approval."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    approvers: list[str] = Field(description="Who may approve (pinned approver key ids).")
+    # Lax: an engine may hand a whole number back as a decimal (3600.0).
+    timeout_seconds: int = Field(
+        gt=0, strict=False, description="How long the run may wait, in seconds."
+    )
+    reason: str = ""
+    rule: str | None = Field(None, description="The rule (package.rule) that asked for it.")
+
+
 class PolicyResult(BaseModel):
     """The policy's answer. Other rules of the package may appear and are ignored."""
 
@@ -469,6 +502,11 @@ class PolicyResult(BaseModel):
         None,
         description="Optional: the capabilities the run may use. It can only narrow what the "
         "run asked for (envelope.capabilities); absent, the run may use all of those.",
+    )
+    approval: list[ApprovalRequest] = Field(
+        default_factory=list,
+        description="Optional: approvals the run waits for. With no deny and a request here "
+        "the verdict is awaiting_approval: the run does not start until decided again.",
     )
 
 
@@ -621,7 +659,7 @@ class Grant(BaseModel):
 
 # --- the worker's record of a decision ---------------------------------------
 
-Verdict = Literal["allowed", "refused", "audited", "ungoverned"]
+Verdict = Literal["allowed", "refused", "audited", "ungoverned", "awaiting_approval"]
 # The verdicts whose runs (or tasks) go ahead: all but a refusal.
 RUNNABLE: tuple[Verdict, ...] = ("allowed", "audited", "ungoverned")
 
@@ -656,11 +694,19 @@ class Decision(BaseModel):
         description="Approval statements found for the run that did not verify, and why "
         "(never shown to the policy as approvals).",
     )
+    approval: list[ApprovalRequest] = Field(
+        default_factory=list, description="The approvals an awaiting run waits for."
+    )
 
     @property
     def runs(self) -> bool:
         """Whether the flow run (or task) may start."""
         return self.verdict in RUNNABLE
+
+    @property
+    def waits(self) -> bool:
+        """Whether the run waits for an approval (it neither starts nor is refused)."""
+        return self.verdict == "awaiting_approval"
 
     def granted(self, requested: list[str]) -> list[str]:
         """The capabilities the run may use: what it asked for, narrowed by the policy's

@@ -75,6 +75,13 @@ class GovernanceSettings(BaseSettings):
         "(URL-safe base64)}: a signed approval counts only when it verifies with the key "
         "pinned here for the approver it names.",
     )
+    approval_recheck_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds after which a run awaiting approval is decided again (it waits "
+        "Scheduled, named AwaitingApproval; Prefect hands it back to a worker then, or at "
+        "the worker's next poll within its prefetch window).",
+    )
     max_parameter_bytes: int = Field(
         MAX_PARAMETER_BYTES,
         gt=0,

@@ -116,6 +116,7 @@ class DecisionPayload(Payload):
     fail_mode: str
     error: str | None
     rejected_approvals: list[str]
+    approval: list[dict[str, Any]] = []  # the approvals an awaiting run waits for
 
 
 class OutcomePayload(Payload):
@@ -255,6 +256,7 @@ def decision_event(
         fail_mode=decision.fail_mode,
         error=decision.error,
         rejected_approvals=decision.rejected_approvals,
+        approval=[request.model_dump() for request in decision.approval],
     )
     return LineageEvent(
         kind="decision",
@@ -295,6 +297,7 @@ def decision_from_event(event: LineageEvent) -> Decision:
         fail_mode=payload.get("fail_mode") or "closed",
         error=payload.get("error"),
         rejected_approvals=payload.get("rejected_approvals") or [],
+        approval=payload.get("approval") or [],
     )
 
 

@@ -15,7 +15,7 @@ from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from prefect_governance.core.decision import decide, decide_sync, decision_for
+from prefect_governance.core.decision import decide, decide_sync, decision_for, for_task
 from prefect_governance.core.engines import EngineError, PolicyEngine, build_engine
 from prefect_governance.core.models import Decision, EngineRef, Grant
 from prefect_governance.core.settings import GovernanceSettings
@@ -111,14 +111,14 @@ class RunEngine:
     def decide(self, grant: Grant, policy_input: dict[str, Any]) -> Decision:
         """Decide from any thread (blocking it)."""
         if grant.engine is not None and grant.engine.kind == "embedded":
-            return self._decide_here(grant, policy_input)
-        return self._submit(self._decide(grant, policy_input)).result()
+            return for_task(self._decide_here(grant, policy_input))
+        return for_task(self._submit(self._decide(grant, policy_input)).result())
 
     async def adecide(self, grant: Grant, policy_input: dict[str, Any]) -> Decision:
         """Decide from any event loop (without blocking it for more than an embedded decision)."""
         if grant.engine is not None and grant.engine.kind == "embedded":
-            return self._decide_here(grant, policy_input)
-        return await asyncio.wrap_future(self._submit(self._decide(grant, policy_input)))
+            return for_task(self._decide_here(grant, policy_input))
+        return for_task(await asyncio.wrap_future(self._submit(self._decide(grant, policy_input))))
 
     def close(self) -> None:
         async def close_all() -> None:

@@ -14,12 +14,13 @@ import contextlib
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import anyio
 import anyio.abc
 from prefect.client.schemas.actions import ArtifactCreate
-from prefect.states import Cancelled
+from prefect.states import Cancelled, Scheduled
 from pydantic import PrivateAttr
 
 from prefect_governance.core.controls import GovernedVariables, controls_for
@@ -30,7 +31,13 @@ from prefect_governance.worker.events import PrefectEvents
 from prefect_governance.worker.governor import Admission, Assessment, Governor, RunRequest
 from prefect_governance.worker.metrics import WorkerMetrics
 from prefect_governance.worker.reconcile import reconcile, record_gate_refusals
-from prefect_governance.worker.report import decision_markdown, refusal_message
+from prefect_governance.worker.report import (
+    approval_deadline,
+    approvers_of,
+    awaiting_message,
+    decision_markdown,
+    refusal_message,
+)
 from prefect_governance.worker.traces import DecisionSpans
 
 if TYPE_CHECKING:
@@ -46,6 +53,9 @@ else:
 
 R = TypeVar("R")
 
+
+# The name of the Scheduled state a run waits in for an approval (the Prefect UI shows it).
+AWAITING_STATE = "AwaitingApproval"
 
 # What a job's environment entry without a literal value (Kubernetes' ``valueFrom``) counts
 # as: a value the worker cannot see, never the worker's own.
@@ -183,6 +193,12 @@ class GovernedWorker(_Worker):
             admission = await self.governor.admit(
                 self.client, self._request(flow_run, configuration), logger
             )
+            if admission.decision.waits:
+                message = await self._await_approval(flow_run, admission.assessment)
+                logger.info(message)
+                if task_status is not None:
+                    task_status.started(RunRefused(message))
+                return refused
             if not admission.runs:
                 await self._refuse(flow_run, admission.assessment)
                 logger.warning(refusal_message(admission.decision))
@@ -342,13 +358,50 @@ class GovernedWorker(_Worker):
             force=True,
         )
 
+    async def _await_approval(self, flow_run: FlowRun, assessment: Assessment) -> str:
+        """Start nothing; set the run Scheduled, named AwaitingApproval, to be decided again
+        after the recheck interval (annotated when the wait is new or changed). Returns the
+        state's message: who may approve, until when, the command."""
+        decision, now = assessment.decision, datetime.now(timezone.utc)
+        since = (assessment.envelope.approval_requested_at if assessment.envelope else None) or now
+        deadline = approval_deadline(decision, since)
+        message = awaiting_message(decision, str(flow_run.id), deadline)
+        if not assessment.same_wait:
+            try:
+                await self._label(
+                    flow_run,
+                    assessment,
+                    {
+                        "governance.approvers": ",".join(approvers_of(decision)),
+                        "governance.approval_deadline": deadline.isoformat(),
+                    },
+                )
+                await self._artifact(flow_run, assessment, message)
+            except Exception as exc:
+                self._logger.warning("Could not annotate flow run %s: %s", flow_run.id, exc)
+        else:  # labelled when the wait was recorded: no label update at every recheck
+            self._worker_labels.pop(str(flow_run.id), None)
+        recheck = timedelta(seconds=self.governor.settings.approval_recheck_seconds)
+        await self.client.set_flow_run_state(
+            flow_run.id,
+            Scheduled(
+                name=AWAITING_STATE,
+                scheduled_time=min(now + recheck, max(deadline, now)),
+                message=message,
+            ),
+            force=True,
+        )
+        return message
+
     async def _annotate(self, flow_run: FlowRun, assessment: Assessment) -> None:
         """Labels, then the decision artifact (not at once: on SQLite the label update,
         a read then a write, fails with 503 when another write lands between the two)."""
         await self._label(flow_run, assessment)
         await self._artifact(flow_run, assessment)
 
-    async def _label(self, flow_run: FlowRun, assessment: Assessment) -> None:
+    async def _label(
+        self, flow_run: FlowRun, assessment: Assessment, extra: Mapping[str, str] | None = None
+    ) -> None:
         decision = assessment.decision
         labels: dict[str, Any] = {
             **self._worker_labels.get(str(flow_run.id), {}),
@@ -362,16 +415,19 @@ class GovernedWorker(_Worker):
             labels["governance.agent"] = assessment.agent_id
         if decision.warn:
             labels["governance.warnings"] = str(len(decision.warn))
+        labels.update(extra or {})
         await self.client.update_flow_run_labels(flow_run.id, labels)
         self._worker_labels.pop(str(flow_run.id), None)
 
-    async def _artifact(self, flow_run: FlowRun, assessment: Assessment) -> None:
+    async def _artifact(
+        self, flow_run: FlowRun, assessment: Assessment, awaiting: str | None = None
+    ) -> None:
         await self.client.create_artifact(
             ArtifactCreate(
                 type="markdown",
                 key="governance-decision",
                 description=f"Governance decision {assessment.decision.id}",
-                data=decision_markdown(assessment.decision, assessment.agent_id),
+                data=decision_markdown(assessment.decision, assessment.agent_id, awaiting),
                 flow_run_id=flow_run.id,
             )
         )

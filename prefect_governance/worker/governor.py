@@ -33,7 +33,7 @@ from prefect_governance.core.attestation import (
     verify_agent,
 )
 from prefect_governance.core.controls import Controls
-from prefect_governance.core.decision import decide, decision_for, worker_refusal
+from prefect_governance.core.decision import decide, decision_for, for_task, worker_refusal
 from prefect_governance.core.engines import EngineError, PolicyEngine, build_engine
 from prefect_governance.core.envelope import ParameterLimitError, build_envelope
 from prefect_governance.core.errors import GovernanceError
@@ -91,6 +91,7 @@ from prefect_governance.lineage.events import (
     LineageEvent,
     capability_use_event,
     decision_event,
+    decision_from_event,
     memory_commit_event,
     memory_discarded_event,
     memory_rejected_event,
@@ -140,6 +141,10 @@ class Assessment:
     task_policy_path: str = DEFAULT_TASK_POLICY_PATH
     signature: str | None = None  # of the grant the run received
     costs_trust: bool = True  # whether a refusal charges the agent
+    # The run's earlier decisions in the lineage (oldest first), and whether this one is a
+    # wait the newest of them recorded already (then it is not recorded again).
+    earlier: list[LineageEvent] = field(default_factory=list)
+    same_wait: bool = False
 
     def grant(self) -> Grant:
         """What an allowed run receives (to be signed)."""
@@ -481,8 +486,11 @@ class Governor:
     ) -> Admission:
         """Decide one run and record the decision before anything starts. Never raises:
         whatever fails (the store, the agent, the engine, the record) is a refusal. The
-        observers see the decision once it is recorded (or could not be)."""
+        observers see the decision once it is recorded (or could not be); a recheck of a
+        waiting run that changed nothing is neither recorded nor shown to them."""
         admission, seconds, error = await self._admit(client, request, logger or _logger)
+        if admission.assessment.same_wait:  # a recheck that changed nothing: no new decision
+            return admission
         self.observers.decided(
             Decided(
                 admission.assessment,
@@ -518,7 +526,10 @@ class Governor:
         started = time.perf_counter()
         try:
             # The decision is durable before anything runs; if it cannot be, nothing runs.
-            await self.record_decision(store, assessment, flow_run_id)
+            # A wait the lineage holds already (nothing changed since) is not recorded again.
+            assessment.same_wait = same_wait(assessment)
+            if not assessment.same_wait:
+                await self.record_decision(store, assessment, flow_run_id)
         except Exception as exc:
             logger.exception("The decision could not be recorded; refusing the run.")
             reason = f"the decision could not be recorded in the lineage: {exc!r}"
@@ -676,8 +687,12 @@ class Governor:
             )
 
         # One trip to the store for what it holds of the agent (read for a refusal too).
-        last_version, (trust, memory) = await anyio.to_thread.run_sync(
-            lambda: (last_decided_version(store, agent.id), agent_state(store, store.memory, agent))
+        last_version, (trust, memory), earlier = await anyio.to_thread.run_sync(
+            lambda: (
+                last_decided_version(store, agent.id),
+                agent_state(store, store.memory, agent),
+                sorted(store.decisions_of([str(flow_run.id)])[str(flow_run.id)], key=_order),
+            )
         )
         rolled_back = rollback_reason(controls.agent, agent.version, last_version)
         if rolled_back:
@@ -736,9 +751,12 @@ class Governor:
             )
         except ParameterLimitError as exc:  # refused as the agent's run: it costs trust
             return Assessment(refuse(str(exc)).decision, agent=agent, agent_block=controls.agent)
-        envelope.approvals, rejected_approvals = await self._approvals(
+        verified, rejected_approvals = await self._approvals(
             client, flow_run, now, needed=agent.constraints.approval is not None
         )
+        envelope.approvals = [a for a in verified if a.decision == "approve"]
+        envelope.rejections = [a for a in verified if a.decision == "reject"]
+        envelope.approval_requested_at = awaiting_since(earlier)
         policy_input = PolicyInput(
             agent=agent.to_agent_object(policy_path, trust),
             envelope=envelope,
@@ -762,6 +780,10 @@ class Governor:
         if controls.notes:
             decision.warn.extend(controls.notes)
         decision.rejected_approvals = rejected_approvals
+        if decision.waits and not self.settings.approver_keys:  # nobody could ever approve
+            decision = decision.model_copy(
+                update={"verdict": "refused", "deny": [NO_APPROVER_KEYS], "approval": []}
+            )
         return Assessment(
             decision,
             agent=agent,
@@ -772,6 +794,7 @@ class Governor:
             worker=worker_name,
             engine=engine,
             task_policy_path=controls.task_policy_path,
+            earlier=earlier,
         )
 
     async def _approvals(
@@ -810,9 +833,10 @@ class Governor:
                 agent_version=assessment.agent.version if assessment.agent else None,
             )
         ]
-        # A refusal costs the agent trust; an engine that could not answer is not its doing.
+        # A refusal costs the agent trust; an engine that could not answer is not its doing,
+        # and waiting for an approval is no refusal.
         decision = assessment.decision
-        charged = assessment.costs_trust and decision.error is None
+        charged = assessment.costs_trust and decision.error is None and not decision.waits
         derive = None
         if not decision.runs and assessment.agent is not None and charged:
 
@@ -1070,13 +1094,15 @@ class Governor:
             ).model_dump(mode="json")
         except (ValidationError, KeyError, TypeError) as exc:
             return {"verified": False, "why": f"the reported input is malformed: {exc}"}
-        again = await decide(
-            engine,
-            assessment.task_policy_path,
-            policy_input,
-            mode=assessment.decision.mode,
-            fail_mode=assessment.decision.fail_mode,
-            deadline=self.settings.decision_timeout,
+        again = for_task(
+            await decide(
+                engine,
+                assessment.task_policy_path,
+                policy_input,
+                mode=assessment.decision.mode,
+                fail_mode=assessment.decision.fail_mode,
+                deadline=self.settings.decision_timeout,
+            )
         )
         if again.error is not None or reported.get("error"):
             return {"verified": None, "why": "an engine failed to decide", "error": again.error}
@@ -1270,6 +1296,45 @@ async def _publish(key: SigningKey, client: PrefectClient) -> None:
         )
     if existing is None:
         await GovernanceVerifyKey(public_key=key.public_b64).asave(key.key_id, client=client)
+
+
+def _order(event: LineageEvent) -> int:
+    return event.id or 0
+
+
+def awaiting_since(earlier: Sequence[LineageEvent]) -> datetime | None:
+    """When the run was first decided awaiting approval, as the lineage holds it (the
+    worker's own clock, never anything a run's author or an API client writes)."""
+    first = next((e for e in earlier if e.verdict == "awaiting_approval"), None)
+    if first is None:
+        return None
+    created = first.created_at
+    return created if created.tzinfo else created.replace(tzinfo=timezone.utc)
+
+
+def same_wait(assessment: Assessment) -> bool:
+    """Whether this decision is a wait that the run's newest recorded decision is already:
+    awaiting, asking the same approvals for the same reasons, with the same approval
+    statements found (verified and not)."""
+    decision, envelope = assessment.decision, assessment.envelope
+    if not decision.waits or not assessment.earlier or envelope is None:
+        return False
+    previous = assessment.earlier[-1]
+    if previous.verdict != "awaiting_approval":
+        return False
+    before = decision_from_event(previous)
+    seen = (previous.payload or {}).get("envelope") or {}
+
+    def ids(items: Sequence[Any]) -> list[str]:
+        return sorted(str(dict(item).get("id")) for item in items)
+
+    return (
+        before.approval == decision.approval
+        and before.warn == decision.warn
+        and before.rejected_approvals == decision.rejected_approvals
+        and ids(seen.get("approvals") or []) == ids([a.model_dump() for a in envelope.approvals])
+        and ids(seen.get("rejections") or []) == ids([a.model_dump() for a in envelope.rejections])
+    )
 
 
 def effective_mode(pool_mode: Mode, agent_mode: Mode | None) -> Mode:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from prefect_governance.core.decision import deny_reasons, rule_of
@@ -19,6 +20,7 @@ _TITLES = {
     "refused": "Refused",
     "audited": "Denied, but run (audit mode)",
     "ungoverned": "Run ungoverned (engine failed, pool is fail-open)",
+    "awaiting_approval": "Awaiting approval (nothing started yet)",
 }
 
 
@@ -38,7 +40,36 @@ def refusal_message(decision: Decision) -> str:
     return message
 
 
-def decision_markdown(decision: Decision, agent_id: str | None) -> str:
+def approval_deadline(decision: Decision, since: datetime) -> datetime:
+    """Until when an awaiting run may wait: its shortest requested timeout from ``since``."""
+    return since + timedelta(seconds=min(r.timeout_seconds for r in decision.approval))
+
+
+def approvers_of(decision: Decision) -> list[str]:
+    """Everyone who may approve the run (of any of its requests)."""
+    return sorted({a for request in decision.approval for a in request.approvers})
+
+
+def approve_command(flow_run_id: str) -> str:
+    return f"prefect-governance approve --flow-run {flow_run_id} --approver NAME --key FILE"
+
+
+def awaiting_message(decision: Decision, flow_run_id: str, deadline: datetime) -> str:
+    """The message of an AwaitingApproval state: who may approve, until when, how."""
+    reasons = "; ".join(r.reason for r in decision.approval if r.reason)
+    message = (
+        f"Awaiting approval by one of {', '.join(approvers_of(decision)) or 'nobody'} until "
+        f"{deadline.isoformat()} (decision {decision.id}): {reasons or 'the policy asks for it'}. "
+        f"Approve: `{approve_command(flow_run_id)}` (add --reject to refuse it)"
+    )
+    if decision.rejected_approvals:
+        message += "; approvals not accepted: " + "; ".join(decision.rejected_approvals)
+    return message
+
+
+def decision_markdown(decision: Decision, agent_id: str | None, awaiting: str | None = None) -> str:
+    """The markdown artifact attached to the flow run (``awaiting``: the message of a run
+    that waits for an approval)."""
     """The markdown artifact attached to the flow run."""
     lines = [
         f"# Governance decision: {_TITLES[decision.verdict]}",
@@ -61,6 +92,13 @@ def decision_markdown(decision: Decision, agent_id: str | None) -> str:
             lines += ["", f"## {title}", "", "| message | rule |", "| --- | --- |"] + [
                 f"| {_cell(item)} | `{rule_of(decision, item, kind) or '-'}` |" for item in items
             ]
+    if decision.approval:
+        lines += ["", "## Awaiting approval", "", awaiting or "", ""]
+        lines += ["| approvers | timeout | reason | rule |", "| --- | --- | --- | --- |"] + [
+            f"| {', '.join(r.approvers)} | {r.timeout_seconds} s | {_cell(r.reason)} | "
+            f"`{r.rule or '-'}` |"
+            for r in decision.approval
+        ]
     if decision.rejected_approvals:
         lines += ["", "## Approvals not accepted", ""] + [
             f"- {_cell(item)}" for item in decision.rejected_approvals

@@ -5,8 +5,10 @@ Every case is an agent that needs alice's approval (``constraints.approval.appro
 the requester, mallory, can do what any API client can: create runs with any labels and
 parameters, write any Prefect variable (including copies of alice's real approvals, edited
 or not), update a run's parameters, and sign with a key of her own. None of that executes
-the flow: its marker file stays absent, the run ends Cancelled/"Refused" with a message
-that says why, and the lineage holds the refused decision. Alice's own approvals, made
+the flow: its marker file stays absent, the run waits for an approval (AwaitingApproval)
+until its timeout (15 s here), then ends Cancelled/"Refused" with a message that says why
+(approval timed out, and why each statement found approves nothing), and the lineage holds
+the awaiting decision(s) and the refused one. Alice's own approvals, made
 with ``prefect-governance approve`` before the run is decided, do execute it.
 
 Each case has its own agent and deployment, so one case's refusals do not move another
@@ -49,26 +51,29 @@ pytestmark = pytest.mark.e2e
 
 POOL = "approvals"
 CLI = [sys.executable, "-m", "prefect_governance.cli"]
-NEEDS = 'needs a signed approval by one of ["alice"]'
+TIMEOUT = 15  # seconds each run may wait for alice's approval
+NEEDS = "approval timed out"
+RECHECK = {"PREFECT_GOVERNANCE_APPROVAL_RECHECK_SECONDS": "2"}
 
-# case -> what the refusal must say (the policy's reason, and why a statement was rejected)
+# case -> what the refusal must say besides NEEDS (what the policy found, and why each
+# statement was rejected)
 REFUSED = {
-    "label": [f"{NEEDS} (no verified approval)"],
-    "parameter": [f"{NEEDS} (no verified approval)"],
+    "label": ["; no verified approval)"],
+    "parameter": ["; no verified approval)"],
     "own key as alice": [
-        f"{NEEDS} (no verified approval)",
+        "; no verified approval)",
         "the signature does not verify with key 'alice'",
     ],
-    "pinned non-approver": [f'{NEEDS} (verified approvals only by ["bob"], who are not approvers)'],
-    "another flow run": [f"{NEEDS} (no verified approval)", "bound to another flow run"],
-    "other parameters": [f"{NEEDS} (no verified approval)", "bound to other parameters"],
-    "expired": [f"{NEEDS} (no verified approval)", "expired at"],
+    "pinned non-approver": ['; verified approvals only by ["bob"], who are not approvers)'],
+    "another flow run": ["; no verified approval)", "bound to another flow run"],
+    "other parameters": ["; no verified approval)", "bound to other parameters"],
+    "expired": ["; no verified approval)", "expired at"],
     "altered": [
-        f"{NEEDS} (no verified approval)",
+        "; no verified approval)",
         "the signature does not verify with key 'alice'",
     ],
     "parameters changed after approval": [
-        f"{NEEDS} (no verified approval)",
+        "; no verified approval)",
         "bound to other parameters",
     ],
 }
@@ -124,7 +129,7 @@ async def _setup(gov: Harness) -> dict[str, Any]:
                     owner="sec@example.com",
                     trust_scope=[POOL],
                     capabilities=["read:warehouse"],
-                    constraints={"approval": {"approvers": ["alice"]}},
+                    constraints={"approval": {"approvers": ["alice"], "timeout_seconds": TIMEOUT}},
                 ),
                 f"approved-{slug}",
             )
@@ -226,17 +231,23 @@ def decided(prefect_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("approvals")
     with harness(prefect_server, tmp, lineage_block="approvals-lineage") as gov:
         runs = asyncio.run(_setup(gov))
-        gov.start_worker(POOL, log=tmp / "worker.log", extra_env=approver_keys_env())
+        gov.start_worker(POOL, log=tmp / "worker.log", extra_env={**approver_keys_env(), **RECHECK})
         try:
             finals = asyncio.run(wait_final([r["id"] for r in runs.values()], timeout=240))
         finally:
             gov.stop_workers()
         store = gov.store
-        decisions = {
-            e.flow_run_id: e for e in store.recent(1000) if e.kind == "decision" and e.flow_run_id
-        }
+        decisions: dict[str, list[Any]] = {}  # each run's decisions, oldest first
+        for e in reversed(store.recent(1000)):
+            if e.kind == "decision" and e.flow_run_id:
+                decisions.setdefault(e.flow_run_id, []).append(e)
         yield {
-            case: {**run, "final": finals[run["id"]], "decision": decisions.get(str(run["id"]))}
+            case: {
+                **run,
+                "final": finals[run["id"]],
+                "decisions": decisions.get(str(run["id"]), []),
+                "decision": (decisions.get(str(run["id"])) or [None])[-1],
+            }
             for case, run in runs.items()
         }
         assert store.verify() == []
@@ -248,12 +259,16 @@ def test_a_forged_or_misbound_approval_does_not_execute_the_run(decided, case):
     state = run["final"].state
     assert not run["marker"].exists(), f"the run executed ({case})"
     assert state.is_cancelled() and state.name == "Refused", state
-    for why in REFUSED[case]:
+    for why in [NEEDS, *REFUSED[case]]:
         assert why in state.message, state.message
+    verdicts = [d.verdict for d in run["decisions"]]
+    assert verdicts[0] == "awaiting_approval" and verdicts[-1] == "refused", verdicts
+    assert set(verdicts[1:-1]) <= {"awaiting_approval"}, verdicts
     decision = run["decision"]
-    assert decision is not None, "the lineage holds no decision for the refused run"
     assert decision.verdict == "refused" and not decision.allow
-    assert any(REFUSED[case][0] in reason for reason in decision.reasons), decision.reasons
+    waited = decision.created_at - run["decisions"][0].created_at
+    assert waited >= timedelta(seconds=TIMEOUT), waited
+    assert any(NEEDS in r and REFUSED[case][0] in r for r in decision.reasons), decision.reasons
     for why in REFUSED[case][1:]:
         assert any(why in r for r in decision.payload["rejected_approvals"]), decision.payload
     approvals = decision.payload["envelope"]["approvals"]
@@ -269,6 +284,7 @@ def test_alices_approval_made_before_the_decision_executes_the_run(decided, case
     state = run["final"].state
     assert state.is_completed(), state
     assert run["marker"].read_text().count("loaded") == 1
+    assert [d.verdict for d in run["decisions"]] == ["allowed"]  # it never waited
     decision = run["decision"]
     assert decision.verdict == "allowed" and decision.allow
     approval = run["approval"]
@@ -281,6 +297,7 @@ def test_alices_approval_made_before_the_decision_executes_the_run(decided, case
             "binding": binding,
             "issued_at": recorded[0]["issued_at"],
             "expires_at": recorded[0]["expires_at"],
+            "decision": "approve",
         }
     ]
     assert datetime.fromisoformat(recorded[0]["expires_at"]) == datetime.fromisoformat(

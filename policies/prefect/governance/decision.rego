@@ -12,7 +12,7 @@ package prefect.governance.decision
 
 import data.prefect.governance.rules
 
-allow := count(deny) == 0
+allow := (count(deny) + count(approval)) == 0
 
 # Each deny and warn message with the rule (package and rule name) behind it.
 # `rules[module][kind]` evaluates only each module's deny and warn (and what they
@@ -45,6 +45,13 @@ well_formed if {
 
 # (A helper: `not is_object(input[part])` is undefined when the part is missing.)
 has_object(part) if is_object(input[part])
+
+# Approvals the run waits for: each module's `approval` requests (who may approve,
+# for how long, why), with the rule behind each. While one is here and nothing is
+# denied, the run waits (verdict awaiting_approval) and is decided again.
+approval contains object.union(request, {"rule": sprintf("prefect.governance.rules.%s.approval", [module])}) if {
+	some request in rules[module].approval
+}
 
 deny := {reason.message | some reason in reasons; reason.kind == "deny"}
 

@@ -18,6 +18,7 @@ same(got, want) if {
 	as_set(got.reasons) == as_set(want.reasons)
 	got.annotations == want.annotations
 	as_set(got.grants) == as_set(want.grants)
+	as_set(got.approval) == as_set(object.get(want, "approval", []))
 }
 
 as_set(xs) := {x | some x in xs}

@@ -19,8 +19,8 @@ with_values(changes) := json.patch(base, [op |
 	op := {"op": "add", "path": path, "value": value}
 ])
 
-# What a module contributes: messages (deny, warn) and withheld capabilities.
-kinds := ["deny", "warn", "withhold"]
+# What a module contributes: messages (deny, warn), withheld capabilities and approval requests.
+kinds := ["deny", "warn", "withhold", "approval"]
 
 # The cases of module's tests whose deny, warn or withhold sets differ from the expected.
 failures(module, cases) := {name |
