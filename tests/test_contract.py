@@ -34,7 +34,8 @@ def test_published_governance_facet_schema_is_generated():
 def test_schema_describes_input_and_result():
     contract = json.loads((POLICIES / schema.SCHEMA_FILE).read_text())
     defs = contract["$defs"]
-    assert set(defs["PolicyInput"]["properties"]) == {"agent", "envelope", "context"}
+    assert set(defs["PolicyInput"]["properties"]) == {"agent", "envelope", "context", "exceptions"}
+    assert defs["PolicyInput"]["required"] == ["agent", "envelope", "context"]
     assert set(defs["PolicyResult"]["properties"]) == {
         "allow",
         "deny",
@@ -42,6 +43,7 @@ def test_schema_describes_input_and_result():
         "annotations",
         "reasons",
         "grants",
+        "waived",
     }
     assert defs["PolicyResult"]["required"] == ["allow"]
     assert set(defs["Constraints"]["properties"]) >= {"tasks", "capability_trust"}

@@ -74,6 +74,7 @@ def decision_for(
                 annotations=dict(result.annotations),
                 reasons=list(result.reasons),
                 grants=None if result.grants is None else list(result.grants),
+                waived=list(result.waived),
                 **common,
             )
     reason = f"policy engine failed ({answer.kind}): {answer.message}"

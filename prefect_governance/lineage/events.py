@@ -116,6 +116,10 @@ class DecisionPayload(Payload):
     fail_mode: str
     error: str | None
     rejected_approvals: list[str]
+    # The signed exceptions the policy was shown, the denies they waived, the ones rejected.
+    exceptions: list[dict[str, Any]] = []
+    waived: list[dict[str, Any]] = []
+    rejected_exceptions: list[str] = []
 
 
 class OutcomePayload(Payload):
@@ -242,9 +246,10 @@ def decision_event(
     agent_block: str | None = None,
     worker: str | None = None,
     agent_version: int | None = None,
+    exceptions: list[dict[str, Any]] | None = None,
 ) -> LineageEvent:
-    """The lineage record of a decision (with the envelope it was about, and the version of
-    the signed agent it was made for)."""
+    """The lineage record of a decision (with the envelope it was about, the version of
+    the signed agent it was made for, and the exceptions the policy was shown)."""
     payload = DecisionPayload(
         envelope=envelope,
         agent_block=agent_block,
@@ -255,6 +260,9 @@ def decision_event(
         fail_mode=decision.fail_mode,
         error=decision.error,
         rejected_approvals=decision.rejected_approvals,
+        exceptions=list(exceptions or []),
+        waived=[waiver.model_dump() for waiver in decision.waived],
+        rejected_exceptions=decision.rejected_exceptions,
     )
     return LineageEvent(
         kind="decision",
@@ -295,6 +303,8 @@ def decision_from_event(event: LineageEvent) -> Decision:
         fail_mode=payload.get("fail_mode") or "closed",
         error=payload.get("error"),
         rejected_approvals=payload.get("rejected_approvals") or [],
+        waived=payload.get("waived") or [],
+        rejected_exceptions=payload.get("rejected_exceptions") or [],
     )
 
 

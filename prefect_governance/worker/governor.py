@@ -36,6 +36,7 @@ from prefect_governance.core.controls import Controls
 from prefect_governance.core.decision import decide, decision_for, worker_refusal
 from prefect_governance.core.engines import EngineError, PolicyEngine, build_engine
 from prefect_governance.core.envelope import ParameterLimitError, build_envelope
+from prefect_governance.core.exceptions import RunScope, check_exceptions
 from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.handoff import (
     DECISION_ENV,
@@ -60,6 +61,7 @@ from prefect_governance.core.models import (
     Mode,
     MutationEnvelope,
     PolicyContext,
+    PolicyException,
     PolicyInput,
     TaskPolicyInput,
     TaskPosture,
@@ -106,6 +108,7 @@ from prefect_governance.lineage.parameter_schemas import remembered_schema
 from prefect_governance.lineage.store import LineageStore
 from prefect_governance.worker.blocks import (
     GovernanceAgent,
+    GovernanceException,
     GovernanceLineageStore,
     GovernancePolicyEngine,
 )
@@ -290,6 +293,27 @@ async def load_agent(client: PrefectClient, name: str, keys: Mapping[str, str]) 
     except AttestationError as exc:
         raise AgentUnavailable(str(exc)) from None
     return agent
+
+
+async def read_exception_documents(client: PrefectClient) -> dict[str, Any]:
+    """Every named governance-exception block's data, by block name, as any API client
+    left it (``check_exceptions`` verifies them); none when the block type does not exist."""
+    try:
+        documents = await client.read_block_documents_by_type(
+            GovernanceException.get_block_type_slug()
+        )
+    except ObjectNotFound:
+        return {}
+    return {d.name: d.data for d in documents if d.name and not d.is_anonymous}
+
+
+def _deployment_scope(
+    flow: Flow, deployment: DeploymentResponse | None
+) -> tuple[str | None, str | None, str | None]:
+    """The flow name, deployment name and deployment id an exception's scope matches."""
+    if deployment is None:
+        return flow.name, None, None
+    return flow.name, deployment.name, str(deployment.id)
 
 
 async def read_proposals(client: PrefectClient, flow_run_id: Any) -> list[dict[str, Any]]:
@@ -733,10 +757,14 @@ class Governor:
         envelope.approvals, rejected_approvals = await self._approvals(
             client, flow_run, now, needed=agent.constraints.approval is not None
         )
+        exceptions, rejected_exceptions, unread = await self._exceptions(
+            client, RunScope(agent.id, work_pool.name, *_deployment_scope(flow, deployment)), now
+        )
         policy_input = PolicyInput(
             agent=agent.to_agent_object(policy_path, trust),
             envelope=envelope,
             context=PolicyContext(worker=WorkerRef(name=worker_name), time=now, mode=mode),
+            exceptions=exceptions,
         ).model_dump(mode="json")
 
         engine: PolicyEngine | None = None
@@ -756,6 +784,9 @@ class Governor:
         if controls.notes:
             decision.warn.extend(controls.notes)
         decision.rejected_approvals = rejected_approvals
+        decision.rejected_exceptions = rejected_exceptions
+        if unread:
+            decision.warn.append(unread)
         return Assessment(
             decision,
             agent=agent,
@@ -788,6 +819,31 @@ class Governor:
         except Exception as exc:  # no approval is read: a run that needs one is refused
             return [], [f"the approvals could not be read ({type(exc).__name__}: {exc})"]
 
+    async def _exceptions(
+        self, client: PrefectClient, run: RunScope, now: datetime
+    ) -> tuple[list[PolicyException], list[str], str | None]:
+        """The signed exceptions that apply to this run (expired ones too: the policy
+        warns of them), why the others that claim to waive nothing, and, when they cannot
+        be read at all, a warning: the run is then decided without any. Without pinned
+        exception keys nothing can verify, so nothing is read."""
+        if not self.settings.exception_keys:
+            return [], [], None
+        try:
+            documents = await read_exception_documents(client)
+        except Exception as exc:  # fail closed: no exception waives anything
+            return [], [], (
+                f"the policy exceptions could not be read ({type(exc).__name__}: {exc}); "
+                "the run is decided without any"
+            )
+        found, rejected = check_exceptions(
+            documents,
+            keys=self.settings.exception_keys,
+            run=run,
+            now=now,
+            max_lifetime=timedelta(days=self.settings.exception_max_days),
+        )
+        return found, rejected, None
+
     async def record_decision(
         self, store: LineageStore, assessment: Assessment, flow_run_id: str
     ) -> None:
@@ -802,6 +858,7 @@ class Governor:
                 agent_block=assessment.agent_block,
                 worker=assessment.worker,
                 agent_version=assessment.agent.version if assessment.agent else None,
+                exceptions=(assessment.policy_input or {}).get("exceptions"),
             )
         ]
         # A refusal costs the agent trust; an engine that could not answer is not its doing.
