@@ -243,14 +243,12 @@ def applies(spec: ExceptionSpec, run: RunScope) -> bool:
         return False
     if spec.pools and run.pool not in spec.pools:
         return False
-    if spec.deployments and not binds(
+    return not spec.deployments or binds(
         spec.deployments,
         flow_name=run.flow_name,
         deployment_name=run.deployment_name,
         deployment_id=run.deployment_id,
-    ):
-        return False
-    return True
+    )
 
 
 def _claims(data: Any, run: RunScope) -> bool:
@@ -345,11 +343,17 @@ def check_exceptions(
     return found, rejected
 
 
-def expiring(
-    exceptions: list[PolicyException], now: datetime, within: timedelta
-) -> list[PolicyException]:
-    """The exceptions still active at ``now`` that expire within ``within``."""
-    return [e for e in exceptions if now < e.expires_at <= now + within]
+def expiring_soon(
+    exceptions: list[PolicyException], names: set[str], now: datetime, within: timedelta
+) -> list[str]:
+    """Notes on the named exceptions (those that waived a deny) that expire within ``within``
+    of ``now``: the run's log shows them, ahead of the day they stop waiving."""
+    return [
+        f"exception {e.name!r} waived a deny of this run and expires at "
+        f"{e.expires_at.isoformat()} (ticket {e.ticket}, owner {e.owner})"
+        for e in exceptions
+        if e.name in names and now < e.expires_at <= now + within
+    ]
 
 
 def status(spec: ExceptionSpec, now: datetime, within: timedelta) -> str:
@@ -359,3 +363,67 @@ def status(spec: ExceptionSpec, now: datetime, within: timedelta) -> str:
     if spec.expires_at <= now + within:
         return "expiring"
     return "active"
+
+
+# --- what an operator sees ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One exception block as `prefect-governance exception list` shows it."""
+
+    name: str
+    status: str  # active | expiring | expired | unverified | invalid
+    spec: ExceptionSpec | None
+    problem: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "name": self.name,
+            "status": self.status,
+            "expires_at": spec.expires_at.isoformat() if spec else None,
+            "rules": list(spec.rules) if spec else [],
+            "agents": list(spec.agents) if spec else [],
+            "deployments": list(spec.deployments) if spec else [],
+            "pools": list(spec.pools) if spec else [],
+            "owner": spec.owner if spec else None,
+            "ticket": spec.ticket if spec else None,
+            "problem": self.problem,
+        }
+
+
+def listing(
+    documents: Mapping[str, Any],
+    *,
+    keys: Mapping[str, str],
+    now: datetime,
+    within: timedelta,
+    max_lifetime: timedelta,
+) -> list[Listed]:
+    """Every exception block with its status at ``now``: a verified one is active,
+    expiring (within ``within``) or expired; the others are unverified or invalid."""
+    listed = []
+    for name in sorted(documents):
+        try:
+            spec = ExceptionSpec.model_validate(_spec_data(documents[name]))
+        except (ValidationError, TypeError, ValueError) as exc:
+            problem = (
+                describe_validation(exc, "(document)")
+                if isinstance(exc, ValidationError)
+                else type(exc).__name__
+            )
+            listed.append(Listed(name, "invalid", None, problem))
+            continue
+        try:
+            verify_exception(name, spec, keys)
+            if spec.issued_at is None:
+                raise ExceptionRejected("it has no issued_at")
+            too_long = check_lifetime(spec.expires_at, spec.issued_at, max_lifetime)
+            if too_long:
+                raise ExceptionRejected(too_long)
+        except ExceptionRejected as exc:
+            listed.append(Listed(name, "unverified", spec, str(exc)))
+            continue
+        listed.append(Listed(name, status(spec, now, within), spec))
+    return listed

@@ -182,6 +182,8 @@ class GovernedWorker(_Worker):
                 logger.warning("Governance warning: %s", warning)
             for waiver in decision.waived:
                 logger.warning("Governance: waived by exception %s", waiver.model_dump())
+            for notice in admission.assessment.notices:
+                logger.warning("Governance: %s", notice)
             if decision.verdict == "audited":
                 logger.warning(
                     "Audit mode: this run would be refused: %s", "; ".join(decision.deny)

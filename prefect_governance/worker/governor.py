@@ -36,8 +36,8 @@ from prefect_governance.core.controls import Controls
 from prefect_governance.core.decision import decide, decision_for, worker_refusal
 from prefect_governance.core.engines import EngineError, PolicyEngine, build_engine
 from prefect_governance.core.envelope import ParameterLimitError, build_envelope
-from prefect_governance.core.exceptions import RunScope, check_exceptions
 from prefect_governance.core.errors import GovernanceError
+from prefect_governance.core.exceptions import RunScope, check_exceptions, expiring_soon
 from prefect_governance.core.handoff import (
     DECISION_ENV,
     ENVELOPE_ENV,
@@ -143,6 +143,7 @@ class Assessment:
     task_policy_path: str = DEFAULT_TASK_POLICY_PATH
     signature: str | None = None  # of the grant the run received
     costs_trust: bool = True  # whether a refusal charges the agent
+    notices: list[str] = field(default_factory=list)  # for the run's log (no policy warning)
 
     def grant(self) -> Grant:
         """What an allowed run receives (to be signed)."""
@@ -787,6 +788,12 @@ class Governor:
         decision.rejected_exceptions = rejected_exceptions
         if unread:
             decision.warn.append(unread)
+        notices = expiring_soon(
+            exceptions,
+            {waiver.exception for waiver in decision.waived},
+            now,
+            timedelta(days=self.settings.exception_expiring_days),
+        )
         return Assessment(
             decision,
             agent=agent,
@@ -797,6 +804,7 @@ class Governor:
             worker=worker_name,
             engine=engine,
             task_policy_path=controls.task_policy_path,
+            notices=notices,
         )
 
     async def _approvals(
@@ -831,9 +839,13 @@ class Governor:
         try:
             documents = await read_exception_documents(client)
         except Exception as exc:  # fail closed: no exception waives anything
-            return [], [], (
-                f"the policy exceptions could not be read ({type(exc).__name__}: {exc}); "
-                "the run is decided without any"
+            return (
+                [],
+                [],
+                (
+                    f"the policy exceptions could not be read ({type(exc).__name__}: {exc}); "
+                    "the run is decided without any"
+                ),
             )
         found, rejected = check_exceptions(
             documents,
