@@ -252,11 +252,16 @@ def applies(spec: ExceptionSpec, run: RunScope) -> bool:
 
 
 def _claims(data: Any, run: RunScope) -> bool:
-    """Whether an unverified document's claimed scope names this run (to report it)."""
-    try:
-        return applies(ExceptionSpec.model_validate(_spec_data(data)), run)
-    except (ValidationError, TypeError, ValueError):
-        return True  # unreadable: say so everywhere, it might have been meant for this run
+    """Whether a document that waives nothing claims a scope that names this run (to say
+    why on this run's decision): its scope as written, however invalid the rest; one
+    whose scope cannot be read is named on every run."""
+    if not isinstance(data, dict):
+        return True
+    scope = {kind: data.get(kind) or [] for kind in ("agents", "deployments", "pools")}
+    for values in scope.values():
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            return True
+    return applies(ExceptionSpec.model_construct(**scope), run)
 
 
 def _spec_data(data: Any) -> Any:
