@@ -257,11 +257,13 @@ def _claims(data: Any, run: RunScope) -> bool:
     whose scope cannot be read is named on every run."""
     if not isinstance(data, dict):
         return True
-    scope = {kind: data.get(kind) or [] for kind in ("agents", "deployments", "pools")}
+    scope: dict[str, Any] = {
+        kind: data.get(kind) or [] for kind in ("agents", "deployments", "pools")
+    }
     for values in scope.values():
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             return True
-    return applies(ExceptionSpec.model_construct(**scope), run)
+    return applies(ExceptionSpec.model_construct(None, **scope), run)
 
 
 def _spec_data(data: Any) -> Any:
