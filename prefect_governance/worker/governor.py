@@ -831,9 +831,9 @@ class Governor:
         self, client: PrefectClient, run: RunScope, now: datetime
     ) -> tuple[list[PolicyException], list[str], str | None]:
         """The signed exceptions that apply to this run (expired ones too: the policy
-        warns of them), why the others that claim to waive nothing, and, when they cannot
-        be read at all, a warning: the run is then decided without any. Without pinned
-        exception keys nothing can verify, so nothing is read."""
+        warns of them), why each other one that claims this run waives nothing, and, when
+        none can be read at all, a warning: the run is then decided without any. Without
+        pinned exception keys nothing can verify, so nothing is read."""
         if not self.settings.exception_keys:
             return [], [], None
         try:
