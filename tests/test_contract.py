@@ -34,7 +34,8 @@ def test_published_governance_facet_schema_is_generated():
 def test_schema_describes_input_and_result():
     contract = json.loads((POLICIES / schema.SCHEMA_FILE).read_text())
     defs = contract["$defs"]
-    assert set(defs["PolicyInput"]["properties"]) == {"agent", "envelope", "context"}
+    assert set(defs["PolicyInput"]["properties"]) == {"agent", "envelope", "context", "exceptions"}
+    assert defs["PolicyInput"]["required"] == ["agent", "envelope", "context"]
     assert set(defs["PolicyResult"]["properties"]) == {
         "allow",
         "deny",
@@ -43,6 +44,7 @@ def test_schema_describes_input_and_result():
         "reasons",
         "grants",
         "approval",
+        "waived",
     }
     request = defs["ApprovalRequest"]["properties"]
     assert set(request) == {"approvers", "timeout_seconds", "reason", "rule"}

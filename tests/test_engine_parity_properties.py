@@ -590,6 +590,35 @@ INFRASTRUCTURE_MUTATIONS = [
     ),
 ]
 
+# Exceptions (input.exceptions): which rules, which message, whose scope, until when.
+EXCEPTION_RULES = [
+    "prefect.governance.rules.capabilities.deny",
+    "prefect.governance.rules.scope.deny",
+    "prefect.governance.rules.parameters.deny",
+    "prefect.governance.decision.deny",
+    "prefect.governance.rules.trust.warn",
+]
+exceptions = st.lists(
+    st.fixed_dictionaries(
+        {
+            "name": maybe(st.sampled_from(["waiver", "other", ""])),
+            "rules": maybe(subsets(EXCEPTION_RULES)),
+            "expires_at": maybe(times),
+        },
+        optional={
+            "message": maybe(st.sampled_from([None, *PATTERNS])),
+            "agents": maybe(subsets(["etl-agent", "other", 5])),
+            "pools": maybe(subsets(["gov", "prod"])),
+            "ticket": maybe(st.sampled_from(["SEC-1", "é"])),
+        },
+    ),
+    max_size=3,
+)
+EXCEPTION_MUTATIONS = [
+    field("exceptions", values=maybe(exceptions)),
+    field("exceptions", st.integers(0, 2), "expires_at", values=maybe(times)),
+]
+
 FLOW_MUTATIONS = st.one_of(
     *SHARED,
     field(
@@ -692,6 +721,7 @@ FLOW_MUTATIONS = st.one_of(
         values=maybe(st.lists(st.fixed_dictionaries({"approver": maybe(st.sampled_from(USERS))}))),
     ),
     *INFRASTRUCTURE_MUTATIONS,
+    *EXCEPTION_MUTATIONS,
 )
 
 TASK_NAMES = ["load_orders", "drop_tables", "DROP_TABLES", "drop_tables ", "", "é", "\ud800"]
@@ -761,6 +791,20 @@ FLOW_DECISIVE = [
         ("agent", "constraints", "infrastructure"): {"allow_privileged": True, "registries": []},
     },
     {("context",): DELETE},
+    *(
+        {
+            ("envelope", "capabilities"): ["read:warehouse", "deploy:prod"],
+            ("exceptions",): [
+                {
+                    "name": "waiver",
+                    "rules": ["prefect.governance.rules.capabilities.deny"],
+                    "ticket": "SEC-1",  # no agents: the agent id is often mutated
+                    "expires_at": expires_at,
+                }
+            ],
+        }
+        for expires_at in (NOW, "2099-01-01T00:00:00Z")  # expired (it warns), active
+    ),
 ]
 TASK_DECISIVE = [
     {("envelope", "task", "name"): "drop_tables"},
@@ -854,6 +898,8 @@ def _run(engines, path: str, strategy: st.SearchStrategy) -> tuple[Counter, Coun
         event(outcome)
         outcomes[outcome] += 1
         fired.update(_rules(engines.last.result))
+        if isinstance(engines.last.result, dict) and engines.last.result.get("waived"):
+            seen["result with a waived deny"] += 1
         if engines.last.detail:  # which builtin failed, for the statistics
             parts = engines.last.detail.split(": ")
             event(f"error in {parts[2] if len(parts) > 2 else parts[-1]}")
@@ -894,7 +940,7 @@ FLOW_RULES = {
         "trust.warn",
         "windows.deny",
     ]
-} | {"prefect.governance.decision.deny"}
+} | {"prefect.governance.decision.deny", "prefect.governance.decision.warn"}
 
 TASK_RULES = {
     "prefect.governance.task_rules.capabilities.deny",

@@ -37,6 +37,9 @@ def normalized(result: dict) -> dict:
             result.get("reasons", []), key=lambda r: (r["kind"], r["rule"], r["message"])
         ),
         "grants": None if grants is None else sorted(grants),
+        "waived": sorted(
+            result.get("waived", []), key=lambda w: (w["exception"], w["rule"], w["message"])
+        ),
     }
 
 
@@ -59,6 +62,7 @@ def rule_test_cases(ref: str = "data.prefect.governance.testing.all_cases") -> d
 
 RULE_CASES = rule_test_cases()
 TASK_RULE_CASES = rule_test_cases("data.prefect.governance.testing.all_task_cases")
+EXCEPTION_CASES = rule_test_cases("data.prefect.governance.exceptions_test.all_cases")
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +142,30 @@ def test_both_engines_decide_every_rule_test_case_alike(name: str, embedded, opa
     local = _both_alike(PATH, name, policy_input, "prefect.governance.rules", embedded, opa_server)
     requested = set(policy_input["envelope"]["capabilities"])
     assert set(local["grants"]) <= requested, "grants only ever narrow the request"
+
+
+@pytest.mark.parametrize("name", sorted(EXCEPTION_CASES))
+def test_both_engines_decide_every_exception_case_alike(name: str, embedded, opa_server):
+    """The exception cases (policies/prefect/governance/exceptions_test.rego): both engines
+    give the same result, waivers included."""
+    policy_input = EXCEPTION_CASES[name]
+
+    async def remote():
+        opa = OpaEngine(opa_server.url)
+        try:
+            return await opa.evaluate(PATH, policy_input)
+        finally:
+            await opa.aclose()
+
+    local = normalized(embedded.evaluate_sync(PATH, policy_input).result)
+    assert local == normalized(asyncio.run(remote()).result)
+    if policy_input.get("exceptions") and local["allow"] and local["waived"]:
+        assert all(w["exception"] for w in local["waived"])
+
+
+def test_the_exception_cases_reach_the_parity_suite():
+    assert len(EXCEPTION_CASES) >= 15, EXCEPTION_CASES.keys()
+    assert any(case.get("exceptions") for case in EXCEPTION_CASES.values())
 
 
 @pytest.mark.parametrize("name", sorted(TASK_RULE_CASES))

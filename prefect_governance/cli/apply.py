@@ -2,7 +2,7 @@
 
 A document (one or more per YAML file) reads::
 
-    kind: agent            # agent | policy-engine | lineage-store | notification
+    kind: agent            # agent | exception | policy-engine | lineage-store | notification
     name: etl-agent        # the block document's name
     spec: {...}            # the block's fields
 
@@ -13,7 +13,9 @@ String values may use ``${VAR}`` or ``${VAR:-default}`` to read the environment,
 so secrets (a database URL, an OPA token) stay out of the files.
 
 Agents are signed with the pool owner's key as they are saved (see
-prefect_governance.core.attestation); without a key they are not applied.
+prefect_governance.core.attestation); exceptions with the security team's exception key,
+stamped with the time they are signed (see prefect_governance.core.exceptions). Without
+its key a document of either kind is not applied.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +45,32 @@ from prefect_governance.core.attestation import (
     signed,
 )
 from prefect_governance.core.errors import GovernanceError
+from prefect_governance.core.exceptions import (
+    DEFAULT_KEY_ID as EXCEPTION_KEY_ID,
+)
+from prefect_governance.core.exceptions import (
+    DEFAULT_MAX_DAYS,
+    exception_fields,
+    signed_exception,
+    verify_exception,
+)
+from prefect_governance.core.exceptions import (
+    SIGNING_KEY_ENV as EXCEPTION_SIGNING_KEY_ENV,
+)
+from prefect_governance.core.exceptions import (
+    SIGNING_KEY_ID_ENV as EXCEPTION_SIGNING_KEY_ID_ENV,
+)
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.worker.blocks import (
     GovernanceAgent,
+    GovernanceException,
     GovernanceLineageStore,
     GovernancePolicyEngine,
 )
 
 KINDS: dict[str, type[Block]] = {
     "agent": GovernanceAgent,
+    "exception": GovernanceException,
     "policy-engine": GovernancePolicyEngine,
     "lineage-store": GovernanceLineageStore,
 }
@@ -128,6 +148,12 @@ def parse_document(raw: Any, path: Path) -> Document:
         raise DocumentError(
             path, f"spec.{FIELD}", "is written by apply (the pool owner's signature), not by hand"
         )
+    if kind == "exception":
+        for field in ("attestation", "issued_at"):
+            if field in spec:
+                raise DocumentError(
+                    path, f"spec.{field}", "is written by apply (as it signs), not by hand"
+                )
     spec = _expand(spec, path, "spec")
     try:
         block = (Notification if kind == NOTIFICATION else KINDS[kind]).model_validate(spec)
@@ -182,7 +208,34 @@ def agent_signing_key(
     """The pool owner's key agents are signed with: the seed in ``path``, else in
     PREFECT_GOVERNANCE_AGENT_SIGNING_KEY; its id ``key_id``, else
     PREFECT_GOVERNANCE_AGENT_SIGNING_KEY_ID, else ``pool-owner``. None if neither is given."""
-    kid = key_id or environ.get(SIGNING_KEY_ID_ENV) or DEFAULT_KEY_ID
+    return _signing_key(path, key_id, environ, SIGNING_KEY_ENV, SIGNING_KEY_ID_ENV, DEFAULT_KEY_ID)
+
+
+def exception_signing_key(
+    path: Path | None, key_id: str | None, environ: Mapping[str, str]
+) -> SigningKey | None:
+    """The security team's key exceptions are signed with: the seed in ``path``, else in
+    PREFECT_GOVERNANCE_EXCEPTION_SIGNING_KEY; its id ``key_id``, else
+    PREFECT_GOVERNANCE_EXCEPTION_SIGNING_KEY_ID, else ``security``. None if neither is given."""
+    return _signing_key(
+        path,
+        key_id,
+        environ,
+        EXCEPTION_SIGNING_KEY_ENV,
+        EXCEPTION_SIGNING_KEY_ID_ENV,
+        EXCEPTION_KEY_ID,
+    )
+
+
+def _signing_key(
+    path: Path | None,
+    key_id: str | None,
+    environ: Mapping[str, str],
+    seed_env: str,
+    id_env: str,
+    default_id: str,
+) -> SigningKey | None:
+    kid = key_id or environ.get(id_env) or default_id
     if not KEY_ID_PATTERN.match(kid):
         raise SigningKeyError(f"key id must be lowercase letters, digits and dashes, got {kid!r}")
     if path is not None:
@@ -191,8 +244,8 @@ def agent_signing_key(
         except OSError as exc:
             raise SigningKeyError(f"cannot read the signing key {path}: {exc.strerror}") from None
         where = str(path)
-    elif environ.get(SIGNING_KEY_ENV):
-        seed, where = environ[SIGNING_KEY_ENV], SIGNING_KEY_ENV
+    elif environ.get(seed_env):
+        seed, where = environ[seed_env], seed_env
     else:
         return None
     try:
@@ -207,16 +260,90 @@ NO_KEY = (
 )
 
 
-async def apply_documents(
-    documents: list[Document], *, agent_key: SigningKey | None = None
-) -> list[Change]:
-    """Create or update each block (agents signed with ``agent_key``); report what changed.
+NO_EXCEPTION_KEY = (
+    "not applied: an exception is signed with the security team's exception key, and none "
+    f"was given (--exception-key FILE or {EXCEPTION_SIGNING_KEY_ENV}; make one with "
+    "`prefect-governance keygen --exception`)"
+)
 
-    Agents are skipped when there is no key; the other documents still apply."""
+
+def max_exception_lifetime(environ: Mapping[str, str]) -> timedelta:
+    """The longest an exception may live: PREFECT_GOVERNANCE_EXCEPTION_MAX_DAYS (90)."""
+    raw = environ.get("PREFECT_GOVERNANCE_EXCEPTION_MAX_DAYS")
+    return timedelta(days=float(raw) if raw else DEFAULT_MAX_DAYS)
+
+
+def _same_exception(name: str, existing: Block, wanted: Block, key: SigningKey) -> bool:
+    """The block holds this exception as ``key`` signed it under this name (only its stamp
+    and signature differ from what would be signed now): applying it again changes nothing."""
+    assert isinstance(existing, GovernanceException) and isinstance(wanted, GovernanceException)
+    unstamped = ("issued_at",)
+    mine = {k: v for k, v in exception_fields(wanted).items() if k not in unstamped}
+    theirs = {k: v for k, v in exception_fields(existing).items() if k not in unstamped}
+    if mine != theirs:
+        return False
+    try:
+        verify_exception(name, existing, {key.key_id: key.public_b64})
+    except ValueError:
+        return False
+    return True
+
+
+async def apply_documents(
+    documents: list[Document],
+    *,
+    agent_key: SigningKey | None = None,
+    exception_key: SigningKey | None = None,
+    now: datetime | None = None,
+    max_lifetime: timedelta = timedelta(days=DEFAULT_MAX_DAYS),
+) -> list[Change]:
+    """Create or update each block (agents signed with ``agent_key``, exceptions stamped
+    ``now`` and signed with ``exception_key``); report what changed.
+
+    Agents and exceptions are skipped when there is no key for them, and an exception whose
+    expiry is past or beyond ``max_lifetime``; the other documents still apply."""
     changes = []
     for document in documents:
         if isinstance(document.block, Notification):
             changes.append(await _apply_notification(document, document.block))
+            continue
+        if document.kind == "exception":
+            if exception_key is None:
+                changes.append(
+                    Change(document.kind, document.name, "skipped", document.path, NO_EXCEPTION_KEY)
+                )
+                continue
+            try:
+                existing = await GovernanceException.aload(document.name)
+            except (ValueError, ValidationError):
+                existing = None
+            if existing is not None and _same_exception(
+                document.name, existing, document.block, exception_key
+            ):
+                changes.append(Change(document.kind, document.name, "unchanged", document.path))
+                continue
+            try:
+                block = signed_exception(
+                    document.name,
+                    document.block,  # type: ignore[type-var]
+                    exception_key,
+                    now=now or datetime.now(timezone.utc),
+                    max_lifetime=max_lifetime,
+                )
+            except ValueError as exc:
+                changes.append(
+                    Change(
+                        document.kind,
+                        document.name,
+                        "skipped",
+                        document.path,
+                        f"not applied: {exc}",
+                    )
+                )
+                continue
+            await block.asave(document.name, overwrite=True)
+            action = "created" if existing is None else "updated"
+            changes.append(Change(document.kind, document.name, action, document.path))
             continue
         if document.kind == "agent":
             if agent_key is None:

@@ -44,10 +44,27 @@ def apply(
             "pool-owner).",
         ),
     ] = None,
+    exception_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--exception-key",
+            help="File holding the security team's Ed25519 seed exceptions are signed with "
+            "(default: PREFECT_GOVERNANCE_EXCEPTION_SIGNING_KEY; see `keygen --exception`).",
+        ),
+    ] = None,
+    exception_key_id: Annotated[
+        str | None,
+        typer.Option(
+            "--exception-key-id",
+            help="That key's id (default: PREFECT_GOVERNANCE_EXCEPTION_SIGNING_KEY_ID, else "
+            "security).",
+        ),
+    ] = None,
 ) -> None:
     """Create or update the blocks described by YAML documents, and the server-side
     guards (Prefect automations; see prefect_governance.cli.automations). Idempotent.
-    Agents are signed with the pool owner's key; without one they are not applied (exit 1)."""
+    Agents are signed with the pool owner's key, exceptions with the security team's
+    exception key; without its key such a document is not applied (exit 1)."""
     import os
 
     from prefect import get_client
@@ -57,20 +74,26 @@ def apply(
         SigningKeyError,
         agent_signing_key,
         apply_documents,
+        exception_signing_key,
         load_documents,
+        max_exception_lifetime,
     )
     from prefect_governance.cli.automations import apply_guards
 
     try:
         documents = load_documents(path)
         agent_key = agent_signing_key(signing_key, key_id, os.environ)
-    except (DocumentError, SigningKeyError) as exc:
+        exceptions_key = exception_signing_key(exception_key, exception_key_id, os.environ)
+        lifetime = max_exception_lifetime(os.environ)
+    except (DocumentError, SigningKeyError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 
     async def apply_all() -> bool:
         skipped = False
-        for change in await apply_documents(documents, agent_key=agent_key):
+        for change in await apply_documents(
+            documents, agent_key=agent_key, exception_key=exceptions_key, max_lifetime=lifetime
+        ):
             typer.echo(f"{change.action:9}  {change.kind:13}  {change.name}  ({change.path})")
             if change.reason:
                 skipped = True
@@ -96,6 +119,12 @@ def keygen(
     lineage: Annotated[
         bool, typer.Option("--lineage", help="A worker's lineage key instead of an agent key.")
     ] = False,
+    exception: Annotated[
+        bool,
+        typer.Option(
+            "--exception", help="The security team's exception key instead of an agent key."
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
     """Make an Ed25519 key: the pool owner's for signing agents (workers pin it in
@@ -105,9 +134,14 @@ def keygen(
 
     from prefect_governance.cli.apply import KEY_ID_PATTERN
     from prefect_governance.core.attestation import KEYS_ENV
+    from prefect_governance.core.exceptions import DEFAULT_KEY_ID as EXCEPTION_KEY_ID
+    from prefect_governance.core.exceptions import KEYS_ENV as EXCEPTION_KEYS_ENV
     from prefect_governance.core.signing import SigningKey
 
-    key_id = key_id or ("governance-lineage" if lineage else "pool-owner")
+    if lineage and exception:
+        raise typer.BadParameter("one of --lineage and --exception", param_hint="--exception")
+    default_id = "governance-lineage" if lineage else "pool-owner"
+    key_id = key_id or (EXCEPTION_KEY_ID if exception else default_id)
     if not KEY_ID_PATTERN.match(key_id):
         raise typer.BadParameter("lowercase letters, digits and dashes", param_hint="--key-id")
     if output.exists() and not force:
@@ -126,6 +160,14 @@ def keygen(
             f"(PREFECT_GOVERNANCE_LINEAGE_KEY=<seed>, PREFECT_GOVERNANCE_LINEAGE_KEY_ID="
             f"{key.key_id}), and pin the public key on every worker and verifier: "
             f"PREFECT_GOVERNANCE_LINEAGE_KEYS='{pinned}'",
+            err=True,
+        )
+        return
+    if exception:
+        typer.echo(
+            f"wrote the seed to {output}; keep it with the security team (`apply "
+            f"--exception-key {output}`), never on a worker, and pin the public key on every "
+            f"governed worker: {EXCEPTION_KEYS_ENV}='{pinned}'",
             err=True,
         )
         return
@@ -279,6 +321,10 @@ lineage_app = typer.Typer(
 agent_app = typer.Typer(help="Agents: identity, memory and trust.", no_args_is_help=True)
 app.add_typer(lineage_app, name="lineage")
 app.add_typer(agent_app, name="agent")
+exception_app = typer.Typer(
+    help="Policy exceptions: signed waivers with an owner and an expiry.", no_args_is_help=True
+)
+app.add_typer(exception_app, name="exception")
 policy_app = typer.Typer(help="Policy authoring: validate, evaluate, test.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 notification_app = typer.Typer(
@@ -709,6 +755,78 @@ def audit(
             typer.echo(findings_table(result.findings))
         typer.echo(result.summary())
     raise typer.Exit(1 if result.findings else 0)
+
+
+@exception_app.command("list")
+def exception_list(
+    expiring_within: Annotated[
+        str | None,
+        typer.Option(
+            "--expiring-within",
+            help="Only the exceptions still active that expire within this (7d, 12h, 30m).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Every exception block: active, expiring (within --expiring-within, else 7 days),
+    expired, or unverified (not signed by a key PREFECT_GOVERNANCE_EXCEPTION_KEYS pins,
+    altered, or living past the maximum) or invalid."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect import get_client
+
+    from prefect_governance.core.approvals import parse_duration
+    from prefect_governance.core.exceptions import listing
+    from prefect_governance.core.settings import GovernanceSettings
+    from prefect_governance.worker.governor import read_exception_documents
+    from prefect_governance.worker.report import format_table
+
+    try:
+        within = parse_duration(expiring_within) if expiring_within else timedelta(days=7)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--expiring-within") from None
+    settings = GovernanceSettings()
+
+    async def read() -> dict[str, Any]:
+        async with get_client() as client:
+            return await read_exception_documents(client)
+
+    listed = listing(
+        asyncio.run(read()),
+        keys=settings.exception_keys,
+        now=datetime.now(timezone.utc),
+        within=within,
+        max_lifetime=timedelta(days=settings.exception_max_days),
+    )
+    if expiring_within:
+        listed = [item for item in listed if item.status == "expiring"]
+    rows = [item.row() for item in listed]
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    if not rows:
+        typer.echo("no exceptions")
+        return
+    table = [("name", "status", "expires", "rules", "scope", "owner", "ticket")]
+    for row in rows:
+        scope = [
+            f"{kind}={','.join(row[kind])}"
+            for kind in ("agents", "deployments", "pools")
+            if row[kind]
+        ]
+        table.append(
+            (
+                row["name"],
+                row["status"] + (f" ({row['problem']})" if row["problem"] else ""),
+                row["expires_at"] or "-",
+                ",".join(r.removeprefix("prefect.governance.rules.") for r in row["rules"]) or "-",
+                " ".join(scope) or "-",
+                row["owner"] or "-",
+                row["ticket"] or "-",
+            )
+        )
+    typer.echo(format_table(table))
 
 
 @app.command()

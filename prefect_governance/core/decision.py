@@ -77,6 +77,7 @@ def decision_for(
                 reasons=list(result.reasons),
                 grants=None if result.grants is None else list(result.grants),
                 approval=list(result.approval),
+                waived=list(result.waived),
                 **common,
             )
     reason = f"policy engine failed ({answer.kind}): {answer.message}"

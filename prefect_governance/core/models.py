@@ -439,6 +439,39 @@ class MutationEnvelope(_Contract):
     )
 
 
+# --- exceptions ------------------------------------------------------------
+
+
+class PolicyException(_Contract):
+    """A signed exception the worker verified and found in scope for this run (its agent,
+    deployment and pool): it waives a deny of one of ``rules`` (whose message matches
+    ``message``, when set) while ``context.time`` is before ``expires_at``."""
+
+    name: str = Field(description="The governance-exception block's name.")
+    rules: list[str] = Field(description="Rule ids it waives (prefect.governance.rules.*.deny).")
+    message: str | None = Field(
+        None, description="RE2 pattern a deny message must match (regex.match), if set."
+    )
+    agents: list[str] = Field(default_factory=list)
+    deployments: list[str] = Field(default_factory=list)
+    pools: list[str] = Field(default_factory=list)
+    owner: str
+    reason: str
+    ticket: str
+    issued_at: datetime
+    expires_at: datetime
+
+
+class Waiver(BaseModel):
+    """A deny an exception waived: the run is not refused for it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    exception: str = Field(description="The exception's name.")
+    rule: str = Field(description="The waived deny's rule.")
+    message: str = Field(description="The waived deny's message.")
+
+
 # --- input and result ------------------------------------------------------
 
 
@@ -458,6 +491,11 @@ class PolicyInput(_Contract):
     agent: AgentObject
     envelope: MutationEnvelope
     context: PolicyContext
+    exceptions: list[PolicyException] = Field(
+        default_factory=list,
+        description="Signed exceptions that apply to this run, expired ones included "
+        "(the policy compares expires_at with context.time).",
+    )
 
 
 class Reason(BaseModel):
@@ -507,6 +545,10 @@ class PolicyResult(BaseModel):
         default_factory=list,
         description="Optional: approvals the run waits for. With no deny and a request here "
         "the verdict is awaiting_approval: the run does not start until decided again.",
+    )
+    waived: list[Waiver] = Field(
+        default_factory=list,
+        description="Optional: the denies an active exception waived (not in deny).",
     )
 
 
@@ -696,6 +738,14 @@ class Decision(BaseModel):
     )
     approval: list[ApprovalRequest] = Field(
         default_factory=list, description="The approvals an awaiting run waits for."
+    )
+    waived: list[Waiver] = Field(
+        default_factory=list, description="The denies an exception waived, and which one."
+    )
+    rejected_exceptions: list[str] = Field(
+        default_factory=list,
+        description="Exceptions claiming to apply to the run that waive nothing, and why "
+        "(unsigned, altered, signed by an unpinned key, unreadable).",
     )
 
     @property

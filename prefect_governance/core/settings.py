@@ -19,6 +19,8 @@ WORKER_SECRETS = (
     # if it is there anyway, a run's code must not get it (and sign its own agents).
     "PREFECT_GOVERNANCE_AGENT_SIGNING_KEY",
     "PREFECT_GOVERNANCE_LINEAGE_KEY",
+    # The security team's exception signing seed: a run must not sign its own waivers.
+    "PREFECT_GOVERNANCE_EXCEPTION_SIGNING_KEY",
 )
 
 
@@ -82,6 +84,25 @@ class GovernanceSettings(BaseSettings):
         "Scheduled, named AwaitingApproval; Prefect hands it back to a worker then, or at "
         "the worker's next poll within its prefetch window).",
     )
+    exception_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="The security team's public keys exceptions must be signed with, as JSON "
+        '{"KID": "PUBLIC"} (URL-safe base64); kept apart from the agent keys, so the pool '
+        "owner's key cannot waive a policy. Never read from blocks; none pinned: no exception "
+        "is read and none waives anything.",
+    )
+    exception_max_days: float = Field(
+        90.0,
+        gt=0,
+        description="Longest an exception may live (issued_at to expires_at), in days: "
+        "`apply` refuses to sign a longer one and the worker ignores it.",
+    )
+    exception_expiring_days: float = Field(
+        7.0,
+        ge=0,
+        description="An exception that waives a deny and expires within this many days is "
+        "logged as a warning on the run (not a policy warning: it costs no trust).",
+    )
     max_parameter_bytes: int = Field(
         MAX_PARAMETER_BYTES,
         gt=0,
@@ -141,7 +162,7 @@ class GovernanceSettings(BaseSettings):
         "0.0.0.0", description="The address that metrics port binds to (as Prefect's webserver)."
     )
 
-    @field_validator("agent_keys", "lineage_keys")
+    @field_validator("agent_keys", "lineage_keys", "exception_keys")
     @classmethod
     def _public_keys(cls, keys: dict[str, str]) -> dict[str, str]:
         for kid, public in keys.items():

@@ -117,6 +117,10 @@ class DecisionPayload(Payload):
     error: str | None
     rejected_approvals: list[str]
     approval: list[dict[str, Any]] = []  # the approvals an awaiting run waits for
+    # The signed exceptions the policy was shown, the denies they waived, the ones rejected.
+    exceptions: list[dict[str, Any]] = []
+    waived: list[dict[str, Any]] = []
+    rejected_exceptions: list[str] = []
 
 
 class OutcomePayload(Payload):
@@ -243,9 +247,10 @@ def decision_event(
     agent_block: str | None = None,
     worker: str | None = None,
     agent_version: int | None = None,
+    exceptions: list[dict[str, Any]] | None = None,
 ) -> LineageEvent:
-    """The lineage record of a decision (with the envelope it was about, and the version of
-    the signed agent it was made for)."""
+    """The lineage record of a decision (with the envelope it was about, the version of
+    the signed agent it was made for, and the exceptions the policy was shown)."""
     payload = DecisionPayload(
         envelope=envelope,
         agent_block=agent_block,
@@ -257,6 +262,9 @@ def decision_event(
         error=decision.error,
         rejected_approvals=decision.rejected_approvals,
         approval=[request.model_dump() for request in decision.approval],
+        exceptions=list(exceptions or []),
+        waived=[waiver.model_dump() for waiver in decision.waived],
+        rejected_exceptions=decision.rejected_exceptions,
     )
     return LineageEvent(
         kind="decision",
@@ -298,6 +306,8 @@ def decision_from_event(event: LineageEvent) -> Decision:
         error=payload.get("error"),
         rejected_approvals=payload.get("rejected_approvals") or [],
         approval=payload.get("approval") or [],
+        waived=payload.get("waived") or [],
+        rejected_exceptions=payload.get("rejected_exceptions") or [],
     )
 
 

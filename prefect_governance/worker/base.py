@@ -209,6 +209,10 @@ class GovernedWorker(_Worker):
             decision = admission.decision
             for warning in decision.warn:
                 logger.warning("Governance warning: %s", warning)
+            for waiver in decision.waived:
+                logger.warning("Governance: waived by exception %s", waiver.model_dump())
+            for notice in admission.assessment.notices:
+                logger.warning("Governance: %s", notice)
             if decision.verdict == "audited":
                 logger.warning(
                     "Audit mode: this run would be refused: %s", "; ".join(decision.deny)
@@ -415,6 +419,11 @@ class GovernedWorker(_Worker):
             labels["governance.agent"] = assessment.agent_id
         if decision.warn:
             labels["governance.warnings"] = str(len(decision.warn))
+        if decision.waived:
+            labels["governance.waived"] = str(len(decision.waived))
+            labels["governance.exceptions"] = ",".join(
+                sorted({waiver.exception for waiver in decision.waived})
+            )
         labels.update(extra or {})
         await self.client.update_flow_run_labels(flow_run.id, labels)
         self._worker_labels.pop(str(flow_run.id), None)

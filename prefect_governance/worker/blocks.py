@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import ConfigDict, Field, SecretStr
 
 from prefect_governance.core.canonical import sha256_of
 from prefect_governance.core.engines import PolicyEngine, build_engine
+from prefect_governance.core.exceptions import ExceptionSpec
 from prefect_governance.core.keys import LOGO
 from prefect_governance.core.models import (
     DEFAULT_POLICY_PATH,
@@ -87,6 +88,22 @@ class GovernanceAgent(Block):
             constraints=self.constraints,
             trust=trust,
         )
+
+
+class GovernanceException(Block, ExceptionSpec):
+    """A signed waiver of named rules for some agents, deployments or pools, until it expires."""
+
+    _block_type_name = "Governance Exception"
+    _block_type_slug = "governance-exception"
+    _logo_url = LOGO
+    _description = (
+        "A policy exception for prefect-governance: the rules it waives, its scope, owner, "
+        "reason, ticket and expiry, signed by the security team's key "
+        "(see prefect_governance.core.exceptions)."
+    )
+    # A block takes Prefect's own keys (block_type_slug); the worker validates the data as
+    # an ExceptionSpec, which forbids any other field.
+    model_config = ConfigDict(extra="allow")
 
 
 class GovernancePolicyEngine(Block):

@@ -37,6 +37,7 @@ from prefect_governance.core.decision import decide, decision_for, for_task, wor
 from prefect_governance.core.engines import EngineError, PolicyEngine, build_engine
 from prefect_governance.core.envelope import ParameterLimitError, build_envelope
 from prefect_governance.core.errors import GovernanceError
+from prefect_governance.core.exceptions import RunScope, check_exceptions, expiring_soon
 from prefect_governance.core.handoff import (
     DECISION_ENV,
     ENVELOPE_ENV,
@@ -60,6 +61,7 @@ from prefect_governance.core.models import (
     Mode,
     MutationEnvelope,
     PolicyContext,
+    PolicyException,
     PolicyInput,
     TaskPolicyInput,
     TaskPosture,
@@ -107,6 +109,7 @@ from prefect_governance.lineage.parameter_schemas import remembered_schema
 from prefect_governance.lineage.store import LineageStore
 from prefect_governance.worker.blocks import (
     GovernanceAgent,
+    GovernanceException,
     GovernanceLineageStore,
     GovernancePolicyEngine,
 )
@@ -145,6 +148,7 @@ class Assessment:
     # wait the newest of them recorded already (then it is not recorded again).
     earlier: list[LineageEvent] = field(default_factory=list)
     same_wait: bool = False
+    notices: list[str] = field(default_factory=list)  # for the run's log (no policy warning)
 
     def grant(self) -> Grant:
         """What an allowed run receives (to be signed)."""
@@ -296,6 +300,27 @@ async def load_agent(client: PrefectClient, name: str, keys: Mapping[str, str]) 
         raise AgentUnavailable(str(exc)) from None
     agent._block_document_id = document.id  # named by the decision's events
     return agent
+
+
+async def read_exception_documents(client: PrefectClient) -> dict[str, Any]:
+    """Every named governance-exception block's data, by block name, as any API client
+    left it (``check_exceptions`` verifies them); none when the block type does not exist."""
+    try:
+        documents = await client.read_block_documents_by_type(
+            GovernanceException.get_block_type_slug()
+        )
+    except ObjectNotFound:
+        return {}
+    return {d.name: d.data for d in documents if d.name and not d.is_anonymous}
+
+
+def _deployment_scope(
+    flow: Flow, deployment: DeploymentResponse | None
+) -> tuple[str | None, str | None, str | None]:
+    """The flow name, deployment name and deployment id an exception's scope matches."""
+    if deployment is None:
+        return flow.name, None, None
+    return flow.name, deployment.name, str(deployment.id)
 
 
 async def read_proposals(client: PrefectClient, flow_run_id: Any) -> list[dict[str, Any]]:
@@ -757,10 +782,14 @@ class Governor:
         envelope.approvals = [a for a in verified if a.decision == "approve"]
         envelope.rejections = [a for a in verified if a.decision == "reject"]
         envelope.approval_requested_at = awaiting_since(earlier)
+        exceptions, rejected_exceptions, unread = await self._exceptions(
+            client, RunScope(agent.id, work_pool.name, *_deployment_scope(flow, deployment)), now
+        )
         policy_input = PolicyInput(
             agent=agent.to_agent_object(policy_path, trust),
             envelope=envelope,
             context=PolicyContext(worker=WorkerRef(name=worker_name), time=now, mode=mode),
+            exceptions=exceptions,
         ).model_dump(mode="json")
 
         engine: PolicyEngine | None = None
@@ -784,6 +813,15 @@ class Governor:
             decision = decision.model_copy(
                 update={"verdict": "refused", "deny": [NO_APPROVER_KEYS], "approval": []}
             )
+        decision.rejected_exceptions = rejected_exceptions
+        if unread:
+            decision.warn.append(unread)
+        notices = expiring_soon(
+            exceptions,
+            {waiver.exception for waiver in decision.waived},
+            now,
+            timedelta(days=self.settings.exception_expiring_days),
+        )
         return Assessment(
             decision,
             agent=agent,
@@ -795,6 +833,7 @@ class Governor:
             engine=engine,
             task_policy_path=controls.task_policy_path,
             earlier=earlier,
+            notices=notices,
         )
 
     async def _approvals(
@@ -817,6 +856,35 @@ class Governor:
         except Exception as exc:  # no approval is read: a run that needs one is refused
             return [], [f"the approvals could not be read ({type(exc).__name__}: {exc})"]
 
+    async def _exceptions(
+        self, client: PrefectClient, run: RunScope, now: datetime
+    ) -> tuple[list[PolicyException], list[str], str | None]:
+        """The signed exceptions that apply to this run (expired ones too: the policy
+        warns of them), why each other one that claims this run waives nothing, and, when
+        none can be read at all, a warning: the run is then decided without any. Without
+        pinned exception keys nothing can verify, so nothing is read."""
+        if not self.settings.exception_keys:
+            return [], [], None
+        try:
+            documents = await read_exception_documents(client)
+        except Exception as exc:  # fail closed: no exception waives anything
+            return (
+                [],
+                [],
+                (
+                    f"the policy exceptions could not be read ({type(exc).__name__}: {exc}); "
+                    "the run is decided without any"
+                ),
+            )
+        found, rejected = check_exceptions(
+            documents,
+            keys=self.settings.exception_keys,
+            run=run,
+            now=now,
+            max_lifetime=timedelta(days=self.settings.exception_max_days),
+        )
+        return found, rejected, None
+
     async def record_decision(
         self, store: LineageStore, assessment: Assessment, flow_run_id: str
     ) -> None:
@@ -831,6 +899,7 @@ class Governor:
                 agent_block=assessment.agent_block,
                 worker=assessment.worker,
                 agent_version=assessment.agent.version if assessment.agent else None,
+                exceptions=(assessment.policy_input or {}).get("exceptions"),
             )
         ]
         # A refusal costs the agent trust; an engine that could not answer is not its doing,

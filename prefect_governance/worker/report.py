@@ -37,6 +37,8 @@ def refusal_message(decision: Decision) -> str:
     )
     if decision.rejected_approvals:
         message += "; approvals not accepted: " + "; ".join(decision.rejected_approvals)
+    if decision.rejected_exceptions:
+        message += "; exceptions not accepted: " + "; ".join(decision.rejected_exceptions)
     return message
 
 
@@ -102,6 +104,15 @@ def decision_markdown(decision: Decision, agent_id: str | None, awaiting: str | 
     if decision.rejected_approvals:
         lines += ["", "## Approvals not accepted", ""] + [
             f"- {_cell(item)}" for item in decision.rejected_approvals
+        ]
+    if decision.waived:
+        lines += ["", "## Waived by exception", "", "| message | rule | exception |"]
+        lines += ["| --- | --- | --- |"] + [
+            f"| {_cell(w.message)} | `{w.rule}` | `{_cell(w.exception)}` |" for w in decision.waived
+        ]
+    if decision.rejected_exceptions:
+        lines += ["", "## Exceptions not accepted", ""] + [
+            f"- {_cell(item)}" for item in decision.rejected_exceptions
         ]
     if decision.annotations:
         lines += ["", "## Annotations", ""] + [

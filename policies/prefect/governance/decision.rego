@@ -6,10 +6,15 @@
 # produced it; a module may also `withhold` capabilities, which narrows the
 # run's `grants`. Load only the modules you want to adopt.
 #
+# A rule module's deny that an active signed exception (input.exceptions) covers is
+# not a deny: it is reported in `waived`, with the exception that waived it. The
+# aggregator's own deny (a malformed input) is never waived.
+#
 # Input and result: policies/schema/policy-contract.schema.json and
 # policies/README.md.
 package prefect.governance.decision
 
+import data.prefect.governance.lib.exceptions
 import data.prefect.governance.rules
 
 allow := (count(deny) + count(approval)) == 0
@@ -17,10 +22,43 @@ allow := (count(deny) + count(approval)) == 0
 # Each deny and warn message with the rule (package and rule name) behind it.
 # `rules[module][kind]` evaluates only each module's deny and warn (and what they
 # use), never a module's whole document: half the decision's time, measured.
-reasons contains reason if {
+given contains reason if {
 	some kind in ["deny", "warn"]
 	some message in rules[module][kind]
 	reason := {"kind": kind, "message": message, "rule": sprintf("prefect.governance.rules.%s.%s", [module, kind])}
+}
+
+reasons contains reason if {
+	some reason in given
+	not waived_reason(reason)
+}
+
+# Each rule module's deny an active exception covers, and the exception that waived it.
+waived contains waiver if {
+	some reason in given
+	reason.kind == "deny"
+	some exception in exceptions.active
+	exceptions.covers(exception, reason)
+	waiver := {"exception": exception.name, "rule": reason.rule, "message": reason.message}
+}
+
+waived_reason(reason) if {
+	some waiver in waived
+	waiver.rule == reason.rule
+	waiver.message == reason.message
+}
+
+# An expired exception waives nothing; it warns where it would have waived a deny.
+reasons contains reason if {
+	some denied in given
+	denied.kind == "deny"
+	some exception in exceptions.expired
+	exceptions.covers(exception, denied)
+	reason := {
+		"kind": "warn",
+		"message": sprintf("exception %q expired at %s: it no longer waives %s (%s)", [exception.name, exception.expires_at, denied.rule, exception.ticket]),
+		"rule": "prefect.governance.decision.warn",
+	}
 }
 
 # An input without the contract's parts is refused: rules that cannot see a run

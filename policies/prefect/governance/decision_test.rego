@@ -7,7 +7,7 @@ import data.prefect.governance.testing
 # by OPA as data.examples[name]) is decided exactly as expected, rules included.
 example_failures := {name |
 	some name, example in data.examples
-	got := decision with input as object.filter(example, ["agent", "envelope", "context"])
+	got := decision with input as object.filter(example, ["agent", "envelope", "context", "exceptions"])
 	not same(got, example)
 }
 
@@ -19,6 +19,7 @@ same(got, want) if {
 	got.annotations == want.annotations
 	as_set(got.grants) == as_set(want.grants)
 	as_set(got.approval) == as_set(object.get(want, "approval", []))
+	as_set(got.waived) == as_set(object.get(want, "waived", []))
 }
 
 as_set(xs) := {x | some x in xs}
