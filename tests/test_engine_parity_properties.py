@@ -760,6 +760,14 @@ NOW = "2026-11-24T12:00:00Z"  # the examples' context.time: a Tuesday
 PRIVILEGED = FLOW_EXAMPLES["refused-privileged-container"]["envelope"]["infrastructure"]
 FLOW_DECISIVE = [
     {("agent", "constraints", "approval"): {"approvers": ["alice"]}},
+    {  # waited past its timeout, and rejected: the approval rule's denies
+        ("agent", "constraints", "approval"): {"approvers": ["alice"], "timeout_seconds": 60},
+        ("envelope", "approval_requested_at"): "2026-11-24T11:00:00Z",
+    },
+    {
+        ("agent", "constraints", "approval"): {"approvers": ["alice"]},
+        ("envelope", "rejections"): [{"approver": "alice"}],
+    },
     {("agent", "constraints", "triggers"): {"types": ["AUTOMATION"]}},
     {
         ("agent", "constraints", "triggers"): {"users": ["alice"]},
@@ -955,8 +963,22 @@ def _errors(outcomes: Counter) -> int:
     return sum(n for outcome, n in outcomes.items() if outcome.startswith("error:"))
 
 
+def _each_decisive(engines, path: str, base: dict, decisive: list[dict]) -> Counter:
+    """Each decisive change on the allowed example, through both engines: every rule is
+    compared at least once, whichever changes the derandomized draws happen to pick."""
+    fired: Counter = Counter()
+    for change in decisive:
+        document = copy.deepcopy(base)
+        for change_path, value in change.items():
+            apply(document, change_path, value)
+        engines.both(path, document)
+        fired.update(_rules(engines.last.result))
+    return fired
+
+
 def test_both_engines_give_the_same_flow_decision_for_generated_inputs(engines):
     outcomes, fired, seen = _run(engines, PATH, inputs(FLOW_BASES, FLOW_DECISIVE, FLOW_MUTATIONS))
+    fired += _each_decisive(engines, PATH, FLOW_EXAMPLES["allowed"], FLOW_DECISIVE)
     for outcome in ("allowed", "warned", "refused"):
         assert outcomes[outcome] >= 10, (outcome, outcomes)
     assert _errors(outcomes) >= 1, ("engine errors are compared too", outcomes)
@@ -967,6 +989,9 @@ def test_both_engines_give_the_same_flow_decision_for_generated_inputs(engines):
 def test_both_engines_give_the_same_task_decision_for_generated_inputs(engines):
     outcomes, fired, seen = _run(
         engines, TASK_PATH, inputs(TASK_BASES, TASK_DECISIVE, TASK_MUTATIONS)
+    )
+    fired += _each_decisive(
+        engines, TASK_PATH, _examples("task_examples")["allowed"], TASK_DECISIVE
     )
     for outcome in ("allowed", "refused"):  # the task rules only deny: no warned outcome
         assert outcomes[outcome] >= 10, (outcome, outcomes)

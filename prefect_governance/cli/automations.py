@@ -44,6 +44,8 @@ from prefect.events.actions import ChangeFlowRunState, SendNotification
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from prefect_governance.core.errors import GovernanceError
+
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
 
@@ -190,7 +192,7 @@ async def _put(client: PrefectClient, wanted: AutomationCore) -> str:
     return "updated" if existing else "created"
 
 
-class NotificationBlockMissing(LookupError):
+class NotificationBlockMissing(GovernanceError, LookupError):
     """A notification document names a block that does not exist."""
 
 
