@@ -9,8 +9,18 @@ and an exception signed by the security team (the key the worker pins) for a sco
 marker file absent and the run Cancelled/"Refused"; an attack that gets through is an
 ``xfail(strict=True)`` whose reason says what the hole is.
 
-Phase 1 decides every case with one worker; phase 2 (same worker) then floods the server
-with junk governance-exception blocks and decides the control case's run again.
+Phase 1 decides every case (a worker on an enforcing pool, one on a fail-open pool);
+phase 2 (same workers) floods the server with junk governance-exception blocks and decides
+the control's, a refused and the copied exception's deployments again.
+
+Held: deployment names chosen to look like the scope ("*", the target's UUID, upper case),
+a revoked exception saved under another block name, a flood of 205 junk blocks (the valid
+exception still waives; a refused run's record stays bounded). Open (xfail): a run created
+through the REST API with another flow's id (exception scope and agent binding both take
+the flow name from it), an unanchored message pattern, planted waiver labels kept, an
+exception narrowed by re-applying rolled back by saving the older signed data, rejections
+of a tampered exception pushed out of the record by junk, no waiver in the decision event,
+a Python-valid RE2-invalid pattern that makes a fail-open pool run a run ungoverned.
 """
 
 from __future__ import annotations
@@ -37,15 +47,18 @@ from tests.exception_keys import exception, exception_keys_env, signed
 pytestmark = pytest.mark.e2e
 
 POOL = "exc-outside"
+OPEN_POOL = "exc-outside-open"  # fail_mode open: an engine failure runs ungoverned
 RULE = "prefect.governance.rules.parameters.deny"
 FLOOD = 205  # more than Prefect's default page (PREFECT_API_DEFAULT_LIMIT, 200)
 
 
-async def _deploy(name: str, variables: dict[str, Any], flow_name: str | None = None) -> UUID:
+async def _deploy(
+    name: str, variables: dict[str, Any], flow_name: str | None = None, pool: str = POOL
+) -> UUID:
     """A deployment of examples/flows.py:load_warehouse, registered under ``flow_name``
     (a flow of that name: the deployment author names his flow as he likes)."""
     if flow_name is None:
-        return await deploy_example(name, POOL, variables)
+        return await deploy_example(name, pool, variables)
     source = await Flow.afrom_source(
         source=str(ROOT / "examples"), entrypoint="flows.py:load_warehouse"
     )
@@ -53,7 +66,7 @@ async def _deploy(name: str, variables: dict[str, Any], flow_name: str | None = 
     with contextlib.redirect_stdout(io.StringIO()):
         return await source.adeploy(
             name=name,
-            work_pool_name=POOL,
+            work_pool_name=pool,
             job_variables=variables,
             build=False,
             push=False,
@@ -66,7 +79,7 @@ async def _agent(gov: Harness, agent_id: str) -> None:
         GovernanceAgent(
             id=agent_id,
             owner="data@example.com",
-            trust_scope=[POOL],
+            trust_scope=[POOL, OPEN_POOL],
             capabilities=["read:warehouse"],
             constraints={"parameters": {"rows": {"type": "integer", "maximum": 10}}},
         ),
@@ -211,6 +224,22 @@ async def _setup(gov: Harness) -> dict[str, Any]:
         response.raise_for_status()
     c = case("narrowed, then the older version saved back", deployment=rollback)
     c["id"] = await _run(rollback, c["marker"])
+
+    # A message pattern Python's re accepts (what apply checks) and RE2 does not (\Z):
+    # signed, it makes regex.match fail inside the policy for every run with a deny of
+    # its rule. In a fail-open pool the deployment author then asks for 500 rows *and* a
+    # capability his agent lacks: the engine fails, and the run goes ungoverned.
+    await create_pool(OPEN_POOL, lineage_store=gov.lineage_block, fail_mode="open", overwrite=True)
+    await _agent(gov, "xo-re2")
+    await signed(
+        "xo-re2", exception(agents=["xo-re2"], message=r'parameter "rows" is 500,.*\Z')
+    ).asave("xo-re2")
+    variables = {"agent": "xo-re2", "capabilities": ["delete:warehouse"]}
+    greedy = await _deploy("xo-re2", variables, pool=OPEN_POOL)
+    c = case("RE2-invalid pattern: ungranted capability alone", deployment=greedy)
+    c["id"] = await _run(greedy, c["marker"], rows=5)
+    c = case("RE2-invalid pattern: ungranted capability and 500 rows", deployment=greedy)
+    c["id"] = await _run(greedy, c["marker"], rows=500)
     return cases
 
 
@@ -285,6 +314,7 @@ def decided(prefect_server, tmp_path_factory):
     with harness(prefect_server, tmp, lineage_block="exceptions-outside-lineage") as gov:
         cases = asyncio.run(_setup(gov))
         gov.start_worker(POOL, log=tmp / "worker.log", extra_env=exception_keys_env())
+        gov.start_worker(OPEN_POOL, log=tmp / "worker-open.log", extra_env=exception_keys_env())
         try:
             asyncio.run(wait_final([c["id"] for c in cases.values()], timeout=180))
             for c in cases.values():
@@ -380,8 +410,10 @@ def test_a_revoked_exception_saved_under_another_block_name_waives_nothing(decid
     reason=(
         "OPEN (documentation): an exception's `message` is matched with regex.match, a "
         "search anywhere in the deny message; 'parameter \"rows\" is 500' (meant: 500 rows) "
-        "also waives 5000 rows. The README says only 'RE2 pattern the deny message must "
-        "match': say it is unanchored (write ^...$) or anchor it"
+        "also waives 5000 rows. Only the block field's description says 'anywhere in the "
+        "message unless anchored'; the README says 'RE2 pattern the deny message must "
+        "match' and its example 'parameter \"rows\"' also waives a rows of the wrong type: "
+        "say it in the README (write ^...$) or anchor it"
     ),
 )
 def test_a_message_pattern_waives_only_the_message_it_spells(decided):
@@ -489,3 +521,28 @@ def test_a_flood_of_junk_blocks_does_not_hide_why_a_tampered_exception_was_rejec
     _refused(again, c["marker"].with_name("marker-copy-again"))
     rejected = again["decision"].payload["rejected_exceptions"]
     assert any("xo-copy-again" in r for r in rejected), rejected[-3:]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "OPEN: apply (ExceptionSpec._pattern) checks `message` with Python's re, the policy "
+        "matches it with RE2 (regex.match): a signed pattern RE2 rejects (\\Z, lookaround, "
+        "backreferences) is an evaluation error for every run with a deny of its rule; in a "
+        "fail-open pool that run goes `ungoverned` and executes, its other denies (here a "
+        "capability the agent lacks) unenforced. Validate with RE2 (google-re2, or the "
+        "engine itself), and/or treat a pattern that does not compile as no match"
+    ),
+)
+def test_a_pattern_re2_rejects_does_not_let_a_run_skip_its_other_denies(decided):
+    alone = decided["RE2-invalid pattern: ungranted capability alone"]
+    _refused(alone["first"], alone["marker"])  # the control: the capability deny holds
+    assert 'capability "delete:warehouse" is not granted' in alone["first"]["run"].state.message
+    c = decided["RE2-invalid pattern: ungranted capability and 500 rows"]
+    decision = c["first"]["decision"]
+    print(
+        "verdict:",
+        decision.verdict if decision else None,
+        decision.payload["error"] if decision else "",
+    )
+    _refused(c["first"], c["marker"])
