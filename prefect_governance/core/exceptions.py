@@ -66,6 +66,10 @@ class ExceptionRejected(GovernanceError, ValueError):
     """An exception that waives nothing for this run, and why."""
 
 
+class ExceptionInvalid(ExceptionRejected):
+    """A block that does not hold an exception document at all (anybody can write junk)."""
+
+
 class ExceptionSpec(BaseModel):
     """The fields of an exception document (the governance-exception block's fields)."""
 
@@ -78,8 +82,9 @@ class ExceptionSpec(BaseModel):
     )
     message: str | None = Field(
         None,
-        description="Optional RE2 pattern a deny message must match to be waived "
-        "(regex.match: anywhere in the message unless anchored).",
+        description="Optional RE2 pattern the whole deny message must match to be waived "
+        '(anchored: `parameter "rows" is 500` does not waive `... is 5000`); a pattern '
+        "RE2 cannot compile waives nothing.",
     )
     agents: list[str] = Field(default_factory=list, description="Agent ids it applies to.")
     deployments: list[str] = Field(
@@ -304,7 +309,7 @@ def check_exception(
     try:
         spec = ExceptionSpec.model_validate(_spec_data(data))
     except ValidationError as exc:
-        raise ExceptionRejected(f"invalid ({describe_validation(exc, '(document)')})") from None
+        raise ExceptionInvalid(f"invalid ({describe_validation(exc, '(document)')})") from None
     verify_exception(name, spec, keys)
     if not applies(spec, run):
         return None
@@ -328,9 +333,12 @@ def check_exceptions(
 ) -> tuple[list[PolicyException], list[str]]:
     """The exceptions among block documents (by block name) that verify and apply to this
     run, by name, and why each other one that claims to apply (or cannot be read) waives
-    nothing."""
+    nothing: exception documents first, then the blocks that hold none (so junk blocks,
+    which any API client can write, never push a real document's rejection out of the
+    first ``MAX_REJECTED``)."""
     found: list[PolicyException] = []
     rejected: list[str] = []
+    junk: list[str] = []
     for name in sorted(documents):
         data = documents[name]
         try:
@@ -339,12 +347,14 @@ def check_exceptions(
             )
         except ExceptionRejected as exc:
             if _claims(data, run):
-                rejected.append(f"exception {name!r}: {exc}")
+                into = junk if isinstance(exc, ExceptionInvalid) else rejected
+                into.append(f"exception {name!r}: {exc}")
         except Exception as exc:  # a hostile document rejects itself, not the others
-            rejected.append(f"exception {name!r}: unreadable ({type(exc).__name__})")
+            junk.append(f"exception {name!r}: unreadable ({type(exc).__name__})")
         else:
             if exception is not None:
                 found.append(exception)
+    rejected += junk
     if len(rejected) > MAX_REJECTED:
         rejected = [*rejected[:MAX_REJECTED], f"... and {len(rejected) - MAX_REJECTED} more"]
     return found, rejected

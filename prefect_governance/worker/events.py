@@ -171,6 +171,10 @@ def decision_event(
         "deny": list(decision.deny),
         "warn": list(decision.warn),
         "error": decision.error,
+        # The denies exceptions waived (which exception, which rule), and who may approve
+        # a run that waits: what a notification to the security team or approvers needs.
+        "waived": [waiver.model_dump() for waiver in decision.waived],
+        "approval": [request.model_dump() for request in decision.approval],
         "lineage": {
             "recorded": seen.lineage_error is None and seen.lineage_seconds is not None,
             "seconds": seen.lineage_seconds,

@@ -694,6 +694,14 @@ class Governor:
                 "the deployment names no agent: set the `agent` job variable to the name "
                 "of a governance-agent block"
             )
+        if deployment is not None and deployment.flow_id != flow_run.flow_id:
+            # Prefect's API takes any flow id beside a deployment's: the run would be judged
+            # (agent binding, exceptions, lineage) as a flow whose code it does not run.
+            return refuse(
+                f"the flow run names flow {flow_run.flow_id}, but its deployment "
+                f"{deployment.name!r} belongs to flow {deployment.flow_id}: a run of a "
+                "deployment is a run of the deployment's flow"
+            )
         try:
             agent = await load_agent(client, controls.agent, self.settings.agent_keys)
         except AgentUnavailable as exc:

@@ -98,7 +98,7 @@ kind: exception
 name: {name}
 spec:
   rules: [{RULE}]
-  message: 'parameter "rows"'
+  message: 'parameter "rows" is .*'
   agents: [{agent}]
   owner: security@example.com
   reason: a one-off backfill of 500 rows

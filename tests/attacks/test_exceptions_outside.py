@@ -15,12 +15,13 @@ the control's, a refused and the copied exception's deployments again.
 
 Held: deployment names chosen to look like the scope ("*", the target's UUID, upper case),
 a revoked exception saved under another block name, a flood of 205 junk blocks (the valid
-exception still waives; a refused run's record stays bounded). Open (xfail): a run created
-through the REST API with another flow's id (exception scope and agent binding both take
-the flow name from it), an unanchored message pattern, planted waiver labels kept, an
-exception narrowed by re-applying rolled back by saving the older signed data, rejections
-of a tampered exception pushed out of the record by junk, no waiver in the decision event,
-a Python-valid RE2-invalid pattern that makes a fail-open pool run a run ungoverned.
+exception still waives; a refused run's record stays bounded, and still names a tampered
+exception's rejection first), a run created through the REST API with another flow's id
+(refused: a deployment's run is its flow's), a message pattern matched against the whole
+message, a pattern RE2 cannot compile (waives nothing, so the run's other denies hold in a
+fail-open pool), the waiver named in the decision event. Open (xfail): planted waiver
+labels kept, an exception narrowed by re-applying rolled back by saving the older signed
+data.
 """
 
 from __future__ import annotations
@@ -371,16 +372,6 @@ def test_control_an_exception_for_this_deployment_waives_its_deny(decided):
     assert [w["exception"] for w in decision.payload["waived"]] == ["zz-xo-control"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "OPEN: the worker takes the flow name of an exception's (and an agent's) deployment "
-        "scope from flow_run.flow_id, which any API client sets on POST /flow_runs/ "
-        "independently of deployment_id: a run of deployment xo-evil/xo-spoof created with "
-        "the flow id of load-warehouse matches `load-warehouse/xo-spoof`, is waived and "
-        "executes the attacker's deployment, and the lineage says flow load-warehouse"
-    ),
-)
 def test_a_run_with_another_flows_id_is_not_waived_as_that_flows_deployment(decided):
     c = decided["flow id of another flow"]
     decision = c["first"]["decision"]
@@ -405,17 +396,6 @@ def test_a_revoked_exception_saved_under_another_block_name_waives_nothing(decid
     assert any("xo-copy-again" in r for r in rejected), rejected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "OPEN (documentation): an exception's `message` is matched with regex.match, a "
-        "search anywhere in the deny message; 'parameter \"rows\" is 500' (meant: 500 rows) "
-        "also waives 5000 rows. Only the block field's description says 'anywhere in the "
-        "message unless anchored'; the README says 'RE2 pattern the deny message must "
-        "match' and its example 'parameter \"rows\"' also waives a rows of the wrong type: "
-        "say it in the README (write ^...$) or anchor it"
-    ),
-)
 def test_a_message_pattern_waives_only_the_message_it_spells(decided):
     c = decided["message pattern matched inside the message"]
     _refused(c["first"], c["marker"])
@@ -456,14 +436,6 @@ def test_a_flood_of_junk_blocks_does_not_swamp_a_refused_runs_record(decided):
     assert len(message) < 20_000, f"{len(rejected)} rejected exceptions in the message"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "OPEN: the agent binding (attestation.binds) takes the flow name from "
-        "flow_run.flow_id too: a run of xo-evil/xo-bound created with load-warehouse's flow "
-        "id acts as an agent bound only to load-warehouse/xo-bound, and executes"
-    ),
-)
 def test_a_run_with_another_flows_id_does_not_borrow_an_agent_bound_to_that_flow(decided):
     own = decided["agent bound: the attacker's own run"]
     _refused(own["first"], own["marker"])  # the control: not bound
@@ -485,14 +457,6 @@ def test_an_exception_narrowed_by_the_security_team_cannot_be_rolled_back(decide
     _refused(c["first"], c["marker"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "OPEN (gap): the decision event of a waived run (prefect-governance.decision.allowed) "
-        "carries no waiver: no exception name, no waived rule or message, so an automation "
-        "cannot tell the security team that an exception was used"
-    ),
-)
 def test_the_event_of_a_waived_run_names_the_exception(decided):
     events = [
         e
@@ -503,18 +467,6 @@ def test_the_event_of_a_waived_run_names_the_exception(decided):
     assert "zz-xo-control" in json.dumps(events[0]["payload"]), events[0]["payload"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "OPEN (lineage truth): rejected_exceptions keeps the first MAX_REJECTED (20) by "
-        "block name and '... and N more': junk blocks named to sort first push out why a "
-        "tampered exception that claims this run waived nothing (here the revoked "
-        "exception copied to xo-copy-again), from the decision record, the run's message "
-        "and the artifact. Keep every rejection of a document that verifies as an "
-        "exception's data but fails its signature/name, or sort real claims first and "
-        "count the unreadable ones"
-    ),
-)
 def test_a_flood_of_junk_blocks_does_not_hide_why_a_tampered_exception_was_rejected(decided):
     c = decided["copied under another name"]
     again = c["again"]
@@ -523,17 +475,6 @@ def test_a_flood_of_junk_blocks_does_not_hide_why_a_tampered_exception_was_rejec
     assert any("xo-copy-again" in r for r in rejected), rejected[-3:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "OPEN: apply (ExceptionSpec._pattern) checks `message` with Python's re, the policy "
-        "matches it with RE2 (regex.match): a signed pattern RE2 rejects (\\Z, lookaround, "
-        "backreferences) is an evaluation error for every run with a deny of its rule; in a "
-        "fail-open pool that run goes `ungoverned` and executes, its other denies (here a "
-        "capability the agent lacks) unenforced. Validate with RE2 (google-re2, or the "
-        "engine itself), and/or treat a pattern that does not compile as no match"
-    ),
-)
 def test_a_pattern_re2_rejects_does_not_let_a_run_skip_its_other_denies(decided):
     alone = decided["RE2-invalid pattern: ungranted capability alone"]
     _refused(alone["first"], alone["marker"])  # the control: the capability deny holds

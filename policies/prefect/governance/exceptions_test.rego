@@ -51,7 +51,7 @@ cases := {
 	"a message pattern that matches waives": {
 		"changes": {
 			"/envelope/capabilities": asks_deploy,
-			"/exceptions": [with_fields({"message": "\"deploy:prod\" is not granted"})],
+			"/exceptions": [with_fields({"message": ".*\"deploy:prod\" is not granted.*"})],
 		},
 		"waived": [waived("deploy-waiver", capability_rule, capability)],
 	},
@@ -59,6 +59,20 @@ cases := {
 		"changes": {
 			"/envelope/capabilities": asks_deploy,
 			"/exceptions": [with_fields({"message": "^capability \"admin\""})],
+		},
+		"deny": [capability],
+	},
+	"a message pattern that matches only part of the message waives nothing": {
+		"changes": {
+			"/envelope/capabilities": asks_deploy,
+			"/exceptions": [with_fields({"message": "\"deploy:prod\" is not granted"})],
+		},
+		"deny": [capability],
+	},
+	"a message pattern RE2 cannot compile waives nothing (the deny stands)": {
+		"changes": {
+			"/envelope/capabilities": asks_deploy,
+			"/exceptions": [with_fields({"message": ".*\\Z"})],
 		},
 		"deny": [capability],
 	},

@@ -30,8 +30,9 @@ named_or_any(exception, scope, _) if count(object.get(exception, scope, [])) == 
 
 named_or_any(exception, scope, value) if value in exception[scope]
 
-# Whether an exception covers a deny reason: its rule is named, and its message matches
-# the exception's pattern when it has one.
+# Whether an exception covers a deny reason: its rule is named, and the whole message
+# matches the exception's pattern when it has one (anchored: `is 500` is not `is 5000`).
+# A pattern RE2 cannot compile matches nothing, so the deny stands.
 covers(exception, reason) if {
 	reason.rule in exception.rules
 	message_matches(exception, reason.message)
@@ -39,4 +40,7 @@ covers(exception, reason) if {
 
 message_matches(exception, _) if object.get(exception, "message", null) == null
 
-message_matches(exception, message) if regex.match(exception.message, message)
+message_matches(exception, message) if {
+	regex.is_valid(exception.message)
+	regex.match(sprintf("^(?:%s)$", [exception.message]), message)
+}
