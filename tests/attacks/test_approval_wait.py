@@ -1,0 +1,371 @@
+"""Attacks on approvals as a verdict (a run waits, Scheduled/AwaitingApproval, until a
+signed approval), against a real Prefect server and the real governed worker.
+
+Every agent here needs alice's approval; the worker pins alice's and bob's keys and
+decides a waiting run again every 2 s. The attackers: the requester as an API client
+(sets states, labels, scheduled times, deletes and writes variables), the deployment's
+author (job variables), and whoever holds a run that alice did approve. A run the attack
+must not execute is proven not to have executed: the marker file the flow writes stays
+absent (or holds one line per execution). A hole the code does not withstand yet is an
+``xfail(strict=True)`` test that says what opens it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect import get_client
+from prefect.states import Scheduled
+
+from prefect_governance.cli.local import prefect_env
+from prefect_governance.testing import create_pool, deploy_example, wait_final
+from prefect_governance.worker.blocks import GovernanceAgent
+from tests.agents import harness
+from tests.approvers import ALICE, approver_keys_env
+
+pytestmark = pytest.mark.e2e
+
+POOL = "atk-approval-wait"
+CLI = [sys.executable, "-m", "prefect_governance.cli"]
+RECHECK = {"PREFECT_GOVERNANCE_APPROVAL_RECHECK_SECONDS": "2"}
+TIMEOUT = 12  # seconds the "deadline pushed" run may wait
+# case -> (agent's approval timeout or None for the hour, created for later (not due),
+#          deployment job variables beyond the agent, agent's own mode)
+CASES: dict[str, dict[str, Any]] = {
+    "rejection deleted": {"later": True},
+    "replayed after completion": {"later": True},
+    "rejected then reset": {"later": True},
+    "deadline pushed": {"timeout": TIMEOUT, "later": True},
+    "audit asked": {"job_variables": {"mode": "audit"}, "agent_mode": "audit"},
+}
+
+
+def _slug(case: str) -> str:
+    return case.replace(" ", "-")
+
+
+def _alice(server, key_file: Path, *args: str) -> dict[str, Any]:
+    """``prefect-governance approve ... --key FILE --approver alice``, as alice would."""
+    result = subprocess.run(
+        [*CLI, "approve", "--key", str(key_file), "--approver", "alice", *args],
+        env=prefect_env(server.home, server.api_url),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+async def _due_now(run_id: Any) -> None:
+    """The requester pulls the run's start forward (any API client may)."""
+    async with get_client() as client:
+        await client.set_flow_run_state(
+            run_id, Scheduled(scheduled_time=datetime.now(timezone.utc)), force=True
+        )
+
+
+async def _state(run_id: Any) -> Any:
+    async with get_client() as client:
+        return (await client.read_flow_run(run_id)).state
+
+
+async def _wait(run_id: Any, done, timeout: float = 90, what: str = "a state") -> Any:
+    deadline = time.monotonic() + timeout
+    async with get_client() as client:
+        while True:
+            run = await client.read_flow_run(run_id)
+            if done(run):
+                return run
+            assert time.monotonic() < deadline, f"no {what}: {run.state}"
+            await asyncio.sleep(0.5)
+
+
+def _awaiting(run: Any) -> bool:
+    return run.state is not None and run.state.name == "AwaitingApproval"
+
+
+def _final(run: Any) -> bool:
+    return run.state is not None and run.state.is_final()
+
+
+def _decisions(store, run_id) -> list[Any]:
+    events = store.recent(500, flow_run_id=str(run_id))
+    return [e for e in reversed(events) if e.kind == "decision"]
+
+
+def _executions(marker: Path) -> int:
+    return marker.read_text().count("loaded") if marker.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def attack(prefect_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("atk-approval-wait")
+    key_file = tmp / "alice.key"
+    key_file.write_text(ALICE.seed_b64 + "\n")
+    with harness(prefect_server, tmp, lineage_block="atk-approval-wait-lineage") as gov:
+
+        async def setup() -> dict[str, Any]:
+            await create_pool(POOL, lineage_store=await gov.save_lineage(), overwrite=True)
+            runs = {}
+            async with get_client() as client:
+                for case, spec in CASES.items():
+                    slug = _slug(case)
+                    approval: dict[str, Any] = {"approvers": ["alice"]}
+                    if spec.get("timeout"):
+                        approval["timeout_seconds"] = spec["timeout"]
+                    await gov.save_agent(
+                        GovernanceAgent(
+                            id=f"atk-waits-{slug}",
+                            owner="sec@example.com",
+                            trust_scope=[POOL],
+                            capabilities=["read:warehouse"],
+                            constraints={"approval": approval},
+                            mode=spec.get("agent_mode"),
+                        )
+                    )
+                    deployment = await deploy_example(
+                        f"atk-wait-{slug}",
+                        POOL,
+                        {"agent": f"atk-waits-{slug}", **spec.get("job_variables", {})},
+                    )
+                    marker = tmp / f"marker-{slug}"
+                    create: dict[str, Any] = {"parameters": {"marker": str(marker), "rows": 5}}
+                    if spec.get("later"):  # not due: decided only when the test says
+                        create["state"] = Scheduled(
+                            scheduled_time=datetime.now(timezone.utc) + timedelta(hours=1)
+                        )
+                    run = await client.create_flow_run_from_deployment(deployment, **create)
+                    runs[case] = {"id": run.id, "marker": marker}
+            return runs
+
+        runs = asyncio.run(setup())
+        gov.start_worker(POOL, log=tmp / "worker.log", extra_env={**approver_keys_env(), **RECHECK})
+        yield {"gov": gov, "runs": runs, "key_file": key_file, "server": prefect_server}
+        gov.stop_workers()
+        assert gov.store.verify() == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "OPEN: a signed rejection is only a Prefect variable, which any API client can "
+        "delete. Alice approves run X and then rejects it (she changed her mind) before the "
+        "worker decides it; the requester deletes the rejection variable and pulls the run "
+        "forward: the worker finds only the approval and runs X (decision allowed, lineage "
+        "without any trace of the rejection)."
+    ),
+)
+def test_a_rejection_deleted_by_an_api_client_still_refuses(attack):
+    run, server, key_file = attack["runs"]["rejection deleted"], attack["server"], attack["key_file"]
+    _alice(server, key_file, "--flow-run", str(run["id"]))
+    rejection = _alice(server, key_file, "--flow-run", str(run["id"]), "--reject")
+
+    async def delete_and_pull_forward() -> None:
+        async with get_client() as client:
+            await client.delete_variable_by_name(rejection["variable"])
+        await _due_now(run["id"])
+
+    asyncio.run(delete_and_pull_forward())
+    final = asyncio.run(_wait(run["id"], _final, what="a final state"))
+    assert not run["marker"].exists(), f"the rejected run executed: {final.state}"
+    assert final.state.name == "Refused", final.state
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "OPEN: a flow-run approval is not spent by the run it approved. After the approved "
+        "run completed, any API client (or the flow's own code) sets it Scheduled again: "
+        "prior_refusal only looks for refusals, the approval still verifies (same run, same "
+        "parameters, not expired), so the worker allows it again and the flow executes a "
+        "second time on one approval."
+    ),
+)
+def test_an_approved_run_that_completed_does_not_run_again_on_the_same_approval(attack):
+    run, server, key_file = (
+        attack["runs"]["replayed after completion"],
+        attack["server"],
+        attack["key_file"],
+    )
+    store = attack["gov"].store
+    _alice(server, key_file, "--flow-run", str(run["id"]), "--expires", "1h")
+    asyncio.run(_due_now(run["id"]))
+    first = asyncio.run(_wait(run["id"], _final, what="the first end"))
+    assert first.state.is_completed(), first.state
+    assert _executions(run["marker"]) == 1
+
+    asyncio.run(_due_now(run["id"]))  # the replay
+    time.sleep(1)
+    asyncio.run(_wait(run["id"], _final, what="the replay's end"))
+    # let a second execution (if any) write its marker before counting
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(_decisions(store, run["id"])) < 2:
+        time.sleep(0.5)
+    time.sleep(2)
+    verdicts = [d.verdict for d in _decisions(store, run["id"])]
+    assert _executions(run["marker"]) == 1, f"executed twice on one approval: {verdicts}"
+
+
+def test_an_approval_does_not_outlive_a_rejection_the_worker_saw(attack):
+    """Alice approved and rejected run X; the worker sees both and refuses it. The
+    requester then deletes the rejection and sets the run Scheduled again: a refused run
+    is refused again (its Refused state and the lineage say so), the approval left alone
+    runs nothing."""
+    run, server, key_file = (
+        attack["runs"]["rejected then reset"],
+        attack["server"],
+        attack["key_file"],
+    )
+    store = attack["gov"].store
+    _alice(server, key_file, "--flow-run", str(run["id"]))
+    rejection = _alice(server, key_file, "--flow-run", str(run["id"]), "--reject")
+    asyncio.run(_due_now(run["id"]))
+    refused = asyncio.run(_wait(run["id"], _final, what="the refusal"))
+    assert refused.state.name == "Refused", refused.state
+    assert 'was rejected by ["alice"]' in refused.state.message
+    decisions = _decisions(store, run["id"])
+    assert [d.verdict for d in decisions] == ["refused"]
+    envelope = decisions[0].payload["envelope"]
+    assert [a["approver"] for a in envelope["approvals"]] == ["alice"]  # both were seen
+    assert [a["approver"] for a in envelope["rejections"]] == ["alice"]
+
+    async def delete_and_reset() -> None:
+        async with get_client() as client:
+            await client.delete_variable_by_name(rejection["variable"])
+        await _due_now(run["id"])
+
+    asyncio.run(delete_and_reset())
+    time.sleep(1)
+    again = asyncio.run(_wait(run["id"], _final, what="the second refusal"))
+    assert again.state.name == "Refused", again.state
+    assert "refused this flow run before" in again.state.message
+    time.sleep(2)
+    assert not run["marker"].exists(), "the rejected run executed on the approval left alone"
+    assert [d.verdict for d in _decisions(store, run["id"])] == ["refused", "refused"]
+
+
+def test_the_timeout_cannot_be_pushed_by_labels_states_or_rechecks(attack):
+    """While the run waits, the requester keeps writing a deadline an hour ahead into its
+    labels, a fresh ``AwaitingApproval`` Scheduled state due now (so the worker decides it
+    at every poll) and a decision label of ``allowed``: the wait's start comes from the
+    lineage, so the run is refused when its TIMEOUT s have passed, and the rechecks that
+    found nothing new are not recorded (no flood)."""
+    run, store = attack["runs"]["deadline pushed"], attack["gov"].store
+    asyncio.run(_due_now(run["id"]))
+    asyncio.run(_wait(run["id"], _awaiting, what="AwaitingApproval"))
+    started = time.monotonic()
+
+    async def push() -> Any:
+        async with get_client() as client:
+            while time.monotonic() - started < TIMEOUT + 30:
+                current = await client.read_flow_run(run["id"])
+                if current.state.is_final():
+                    return current
+                later = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+                await client.update_flow_run_labels(
+                    run["id"],
+                    {"governance.approval_deadline": later, "governance.decision": "allowed"},
+                )
+                try:
+                    await client.set_flow_run_state(
+                        run["id"],
+                        Scheduled(
+                            name="AwaitingApproval", scheduled_time=datetime.now(timezone.utc)
+                        ),
+                        force=True,
+                    )
+                except Exception:  # the worker moved it meanwhile
+                    pass
+                await asyncio.sleep(1)
+            return await client.read_flow_run(run["id"])
+
+    final = asyncio.run(push())
+    if not final.state.is_final():  # our last push may have come after the refusal
+        final = asyncio.run(_wait(run["id"], _final, timeout=30, what="the refusal"))
+    assert final.state.name == "Refused", final.state
+    assert "approval timed out" in final.state.message, final.state.message
+    assert not run["marker"].exists()
+    decisions = _decisions(store, run["id"])
+    verdicts = [d.verdict for d in decisions]
+    assert verdicts[0] == "awaiting_approval" and "refused" in verdicts, verdicts
+    assert "allowed" not in verdicts, verdicts
+    refusal = next(d for d in decisions if d.verdict == "refused")
+    waited = refusal.created_at - decisions[0].created_at
+    assert timedelta(seconds=TIMEOUT) <= waited < timedelta(seconds=TIMEOUT + 15), waited
+    # the pushes changed labels and states only: nothing new for the lineage to hold
+    assert verdicts[: verdicts.index("refused")] == ["awaiting_approval"], verdicts
+
+
+def test_audit_asked_by_the_deployment_or_the_agent_does_not_skip_the_wait(attack):
+    """The deployment's job variables say ``mode: audit`` and the agent's own ``mode`` is
+    audit: only the pool's mode counts, so the run still waits and starts nothing."""
+    run, store = attack["runs"]["audit asked"], attack["gov"].store
+    awaiting = asyncio.run(_wait(run["id"], _awaiting, what="AwaitingApproval"))
+    time.sleep(5)  # two rechecks
+    assert _awaiting(asyncio.run(_wait(run["id"], lambda r: True)))
+    assert awaiting.labels["governance.decision"] == "awaiting_approval"
+    assert not run["marker"].exists()
+    verdicts = {d.verdict for d in _decisions(store, run["id"])}
+    assert verdicts == {"awaiting_approval"}, verdicts
+
+
+# --- the policy's side: an exception meets an approval -----------------------------------
+
+
+def _policy_eval(document: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    path = tmp_path / "input.json"
+    path.write_text(json.dumps(document))
+    result = subprocess.run(
+        [*CLI, "policy", "eval", "--input", str(path)], capture_output=True, text=True, timeout=120
+    )
+    return json.loads(result.stdout)
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "policies" / "examples"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "OPEN (policy): rules/approval.rego puts the timeout and the rejection into the "
+        "module's one `deny` rule, and an approval request disappears once timed out or "
+        "rejected. So an exception that waives `prefect.governance.rules.approval.deny` "
+        "(say, to give the approver more time: message 'approval timed out') does not keep "
+        "the run waiting: it allows it with no approval at all; an exception on that rule "
+        "with no message filter also turns a signed rejection into an allow."
+    ),
+)
+@pytest.mark.parametrize(
+    "case, message",
+    [("refused-approval-timed-out", "approval timed out"), ("refused-approval-rejected", "")],
+)
+def test_an_exception_on_the_approval_rule_never_runs_an_unapproved_run(tmp_path, case, message):
+    document = json.loads((EXAMPLES / case / "input.json").read_text())
+    document["exceptions"] = [
+        {
+            "name": "give-alice-more-time",
+            "rules": ["prefect.governance.rules.approval.deny"],
+            "message": message,
+            "agents": [document["agent"]["id"]],
+            "deployments": [],
+            "pools": [],
+            "owner": "security@example.com",
+            "reason": "the approver is on leave; wait longer",
+            "ticket": "SEC-9",
+            "issued_at": "2026-11-20T09:00:00Z",
+            "expires_at": "2026-12-30T09:00:00Z",
+        }
+    ]
+    assert document["envelope"]["approvals"] == []
+    decision = _policy_eval(document, tmp_path)
+    assert decision["verdict"] != "allowed", decision
+    assert not decision["allow"], decision
