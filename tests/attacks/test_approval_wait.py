@@ -23,9 +23,11 @@ from typing import Any
 
 import pytest
 from prefect import get_client
+from prefect.client.schemas.actions import VariableCreate
 from prefect.states import Scheduled
 
 from prefect_governance.cli.local import prefect_env
+from prefect_governance.core.approvals import MAX_STATEMENTS
 from prefect_governance.testing import create_pool, deploy_example, wait_final
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import harness
@@ -44,6 +46,7 @@ CASES: dict[str, dict[str, Any]] = {
     "replayed after completion": {"later": True},
     "rejected then reset": {"later": True},
     "deadline pushed": {"timeout": TIMEOUT, "later": True},
+    "rejection flooded out": {"later": True},
     "audit asked": {"job_variables": {"mode": "audit"}, "agent_mode": "audit"},
 }
 
@@ -213,6 +216,56 @@ def test_an_approved_run_that_completed_does_not_run_again_on_the_same_approval(
     time.sleep(2)
     verdicts = [d.verdict for d in _decisions(store, run["id"])]
     assert _executions(run["marker"]) == 1, f"executed twice on one approval: {verdicts}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "OPEN: read_approval_documents reads at most MAX_STATEMENTS (600) variables per "
+        "prefix, silently, and its `like_` filter matches the prefix anywhere in a name. "
+        "The requester creates 600 variables named `a-governance-approval-run-<run id>-N` "
+        "(they sort before alice's, are dropped by the startswith check, so not even listed "
+        "in rejected_approvals) and alice's rejection of the run is never read: alice's "
+        "deployment approval for the same parameters runs it."
+    ),
+)
+def test_a_rejection_cannot_be_crowded_out_by_junk_variables(attack):
+    run, server, key_file = (
+        attack["runs"]["rejection flooded out"],
+        attack["server"],
+        attack["key_file"],
+    )
+    slug = _slug("rejection flooded out")
+    _alice(
+        server,
+        key_file,
+        "--deployment",
+        f"load-warehouse/atk-wait-{slug}",
+        "--parameters",
+        json.dumps({"marker": str(run["marker"]), "rows": 5}),
+    )
+    _alice(server, key_file, "--flow-run", str(run["id"]), "--reject")
+
+    async def flood_and_pull_forward() -> None:
+        limit = asyncio.Semaphore(16)
+        async with get_client() as client:
+
+            async def junk(i: int) -> None:
+                async with limit:
+                    await client.create_variable(
+                        VariableCreate(name=f"a-governance-approval-run-{run['id']}-{i:04d}", value=i)
+                    )
+
+            await asyncio.gather(*(junk(i) for i in range(MAX_STATEMENTS)))
+        await _due_now(run["id"])
+
+    asyncio.run(flood_and_pull_forward())
+    final = asyncio.run(_wait(run["id"], _final, what="a final state"))
+    decision = _decisions(attack["gov"].store, run["id"])[-1]
+    envelope = decision.payload["envelope"]
+    seen = (decision.verdict, envelope["approvals"], envelope["rejections"])
+    assert not run["marker"].exists(), f"the rejected run executed: {final.state}; {seen}"
+    assert final.state.name == "Refused", final.state
 
 
 def test_an_approval_does_not_outlive_a_rejection_the_worker_saw(attack):
