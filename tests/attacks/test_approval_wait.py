@@ -422,3 +422,81 @@ def test_an_exception_on_the_approval_rule_never_runs_an_unapproved_run(tmp_path
     decision = _policy_eval(document, tmp_path)
     assert decision["verdict"] != "allowed", decision
     assert not decision["allow"], decision
+
+
+# --- a fail-open pool whose engine fails while a run waits -------------------------------
+
+OPEN_POOL = "atk-approval-open"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "OPEN: on a fail-open pool, an engine failure at a recheck of a run the lineage "
+        "holds as awaiting approval runs it ungoverned, with no approval: the worker knows "
+        "(envelope.approval_requested_at, the agent's constraints.approval) that the run "
+        "needs one, yet fail-open overrides the wait. Whoever can make the engine fail (an "
+        "OPA sidecar overloaded or unreachable) starts every waiting run of the pool."
+    ),
+)
+def test_an_engine_failure_on_a_fail_open_pool_does_not_run_a_waiting_run(
+    prefect_server, opa_bin, tmp_path
+):
+    from tests.conftest import OpaServer
+
+    opa = OpaServer(opa_bin, tmp_path)
+    try:
+        with harness(prefect_server, tmp_path, lineage_block="atk-approval-open-lineage") as gov:
+            marker = tmp_path / "marker-open"
+
+            async def setup() -> Any:
+                engine = await gov.save_engine(
+                    "atk-approval-open-opa",
+                    kind="opa",
+                    opa_url=opa.url,
+                    timeout_seconds=1,
+                    retries=0,
+                )
+                await create_pool(
+                    OPEN_POOL,
+                    lineage_store=await gov.save_lineage(),
+                    engine=engine,
+                    fail_mode="open",
+                    overwrite=True,
+                )
+                await gov.save_agent(
+                    GovernanceAgent(
+                        id="atk-waits-open",
+                        owner="sec@example.com",
+                        trust_scope=[OPEN_POOL],
+                        capabilities=["read:warehouse"],
+                        constraints={"approval": {"approvers": ["alice"]}},
+                    )
+                )
+                deployment = await deploy_example(
+                    "atk-wait-open", OPEN_POOL, {"agent": "atk-waits-open"}
+                )
+                async with get_client() as client:
+                    return await client.create_flow_run_from_deployment(
+                        deployment, parameters={"marker": str(marker), "rows": 5}
+                    )
+
+            run = asyncio.run(setup())
+            gov.start_worker(
+                OPEN_POOL, log=tmp_path / "worker.log", extra_env={**approver_keys_env(), **RECHECK}
+            )
+            asyncio.run(_wait(run.id, _awaiting, what="AwaitingApproval"))
+            assert not marker.exists()
+            opa.stop()  # the engine fails from the next recheck on
+            deadline = time.monotonic() + 25
+            while time.monotonic() < deadline and not marker.exists():
+                state = asyncio.run(_state(run.id))
+                if state.is_final():
+                    break
+                time.sleep(0.5)
+            time.sleep(1)
+            verdicts = [d.verdict for d in _decisions(gov.store, run.id)]
+            assert not marker.exists(), f"the waiting run ran on an engine failure: {verdicts}"
+            assert "allowed" not in verdicts and "ungoverned" not in verdicts, verdicts
+    finally:
+        opa.stop()
