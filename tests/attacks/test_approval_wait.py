@@ -47,6 +47,7 @@ CASES: dict[str, dict[str, Any]] = {
     "rejected then reset": {"later": True},
     "deadline pushed": {"timeout": TIMEOUT, "later": True},
     "rejection flooded out": {"later": True},
+    "flooded lineage": {"later": True},
     "audit asked": {"job_variables": {"mode": "audit"}, "agent_mode": "audit"},
 }
 
@@ -356,6 +357,59 @@ def test_the_timeout_cannot_be_pushed_by_labels_states_or_rechecks(attack):
     assert timedelta(seconds=TIMEOUT) <= waited < timedelta(seconds=TIMEOUT + 15), waited
     # the pushes changed labels and states only: nothing new for the lineage to hold
     assert verdicts[: verdicts.index("refused")] == ["awaiting_approval"], verdicts
+
+
+JUNK = 100  # junk statements the requester stores for the run
+FLOOD_SECONDS = 12
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "OPEN (flood): same_wait compares rejected_approvals, so every recheck after the "
+        "requester adds or removes one junk `governance-approval-run-<id>-*` variable is "
+        "recorded again, each record listing every junk statement (up to 600 per prefix); "
+        "and the requester sets the run due again at will, so the rate is the worker's "
+        "poll, not PREFECT_GOVERNANCE_APPROVAL_RECHECK_SECONDS. The run never executes, "
+        "but the lineage grows by O(records x junk) per waiting run."
+    ),
+)
+def test_junk_statements_do_not_flood_the_lineage_of_a_waiting_run(attack):
+    run, store = attack["runs"]["flooded lineage"], attack["gov"].store
+    asyncio.run(_due_now(run["id"]))
+    asyncio.run(_wait(run["id"], _awaiting, what="AwaitingApproval"))
+    prefix = f"governance-approval-run-{run['id']}-"
+
+    async def flood() -> None:
+        async with get_client() as client:
+            for i in range(JUNK):
+                await client.create_variable(VariableCreate(name=f"{prefix}junk{i:04d}", value=i))
+            started, toggle = time.monotonic(), 0
+            while time.monotonic() - started < FLOOD_SECONDS:
+                name = f"{prefix}toggle{toggle:04d}"
+                await client.create_variable(VariableCreate(name=name, value=toggle))
+                toggle += 1
+                try:
+                    await client.set_flow_run_state(
+                        run["id"],
+                        Scheduled(
+                            name="AwaitingApproval", scheduled_time=datetime.now(timezone.utc)
+                        ),
+                        force=True,
+                    )
+                except Exception:
+                    pass
+                await asyncio.sleep(1.5)
+
+    asyncio.run(flood())
+    time.sleep(3)
+    assert not run["marker"].exists()
+    decisions = _decisions(store, run["id"])
+    assert {d.verdict for d in decisions} == {"awaiting_approval"}
+    listed = sum(len(d.payload["rejected_approvals"]) for d in decisions)
+    size = sum(len(json.dumps(d.payload)) for d in decisions)
+    # Bounded: the first wait, and one record for the junk (not one per recheck).
+    assert len(decisions) <= 3, f"{len(decisions)} records, {listed} junk reasons, {size} bytes"
 
 
 def test_audit_asked_by_the_deployment_or_the_agent_does_not_skip_the_wait(attack):
