@@ -554,3 +554,85 @@ def test_an_engine_failure_on_a_fail_open_pool_does_not_run_a_waiting_run(
             assert "allowed" not in verdicts and "ungoverned" not in verdicts, verdicts
     finally:
         opa.stop()
+
+
+# --- a worker without a lineage key, restarted while a run waits -------------------------
+
+RESTART_POOL = "atk-approval-restart"
+RESTART_TIMEOUT = 10
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "OPEN (configuration the README allows): a worker started without "
+        "PREFECT_GOVERNANCE_LINEAGE_KEY signs with a key of its own process; the next "
+        "process vouches for none of its records, so decisions_of() drops the run's first "
+        "awaiting decision, envelope.approval_requested_at is null again and the wait "
+        "starts over: a run whose worker restarts more often than the timeout (a crash "
+        "loop, a rolling deploy) is never refused by the timeout."
+    ),
+)
+def test_a_worker_restart_does_not_restart_the_wait(prefect_server, tmp_path, monkeypatch):
+    from tests.lineage_keys import LINEAGE_ENV
+
+    for name in LINEAGE_ENV:
+        if name != "PREFECT_GOVERNANCE_LINEAGE_KEYS":  # the test's store still believes it
+            monkeypatch.delenv(name, raising=False)
+    with harness(prefect_server, tmp_path, lineage_block="atk-approval-restart-lineage") as gov:
+        marker = tmp_path / "marker-restart"
+
+        async def setup() -> Any:
+            await create_pool(
+                RESTART_POOL, lineage_store=await gov.save_lineage(), overwrite=True
+            )
+            await gov.save_agent(
+                GovernanceAgent(
+                    id="atk-waits-restart",
+                    owner="sec@example.com",
+                    trust_scope=[RESTART_POOL],
+                    capabilities=["read:warehouse"],
+                    constraints={
+                        "approval": {"approvers": ["alice"], "timeout_seconds": RESTART_TIMEOUT}
+                    },
+                )
+            )
+            deployment = await deploy_example(
+                "atk-wait-restart", RESTART_POOL, {"agent": "atk-waits-restart"}
+            )
+            async with get_client() as client:
+                return await client.create_flow_run_from_deployment(
+                    deployment, parameters={"marker": str(marker), "rows": 5}
+                )
+
+        run = asyncio.run(setup())
+        env = {**approver_keys_env(), **RECHECK}
+        worker = gov.start_worker(RESTART_POOL, log=tmp_path / "worker-0.log", extra_env=env)
+        asyncio.run(_wait(run.id, _awaiting, what="AwaitingApproval"))
+        first = time.monotonic()
+        for i in range(1, 4):  # the worker restarts every 6 s or so, between rechecks
+            time.sleep(3)
+            asyncio.run(_wait(run.id, _between_rechecks, what="a wait between rechecks"))
+            gov.stop_worker(worker)
+            worker = gov.start_worker(
+                RESTART_POOL, log=tmp_path / f"worker-{i}.log", extra_env=env
+            )
+        # 18 s and more since the first wait (timeout 10 s): refused by now, closed.
+        deadline = first + RESTART_TIMEOUT + 20
+        while time.monotonic() < deadline and not asyncio.run(_state(run.id)).is_final():
+            time.sleep(0.5)
+        state = asyncio.run(_state(run.id))
+        assert not marker.exists()
+        since = [
+            (d.verdict, d.payload["envelope"]["approval_requested_at"])
+            for d in _decisions(gov.store, run.id)
+        ]
+        assert state.name == "Refused" and "approval timed out" in state.message, (state, since)
+
+
+def _between_rechecks(run: Any) -> bool:
+    """Waiting, and not due for another second (the worker is not deciding it now)."""
+    if not _awaiting(run):
+        return False
+    due = run.state.state_details.scheduled_time
+    return due is not None and (due - datetime.now(timezone.utc)).total_seconds() > 1
