@@ -48,6 +48,8 @@ CASES: dict[str, dict[str, Any]] = {
     "deadline pushed": {"timeout": TIMEOUT, "later": True},
     "rejection flooded out": {"later": True},
     "flooded lineage": {"later": True},
+    "code swapped": {"later": True},
+    "job variables changed": {"later": True, "capabilities": ["read:warehouse", "write:warehouse"]},
     "audit asked": {"job_variables": {"mode": "audit"}, "agent_mode": "audit"},
 }
 
@@ -131,7 +133,7 @@ def attack(prefect_server, tmp_path_factory):
                             id=f"atk-waits-{slug}",
                             owner="sec@example.com",
                             trust_scope=[POOL],
-                            capabilities=["read:warehouse"],
+                            capabilities=spec.get("capabilities", ["read:warehouse"]),
                             constraints={"approval": approval},
                             mode=spec.get("agent_mode"),
                         )
@@ -148,7 +150,7 @@ def attack(prefect_server, tmp_path_factory):
                             scheduled_time=datetime.now(timezone.utc) + timedelta(hours=1)
                         )
                     run = await client.create_flow_run_from_deployment(deployment, **create)
-                    runs[case] = {"id": run.id, "marker": marker}
+                    runs[case] = {"id": run.id, "marker": marker, "deployment": deployment}
             return runs
 
         runs = asyncio.run(setup())
@@ -267,6 +269,70 @@ def test_a_rejection_cannot_be_crowded_out_by_junk_variables(attack):
     seen = (decision.verdict, envelope["approvals"], envelope["rejections"])
     assert not run["marker"].exists(), f"the rejected run executed: {final.state}; {seen}"
     assert final.state.name == "Refused", final.state
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "OPEN: an approval binds the flow run (or deployment) id and the parameters, not "
+        "what will run. After alice approved run X of deployment D (flows.py:load_warehouse), "
+        "D's author updates D's entrypoint to flows.py:learn (any deployment field: "
+        "entrypoint, pull_steps, path, job_variables): the approval still verifies and the "
+        "worker runs code alice never saw."
+    ),
+)
+def test_an_approval_does_not_cover_code_swapped_in_after_it(attack):
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    run, server, key_file = attack["runs"]["code swapped"], attack["server"], attack["key_file"]
+    _alice(server, key_file, "--flow-run", str(run["id"]))
+
+    async def swap_and_pull_forward() -> None:
+        async with get_client() as client:
+            await client.update_deployment(
+                run["deployment"], DeploymentUpdate(entrypoint="flows.py:learn")
+            )
+        await _due_now(run["id"])
+
+    asyncio.run(swap_and_pull_forward())
+    final = asyncio.run(_wait(run["id"], _final, what="a final state"))
+    ran = run["marker"].read_text() if run["marker"].exists() else ""
+    assert ran in ("", "loaded 5 rows into orders\n"), f"other code ran ({final.state}): {ran!r}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "OPEN (documented: 'It says nothing about job variables'): after alice approved run "
+        "X asking for read:warehouse, any API client updates X's job variables to ask for "
+        "write:warehouse too (the agent has it); the approval still verifies and the run "
+        "is granted a capability alice never saw. The binding could hash the run's job "
+        "variables (or the envelope's capabilities and infrastructure) too."
+    ),
+)
+def test_an_approval_does_not_cover_job_variables_changed_after_it(attack):
+    run, server, key_file = (
+        attack["runs"]["job variables changed"],
+        attack["server"],
+        attack["key_file"],
+    )
+    _alice(server, key_file, "--flow-run", str(run["id"]))
+
+    async def widen_and_pull_forward() -> None:
+        async with get_client() as client:
+            await client.update_flow_run(
+                run["id"], job_variables={"capabilities": ["read:warehouse", "write:warehouse"]}
+            )
+        await _due_now(run["id"])
+
+    asyncio.run(widen_and_pull_forward())
+    asyncio.run(_wait(run["id"], _final, what="a final state"))
+    decision = _decisions(attack["gov"].store, run["id"])[-1]
+    granted = decision.payload["envelope"]["capabilities"]
+    assert not (decision.verdict == "allowed" and "write:warehouse" in granted), (
+        decision.verdict,
+        granted,
+    )
 
 
 def test_an_approval_does_not_outlive_a_rejection_the_worker_saw(attack):
