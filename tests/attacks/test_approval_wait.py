@@ -8,11 +8,22 @@ author (job variables), and whoever holds a run that alice did approve. A run th
 must not execute is proven not to have executed: the marker file the flow writes stays
 absent (or holds one line per execution). A hole the code does not withstand yet is an
 ``xfail(strict=True)`` test that says what opens it.
+
+Held: a refused run (alice approved and rejected it) stays refused after the requester
+deletes the rejection and sets it Scheduled again; the timeout cannot be pushed by labels,
+fresh AwaitingApproval states or forced rechecks; ``mode: audit`` asked by the deployment
+or the agent does not skip the wait. Open (xfail): a rejection deleted, or crowded out by
+600 junk variables, before the worker reads it; an approved run that completed runs again
+on the same approval; code or job variables changed after the approval; a fail-open
+pool's engine failure runs a waiting run; junk statements flood the lineage; a worker
+without a lineage key restarts the wait at each restart; an exception on the approval
+rule allows an unapproved (timed-out or rejected) run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -28,7 +39,7 @@ from prefect.states import Scheduled
 
 from prefect_governance.cli.local import prefect_env
 from prefect_governance.core.approvals import MAX_STATEMENTS
-from prefect_governance.testing import create_pool, deploy_example, wait_final
+from prefect_governance.testing import create_pool, deploy_example
 from prefect_governance.worker.blocks import GovernanceAgent
 from tests.agents import harness
 from tests.approvers import ALICE, approver_keys_env
@@ -171,7 +182,11 @@ def attack(prefect_server, tmp_path_factory):
     ),
 )
 def test_a_rejection_deleted_by_an_api_client_still_refuses(attack):
-    run, server, key_file = attack["runs"]["rejection deleted"], attack["server"], attack["key_file"]
+    run, server, key_file = (
+        attack["runs"]["rejection deleted"],
+        attack["server"],
+        attack["key_file"],
+    )
     _alice(server, key_file, "--flow-run", str(run["id"]))
     rejection = _alice(server, key_file, "--flow-run", str(run["id"]), "--reject")
 
@@ -256,7 +271,9 @@ def test_a_rejection_cannot_be_crowded_out_by_junk_variables(attack):
             async def junk(i: int) -> None:
                 async with limit:
                     await client.create_variable(
-                        VariableCreate(name=f"a-governance-approval-run-{run['id']}-{i:04d}", value=i)
+                        VariableCreate(
+                            name=f"a-governance-approval-run-{run['id']}-{i:04d}", value=i
+                        )
                     )
 
             await asyncio.gather(*(junk(i) for i in range(MAX_STATEMENTS)))
@@ -388,14 +405,14 @@ def test_the_timeout_cannot_be_pushed_by_labels_states_or_rechecks(attack):
         async with get_client() as client:
             while time.monotonic() - started < TIMEOUT + 30:
                 current = await client.read_flow_run(run["id"])
-                if current.state.is_final():
+                if current.state is not None and current.state.is_final():
                     return current
                 later = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
                 await client.update_flow_run_labels(
                     run["id"],
                     {"governance.approval_deadline": later, "governance.decision": "allowed"},
                 )
-                try:
+                with contextlib.suppress(Exception):  # the worker moved it meanwhile
                     await client.set_flow_run_state(
                         run["id"],
                         Scheduled(
@@ -403,8 +420,6 @@ def test_the_timeout_cannot_be_pushed_by_labels_states_or_rechecks(attack):
                         ),
                         force=True,
                     )
-                except Exception:  # the worker moved it meanwhile
-                    pass
                 await asyncio.sleep(1)
             return await client.read_flow_run(run["id"])
 
@@ -455,7 +470,7 @@ def test_junk_statements_do_not_flood_the_lineage_of_a_waiting_run(attack):
                 name = f"{prefix}toggle{toggle:04d}"
                 await client.create_variable(VariableCreate(name=name, value=toggle))
                 toggle += 1
-                try:
+                with contextlib.suppress(Exception):
                     await client.set_flow_run_state(
                         run["id"],
                         Scheduled(
@@ -463,8 +478,6 @@ def test_junk_statements_do_not_flood_the_lineage_of_a_waiting_run(attack):
                         ),
                         force=True,
                     )
-                except Exception:
-                    pass
                 await asyncio.sleep(1.5)
 
     asyncio.run(flood())
@@ -649,9 +662,7 @@ def test_a_worker_restart_does_not_restart_the_wait(prefect_server, tmp_path, mo
         marker = tmp_path / "marker-restart"
 
         async def setup() -> Any:
-            await create_pool(
-                RESTART_POOL, lineage_store=await gov.save_lineage(), overwrite=True
-            )
+            await create_pool(RESTART_POOL, lineage_store=await gov.save_lineage(), overwrite=True)
             await gov.save_agent(
                 GovernanceAgent(
                     id="atk-waits-restart",
@@ -676,14 +687,12 @@ def test_a_worker_restart_does_not_restart_the_wait(prefect_server, tmp_path, mo
         worker = gov.start_worker(RESTART_POOL, log=tmp_path / "worker-0.log", extra_env=env)
         asyncio.run(_wait(run.id, _awaiting, what="AwaitingApproval"))
         first = time.monotonic()
-        for i in range(1, 4):  # the worker restarts every 6 s or so, between rechecks
+        for i in range(1, 3):  # the worker restarts every 6 s or so, between rechecks
             time.sleep(3)
             asyncio.run(_wait(run.id, _between_rechecks, what="a wait between rechecks"))
             gov.stop_worker(worker)
-            worker = gov.start_worker(
-                RESTART_POOL, log=tmp_path / f"worker-{i}.log", extra_env=env
-            )
-        # 18 s and more since the first wait (timeout 10 s): refused by now, closed.
+            worker = gov.start_worker(RESTART_POOL, log=tmp_path / f"worker-{i}.log", extra_env=env)
+        # 12 s and more since the first wait (timeout 10 s): refused by now, closed.
         deadline = first + RESTART_TIMEOUT + 20
         while time.monotonic() < deadline and not asyncio.run(_state(run.id)).is_final():
             time.sleep(0.5)
