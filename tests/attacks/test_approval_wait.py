@@ -426,14 +426,15 @@ def test_the_timeout_cannot_be_pushed_by_labels_states_or_rechecks(attack):
     final = asyncio.run(push())
     if not final.state.is_final():  # our last push may have come after the refusal
         final = asyncio.run(_wait(run["id"], _final, timeout=30, what="the refusal"))
+    # Refused (a push that landed after the refusal is refused again: "refused before").
     assert final.state.name == "Refused", final.state
-    assert "approval timed out" in final.state.message, final.state.message
     assert not run["marker"].exists()
     decisions = _decisions(store, run["id"])
     verdicts = [d.verdict for d in decisions]
     assert verdicts[0] == "awaiting_approval" and "refused" in verdicts, verdicts
     assert "allowed" not in verdicts, verdicts
     refusal = next(d for d in decisions if d.verdict == "refused")
+    assert any("approval timed out" in r for r in refusal.reasons), refusal.reasons
     waited = refusal.created_at - decisions[0].created_at
     assert timedelta(seconds=TIMEOUT) <= waited < timedelta(seconds=TIMEOUT + 15), waited
     # the pushes changed labels and states only: nothing new for the lineage to hold
@@ -497,7 +498,8 @@ def test_audit_asked_by_the_deployment_or_the_agent_does_not_skip_the_wait(attac
     run, store = attack["runs"]["audit asked"], attack["gov"].store
     awaiting = asyncio.run(_wait(run["id"], _awaiting, what="AwaitingApproval"))
     time.sleep(5)  # two rechecks
-    assert _awaiting(asyncio.run(_wait(run["id"], lambda r: True)))
+    still = asyncio.run(_state(run["id"]))
+    assert still.type.value in ("SCHEDULED", "PENDING"), still  # waiting, or rechecked now
     assert awaiting.labels["governance.decision"] == "awaiting_approval"
     assert not run["marker"].exists()
     verdicts = {d.verdict for d in _decisions(store, run["id"])}
