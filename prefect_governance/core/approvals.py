@@ -39,6 +39,8 @@ VARIABLE_TAG = "governance-approval"
 # An approval issued this far in the future (clock skew between approver and worker) is valid.
 CLOCK_SKEW = timedelta(seconds=60)
 MAX_REASON_LENGTH = 500
+# The message of the Refused state ``approve --reject`` sets on a flow run it rejects.
+REJECTED_BY = "prefect-governance: refused: the run was rejected by approver"
 # Statements read per binding at most (pages of the server's largest page).
 MAX_STATEMENTS = 600
 _PAGE = 200
@@ -297,6 +299,11 @@ async def read_approval_documents(client: PrefectClient, prefixes: Iterable[str]
             if len(page) < _PAGE:
                 break
             offset += _PAGE
+        else:  # fail closed: an unread statement may be a rejection
+            raise GovernanceError(
+                f"more than {MAX_STATEMENTS} variables match {prefix!r}: the run's approvals "
+                "and rejections cannot all be read"
+            )
     return found
 
 

@@ -56,6 +56,9 @@ CLOCK_SKEW = timedelta(seconds=60)
 # deny (prefect.governance.decision.deny: a malformed input) is never waivable.
 RULE_PATTERN = r"^prefect\.governance\.rules\.[A-Za-z_][A-Za-z0-9_]*\.deny$"
 AGGREGATOR_DENY = "prefect.governance.decision.deny"
+# A person's rejection, or their not answering in time, is theirs to give: no exception
+# stands in for an approver (give the agent a longer timeout instead).
+APPROVAL_DENY = "prefect.governance.rules.approval.deny"
 _GLOB = re.compile(r"[*?\[]")
 # Rejected exceptions named per decision at most (the rest are counted).
 MAX_REJECTED = 20
@@ -113,6 +116,11 @@ class ExceptionSpec(BaseModel):
             if rule == AGGREGATOR_DENY:
                 raise ValueError(
                     f"{rule} (a malformed input) can never be waived: only a rule module's deny"
+                )
+            if rule == APPROVAL_DENY:
+                raise ValueError(
+                    f"{rule} (a rejection, or an approval that timed out) can never be waived: "
+                    "no exception stands in for an approver"
                 )
             if not re.match(RULE_PATTERN, rule):
                 raise ValueError(

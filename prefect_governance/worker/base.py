@@ -28,7 +28,13 @@ from prefect_governance.core.errors import GovernanceError
 from prefect_governance.core.handoff import GATE_COMMAND
 from prefect_governance.core.models import Infrastructure, WorkPoolRef
 from prefect_governance.worker.events import PrefectEvents
-from prefect_governance.worker.governor import Admission, Assessment, Governor, RunRequest
+from prefect_governance.worker.governor import (
+    AWAITING_APPROVAL,
+    Admission,
+    Assessment,
+    Governor,
+    RunRequest,
+)
 from prefect_governance.worker.metrics import WorkerMetrics
 from prefect_governance.worker.reconcile import reconcile, record_gate_refusals
 from prefect_governance.worker.report import (
@@ -53,9 +59,6 @@ else:
 
 R = TypeVar("R")
 
-
-# The name of the Scheduled state a run waits in for an approval (the Prefect UI shows it).
-AWAITING_STATE = "AwaitingApproval"
 
 # What a job's environment entry without a literal value (Kubernetes' ``valueFrom``) counts
 # as: a value the worker cannot see, never the worker's own.
@@ -389,7 +392,7 @@ class GovernedWorker(_Worker):
         await self.client.set_flow_run_state(
             flow_run.id,
             Scheduled(
-                name=AWAITING_STATE,
+                name=AWAITING_APPROVAL,
                 scheduled_time=min(now + recheck, max(deadline, now)),
                 message=message,
             ),

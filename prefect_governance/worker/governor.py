@@ -42,6 +42,7 @@ from prefect_governance.core.handoff import (
     DECISION_ENV,
     ENVELOPE_ENV,
     PROPOSAL_KEY,
+    REFUSED_STATE,
     REPORT_SECRET_ENV,
     RUN_EVENTS_KEY,
     prior_refusal,
@@ -106,7 +107,7 @@ from prefect_governance.lineage.events import (
 )
 from prefect_governance.lineage.memory import CommitResult, MemoryStore, commit_in
 from prefect_governance.lineage.parameter_schemas import remembered_schema
-from prefect_governance.lineage.store import LineageStore
+from prefect_governance.lineage.store import LineageStore, as_utc
 from prefect_governance.worker.blocks import (
     GovernanceAgent,
     GovernanceException,
@@ -269,6 +270,12 @@ class Admission:
         return environment
 
 
+# The state a run waiting for an approval is in (type SCHEDULED), as the UI shows it.
+AWAITING_APPROVAL = "AwaitingApproval"
+NO_FAIL_OPEN = (
+    "the pool is fail-open, but this agent's runs need an approval, which no policy answered: "
+    "refused"
+)
 NO_APPROVER_KEYS = (
     "the worker pins no approver keys (PREFECT_GOVERNANCE_APPROVER_KEYS), so no approval can verify"
 )
@@ -626,6 +633,9 @@ class Governor:
             earlier.decision_id if earlier else None,
         )
         if reason:  # someone moved it back: no new attempt of the agent's, no trust cost
+            said = next((s.message for s in states if s.name == REFUSED_STATE and s.message), None)
+            if said:  # what the refusal said (an approver's rejection, say), for the record
+                reason += f" (its first Refused state says: {said})"
             return Preemption(reason, costs_trust=False)
         unsafe = unsafe_env(request.job_env, os.environ, request.controls.env_allow)
         if unsafe:
@@ -787,9 +797,23 @@ class Governor:
         verified, rejected_approvals = await self._approvals(
             client, flow_run, now, needed=agent.constraints.approval is not None
         )
-        envelope.approvals = [a for a in verified if a.decision == "approve"]
+        used = used_approvals(earlier)
+        envelope.approvals = [a for a in verified if a.decision == "approve" and a.id not in used]
         envelope.rejections = [a for a in verified if a.decision == "reject"]
-        envelope.approval_requested_at = awaiting_since(earlier)
+        rejected_approvals += [
+            f"approval {a.id} by {a.approver!r}: this run went ahead on it already (decision "
+            f"{used[a.id]}); an approval lets a run go ahead once"
+            for a in verified
+            if a.id in used
+        ]
+        waited_from: list[datetime] = []
+        if agent.constraints.approval is not None:  # the wait's start where the lineage lost it
+            waited_from = [
+                as_utc(state.timestamp)
+                for state in await client.read_flow_run_states(flow_run.id)
+                if state.name == AWAITING_APPROVAL and state.timestamp is not None
+            ]
+        envelope.approval_requested_at = awaiting_since(earlier, waited_from)
         exceptions, rejected_exceptions, unread = await self._exceptions(
             client, RunScope(agent.id, work_pool.name, *_deployment_scope(flow, deployment)), now
         )
@@ -820,6 +844,11 @@ class Governor:
         if decision.waits and not self.settings.approver_keys:  # nobody could ever approve
             decision = decision.model_copy(
                 update={"verdict": "refused", "deny": [NO_APPROVER_KEYS], "approval": []}
+            )
+        if decision.verdict == "ungoverned" and agent.constraints.approval is not None:
+            # Fail-open runs a run whose policy could not answer; never one that needs a person.
+            decision = decision.model_copy(
+                update={"verdict": "refused", "deny": [f"{decision.error}; {NO_FAIL_OPEN}"]}
             )
         decision.rejected_exceptions = rejected_exceptions
         if unread:
@@ -1379,14 +1408,28 @@ def _order(event: LineageEvent) -> int:
     return event.id or 0
 
 
-def awaiting_since(earlier: Sequence[LineageEvent]) -> datetime | None:
+def awaiting_since(
+    earlier: Sequence[LineageEvent], waited_from: Sequence[datetime] = ()
+) -> datetime | None:
     """When the run was first decided awaiting approval, as the lineage holds it (the
-    worker's own clock, never anything a run's author or an API client writes)."""
+    worker's own clock, never anything a run's author or an API client writes), or its
+    first AwaitingApproval state when that is earlier: a worker restarted without a lineage
+    key cannot vouch for its predecessor's records, and the wait must not start again. An
+    API client can only add states, so it can only make the wait shorter."""
     first = next((e for e in earlier if e.verdict == "awaiting_approval"), None)
-    if first is None:
-        return None
-    created = first.created_at
-    return created if created.tzinfo else created.replace(tzinfo=timezone.utc)
+    starts = [*waited_from, *([as_utc(first.created_at)] if first is not None else [])]
+    return min(starts) if starts else None
+
+
+def used_approvals(earlier: Sequence[LineageEvent]) -> dict[str, str]:
+    """The approvals (by id) this run already went ahead on, with the decision that used each."""
+    return {
+        str(approval.get("id")): str(event.decision_id)
+        for event in earlier
+        if event.verdict in RUNNABLE
+        for approval in ((event.payload or {}).get("envelope") or {}).get("approvals") or []
+        if isinstance(approval, dict)
+    }
 
 
 def same_wait(assessment: Assessment) -> bool:

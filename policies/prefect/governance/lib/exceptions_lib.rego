@@ -35,8 +35,13 @@ named_or_any(exception, scope, value) if value in exception[scope]
 # A pattern RE2 cannot compile matches nothing, so the deny stands.
 covers(exception, reason) if {
 	reason.rule in exception.rules
+	not reason.rule in unwaivable
 	message_matches(exception, reason.message)
 }
+
+# A person's rejection, or their not answering in time, is theirs: no exception stands in
+# for an approver (an agent's longer timeout does).
+unwaivable := {"prefect.governance.rules.approval.deny"}
 
 message_matches(exception, _) if object.get(exception, "message", null) == null
 
