@@ -15,9 +15,11 @@ VENV_OLDEST := .venv-prefect38
 ENGINE := prefect_governance/core/engines/libgovrego.so
 # What runs again on the oldest Prefect: the end-to-end tests of what leans on Prefect's worker
 # and engine internals (the worker's run and labels, the gate's start of the engine, governed
-# tasks, reconciling, the attacks on the start).
+# tasks, reconciling, the attacks on the start, the metrics on Prefect's worker webserver and
+# the approval wait in Prefect's Scheduled state).
 OLDEST_E2E := tests/test_worker_e2e.py tests/test_gate.py tests/test_governed_tasks_e2e.py \
-	tests/test_reconcile.py tests/attacks/test_start.py
+	tests/test_reconcile.py tests/attacks/test_start.py tests/test_metrics_e2e.py \
+	tests/test_approval_wait.py
 
 .PHONY: demo test install opa docker kube lint bench clean
 
