@@ -21,7 +21,12 @@ from prefect_governance.core.models import Approval, Decision, MutationEnvelope
 from prefect_governance.core.signing import SigningKey
 from prefect_governance.lineage.events import decision_event
 from prefect_governance.worker.blocks import GovernanceAgent
-from prefect_governance.worker.governor import Assessment, awaiting_since, same_wait
+from prefect_governance.worker.governor import (
+    Assessment,
+    awaiting_since,
+    same_wait,
+    used_approvals,
+)
 from prefect_governance.worker.report import approval_deadline, awaiting_message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,6 +133,29 @@ def test_the_wait_began_at_the_first_awaiting_decision():
     assert awaiting_since([_event("refused", T0)]) is None
     naive = _event("awaiting_approval", T0.replace(tzinfo=None))  # as SQLite reads it back
     assert awaiting_since([naive]) == T0
+
+
+def test_the_first_awaiting_state_bounds_the_wait_when_the_lineage_lost_it():
+    """A worker restarted without a lineage key vouches for none of its predecessor's
+    records: the run's first AwaitingApproval state still says when the wait began, and an
+    API client adding states can only make it earlier (a shorter wait)."""
+    state_at = T0 + timedelta(seconds=1)
+    assert awaiting_since([], [state_at, state_at + timedelta(minutes=3)]) == state_at
+    assert awaiting_since([_event("awaiting_approval", T0)], [state_at]) == T0
+    forged_earlier = T0 - timedelta(hours=2)
+    assert awaiting_since([_event("awaiting_approval", T0)], [forged_earlier]) == forged_earlier
+
+
+def test_an_approval_the_run_went_ahead_on_is_spent():
+    approval = {"id": "a" * 32, "approver": "alice"}
+    earlier = [
+        _event("awaiting_approval", T0, envelope={"approvals": []}),
+        _event("allowed", T0 + timedelta(minutes=1), envelope={"approvals": [approval]}),
+        _event("refused", T0 + timedelta(minutes=2), envelope={"approvals": [{"id": "b" * 32}]}),
+    ]
+    used = used_approvals(earlier)
+    assert used == {"a" * 32: earlier[1].decision_id}  # a refusal spends nothing
+    assert used_approvals([]) == {}
 
 
 def _assessment(earlier, *, approvals=(), **decision) -> Assessment:
