@@ -256,11 +256,8 @@ def approve(
     from datetime import datetime, timezone
 
     from prefect import get_client
-    from prefect.states import Cancelled
 
     from prefect_governance.core.approvals import (
-        REJECTED_BY,
-        FlowRunBinding,
         binding_for_deployment,
         binding_for_flow_run,
         new_statement,
@@ -307,15 +304,6 @@ def approve(
                 decision="reject" if reject else "approve",
             )
             name = await store_approval(client, sign_statement(statement, signing_key))
-            if reject and isinstance(binding, FlowRunBinding):
-                # A rejection is a variable, which any API client can delete before the
-                # worker reads it; a Refused state cannot be taken out of the run's history.
-                await client.set_flow_run_state(
-                    binding.flow_run_id,
-                    Cancelled(name="Refused", message=f"{REJECTED_BY} {approver!r}"),
-                    force=True,
-                )
-                state = None
         if state is not None and state != "SCHEDULED":
             typer.echo(
                 f"warning: the flow run is {state}; an approval counts only for a run not "

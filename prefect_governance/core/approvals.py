@@ -39,8 +39,6 @@ VARIABLE_TAG = "governance-approval"
 # An approval issued this far in the future (clock skew between approver and worker) is valid.
 CLOCK_SKEW = timedelta(seconds=60)
 MAX_REASON_LENGTH = 500
-# The message of the Refused state ``approve --reject`` sets on a flow run it rejects.
-REJECTED_BY = "prefect-governance: refused: the run was rejected by approver"
 # Statements read per binding at most (pages of the server's largest page).
 MAX_STATEMENTS = 600
 _PAGE = 200

@@ -10,16 +10,16 @@ absent (or holds one line per execution). A hole the code does not withstand yet
 ``xfail(strict=True)`` test that says what opens it.
 
 Held: a refused run (alice approved and rejected it) stays refused after the requester
-deletes the rejection and sets it Scheduled again; a rejection deleted before the worker
-read it (``approve --reject`` sets the run Refused at once), or crowded out by 600 junk
-variables (reading fails closed past the cap); an approved run that completed does not run
-again on the same approval (an approval lets a run go ahead once); a fail-open pool's
-engine failure refuses a run that needs an approval; a worker without a lineage key does
-not restart the wait (its first AwaitingApproval state bounds it); no exception waives the
-approval rule; the timeout cannot be pushed by labels, fresh AwaitingApproval states or
-forced rechecks; ``mode: audit`` asked by the deployment or the agent does not skip the
-wait. Open (xfail): code or job variables changed after the approval; junk statements
-flood a waiting run's lineage.
+deletes the rejection and sets it Scheduled again; a rejection crowded out by 600 junk
+variables (reading fails closed past the cap: nothing is approved); an approved run that
+completed does not run again on the same approval (an approval lets a run go ahead once); a
+fail-open pool's engine failure refuses a run that needs an approval; a worker without a
+lineage key does not restart the wait (its first AwaitingApproval state bounds it); no
+exception waives the approval rule; the timeout cannot be pushed by labels, fresh
+AwaitingApproval states or forced rechecks; ``mode: audit`` asked by the deployment or the
+agent does not skip the wait.
+Open (xfail): a rejection deleted by an API client before the worker read it; code or job variables
+changed after the approval; junk statements flood a waiting run's lineage.
 """
 
 from __future__ import annotations
@@ -173,6 +173,16 @@ def attack(prefect_server, tmp_path_factory):
         assert gov.store.verify() == []
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "OPEN: a signed rejection is only a Prefect variable, which any API client can "
+        "delete. Alice approves run X and then rejects it (she changed her mind) before the "
+        "worker decides it; the requester deletes the rejection variable and pulls the run "
+        "forward: the worker finds only the approval and runs X (decision allowed, lineage "
+        "without any trace of the rejection)."
+    ),
+)
 def test_a_rejection_deleted_by_an_api_client_still_refuses(attack):
     run, server, key_file = (
         attack["runs"]["rejection deleted"],
@@ -254,12 +264,20 @@ def test_a_rejection_cannot_be_crowded_out_by_junk_variables(attack):
         await _due_now(run["id"])
 
     asyncio.run(flood_and_pull_forward())
-    final = asyncio.run(_wait(run["id"], _final, what="a final state"))
-    decision = _decisions(attack["gov"].store, run["id"])[-1]
-    envelope = decision.payload.get("envelope") or {}  # a refusal before any envelope
-    seen = (decision.verdict, envelope.get("approvals"), envelope.get("rejections"))
-    assert not run["marker"].exists(), f"the rejected run executed: {final.state}; {seen}"
-    assert final.state.name == "Refused", final.state
+    store = attack["gov"].store
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+        "cannot all be read" in " ".join(d.payload.get("rejected_approvals") or [])
+        for d in _decisions(store, run["id"])
+    ):
+        time.sleep(0.5)
+    time.sleep(3)  # an execution (if any) writes its marker
+    decisions = _decisions(store, run["id"])
+    seen = [(d.verdict, d.payload.get("rejected_approvals")) for d in decisions]
+    assert not run["marker"].exists(), f"the rejected run executed: {seen}"
+    assert "allowed" not in [d.verdict for d in decisions], seen
+    # Fail closed: past the cap nothing is approved (the run waits until its timeout).
+    assert "cannot all be read" in " ".join(decisions[-1].payload["rejected_approvals"]), seen
 
 
 @pytest.mark.xfail(
@@ -327,10 +345,10 @@ def test_an_approval_does_not_cover_job_variables_changed_after_it(attack):
 
 
 def test_an_approval_does_not_outlive_a_rejection_the_worker_saw(attack):
-    """Alice approved and rejected run X (``approve --reject`` sets it Refused at once); the
-    worker's decision refuses it and says why. The requester then deletes the rejection
-    and sets the run Scheduled again: a refused run is refused again (its Refused state
-    and the lineage say so), the approval left alone runs nothing."""
+    """Alice approved and rejected run X; the worker sees both and refuses it. The
+    requester then deletes the rejection and sets the run Scheduled again: a refused run
+    is refused again (its Refused state and the lineage say so), the approval left alone
+    runs nothing."""
     run, server, key_file = (
         attack["runs"]["rejected then reset"],
         attack["server"],
@@ -342,10 +360,12 @@ def test_an_approval_does_not_outlive_a_rejection_the_worker_saw(attack):
     asyncio.run(_due_now(run["id"]))
     refused = asyncio.run(_wait(run["id"], _final, what="the refusal"))
     assert refused.state.name == "Refused", refused.state
-    assert "rejected by approver 'alice'" in refused.state.message
+    assert 'was rejected by ["alice"]' in refused.state.message
     decisions = _decisions(store, run["id"])
     assert [d.verdict for d in decisions] == ["refused"]
-    assert "rejected by approver 'alice'" in decisions[0].reasons[0]  # the record says why
+    envelope = decisions[0].payload["envelope"]
+    assert [a["approver"] for a in envelope["approvals"]] == ["alice"]  # both were seen
+    assert [a["approver"] for a in envelope["rejections"]] == ["alice"]
 
     async def delete_and_reset() -> None:
         async with get_client() as client:
